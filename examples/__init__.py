@@ -1,0 +1,1 @@
+"""Example pipelines and worker tasks that `make dev` loads."""

@@ -1,0 +1,333 @@
+"""The Starlette application: routes of the HTTP contract in DESIGN.md, thin over the engine."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
+from orchestrator.api.responses import JSON, error
+from orchestrator.api.schemas import CallbackRequest, HeartbeatRequest, TriggerRequest
+from orchestrator.config import Settings
+from orchestrator.engine.errors import Conflict, EngineError, Forbidden, InvalidInput, NotFound, Unauthorized
+from orchestrator.engine.keys import Principal
+from orchestrator.engine.service import Engine
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_PAGE_SIZE = 500
+_STATUS_BY_ERROR: dict[type[EngineError], int] = {
+    NotFound: 404, Conflict: 409, InvalidInput: 422, Unauthorized: 401, Forbidden: 403, PayloadTooLarge: 413,
+}
+_RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tickweave")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _api_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def _parse_uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"{what} '{value}' not found") from None
+
+
+def _encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(run_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, run_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), uuid.UUID(run_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise InvalidInput("cursor is not one this API returned; pass next_cursor from the previous page") from None
+
+
+def _limit(request: Request, default: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+        raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
+    return int(raw)
+
+
+def _pipeline_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "version": row["version"], "sha256": row["sha256"], "paused": row["paused"],
+        "created_at": row["created_at"], "updated_at": row["updated_at"],
+        "description": row.get("description") or (row.get("definition") or {}).get("description", ""),
+        "stats": {
+            "use_count": row.get("use_count", 0), "last_used_at": row.get("last_used_at"),
+            "runs_by_status": row.get("runs_by_status") or {},
+        },
+        "next_fire_times": [],
+    }
+
+
+def _task_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "node": row["node_id"], "version": row["version"], "kind": row["kind"],
+        "task": row["task_name"], "status": row["status"], "attempt": row["attempt"],
+        "max_attempts": row["max_attempts"], "depends": row.get("depends", []),
+        "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
+        "finished_at": row["finished_at"], "progress": row["progress"], "message": row["message"],
+        "output": row["output"], "error": row["error"],
+    }
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+    engine_ref: dict[str, Engine] = {}
+
+    def get_engine() -> Engine:
+        # Built on first use, not at import or app creation: a cold Lambda pays only for what
+        # the first request needs.
+        if "engine" not in engine_ref:
+            engine_ref["engine"] = engine or Engine(settings)
+        return engine_ref["engine"]
+
+    if engine is not None:
+        engine_ref["engine"] = engine
+
+    def guarded(role: str | None) -> Callable[[Callable[..., Awaitable[Response]]], Handler]:
+        """Wrap a handler: authenticate (when `role` is set), check the role, map engine errors."""
+
+        def wrap(handler: Callable[..., Awaitable[Response]]) -> Handler:
+            async def endpoint(request: Request) -> Response:
+                try:
+                    if role is None:
+                        return await handler(request)
+                    principal = await run_in_threadpool(get_engine().authenticate, _api_key(request))
+                    if not principal.allows(role):
+                        raise Forbidden(f"this action needs the '{role}' role; the key has '{principal.role}'")
+                    return await handler(request, principal)
+                except EngineError as exc:
+                    status = _STATUS_BY_ERROR.get(type(exc), 400)
+                    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                    return error(status, exc.code, exc.message, exc.details, headers)
+
+            return endpoint
+
+        return wrap
+
+    limit_bytes = settings.max_body_bytes
+
+    async def health(request: Request) -> Response:
+        return JSON({"status": "ok"})
+
+    async def info(request: Request) -> Response:
+        def probe() -> dict[str, Any]:
+            result: dict[str, Any] = {"version": _version(), "mode": settings.mode}
+            try:
+                with get_engine().db.connection() as conn:
+                    conn.execute("SELECT 1")
+                result["database"] = "ok"
+            except Exception as exc:
+                result["database"] = f"error: {type(exc).__name__}"
+            try:
+                from orchestrator.storage.s3 import orchestrator_s3
+
+                orchestrator_s3(settings).head_bucket(Bucket=settings.bucket)
+                result["storage"] = "ok"
+            except Exception as exc:
+                result["storage"] = f"error: {type(exc).__name__}"
+            result["transports"] = sorted(get_engine().transports)
+            result["dev_token_keys"] = settings.is_dev_keyring
+            return result
+
+        return JSON(await run_in_threadpool(probe))
+
+    async def tick(request: Request) -> Response:
+        supplied = request.headers.get("x-tick-secret") or _api_key(request) or ""
+        if not hmac.compare_digest(supplied.encode(), settings.tick_secret.encode()):
+            return error(401, "unauthorized", "the tick needs the tick secret ('Authorization: Bearer' or 'x-tick-secret')")
+        summary = await run_in_threadpool(get_engine().tick)
+        return JSON(summary.to_dict())
+
+    @guarded("admin")
+    async def create_pipeline(request: Request, principal: Principal) -> Response:
+        raw = await read_definition(request, limit_bytes)
+        saved = await run_in_threadpool(get_engine().create_pipeline, principal.workspace_id, raw, actor=principal.key_prefix)
+        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, saved.id)
+        return JSON({**_pipeline_view(row), "definition": row["definition"]}, status_code=201)
+
+    @guarded("admin")
+    async def update_pipeline(request: Request, principal: Principal) -> Response:
+        pipeline_id = request.path_params["pipeline_id"]
+        raw = await read_definition(request, limit_bytes)
+        saved = await run_in_threadpool(
+            get_engine().update_pipeline, principal.workspace_id, pipeline_id, raw, actor=principal.key_prefix
+        )
+        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, saved.id)
+        return JSON({**_pipeline_view(row), "definition": row["definition"], "changed": saved.changed})
+
+    @guarded("viewer")
+    async def list_pipelines(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 100)
+        after = request.query_params.get("cursor")
+        rows = await run_in_threadpool(get_engine().list_pipelines, principal.workspace_id, limit=limit, after_id=after)
+        next_cursor = rows[-1]["id"] if len(rows) == limit else None
+        return JSON({"items": [_pipeline_view(r) for r in rows], "next_cursor": next_cursor})
+
+    @guarded("viewer")
+    async def get_pipeline(request: Request, principal: Principal) -> Response:
+        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, request.path_params["pipeline_id"])
+        return JSON({**_pipeline_view(row), "definition": row["definition"]})
+
+    @guarded("operator")
+    async def trigger(request: Request, principal: Principal) -> Response:
+        pipeline_id = request.path_params["pipeline_id"]
+        body = validate(TriggerRequest, await read_json(request, limit_bytes, allow_empty=True))
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+        result = await run_in_threadpool(
+            lambda: get_engine().trigger_run(
+                principal.workspace_id, pipeline_id, versions=body.versions, params=body.params,
+                trigger="manual", triggered_by=principal.key_prefix, idempotency_key=key,
+            )
+        )
+        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, result.id)
+        return JSON(
+            {**run, "tasks": [_task_view(t) for t in tasks], "created": result.created},
+            status_code=201 if result.created else 200,
+        )
+
+    @guarded("viewer")
+    async def list_runs(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 50)
+        status = request.query_params.get("status")
+        if status is not None and status not in _RUN_STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(_RUN_STATUSES)}")
+        cursor = request.query_params.get("cursor")
+        before = _decode_cursor(cursor) if cursor else None
+        rows = await run_in_threadpool(
+            lambda: get_engine().list_runs(
+                principal.workspace_id, pipeline_id=request.query_params.get("pipeline"), status=status,
+                limit=limit, before=before,
+            )
+        )
+        next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
+        return JSON({"items": rows, "next_cursor": next_cursor})
+
+    @guarded("viewer")
+    async def get_run(request: Request, principal: Principal) -> Response:
+        run_id = _parse_uuid(request.path_params["run_id"], "run")
+        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
+        return JSON({**run, "tasks": [_task_view(t) for t in tasks]})
+
+    @guarded("viewer")
+    async def get_task(request: Request, principal: Principal) -> Response:
+        task_id = _parse_uuid(request.path_params["task_id"], "task")
+        task, attempts = await run_in_threadpool(get_engine().get_task, principal.workspace_id, task_id)
+        return JSON({**task, "attempts": attempts})
+
+    @guarded(None)
+    async def callback(request: Request) -> Response:
+        task_id = _parse_uuid(request.path_params["task_id"], "task")
+        body = validate(CallbackRequest, await read_json(request, limit_bytes))
+        result = await run_in_threadpool(
+            lambda: get_engine().record_callback(
+                task_id, body.token, status=body.status,
+                output=body.output.model_dump() if body.output else None,
+                error=body.error.model_dump(exclude_none=True) if body.error else None,
+            )
+        )
+        payload = {
+            "accepted": result.accepted, "outcome": result.outcome, "task_status": result.task_status,
+            "run_status": result.run_status,
+        }
+        if result.accepted or result.outcome == "duplicate":
+            return JSON(payload)  # a duplicate is answered, not an error: the worker may retry safely
+        return JSON({**payload, "error": {"code": result.outcome, "message": _refusal_message(result.outcome)}},
+                    status_code=404 if result.outcome == "not_found" else 409)
+
+    @guarded(None)
+    async def heartbeat(request: Request) -> Response:
+        body = validate(HeartbeatRequest, await read_json(request, limit_bytes))
+        accepted, status, task_id = await run_in_threadpool(
+            lambda: get_engine().record_heartbeat(body.token, progress=body.progress, message=body.message)
+        )
+        if accepted:
+            return JSON({"accepted": True, "task_id": task_id, "task_status": status})
+        return JSON({"accepted": False, "task_id": task_id, "reason": status,
+                     "error": {"code": "refused", "message": f"heartbeat refused: {status}"}}, status_code=409)
+
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        return error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error",
+                     f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error(500, "internal", "internal error; the server log has the details")
+
+    routes = [
+        Route("/", dashboard, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/api/info", info, methods=["GET"]),
+        Route("/api/tick", tick, methods=["POST"]),
+        Route("/api/pipelines", create_pipeline, methods=["POST"]),
+        Route("/api/pipelines", list_pipelines, methods=["GET"]),
+        Route("/api/pipelines/{pipeline_id}", get_pipeline, methods=["GET"]),
+        Route("/api/pipelines/{pipeline_id}", update_pipeline, methods=["PUT"]),
+        Route("/api/pipelines/{pipeline_id}/runs", trigger, methods=["POST"]),
+        Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/runs/{run_id}", get_run, methods=["GET"]),
+        Route("/api/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/api/callback/{task_id}", callback, methods=["POST"]),
+        Route("/api/heartbeat", heartbeat, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: not_found, Exception: internal_error},
+    )
+    app.state.get_engine = get_engine
+    return app
+
+
+def _refusal_message(outcome: str) -> str:
+    return {
+        "stale_attempt": "the callback is for an attempt that is no longer current; nothing changed",
+        "already_finished": "the task already finished; nothing changed",
+        "not_active": "the task is not running; nothing changed",
+        "not_found": "no such task",
+    }.get(outcome, outcome)

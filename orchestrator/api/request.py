@@ -1,0 +1,72 @@
+"""Reading requests safely: bounded bodies, JSON or YAML, pydantic validation to 4xx."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from orchestrator.engine.errors import EngineError, InvalidInput
+from orchestrator.graph import DefinitionInvalid, parse_definition_text
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class PayloadTooLarge(EngineError):
+    code = "payload_too_large"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, *, allow_empty: bool = False) -> Any:
+    body = await read_body(request, limit)
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise InvalidInput("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from exc
+
+
+async def read_definition(request: Request, limit: int) -> Any:
+    """A pipeline definition as JSON or YAML (by Content-Type, or by its first character)."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise InvalidInput("the request body is empty; send a pipeline definition as JSON or YAML")
+    try:
+        return parse_definition_text(body, request.headers.get("content-type"))
+    except DefinitionInvalid as exc:
+        raise InvalidInput(
+            "the pipeline definition could not be parsed: " + "; ".join(e.message for e in exc.errors),
+            details=[e.to_dict() for e in exc.errors],
+        ) from exc
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [
+            {"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
+            for err in exc.errors(include_url=False)
+        ]
+        raise InvalidInput(
+            "the request body is invalid: " + "; ".join(f"{d['path'] or '(root)'}: {d['message']}" for d in details),
+            details=details,
+        ) from exc

@@ -1,0 +1,45 @@
+"""Request bodies at the edge (pydantic); the engine gets plain values."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    versions: list[str] | None = Field(default=None, max_length=1000)
+    params: dict[str, Any] = Field(default_factory=dict)
+    include: Literal["none"] = "none"
+
+
+class OutputRef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    key: str = Field(min_length=1, max_length=1024)
+    size: int | None = Field(default=None, ge=0)
+    sha256: str | None = Field(default=None, max_length=64)
+
+
+class CallbackError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    message: str = Field(default="", max_length=20_000)
+    type: str | None = None
+    code: str | None = None
+    retryable: bool = True
+    traceback: str | None = Field(default=None, max_length=20_000)
+
+
+class CallbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=16_384)
+    status: Literal["succeeded", "failed"]
+    output: OutputRef | None = None
+    error: CallbackError | None = None
+
+
+class HeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=16_384)
+    progress: float | None = Field(default=None, ge=0, le=1)
+    message: str | None = Field(default=None, max_length=2000)

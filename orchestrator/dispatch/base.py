@@ -1,0 +1,19 @@
+"""The transport interface: deliver one dispatch message to a worker, or raise DispatchError."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class DispatchError(Exception):
+    """The message did not reach a worker (transport error, throttle, no such worker)."""
+
+
+class Transport(Protocol):
+    name: str
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Deliver `message`; return once the worker has accepted it (not when the task ends)."""
+        ...
+
+    def close(self) -> None: ...

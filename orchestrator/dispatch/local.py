@@ -1,0 +1,54 @@
+"""The in-process transport: runs tasks of a local `Worker` on a thread pool.
+
+For `make dev` and tests. The worker code is the same SDK a remote worker runs: it reads the
+token, uses the storage grant, and calls back over HTTP to the API's public URL.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from orchestrator.dispatch.base import DispatchError
+from orchestrator.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def load_worker(spec: str) -> Worker:
+    """`package.module:attribute` -> the Worker object there."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"local worker must look like 'module:attribute', got {spec!r}")
+    worker = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(worker, Worker):
+        raise ValueError(f"{spec} is not an orchestrator.worker.Worker")
+    return worker
+
+
+class LocalTransport:
+    name = "local"
+
+    def __init__(self, worker: Worker, *, threads: int = 8) -> None:
+        self.worker = worker
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tickweave-local-worker")
+
+    def send(self, message: dict[str, Any]) -> None:
+        # An unknown task name is the worker's to report (a non-retryable failed callback),
+        # not a delivery failure: redelivery would not help.
+        try:
+            future = self._pool.submit(self.worker.execute, message)
+        except RuntimeError as exc:  # the pool is shut down
+            raise DispatchError(str(exc)) from exc
+        future.add_done_callback(_log_failure)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("local worker crashed: %r", exc)

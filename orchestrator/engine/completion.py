@@ -1,0 +1,96 @@
+"""Finishing an attempt and advancing the DAG, in the transaction that records the outcome.
+
+Lock order is always: the finishing task, then its successors (in id order), then the run row.
+Every path that finishes tasks follows it, so concurrent finishers queue rather than deadlock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.db.connection import Connection
+from orchestrator.store import runs as run_store
+from orchestrator.store import tasks as task_store
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    accepted: bool
+    outcome: str  # succeeded | failed | retrying | duplicate | stale_attempt | already_finished | not_active
+    task_status: str | None
+    run_id: uuid.UUID | None = None
+    run_status: str | None = None
+    newly_ready: int = 0
+
+
+def finish_attempt(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *,
+    succeeded: bool, output: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+    retryable: bool = True, attempt_status: str | None = None,
+) -> AttemptResult:
+    """Record the outcome of the current attempt; refused (state unchanged) for any other attempt."""
+    row = task_store.finish_attempt(
+        conn, task_id, attempt, claim_token, succeeded=succeeded, output=output, error=error,
+        retryable=retryable,
+    )
+    if row is None:
+        return _refusal(conn, task_id, attempt, claim_token, succeeded)
+
+    status = str(row["status"])
+    task_store.record_attempt_end(
+        conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
+    )
+    if status == "ready":  # a retry was scheduled; the run is unaffected
+        return AttemptResult(True, "retrying", status, row["run_id"])
+
+    run_id: uuid.UUID = row["run_id"]
+    tolerated = status == "failed" and row["on_failure"] == "continue"
+    stop = status == "failed" and not tolerated
+    finished, newly_ready = 1, 0
+    if stop:
+        finished += task_store.skip_unstarted_tasks(conn, run_id)
+    else:
+        skipped, newly_ready = propagate(conn, task_id, "succeeded" if status == "succeeded" else "failed")
+        finished += skipped
+    run = run_store.finish_tasks_of_run(
+        conn, run_id, finished=finished, failed=1 if stop else 0, stop=stop,
+        error=f"node '{row['node_id']}' (version {row['version']}) failed" if stop else None,
+    )
+    return AttemptResult(
+        True, status, status, run_id, None if run is None else str(run["status"]), newly_ready
+    )
+
+
+def propagate(conn: Connection, task_id: uuid.UUID, outcome: str) -> tuple[int, int]:
+    """Advance successors; skipped ones propagate in turn. Returns (tasks skipped, tasks made ready)."""
+    skipped = ready = 0
+    frontier: list[tuple[uuid.UUID, str]] = [(task_id, outcome)]
+    while frontier:
+        upstream, result = frontier.pop()
+        for successor in task_store.advance_successors(conn, upstream, result):
+            if successor["status"] == "skipped":
+                skipped += 1
+                frontier.append((successor["id"], "skipped"))
+            elif successor["status"] == "ready":
+                ready += 1
+    return skipped, ready
+
+
+def _refusal(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, succeeded: bool
+) -> AttemptResult:
+    """Tell a refused caller why: a repeat of a recorded outcome, another attempt, or a finished task."""
+    fence = task_store.get_fence(conn, task_id)
+    if fence is None:
+        return AttemptResult(False, "not_found", None)
+    status = str(fence["status"])
+    recorded = task_store.attempt_outcome(conn, task_id, attempt, claim_token)
+    if recorded is not None and recorded["status"] == ("succeeded" if succeeded else "failed"):
+        return AttemptResult(False, "duplicate", status)
+    if int(fence["attempt"]) != attempt or (fence["claim_token"] is not None and fence["claim_token"] != claim_token):
+        return AttemptResult(False, "stale_attempt", status)
+    if status in task_store.TERMINAL:
+        return AttemptResult(False, "already_finished", status)
+    return AttemptResult(False, "not_active", status)

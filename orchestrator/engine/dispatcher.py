@@ -1,0 +1,126 @@
+"""Turn claimed task rows into dispatch messages (token, storage grant, inputs) and send them.
+
+Runs after the claiming transaction committed: a crash between commit and send leaves the
+task `dispatched` until its lease expires, and the tick retries it (at-least-once delivery).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import Settings
+from orchestrator.db.connection import Database, Row
+from orchestrator.dispatch.base import DispatchError, Transport
+from orchestrator.storage.layout import node_output_key
+from orchestrator.storage.s3 import issue_storage_grant
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.store import tasks as task_store
+
+log = logging.getLogger(__name__)
+
+# A dispatch that failed goes back to `ready` after this delay.
+DISPATCH_RETRY_DELAY_S = 5.0
+# Tokens outlive the attempt's timeout a little, so a late but honest callback can be told why
+# it is refused rather than failing token validation; with no timeout, a day.
+_TOKEN_SLACK_S = 300
+_DEFAULT_TOKEN_TTL_S = 86_400
+
+
+@dataclass(frozen=True)
+class DispatchSummary:
+    sent: int
+    failed: int
+
+
+class Dispatcher:
+    def __init__(
+        self, settings: Settings, db: Database, keyring: TokenKeyring,
+        transports: Mapping[str, Transport], *, grant_issuer: Callable[..., Any] = issue_storage_grant,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.keyring = keyring
+        self.transports = transports
+        self._issue_grant = grant_issuer
+
+    def dispatch(self, claimed: Sequence[Row]) -> DispatchSummary:
+        if not claimed:
+            return DispatchSummary(0, 0)
+        with self.db.connection() as conn:
+            inputs: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
+            for row in task_store.upstream_outputs(conn, [t["id"] for t in claimed]):
+                inputs.setdefault(row["task_id"], {})[row["node_id"]] = {"key": row["output"]["key"]}
+        failures: list[tuple[Row, str]] = []
+
+        def send_one(task: Row) -> None:
+            try:
+                message = self.build_message(task, inputs.get(task["id"], {}))
+                transport = self.transports.get(task["transport"])
+                if transport is None:
+                    raise DispatchError(f"no transport named {task['transport']!r} is configured")
+                transport.send(message)
+            except Exception as exc:  # any failure to hand over is a dispatch failure
+                log.warning("dispatch of task %s failed: %s", task["id"], exc)
+                failures.append((task, f"{type(exc).__name__}: {exc}"))
+
+        if len(claimed) == 1:
+            send_one(claimed[0])
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(claimed))) as pool:
+                list(pool.map(send_one, claimed))
+        for task, reason in failures:
+            with self.db.transaction() as conn:
+                task_store.return_to_ready(
+                    conn, task["id"], task["attempt"], task["claim_token"], DISPATCH_RETRY_DELAY_S,
+                    {"code": "dispatch_failed", "message": reason[:2000]},
+                )
+        return DispatchSummary(len(claimed) - len(failures), len(failures))
+
+    def build_message(self, task: Row, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        task_id = str(task["id"])
+        output_key = node_output_key(
+            task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"]
+        )
+        grant = self._issue_grant(
+            self.settings, output_key=output_key, read_keys=[ref["key"] for ref in inputs.values()],
+            task_id=task_id,
+        )
+        ttl = (task["timeout_s"] or _DEFAULT_TOKEN_TTL_S) + _TOKEN_SLACK_S
+        token = self.keyring.issue(
+            TaskClaims(
+                task_id=task_id, attempt=int(task["attempt"]), claim_token=str(task["claim_token"]),
+                workspace=task["workspace_id"], expires_at=int(time.time()) + ttl, storage=grant,
+            )
+        )
+        base = self.settings.public_url
+        deadline = None
+        if task["timeout_s"]:
+            deadline = (task["dispatched_at"].timestamp() + task["timeout_s"])
+        return {
+            "task_id": task_id,
+            "run_id": str(task["run_id"]),
+            "workspace": task["workspace_id"],
+            "pipeline": task["pipeline_id"],
+            "node": task["node_id"],
+            "attempt": int(task["attempt"]),
+            "task": task["task_name"],
+            "params": task["params"],
+            "version": task["version"],
+            "inputs": inputs,
+            "upstream": {},
+            "token": token,
+            "callback_url": f"{base}/api/callback/{task_id}",
+            "heartbeat_url": f"{base}/api/heartbeat",
+            "heartbeat_interval_s": int(task["heartbeat_s"]),
+            "deadline": None if deadline is None else _iso(deadline),
+        }
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

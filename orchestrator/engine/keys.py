@@ -1,0 +1,62 @@
+"""API keys: creation (shown once) and authentication (constant-time by construction: the
+lookup is by sha256 digest, so no comparison of the secret itself happens in Python)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from orchestrator.db.connection import Database
+from orchestrator.engine.errors import InvalidInput, Unauthorized
+from orchestrator.store import keys as key_store
+
+ROLES = ("viewer", "operator", "admin")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+KEY_PREFIX = "tw_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    workspace_id: str
+    role: str
+    key_id: str
+    key_prefix: str
+
+    def allows(self, role: str) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+def hash_key(raw_key: str) -> bytes:
+    return hashlib.sha256(raw_key.encode()).digest()
+
+
+def new_raw_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_api_key(
+    db: Database, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None
+) -> tuple[str, str]:
+    """Create a key (and the workspace if new); returns (raw key, key id). The raw key is not stored."""
+    if role not in ROLES:
+        raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
+    raw = raw_key or new_raw_key()
+    if len(raw) < 6:
+        raise InvalidInput("an API key must be at least 6 characters")
+    with db.transaction() as conn:
+        key_store.ensure_workspace(conn, workspace_id)
+        row = key_store.insert_api_key(
+            conn, workspace_id=workspace_id, key_hash=hash_key(raw), prefix=raw[:6], role=role, name=name
+        )
+    return raw, str(row["id"])
+
+
+def authenticate(db: Database, raw_key: str | None) -> Principal:
+    if not raw_key:
+        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+    with db.connection() as conn:
+        row = key_store.find_active_key(conn, hash_key(raw_key))
+    if row is None:
+        raise Unauthorized("the API key is not valid (unknown or revoked)")
+    return Principal(row["workspace_id"], row["role"], str(row["id"]), row["prefix"])

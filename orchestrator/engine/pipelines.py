@@ -1,0 +1,98 @@
+"""Pipeline definitions: validate, store each accepted change as a new immutable version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.graph import DefinitionInvalid, validate_pipeline
+from orchestrator.model import PipelineDefinition
+from orchestrator.store import pipelines as pipeline_store
+
+
+@dataclass(frozen=True)
+class SavedPipeline:
+    id: str
+    version: int
+    sha256: str
+    created: bool  # False: an update; or an unchanged definition (version stays)
+    changed: bool
+
+
+def parse_definition(raw: Any) -> PipelineDefinition:
+    try:
+        return validate_pipeline(raw)
+    except DefinitionInvalid as exc:
+        raise InvalidInput(
+            "the pipeline definition is invalid: " + "; ".join(f"{e.path or '(root)'}: {e.message}" for e in exc.errors),
+            details=[e.to_dict() for e in exc.errors],
+        ) from exc
+
+
+def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | None) -> SavedPipeline:
+    definition = parse_definition(raw)
+    sha = definition.sha256()
+
+    def work(conn: Connection) -> SavedPipeline:
+        if not pipeline_store.insert_pipeline(
+            conn, workspace_id=workspace_id, pipeline_id=definition.id, sha256=sha,
+            definition=definition.canonical_dict(), created_by=actor,
+        ):
+            raise Conflict(
+                f"pipeline '{definition.id}' already exists; use PUT /api/pipelines/{definition.id} to change it",
+                details={"pipeline": definition.id},
+            )
+        return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
+
+    return db.run_in_transaction(work)
+
+
+def update_pipeline(
+    db: Database, workspace_id: str, pipeline_id: str, raw: Any, *, actor: str | None, create_missing: bool = False
+) -> SavedPipeline:
+    """A new version when the canonical definition changed; the same version when it did not."""
+    definition = parse_definition(raw)
+    if definition.id != pipeline_id:
+        raise InvalidInput(
+            f"the definition's id '{definition.id}' does not match the URL's '{pipeline_id}'",
+            details=[{"path": "id", "message": f"expected '{pipeline_id}'"}],
+        )
+    sha = definition.sha256()
+
+    def work(conn: Connection) -> SavedPipeline:
+        current = pipeline_store.lock_current(conn, workspace_id, pipeline_id)
+        if current is None:
+            if not create_missing:
+                raise NotFound(f"pipeline '{pipeline_id}' not found")
+            pipeline_store.insert_pipeline(
+                conn, workspace_id=workspace_id, pipeline_id=pipeline_id, sha256=sha,
+                definition=definition.canonical_dict(), created_by=actor,
+            )
+            return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
+        if current["sha256"] == sha:
+            return SavedPipeline(pipeline_id, int(current["current_version"]), sha, created=False, changed=False)
+        version = pipeline_store.set_current_version(conn, workspace_id, pipeline_id, int(current["current_version"]))
+        assert version is not None  # the row is locked: nobody moved it
+        pipeline_store.insert_version(
+            conn, workspace_id=workspace_id, pipeline_id=pipeline_id, version=version, sha256=sha,
+            definition=definition.canonical_dict(), created_by=actor,
+        )
+        return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)
+
+    return db.run_in_transaction(work)
+
+
+def get_pipeline(db: Database, workspace_id: str, pipeline_id: str) -> Row:
+    with db.connection() as conn:
+        row = pipeline_store.get_current(conn, workspace_id, pipeline_id)
+        if row is None:
+            raise NotFound(f"pipeline '{pipeline_id}' not found")
+        row.update(pipeline_store.run_stats(conn, workspace_id, pipeline_id))
+        return row
+
+
+def list_pipelines(db: Database, workspace_id: str, *, limit: int, after_id: str | None) -> list[Row]:
+    with db.connection() as conn:
+        return pipeline_store.list_with_stats(conn, workspace_id, limit=limit, after_id=after_id)

@@ -1,0 +1,131 @@
+"""Run creation (a task per node and data version, with dependency counts) and run reads."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from orchestrator.config import Settings
+from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.model import PipelineDefinition
+from orchestrator.store import pipelines as pipeline_store
+from orchestrator.store import runs as run_store
+from orchestrator.store import tasks as task_store
+
+_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_VERSIONS_PER_RUN = 1000
+
+
+@dataclass(frozen=True)
+class TriggeredRun:
+    id: uuid.UUID
+    created: bool  # False when an Idempotency-Key matched an earlier run
+
+
+def build_tasks(
+    definition: PipelineDefinition, versions: list[str], run_params: dict[str, Any], settings: Settings
+) -> tuple[list[run_store.NewTask], list[tuple[uuid.UUID, uuid.UUID]]]:
+    """Tasks for every (node, version) and the edges between tasks of the same version.
+
+    A node's params are the pipeline's params, overridden by the node's, overridden by the
+    trigger's: the person starting a run has the last word, as with a command-line flag.
+    """
+    tasks: list[run_store.NewTask] = []
+    edges: list[tuple[uuid.UUID, uuid.UUID]] = []
+    for version in versions:
+        ids = {node.id: uuid.uuid4() for node in definition.nodes}
+        for node in definition.nodes:
+            tasks.append(
+                run_store.NewTask(
+                    id=ids[node.id], node_id=node.id, version=version, kind=node.kind,
+                    task_name=node.task, params={**definition.params, **node.params, **run_params},
+                    transport=settings.transport_for(node.task or ""), priority=node.priority,
+                    max_attempts=node.retry.max_attempts, retry=node.retry.model_dump(mode="json"),
+                    timeout_s=node.timeout_s, heartbeat_s=node.heartbeat_s, on_failure=node.on_failure,
+                    trigger_rule=node.trigger_rule, unfinished_deps=len(node.depends),
+                )
+            )
+            edges.extend((ids[dep], ids[node.id]) for dep in node.depends)
+    return tasks, edges
+
+
+def trigger_run(
+    db: Database, settings: Settings, workspace_id: str, pipeline_id: str, *,
+    versions: list[str] | None, params: dict[str, Any], trigger: str, triggered_by: str | None,
+    idempotency_key: str | None, scheduled_at: datetime | None = None,
+) -> TriggeredRun:
+    if versions is not None:
+        bad = [v for v in versions if not _VERSION_PATTERN.match(v)]
+        if bad or not versions or len(set(versions)) != len(versions) or len(versions) > MAX_VERSIONS_PER_RUN:
+            raise InvalidInput(
+                "versions must be a non-empty list of distinct names of 1-128 characters [A-Za-z0-9._:-]",
+                details=[{"path": "versions", "message": f"invalid: {bad or versions}"}],
+            )
+
+    def work(conn: Connection) -> TriggeredRun:
+        current = pipeline_store.get_current(conn, workspace_id, pipeline_id)
+        if current is None:
+            raise NotFound(f"pipeline '{pipeline_id}' not found")
+        if idempotency_key is not None:
+            earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
+            if earlier is not None:
+                return TriggeredRun(earlier["id"], created=False)
+        definition = PipelineDefinition.model_validate(current["definition"])
+        run_versions = versions or list(definition.versions)
+        tasks, edges = build_tasks(definition, run_versions, params, settings)
+        new_run = run_store.NewRun(
+            id=uuid.uuid4(), workspace_id=workspace_id, pipeline_id=pipeline_id,
+            pipeline_version=int(current["version"]), trigger=trigger, triggered_by=triggered_by,
+            idempotency_key=idempotency_key, params=params, versions=run_versions, scheduled_at=scheduled_at,
+        )
+        inserted = run_store.insert_run(conn, new_run, len(tasks))
+        if inserted is None:
+            # The same key committed by a concurrent request between our check and insert.
+            raise _IdempotencyRace()
+        run_store.insert_tasks(conn, new_run, tasks)
+        run_store.insert_edges(conn, edges)
+        return TriggeredRun(new_run.id, created=True)
+
+    try:
+        return db.run_in_transaction(work)
+    except _IdempotencyRace:
+        with db.connection() as conn:
+            assert idempotency_key is not None
+            earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
+        if earlier is None:
+            raise Conflict("a concurrent request with the same Idempotency-Key failed; retry") from None
+        return TriggeredRun(earlier["id"], created=False)
+
+
+class _IdempotencyRace(Exception):
+    pass
+
+
+def get_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
+    with db.connection() as conn:
+        run = run_store.get_run(conn, workspace_id, run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        return run, task_store.list_tasks_of_run(conn, workspace_id, run_id)
+
+
+def list_runs(
+    db: Database, workspace_id: str, *, pipeline_id: str | None, status: str | None, limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> list[Row]:
+    with db.connection() as conn:
+        return run_store.list_runs(
+            conn, workspace_id, pipeline_id=pipeline_id, status=status, limit=limit, before=before
+        )
+
+
+def get_task(db: Database, workspace_id: str, task_id: uuid.UUID) -> tuple[Row, list[Row]]:
+    with db.connection() as conn:
+        task = task_store.get_task(conn, workspace_id, task_id)
+        if task is None:
+            raise NotFound(f"task '{task_id}' not found")
+        return task, task_store.list_attempts(conn, [task_id])

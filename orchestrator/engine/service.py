@@ -1,0 +1,117 @@
+"""The engine as one object: settings, database, token keyring, transports and dispatcher,
+wired once per process (per cold start on Lambda) and shared by the API, the CLI and tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from orchestrator.config import Settings
+from orchestrator.db.connection import Database, Row
+from orchestrator.dispatch.base import Transport
+from orchestrator.engine import keys, pipelines, runs, tick, worker_protocol
+from orchestrator.engine.completion import AttemptResult
+from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
+from orchestrator.storage.tokens import TokenKeyring
+from orchestrator.store import tasks as task_store
+
+
+def build_transports(settings: Settings) -> dict[str, Transport]:
+    transports: dict[str, Transport] = {}
+    if settings.local_worker:
+        from orchestrator.dispatch.local import LocalTransport, load_worker
+
+        transports["local"] = LocalTransport(load_worker(settings.local_worker), threads=settings.local_worker_threads)
+    return transports
+
+
+class Engine:
+    def __init__(
+        self, settings: Settings, db: Database | None = None, transports: dict[str, Transport] | None = None
+    ) -> None:
+        self.settings = settings
+        self.db = db or Database(settings.database_url)
+        self.keyring = TokenKeyring.from_settings(settings)
+        self.transports = build_transports(settings) if transports is None else transports
+        self.dispatcher = Dispatcher(settings, self.db, self.keyring, self.transports)
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+        self.db.close()
+
+    # keys
+    def authenticate(self, raw_key: str | None) -> keys.Principal:
+        return keys.authenticate(self.db, raw_key)
+
+    def create_api_key(self, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None) -> tuple[str, str]:
+        return keys.create_api_key(self.db, workspace_id, role, name=name, raw_key=raw_key)
+
+    # pipelines
+    def create_pipeline(self, workspace_id: str, raw: Any, *, actor: str | None = None) -> pipelines.SavedPipeline:
+        return pipelines.create_pipeline(self.db, workspace_id, raw, actor=actor)
+
+    def update_pipeline(
+        self, workspace_id: str, pipeline_id: str, raw: Any, *, actor: str | None = None, create_missing: bool = False
+    ) -> pipelines.SavedPipeline:
+        return pipelines.update_pipeline(self.db, workspace_id, pipeline_id, raw, actor=actor, create_missing=create_missing)
+
+    def get_pipeline(self, workspace_id: str, pipeline_id: str) -> Row:
+        return pipelines.get_pipeline(self.db, workspace_id, pipeline_id)
+
+    def list_pipelines(self, workspace_id: str, *, limit: int = 100, after_id: str | None = None) -> list[Row]:
+        return pipelines.list_pipelines(self.db, workspace_id, limit=limit, after_id=after_id)
+
+    # runs
+    def trigger_run(
+        self, workspace_id: str, pipeline_id: str, *, versions: list[str] | None = None,
+        params: dict[str, Any] | None = None, trigger: str = "manual", triggered_by: str | None = None,
+        idempotency_key: str | None = None, dispatch_now: bool = True,
+    ) -> runs.TriggeredRun:
+        result = runs.trigger_run(
+            self.db, self.settings, workspace_id, pipeline_id, versions=versions, params=params or {},
+            trigger=trigger, triggered_by=triggered_by, idempotency_key=idempotency_key,
+        )
+        if result.created and dispatch_now:
+            # Start the roots now rather than at the next tick (up to a minute away on AWS).
+            self.dispatch_ready(result.id)
+        return result
+
+    def get_run(self, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        return runs.get_run(self.db, workspace_id, run_id)
+
+    def list_runs(
+        self, workspace_id: str, *, pipeline_id: str | None = None, status: str | None = None, limit: int = 50,
+        before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[Row]:
+        return runs.list_runs(self.db, workspace_id, pipeline_id=pipeline_id, status=status, limit=limit, before=before)
+
+    def get_task(self, workspace_id: str, task_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        return runs.get_task(self.db, workspace_id, task_id)
+
+    # worker protocol
+    def record_callback(
+        self, task_id: uuid.UUID, token: str, *, status: str, output: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+    ) -> AttemptResult:
+        result = worker_protocol.record_callback(
+            self.db, self.keyring, task_id, token, status=status, output=output, error=error
+        )
+        if result.accepted and result.newly_ready and result.run_id is not None:
+            # Eager continuation: successors start now, the tick is only the safety net.
+            self.dispatch_ready(result.run_id)
+        return result
+
+    def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:
+        return worker_protocol.record_heartbeat(self.db, self.keyring, token, progress=progress, message=message)
+
+    # tick
+    def dispatch_ready(self, run_id: uuid.UUID | None = None, limit: int | None = None) -> DispatchSummary:
+        with self.db.transaction() as conn:
+            claimed = task_store.claim_ready_tasks(conn, limit or self.settings.tick_batch_size, run_id=run_id)
+        return self.dispatcher.dispatch(claimed)
+
+    def tick(self, remaining_s: Callable[[], float] | None = None) -> tick.TickSummary:
+        return tick.run_tick(self.db, self.dispatcher, batch_size=self.settings.tick_batch_size, remaining_s=remaining_s)

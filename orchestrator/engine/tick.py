@@ -1,0 +1,85 @@
+"""One tick: expire lapsed leases, claim ready tasks, dispatch them; each step its own short
+transaction, bounded by a batch size and a deadline (the Lambda's remaining time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.db.connection import Connection, Database
+from orchestrator.engine.completion import finish_attempt
+from orchestrator.engine.dispatcher import Dispatcher
+from orchestrator.store import tasks as task_store
+
+
+@dataclass
+class TickSummary:
+    expired: int = 0
+    claimed: int = 0
+    dispatched: int = 0
+    dispatch_failed: int = 0
+    batches: int = 0
+    durations_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "expired": self.expired, "claimed": self.claimed, "dispatched": self.dispatched,
+            "dispatch_failed": self.dispatch_failed, "batches": self.batches,
+            "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
+        }
+
+
+def expire_leases(db: Database, limit: int) -> int:
+    """Fail the current attempt of every task whose lease lapsed; each retries or finishes."""
+
+    def work(conn: Connection) -> int:
+        expired = task_store.lock_expired_leases(conn, limit)
+        for row in expired:
+            code = "timeout" if row["timed_out"] else "lease_expired"
+            message = (
+                f"the attempt exceeded timeout_s={row['timeout_s']}" if row["timed_out"]
+                else "no heartbeat or callback before the lease expired"
+            )
+            finish_attempt(
+                conn, row["id"], row["attempt"], row["claim_token"], succeeded=False,
+                error={"code": code, "message": message, "retryable": True}, retryable=True,
+                attempt_status="expired",
+            )
+        return len(expired)
+
+    return db.run_in_transaction(work)
+
+
+def run_tick(
+    db: Database, dispatcher: Dispatcher, *, batch_size: int, remaining_s: Callable[[], float] | None = None
+) -> TickSummary:
+    summary = TickSummary()
+    started = time.perf_counter()
+    summary.expired = expire_leases(db, batch_size)
+    summary.durations_ms["expire_leases"] = (time.perf_counter() - started) * 1000
+
+    claim_ms = dispatch_ms = 0.0
+    # Claim in batches until nothing is ready or time runs short; a batch smaller than the
+    # limit means the ready set is drained.
+    while remaining_s is None or remaining_s() > 2.0:
+        t0 = time.perf_counter()
+        with db.transaction() as conn:
+            claimed = task_store.claim_ready_tasks(conn, batch_size)
+        t1 = time.perf_counter()
+        claim_ms += (t1 - t0) * 1000
+        if not claimed:
+            break
+        summary.batches += 1
+        summary.claimed += len(claimed)
+        result = dispatcher.dispatch(claimed)
+        dispatch_ms += (time.perf_counter() - t1) * 1000
+        summary.dispatched += result.sent
+        summary.dispatch_failed += result.failed
+        if len(claimed) < batch_size:
+            break
+    summary.durations_ms["claim"] = claim_ms
+    summary.durations_ms["dispatch"] = dispatch_ms
+    summary.durations_ms["total"] = (time.perf_counter() - started) * 1000
+    return summary

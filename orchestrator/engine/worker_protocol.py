@@ -1,0 +1,65 @@
+"""Callbacks and heartbeats from workers, fenced by the token of the current attempt."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from orchestrator.db.connection import Connection, Database
+from orchestrator.engine.completion import AttemptResult, finish_attempt
+from orchestrator.engine.errors import InvalidInput, Unauthorized
+from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
+from orchestrator.store import tasks as task_store
+
+
+def read_token(keyring: TokenKeyring, token: str, task_id: uuid.UUID | None = None) -> TaskClaims:
+    try:
+        claims = keyring.read(token)
+    except TokenInvalid as exc:
+        raise Unauthorized(f"the worker token was refused ({exc.reason})", details={"reason": exc.reason}) from exc
+    if task_id is not None and claims.task_id != str(task_id):
+        raise Unauthorized("the worker token belongs to another task", details={"reason": "other_task"})
+    return claims
+
+
+def record_callback(
+    db: Database, keyring: TokenKeyring, task_id: uuid.UUID, token: str, *, status: str,
+    output: dict[str, Any] | None, error: dict[str, Any] | None,
+) -> AttemptResult:
+    claims = read_token(keyring, token, task_id)
+    if status not in ("succeeded", "failed"):
+        raise InvalidInput("status must be 'succeeded' or 'failed'")
+    succeeded = status == "succeeded"
+    retryable = True
+    if not succeeded:
+        retryable = bool((error or {}).get("retryable", True))
+    if succeeded and (not output or not isinstance(output.get("key"), str)):
+        raise InvalidInput("a succeeded callback needs output.key (the object the worker wrote)")
+    if succeeded and output is not None and claims.storage is not None and output["key"] != claims.storage.output_key:
+        raise InvalidInput("output.key must be the key the token grants", details={"expected": claims.storage.output_key})
+
+    def work(conn: Connection) -> AttemptResult:
+        return finish_attempt(
+            conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=succeeded,
+            output=output, error=error, retryable=retryable,
+        )
+
+    return db.run_in_transaction(work)
+
+
+def record_heartbeat(
+    db: Database, keyring: TokenKeyring, token: str, *, progress: float | None, message: str | None
+) -> tuple[bool, str, uuid.UUID]:
+    """(accepted, task status or refusal reason, task id)."""
+    claims = read_token(keyring, token)
+    task_id = uuid.UUID(claims.task_id)
+    with db.transaction() as conn:
+        row = task_store.mark_running(conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), progress, message)
+        if row is not None:
+            return True, str(row["status"]), task_id
+        fence = task_store.get_fence(conn, task_id)
+    if fence is None:
+        return False, "not_found", task_id
+    if int(fence["attempt"]) != claims.attempt:
+        return False, "stale_attempt", task_id
+    return False, f"task is {fence['status']}", task_id

@@ -1,0 +1,424 @@
+"""Definition parsing, validation with located errors, and DAG checks and ordering.
+
+Pure functions over `orchestrator.model`: no database, no web framework. Validation collects
+every problem it can find, each with a path into the definition (`nodes[2].depends[0]`), so
+that an API caller or a CLI user can fix a definition in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.model.pipeline import ERROR_FIELD_KEY, PipelineDefinition
+
+# A definition is a small document; these bounds only stop hostile input. YAML aliases can
+# make a few hundred bytes expand into billions of values once serialized ("billion laughs"),
+# and deep nesting exhausts the interpreter stack in json/pydantic.
+MAX_EXPANDED_VALUES = 200_000
+MAX_NESTING_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class DefinitionError:
+    path: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class DefinitionInvalid(ValueError):
+    """A definition was rejected; `errors` holds every problem found, each with its path."""
+
+    def __init__(self, errors: Sequence[DefinitionError]) -> None:
+        self.errors: list[DefinitionError] = list(errors)
+        super().__init__("; ".join(str(error) for error in self.errors) or "invalid definition")
+
+    def to_list(self) -> list[dict[str, str]]:
+        return [error.to_dict() for error in self.errors]
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def parse_definition_text(text: str | bytes, content_type: str | None = None) -> Any:
+    """Parse a YAML or JSON document into plain Python values (not yet validated)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DefinitionInvalid(
+                [DefinitionError("", f"the definition is not valid UTF-8 (byte {exc.start})")]
+            ) from None
+    text = text.removeprefix("\ufeff")
+    stripped = text.lstrip()
+    as_json = (content_type is not None and "json" in content_type.lower()) or stripped.startswith(("{", "["))
+    try:
+        data = _parse_json(text) if as_json else _parse_yaml(text)
+    except RecursionError:
+        raise DefinitionInvalid([DefinitionError("", "the definition is nested too deeply")]) from None
+    problem = _shape_problem(data)
+    if problem is not None:
+        raise DefinitionInvalid([DefinitionError("", problem)])
+    return data
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DefinitionInvalid(
+            [DefinitionError("", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")]
+        ) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = exc.problem or exc.context or "syntax error"
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise DefinitionInvalid([DefinitionError("", f"invalid YAML{where}: {detail}")]) from None
+    except yaml.YAMLError as exc:
+        raise DefinitionInvalid([DefinitionError("", f"invalid YAML: {exc}")]) from None
+
+
+def _shape_problem(data: Any) -> str | None:
+    """Why `data` is too big or too deep to handle safely, or None if it is fine."""
+    # Counts values as they will be once serialized, so a shared (aliased) subtree counts once
+    # per reference; the walk stops at the limit, so its cost is bounded too.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    count = 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_EXPANDED_VALUES:
+            return f"the definition is too large (more than {MAX_EXPANDED_VALUES} values once expanded)"
+        if depth > MAX_NESTING_DEPTH:
+            return f"the definition is nested too deeply (more than {MAX_NESTING_DEPTH} levels)"
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend((item, depth + 1) for item in value)
+    return None
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def validate_pipeline(raw: Any) -> PipelineDefinition:
+    """Validate a parsed definition; raise DefinitionInvalid listing every error found."""
+    if not isinstance(raw, dict):
+        raise DefinitionInvalid([DefinitionError("", "a pipeline definition must be an object")])
+    # With the `steps:` shorthand the user never wrote `nodes`, so point errors at `steps`.
+    list_name = "steps" if "steps" in raw and "nodes" not in raw else "nodes"
+    try:
+        definition = PipelineDefinition.model_validate(raw)
+    except ValidationError as exc:
+        errors = [_from_pydantic(error) for error in exc.errors(include_url=False)]
+        raise DefinitionInvalid([_rename_list(error, list_name) for error in errors]) from None
+    graph_errors = _node_errors(definition, list_name)
+    if graph_errors:
+        raise DefinitionInvalid(graph_errors)
+    return definition
+
+
+def format_path(loc: Iterable[int | str]) -> str:
+    """`("nodes", 2, "depends", 0)` -> `nodes[2].depends[0]`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else part
+    return path
+
+
+def _from_pydantic(error: Mapping[str, Any]) -> DefinitionError:
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    field = ctx.get(ERROR_FIELD_KEY)
+    if isinstance(field, str):
+        loc = (*loc, field)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = _unknown_field_message(loc)
+    elif kind == "missing":
+        message = "this field is required"
+    return DefinitionError(format_path(loc), message)
+
+
+def _unknown_field_message(loc: tuple[int | str, ...]) -> str:
+    name = str(loc[-1]) if loc else ""
+    allowed = _allowed_fields(loc[:-1])
+    if not allowed:
+        return f"unknown field {name!r}"
+    close = difflib.get_close_matches(name, allowed, n=1)
+    if close:
+        return f"unknown field {name!r} (did you mean {close[0]!r}?)"
+    return f"unknown field {name!r}; allowed fields: {', '.join(allowed)}"
+
+
+def _allowed_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names (as written in a definition) of the model found at `loc`."""
+    model: type[BaseModel] | None = PipelineDefinition
+    pending: list[Any] = []
+    for part in loc:
+        if pending:
+            # Inside a list or dict: this part is an index or key; step to the item type.
+            model, pending = _unwrap(pending.pop())
+            continue
+        if model is None:
+            return []
+        field = _field_by_alias(model, str(part))
+        if field is None:
+            return []
+        model, pending = _unwrap(field)
+    if model is None or pending:
+        return []
+    if model is PipelineDefinition:
+        return sorted([*_aliases(model), "steps"])
+    return sorted(_aliases(model))
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _field_by_alias(model: type[BaseModel], name: str) -> Any:
+    for field_name, info in model.model_fields.items():
+        if (info.alias or field_name) == name:
+            return info.annotation
+    return None
+
+
+def _unwrap(annotation: Any) -> tuple[type[BaseModel] | None, list[Any]]:
+    """Split an annotation into (model, pending item annotations of enclosing containers)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict):
+        args = typing.get_args(annotation)
+        return None, [args[-1]]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                return _unwrap(arg)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, []
+    return None, []
+
+
+def _rename_list(error: DefinitionError, list_name: str) -> DefinitionError:
+    if list_name == "nodes":
+        return error
+    path = error.path
+    if path == "nodes" or path.startswith("nodes["):
+        path = list_name + path.removeprefix("nodes")
+    return DefinitionError(path, error.message.replace("nodes[", f"{list_name}["))
+
+
+# --- node-level graph ----------------------------------------------------------------------
+
+
+def node_errors(defn: PipelineDefinition) -> list[DefinitionError]:
+    """Graph problems of one pipeline's nodes and outputs, in definition order."""
+    return _node_errors(defn, "nodes")
+
+
+def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionError]:
+    errors: list[DefinitionError] = []
+    first_index: dict[str, int] = {}
+    for i, node in enumerate(defn.nodes):
+        if node.id in first_index:
+            errors.append(
+                DefinitionError(
+                    f"{list_name}[{i}].id",
+                    f"duplicate node id {node.id!r} (also {list_name}[{first_index[node.id]}])",
+                )
+            )
+        else:
+            first_index[node.id] = i
+
+    edges: dict[str, set[str]] = {node_id: set() for node_id in first_index}
+    for i, node in enumerate(defn.nodes):
+        seen: dict[str, int] = {}
+        for k, dep in enumerate(node.depends):
+            path = f"{list_name}[{i}].depends[{k}]"
+            if dep in seen:
+                errors.append(
+                    DefinitionError(
+                        path, f"node {node.id!r} lists {dep!r} more than once (also depends[{seen[dep]}])"
+                    )
+                )
+                continue
+            seen[dep] = k
+            if dep == node.id:
+                errors.append(DefinitionError(path, f"node {node.id!r} depends on itself"))
+            elif dep not in first_index:
+                errors.append(
+                    DefinitionError(
+                        path, f"node {node.id!r} depends on {dep!r}, which is not a node of this pipeline"
+                    )
+                )
+            else:
+                # Duplicate ids merge into one vertex: the duplicate is already reported, and
+                # a cycle through either copy is still worth reporting.
+                edges[node.id].add(dep)
+
+    cycle = find_cycle(edges)
+    if cycle is not None:
+        errors.append(DefinitionError(list_name, "cycle: " + " -> ".join(cycle)))
+
+    for name, output in defn.outputs.items():
+        if output.from_ not in first_index:
+            errors.append(
+                DefinitionError(
+                    f"outputs.{name}.from",
+                    f"output {name!r} comes from {output.from_!r}, which is not a node of this pipeline",
+                )
+            )
+    return errors
+
+
+# --- graph algorithms ----------------------------------------------------------------------
+
+
+def _adjacency(edges: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Sorted, de-duplicated adjacency including vertices that only appear as dependencies."""
+    adjacency: dict[str, list[str]] = {node: sorted(set(deps)) for node, deps in edges.items()}
+    for deps in list(adjacency.values()):
+        for dep in deps:
+            adjacency.setdefault(dep, [])
+    return adjacency
+
+
+def find_cycle(edges: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """A cycle in `edges` (node -> its dependencies), or None if there is none.
+
+    The cycle is closed by repeating its first element, each element depends on the next,
+    and it is rotated to start at its smallest id. Vertices and edges are visited in sorted
+    order, so the same graph always yields the same cycle.
+    """
+    adjacency = _adjacency(edges)
+    # 0 = unvisited, 1 = on the current DFS path, 2 = finished.
+    state: dict[str, int] = dict.fromkeys(adjacency, 0)
+    for root in sorted(adjacency):
+        if state[root]:
+            continue
+        # Explicit stack of (vertex, index of next dependency to visit) instead of recursion,
+        # so that chains of many thousands of nodes do not hit the recursion limit.
+        path: list[str] = [root]
+        cursor: list[int] = [0]
+        position: dict[str, int] = {root: 0}
+        state[root] = 1
+        while path:
+            vertex = path[-1]
+            deps = adjacency[vertex]
+            if cursor[-1] == len(deps):
+                state[vertex] = 2
+                del position[vertex]
+                path.pop()
+                cursor.pop()
+                continue
+            dep = deps[cursor[-1]]
+            cursor[-1] += 1
+            if state[dep] == 1:
+                body = path[position[dep] :]
+                start = body.index(min(body))
+                body = body[start:] + body[:start]
+                return [*body, body[0]]
+            if state[dep] == 0:
+                state[dep] = 1
+                position[dep] = len(path)
+                path.append(dep)
+                cursor.append(0)
+    return None
+
+
+def topological_order(edges: Mapping[str, Iterable[str]]) -> list[str]:
+    """Every vertex once, dependencies before dependants, ties broken by smallest id."""
+    adjacency = _adjacency(edges)
+    waiting: dict[str, int] = {node: len(deps) for node, deps in adjacency.items()}
+    dependants: dict[str, list[str]] = {node: [] for node in adjacency}
+    for node, deps in adjacency.items():
+        for dep in deps:
+            dependants[dep].append(node)
+    heap = [node for node, count in waiting.items() if count == 0]
+    heapq.heapify(heap)
+    order: list[str] = []
+    while heap:
+        node = heapq.heappop(heap)
+        order.append(node)
+        for dependant in dependants[node]:
+            waiting[dependant] -= 1
+            if waiting[dependant] == 0:
+                heapq.heappush(heap, dependant)
+    if len(order) != len(adjacency):
+        cycle = find_cycle(adjacency)
+        shown = " -> ".join(cycle) if cycle else "unknown"
+        raise ValueError(f"the graph has a cycle: {shown}")
+    return order
+
+
+# --- pipeline-level graph ------------------------------------------------------------------
+
+
+def pipeline_level_errors(definitions: Mapping[str, PipelineDefinition]) -> list[DefinitionError]:
+    """Problems of the `depends` between a set of pipelines (id -> definition)."""
+    errors: list[DefinitionError] = []
+    edges: dict[str, set[str]] = {}
+    for pipeline_id in sorted(definitions):
+        definition = definitions[pipeline_id]
+        edges[pipeline_id] = set()
+        seen: dict[str, int] = {}
+        for i, dep in enumerate(definition.depends):
+            base = f"{pipeline_id}.depends[{i}]"
+            if dep.pipeline in seen:
+                errors.append(
+                    DefinitionError(
+                        f"{base}.pipeline",
+                        f"pipeline {dep.pipeline!r} is listed more than once (also depends[{seen[dep.pipeline]}])",
+                    )
+                )
+                continue
+            seen[dep.pipeline] = i
+            upstream = definitions.get(dep.pipeline)
+            if upstream is None:
+                errors.append(
+                    DefinitionError(
+                        f"{base}.pipeline",
+                        f"pipeline {pipeline_id!r} depends on {dep.pipeline!r}, which does not exist",
+                    )
+                )
+                continue
+            edges[pipeline_id].add(dep.pipeline)
+            for j, output in enumerate(dep.outputs):
+                if output not in upstream.outputs:
+                    declared = ", ".join(sorted(upstream.outputs)) or "none"
+                    errors.append(
+                        DefinitionError(
+                            f"{base}.outputs[{j}]",
+                            f"pipeline {dep.pipeline!r} does not declare an output {output!r} "
+                            f"(it declares: {declared})",
+                        )
+                    )
+    cycle = find_cycle(edges)
+    if cycle is not None:
+        errors.append(DefinitionError("depends", "pipeline cycle: " + " -> ".join(cycle)))
+    return errors

@@ -1,0 +1,394 @@
+"""Pipeline definitions: the pydantic models a YAML/JSON definition is validated into.
+
+Everything here is pure data validation. Graph-level checks (missing dependencies, cycles,
+outputs from unknown nodes, pipeline-level depends) live in `orchestrator.graph`, which can
+report every problem at once instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+VERSION_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+_SLUG_RE = re.compile(SLUG_PATTERN)
+_TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
+_VERSION_RE = re.compile(VERSION_PATTERN)
+
+SLUG_RULE = "use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+TASK_NAME_RULE = "use 1 to 128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+VERSION_RULE = "use 1 to 128 letters, digits, '.', '_', ':' or '-'"
+
+# The context key graph.validate_pipeline reads to point an error raised by a model-level
+# validator at the field it is about, rather than at the enclosing object.
+ERROR_FIELD_KEY = "field"
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """An error from a model validator, located at `field` of the model being validated."""
+    return PydanticCustomError("invalid_field", message, {ERROR_FIELD_KEY: field})
+
+
+def is_slug(value: str) -> bool:
+    return _SLUG_RE.fullmatch(value) is not None
+
+
+def _check_slug(value: str) -> str:
+    if not is_slug(value):
+        raise ValueError(f"{value!r} is not a valid id: {SLUG_RULE}")
+    return value
+
+
+Slug = Annotated[str, AfterValidator(_check_slug)]
+
+
+def slugify(name: str) -> str:
+    """Best-effort slug for a task name, used to derive node ids in the `steps` shorthand."""
+    slug = re.sub(r"[^a-z0-9_-]+", "-", name.lower())
+    slug = slug.lstrip("_-")[:63]
+    return slug
+
+
+def _none_as(default: Any) -> Any:
+    """A before-validator body: YAML turns `key:` with nothing after it into None."""
+
+    def convert(value: Any) -> Any:
+        return default() if value is None else value
+
+    return convert
+
+
+def _coerce_str_list(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    backoff: Literal["fixed", "exponential"] = "exponential"
+    base_delay_s: float = Field(default=5, ge=0)
+    max_delay_s: float = Field(default=300, ge=0)
+    jitter: Literal["none", "full"] = "none"
+
+    @field_validator("base_delay_s", "max_delay_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        # `ge=0` lets +inf through, and an infinite delay would park a task forever.
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait before retrying after failed attempt number `attempt` (1-based).
+
+        Jitter is not applied here: the caller owns the random source, which keeps this
+        deterministic and testable.
+        """
+        if attempt < 1:
+            raise ValueError(f"attempt is 1-based, got {attempt}")
+        if self.backoff == "fixed":
+            delay = self.base_delay_s
+        else:
+            try:
+                # ldexp raises instead of silently producing inf for a large attempt number.
+                delay = math.ldexp(self.base_delay_s, attempt - 1)
+            except OverflowError:
+                delay = self.max_delay_s
+        return min(delay, self.max_delay_s)
+
+
+class ApprovalPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: int | None = Field(default=None, gt=0)
+    on_timeout: Literal["reject", "escalate"] = "reject"
+
+
+class NodeDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Slug
+    task: str | None = None
+    template: str | None = None
+    kind: Literal["task", "approval", "manual"] = "task"
+    params: dict[str, Any] = Field(default_factory=dict)
+    depends: list[str] = Field(default_factory=list)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_s: int | None = Field(default=None, gt=0)
+    heartbeat_s: int = Field(default=60, ge=5, le=3600)
+    on_failure: Literal["stop", "continue"] = "stop"
+    trigger_rule: Literal["all_success", "all_done", "one_failed", "none_failed"] = "all_success"
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    approval: ApprovalPolicy | None = None
+    description: str = ""
+
+    _depends_list = field_validator("depends", mode="before")(_coerce_str_list)
+    _params_none = field_validator("params", mode="before")(_none_as(dict))
+    _retry_none = field_validator("retry", mode="before")(_none_as(dict))
+
+    @field_validator("task", "template")
+    @classmethod
+    def _task_name(cls, value: str | None) -> str | None:
+        if value is not None and _TASK_NAME_RE.fullmatch(value) is None:
+            raise ValueError(f"{value!r} is not a valid name: {TASK_NAME_RULE}")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> NodeDefinition:
+        if self.kind == "task":
+            if self.task is not None and self.template is not None:
+                raise field_error("template", "give either task or template, not both")
+            if self.task is None and self.template is None:
+                raise field_error(
+                    "task", "a task node needs task (a worker task name) or template (a template id)"
+                )
+        else:
+            # An approval or manual node is completed by a person, so a task or template on it
+            # would never run; reject it rather than silently ignore it.
+            for name in ("task", "template"):
+                if getattr(self, name) is not None:
+                    raise field_error(name, f"a {self.kind} node does not run a task; remove {name}")
+        if self.approval is not None and self.kind != "approval":
+            raise field_error("approval", "approval settings are only allowed on nodes of kind approval")
+        return self
+
+
+class PipelineDependency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: Slug
+    outputs: list[Slug] = Field(default_factory=list)
+    trigger: Literal["on_success", "on_complete", "none"] = "on_success"
+
+    _outputs_list = field_validator("outputs", mode="before")(_coerce_str_list)
+
+
+class OutputDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class ScheduleOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timezone: str = "UTC"
+    catchup: Literal["none", "latest", "all"] = "none"
+    max_catchup_runs: int = Field(default=10, ge=1, le=1000)
+    overlap: Literal["allow", "skip", "buffer_one", "cancel_other"] = "allow"
+    jitter_s: int = Field(default=0, ge=0, le=3600)
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            # ValueError covers keys ZoneInfo refuses outright, such as absolute paths.
+            raise ValueError(
+                f"unknown timezone {value!r}: use an IANA name such as 'UTC' or 'Europe/Berlin'"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> ScheduleOptions:
+        # A naive bound means wall-clock time where the schedule fires; pinning it here keeps
+        # comparisons with database time (always aware) from failing later.
+        zone = ZoneInfo(self.timezone)
+        if self.start_at is not None and self.start_at.tzinfo is None:
+            self.start_at = self.start_at.replace(tzinfo=zone)
+        if self.end_at is not None and self.end_at.tzinfo is None:
+            self.end_at = self.end_at.replace(tzinfo=zone)
+        if self.start_at is not None and self.end_at is not None and self.end_at <= self.start_at:
+            raise field_error(
+                "end_at",
+                f"end_at ({self.end_at.isoformat()}) must be after start_at ({self.start_at.isoformat()})",
+            )
+        return self
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class Concurrency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_active_runs: int | None = Field(default=None, ge=1)
+    max_active_tasks: int | None = Field(default=None, ge=1)
+
+
+def _expand_steps(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn the `steps:` shorthand into `nodes:`, each step depending on the one before."""
+    steps = data["steps"]
+    if not isinstance(steps, list):
+        # Let the `nodes` field report the type problem under the name the user wrote.
+        rest = {k: v for k, v in data.items() if k != "steps"}
+        return {**rest, "nodes": steps}
+    nodes: list[Any] = []
+    previous_id: Any = None
+    for step in steps:
+        node: Any
+        if isinstance(step, str):
+            node = {"id": slugify(step), "task": step}
+        elif isinstance(step, dict):
+            node = dict(step)
+        else:
+            node = step
+        if isinstance(node, dict):
+            if "depends" not in node and isinstance(previous_id, str):
+                node["depends"] = [previous_id]
+            previous_id = node.get("id")
+        else:
+            previous_id = None
+        nodes.append(node)
+    rest = {k: v for k, v in data.items() if k != "steps"}
+    return {**rest, "nodes": nodes}
+
+
+def _version_input(value: Any) -> Any:
+    # YAML reads `2024` as an int, which is unambiguous, but `1.10` as the float 1.1, which is
+    # not: ints are taken as written, floats are refused with a hint to quote them.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        raise ValueError(f"version {value!r} was read as a number; quote it so it is kept as written")
+    return value
+
+
+def _check_version(value: str) -> str:
+    if _VERSION_RE.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid version: {VERSION_RULE}")
+    return value
+
+
+CRON_RULE = "use five fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *', or '@daily'"
+
+
+def _check_cron(value: str) -> str:
+    # croniter reads a sixth field as seconds, while Quartz-style crons put seconds first; the
+    # tick runs at most once a minute anyway, so six fields are refused rather than guessed at.
+    if len(value.split()) > 5 or not croniter.is_valid(value):
+        raise ValueError(f"invalid cron expression {value!r}: {CRON_RULE}")
+    return value
+
+
+Version = Annotated[str, BeforeValidator(_version_input), AfterValidator(_check_version)]
+CronExpression = Annotated[str, AfterValidator(_check_cron)]
+
+
+class PipelineDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Slug
+    description: str = ""
+    versions: list[Version] = Field(default_factory=lambda: ["default"])
+    params: dict[str, Any] = Field(default_factory=dict)
+    schedule: list[CronExpression] = Field(default_factory=list)
+    schedule_options: ScheduleOptions = Field(default_factory=ScheduleOptions)
+    depends: list[PipelineDependency] = Field(default_factory=list)
+    outputs: dict[str, OutputDefinition] = Field(default_factory=dict)
+    concurrency: Concurrency = Field(default_factory=Concurrency)
+    nodes: list[NodeDefinition] = Field(default_factory=list, validate_default=True)
+    tags: list[str] = Field(default_factory=list)
+
+    _params_none = field_validator("params", mode="before")(_none_as(dict))
+    _schedule_list = field_validator("schedule", mode="before")(_coerce_str_list)
+    _tags_list = field_validator("tags", mode="before")(_coerce_str_list)
+    _depends_none = field_validator("depends", mode="before")(_none_as(list))
+    _outputs_none = field_validator("outputs", mode="before")(_none_as(dict))
+    _options_none = field_validator("schedule_options", mode="before")(_none_as(dict))
+    _concurrency_none = field_validator("concurrency", mode="before")(_none_as(dict))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "steps" not in data:
+            return data
+        if "nodes" in data:
+            raise field_error("steps", "give either nodes or steps, not both")
+        return _expand_steps(data)
+
+    @field_validator("versions", mode="before")
+    @classmethod
+    def _versions_input(cls, value: Any) -> Any:
+        if value is None:
+            return ["default"]
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("versions")
+    @classmethod
+    def _versions_valid(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one version is required (the default is ['default'])")
+        seen: set[str] = set()
+        for item in value:
+            if item in seen:
+                raise ValueError(f"version {item!r} is listed more than once")
+            seen.add(item)
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _output_names(cls, value: dict[str, OutputDefinition]) -> dict[str, OutputDefinition]:
+        for name in value:
+            if not is_slug(name):
+                raise ValueError(f"{name!r} is not a valid output name: {SLUG_RULE}")
+        return value
+
+    @field_validator("nodes")
+    @classmethod
+    def _has_nodes(cls, value: list[NodeDefinition]) -> list[NodeDefinition]:
+        if not value:
+            raise ValueError("a pipeline needs at least one node")
+        return value
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [node.id for node in self.nodes]
+
+    def node(self, node_id: str) -> NodeDefinition:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(f"pipeline {self.id!r} has no node {node_id!r}")
+
+    def canonical_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical_dict(), sort_keys=True, separators=(",", ":"))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()

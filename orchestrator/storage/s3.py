@@ -1,0 +1,269 @@
+"""S3 and STS access: orchestrator-side clients, buckets, and per-task storage grants.
+
+Orchestrator-side clients use the ambient credentials (the Lambda role, or the fake keys of the
+local moto server). Workers never get those: a grant carries either STS credentials narrowed by a
+session policy to exactly the task's output key and input keys, or presigned URLs per object.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from orchestrator.storage.tokens import StorageGrant
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sts import STSClient
+
+    from orchestrator.config import Settings
+
+__all__ = [
+    "MAX_SESSION_POLICY_CHARS",
+    "encode_json",
+    "ensure_bucket",
+    "issue_storage_grant",
+    "orchestrator_s3",
+    "orchestrator_sts",
+    "put_json_object",
+    "read_json_object",
+    "role_session_name",
+    "s3_client",
+    "session_policy",
+]
+
+JSON_CONTENT_TYPE = "application/json"
+# AWS rejects inline session policies whose plaintext exceeds 2048 characters.
+MAX_SESSION_POLICY_CHARS = 2048
+# STS AssumeRole refuses durations under 15 minutes.
+_MIN_ROLE_DURATION_S = 900
+_SESSION_NAME_PREFIX = "tickweave-"
+_SESSION_NAME_INVALID = re.compile(r"[^\w+=,.@-]")
+
+
+class StorageSettings(Protocol):
+    """The part of `Settings` this module reads; lets callers pass a lighter object."""
+
+    @property
+    def s3_endpoint_url(self) -> str | None: ...
+    @property
+    def aws_region(self) -> str: ...
+    @property
+    def bucket(self) -> str: ...
+
+
+def _client_config(endpoint_url: str | None) -> Config:
+    # Path-style addressing when an endpoint is given: virtual-hosted style would need DNS for
+    # `bucket.127.0.0.1`, which a local moto/MinIO server does not have. SigV4 explicitly, since
+    # presigned URLs must be V4 for any region other than the oldest ones.
+    return Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+
+
+def s3_client(
+    endpoint_url: str | None, region: str, credentials: Mapping[str, str] | None = None
+) -> S3Client:
+    """A new S3 client; explicit `credentials` (STS shape) or else the ambient ones."""
+    # A fresh Session per client: boto3's default session is not safe to build clients from
+    # concurrently, and the worker builds clients on several threads.
+    session = boto3.session.Session(
+        aws_access_key_id=credentials["AccessKeyId"] if credentials else None,
+        aws_secret_access_key=credentials["SecretAccessKey"] if credentials else None,
+        aws_session_token=credentials.get("SessionToken") if credentials else None,
+        region_name=region,
+    )
+    return session.client("s3", endpoint_url=endpoint_url, config=_client_config(endpoint_url))
+
+
+def sts_client(endpoint_url: str | None, region: str) -> STSClient:
+    session = boto3.session.Session(region_name=region)
+    return session.client(
+        "sts",
+        endpoint_url=endpoint_url,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_s3(endpoint_url: str | None, region: str) -> S3Client:
+    return s3_client(endpoint_url, region)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sts(endpoint_url: str | None, region: str) -> STSClient:
+    return sts_client(endpoint_url, region)
+
+
+def orchestrator_s3(settings: StorageSettings) -> S3Client:
+    """The orchestrator's own S3 client, cached so a warm Lambda does not rebuild it per task."""
+    return _cached_s3(settings.s3_endpoint_url, settings.aws_region)
+
+
+def orchestrator_sts(settings: StorageSettings) -> STSClient:
+    # The local stand-in (moto) serves STS on the same endpoint as S3; on AWS both are None.
+    return _cached_sts(settings.s3_endpoint_url, settings.aws_region)
+
+
+def ensure_bucket(settings: StorageSettings) -> None:
+    """Create the outputs bucket if it does not exist; safe to call any number of times."""
+    client = orchestrator_s3(settings)
+    try:
+        client.head_bucket(Bucket=settings.bucket)
+        return
+    except ClientError as exc:
+        if _error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
+            raise
+    try:
+        if settings.aws_region == "us-east-1":
+            # us-east-1 is the default location and rejects an explicit LocationConstraint.
+            client.create_bucket(Bucket=settings.bucket)
+        else:
+            client.create_bucket(
+                Bucket=settings.bucket,
+                # The stubs type the region as a closed Literal; any configured region is passed on.
+                CreateBucketConfiguration={"LocationConstraint": settings.aws_region},  # type: ignore[typeddict-item]
+            )
+    except ClientError as exc:
+        # Another process created it between the HEAD and the CREATE.
+        if _error_code(exc) != "BucketAlreadyOwnedByYou":
+            raise
+
+
+def session_policy(bucket: str, output_key: str, read_keys: Iterable[str]) -> dict[str, Any]:
+    """Inline session policy: write exactly the output key, read exactly the input keys."""
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "WriteOutput",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject"],
+            "Resource": [f"arn:aws:s3:::{bucket}/{output_key}"],
+        }
+    ]
+    reads = list(dict.fromkeys(read_keys))  # dedupe, keep order
+    if reads:
+        statements.append(
+            {
+                "Sid": "ReadInputs",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{key}" for key in reads],
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def role_session_name(task_id: str) -> str:
+    """`tickweave-<task id>`, limited to what STS accepts (<= 64 chars of [\\w+=,.@-])."""
+    cleaned = _SESSION_NAME_INVALID.sub("-", task_id) or "task"
+    return (_SESSION_NAME_PREFIX + cleaned)[:64]
+
+
+def issue_storage_grant(
+    settings: Settings,
+    *,
+    output_key: str,
+    read_keys: Sequence[str],
+    task_id: str,
+) -> StorageGrant:
+    """Storage access for one task attempt: STS credentials if a role is configured, else URLs."""
+    reads = tuple(dict.fromkeys(read_keys))
+    ttl = int(settings.storage_credentials_ttl_s)
+
+    def grant(
+        credentials: dict[str, str] | None, put_url: str | None, get_urls: dict[str, str]
+    ) -> StorageGrant:
+        return StorageGrant(
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.aws_region,
+            bucket=settings.bucket,
+            output_key=output_key,
+            read_keys=reads,
+            credentials=credentials,
+            presigned_put=put_url,
+            presigned_get=get_urls,
+        )
+
+    if settings.storage_role_arn:
+        policy = session_policy(settings.bucket, output_key, reads)
+        presigned_get: dict[str, str] = {}
+        if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
+            # Too many inputs to name in a session policy: keep the credentials for the write
+            # (still scoped to one key) and hand out presigned URLs for the reads, rather than
+            # widening the policy to a prefix the task has no business reading.
+            policy = session_policy(settings.bucket, output_key, ())
+            presigned_get = _presign_gets(settings, reads, ttl)
+        response = orchestrator_sts(settings).assume_role(
+            RoleArn=settings.storage_role_arn,
+            RoleSessionName=role_session_name(task_id),
+            Policy=_compact_json(policy),
+            DurationSeconds=max(_MIN_ROLE_DURATION_S, ttl),
+        )
+        creds = response["Credentials"]
+        credentials = {
+            "AccessKeyId": creds["AccessKeyId"],
+            "SecretAccessKey": creds["SecretAccessKey"],
+            "SessionToken": creds["SessionToken"],
+            "Expiration": creds["Expiration"].isoformat(),
+        }
+        return grant(credentials, None, presigned_get)
+    client = orchestrator_s3(settings)
+    put_url = client.generate_presigned_url(
+        "put_object",
+        Params={"Bucket": settings.bucket, "Key": output_key, "ContentType": JSON_CONTENT_TYPE},
+        ExpiresIn=ttl,
+    )
+    return grant(None, put_url, _presign_gets(settings, reads, ttl))
+
+
+def _presign_gets(settings: Settings, keys: Iterable[str], ttl: int) -> dict[str, str]:
+    client = orchestrator_s3(settings)
+    return {
+        key: client.generate_presigned_url(
+            "get_object", Params={"Bucket": settings.bucket, "Key": key}, ExpiresIn=ttl
+        )
+        for key in keys
+    }
+
+
+def encode_json(value: Any) -> bytes:
+    """The one JSON encoding of stored outputs (workers and orchestrator agree on bytes/sha256)."""
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sha256_hex(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def read_json_object(settings: StorageSettings, key: str) -> Any:
+    response = orchestrator_s3(settings).get_object(Bucket=settings.bucket, Key=key)
+    return json.loads(response["Body"].read())
+
+
+def put_json_object(settings: StorageSettings, key: str, value: Any) -> tuple[int, str]:
+    """Store `value` as JSON; returns (size in bytes, sha256 hex) as recorded in the outputs index."""
+    body = encode_json(value)
+    orchestrator_s3(settings).put_object(
+        Bucket=settings.bucket, Key=key, Body=body, ContentType=JSON_CONTENT_TYPE
+    )
+    return len(body), sha256_hex(body)
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

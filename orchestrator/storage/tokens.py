@@ -1,0 +1,274 @@
+"""Worker tokens: compact JWE (`dir` + `A256GCM`) carrying a task's claims and storage grant.
+
+The token is encrypted, not just signed, because it carries short-lived storage credentials or
+presigned URLs; whoever sees a dispatch message in a queue or a log must not learn them. The
+protected header names the key (`kid`) so keys can rotate: the first key of the ring encrypts,
+every key of the ring decrypts, and tokens issued under an old key stay valid until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from joserfc import jwe
+from joserfc.errors import DecodeError, JoseError
+from joserfc.jwk import OctKey
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+
+__all__ = [
+    "StorageGrant",
+    "TaskClaims",
+    "TokenInvalid",
+    "TokenKeyring",
+]
+
+TokenInvalidReason = Literal[
+    "malformed", "unknown_key", "tampered", "expired", "wrong_audience", "wrong_issuer"
+]
+
+_ALG = "dir"
+_ENC = "A256GCM"
+_KEY_BYTES = 32
+# joserfc caps the ciphertext at 64 KiB by default; a grant with presigned URLs for many inputs
+# can come near that, and the token is only ever read by holders of the key, so allow more.
+_MAX_CIPHERTEXT_BYTES = 1_048_576
+
+
+@dataclass(frozen=True)
+class StorageGrant:
+    """What a worker may touch in the bucket for one task attempt, and how.
+
+    Exactly one access mechanism is expected to be in use for writing: STS `credentials` (scoped
+    by a session policy) or a `presigned_put` URL. `presigned_get` may be present in both cases
+    (a session policy has a size limit, so reads can fall back to presigned URLs).
+    """
+
+    endpoint_url: str | None
+    region: str
+    bucket: str
+    output_key: str
+    read_keys: tuple[str, ...] = ()
+    credentials: dict[str, str] | None = None
+    presigned_put: str | None = None
+    presigned_get: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "bucket": self.bucket,
+            "output_key": self.output_key,
+            "read_keys": list(self.read_keys),
+            "credentials": dict(self.credentials) if self.credentials is not None else None,
+            "presigned_put": self.presigned_put,
+            "presigned_get": dict(self.presigned_get),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StorageGrant:
+        """Inverse of `to_dict`; raises ValueError on anything that does not fit the shape."""
+        if not isinstance(data, Mapping):
+            raise ValueError("storage grant must be an object")
+        endpoint_url = data.get("endpoint_url")
+        presigned_put = data.get("presigned_put")
+        credentials = data.get("credentials")
+        read_keys = data.get("read_keys", [])
+        presigned_get = data.get("presigned_get") or {}
+        if endpoint_url is not None and not isinstance(endpoint_url, str):
+            raise ValueError("storage grant: endpoint_url must be a string or null")
+        if presigned_put is not None and not isinstance(presigned_put, str):
+            raise ValueError("storage grant: presigned_put must be a string or null")
+        if credentials is not None and not _is_str_map(credentials):
+            raise ValueError("storage grant: credentials must be an object of strings or null")
+        if not isinstance(read_keys, list | tuple) or not all(isinstance(k, str) for k in read_keys):
+            raise ValueError("storage grant: read_keys must be a list of strings")
+        if not _is_str_map(presigned_get):
+            raise ValueError("storage grant: presigned_get must be an object of strings")
+        return cls(
+            endpoint_url=endpoint_url,
+            region=_require_str(data, "region"),
+            bucket=_require_str(data, "bucket"),
+            output_key=_require_str(data, "output_key"),
+            read_keys=tuple(read_keys),
+            credentials=dict(credentials) if credentials is not None else None,
+            presigned_put=presigned_put,
+            presigned_get=dict(presigned_get),
+        )
+
+
+@dataclass(frozen=True)
+class TaskClaims:
+    """What a worker token asserts about one attempt of one task."""
+
+    task_id: str
+    attempt: int
+    claim_token: str
+    workspace: str
+    expires_at: int  # unix seconds
+    storage: StorageGrant | None = None
+
+
+class TokenInvalid(Exception):
+    """A worker token that must not be honoured; `reason` says why, for logs and the dispatcher."""
+
+    def __init__(self, reason: TokenInvalidReason, detail: str = "") -> None:
+        self.reason: TokenInvalidReason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TokenKeyring:
+    """Issues and reads worker tokens with an ordered ring of symmetric keys (first = active)."""
+
+    def __init__(self, keys: Sequence[tuple[str, str]], issuer: str, audience: str) -> None:
+        if not keys:
+            raise ValueError("a token keyring needs at least one key")
+        self._keys: dict[str, OctKey] = {}
+        for kid, material in keys:
+            if not kid:
+                raise ValueError("token key ids must be non-empty")
+            if kid in self._keys:
+                raise ValueError(f"duplicate token key id {kid!r}")
+            self._keys[kid] = OctKey.import_key(_decode_key(kid, material))
+        self._active_kid = keys[0][0]
+        self.issuer = issuer
+        self.audience = audience
+        # Only the one algorithm pair is accepted, so a token cannot pick a weaker one.
+        self._registry = jwe.JWERegistry(algorithms=[_ALG, _ENC])
+        self._registry.max_ciphertext_length = _MAX_CIPHERTEXT_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenKeyring:
+        return cls(settings.token_keys, issuer=settings.token_issuer, audience=settings.token_audience)
+
+    @property
+    def active_kid(self) -> str:
+        return self._active_kid
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def issue(self, claims: TaskClaims, *, now: float | None = None) -> str:
+        issued_at = int(time.time() if now is None else now)
+        payload: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": claims.task_id,
+            "att": claims.attempt,
+            "jti": claims.claim_token,
+            "ws": claims.workspace,
+            "exp": int(claims.expires_at),
+            "iat": issued_at,
+            "stg": claims.storage.to_dict() if claims.storage is not None else None,
+        }
+        header = {"alg": _ALG, "enc": _ENC, "kid": self._active_kid}
+        plaintext = json.dumps(payload, separators=(",", ":")).encode()
+        return jwe.encrypt_compact(header, plaintext, self._keys[self._active_kid], registry=self._registry)
+
+    def read(self, token: str, *, now: float | None = None) -> TaskClaims:
+        """Decrypt and validate a token; raises TokenInvalid with the reason."""
+        if not isinstance(token, str) or not token:
+            raise TokenInvalid("malformed", "token must be a non-empty string")
+        header = _peek_header(token)
+        if header.get("alg") != _ALG or header.get("enc") != _ENC:
+            raise TokenInvalid("malformed", "unsupported alg/enc")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise TokenInvalid("malformed", "missing kid")
+        key = self._keys.get(kid)
+        if key is None:
+            raise TokenInvalid("unknown_key", f"kid {kid!r} is not in the keyring")
+        try:
+            # The header is authenticated as AAD, so a kid swapped for another known one fails here.
+            plaintext = jwe.decrypt_compact(token, key, registry=self._registry).plaintext
+        except DecodeError as exc:
+            raise TokenInvalid("tampered", "authentication failed") from exc
+        except (JoseError, ValueError) as exc:
+            raise TokenInvalid("malformed", type(exc).__name__) from exc
+        if plaintext is None:
+            raise TokenInvalid("malformed", "empty payload")
+        try:
+            payload = json.loads(plaintext)
+        except ValueError as exc:
+            raise TokenInvalid("malformed", "payload is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise TokenInvalid("malformed", "payload is not an object")
+        return self._claims_from_payload(payload, time.time() if now is None else now)
+
+    def _claims_from_payload(self, payload: dict[str, Any], now: float) -> TaskClaims:
+        if payload.get("iss") != self.issuer:
+            raise TokenInvalid("wrong_issuer")
+        aud = payload.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if self.audience not in audiences:
+            raise TokenInvalid("wrong_audience")
+        exp = payload.get("exp")
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise TokenInvalid("malformed", "exp must be an integer")
+        if now >= exp:
+            raise TokenInvalid("expired")
+        try:
+            attempt = payload["att"]
+            if not isinstance(attempt, int) or isinstance(attempt, bool):
+                raise ValueError("att must be an integer")
+            stg = payload.get("stg")
+            return TaskClaims(
+                task_id=_require_str(payload, "sub"),
+                attempt=attempt,
+                claim_token=_require_str(payload, "jti"),
+                workspace=_require_str(payload, "ws"),
+                expires_at=exp,
+                storage=StorageGrant.from_dict(stg) if stg is not None else None,
+            )
+        except (KeyError, ValueError) as exc:
+            raise TokenInvalid("malformed", str(exc)) from exc
+
+
+def _decode_key(kid: str, material: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(material + "=" * (-len(material) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"token key {kid!r} is not valid base64url") from exc
+    if len(raw) != _KEY_BYTES:
+        raise ValueError(
+            f"token key {kid!r} must be {_KEY_BYTES} bytes (base64url), got {len(raw)}; "
+            'generate one with: python -c "import base64,os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"'
+        )
+    return raw
+
+
+def _peek_header(token: str) -> dict[str, Any]:
+    """Read the (not yet authenticated) protected header, only to choose the key."""
+    parts = token.split(".")
+    if len(parts) != 5:
+        raise TokenInvalid("malformed", "not a compact JWE")
+    try:
+        raw = base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
+        header = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise TokenInvalid("malformed", "unreadable header") from exc
+    if not isinstance(header, dict):
+        raise TokenInvalid("malformed", "header is not an object")
+    return header
+
+
+def _require_str(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )

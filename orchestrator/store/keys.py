@@ -1,0 +1,32 @@
+"""Workspaces and API keys. Keys are stored as sha256 digests: they are 32 random bytes, so a
+fast hash is enough (no dictionary to attack), and a lookup is one indexed equality."""
+
+from __future__ import annotations
+
+from orchestrator.db.connection import Connection, Row
+
+
+def ensure_workspace(conn: Connection, workspace_id: str) -> None:
+    conn.execute("INSERT INTO workspaces (id) VALUES (%s) ON CONFLICT (id) DO NOTHING", (workspace_id,))
+
+
+def insert_api_key(
+    conn: Connection, *, workspace_id: str, key_hash: bytes, prefix: str, role: str, name: str
+) -> Row:
+    row = conn.execute(
+        """INSERT INTO api_keys (workspace_id, key_hash, prefix, role, name)
+           VALUES (%s, %s, %s, %s, %s)
+           ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL
+           RETURNING id, workspace_id, prefix, role, name, created_at""",
+        (workspace_id, key_hash, prefix, role, name),
+    ).fetchone()
+    assert row is not None
+    return row
+
+
+def find_active_key(conn: Connection, key_hash: bytes) -> Row | None:
+    return conn.execute(
+        """SELECT id, workspace_id, role, prefix FROM api_keys
+           WHERE key_hash = %s AND revoked_at IS NULL""",
+        (key_hash,),
+    ).fetchone()

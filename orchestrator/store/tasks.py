@@ -1,0 +1,284 @@
+"""Task state transitions. Each function is one statement, guarded by the state it expects
+(and, for worker-facing ones, by attempt and claim token), returning what changed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from orchestrator.db.connection import Connection, Row
+
+ACTIVE = ("dispatched", "running")
+TERMINAL = ("succeeded", "failed", "skipped", "cancelled", "dead")
+
+# Columns a dispatch needs; shared by the claim statements.
+_CLAIMED_COLUMNS = """t.id, t.run_id, t.workspace_id, t.pipeline_id, t.node_id, t.version, t.kind,
+    t.task_name, t.params, t.transport, t.attempt, t.claim_token, t.heartbeat_s, t.timeout_s,
+    t.lease_expires_at, t.dispatched_at"""
+
+# The lease: two heartbeats, never past the attempt's hard timeout.
+_LEASE = """LEAST(tw_now() + make_interval(secs => 2 * t.heartbeat_s),
+                  COALESCE(t.dispatched_at, tw_now()) + make_interval(secs => COALESCE(t.timeout_s, 2147483647)))"""
+
+
+def claim_ready_tasks(conn: Connection, limit: int, *, run_id: uuid.UUID | None = None) -> list[Row]:
+    """Claim up to `limit` ready tasks for dispatch, in one statement.
+
+    SKIP LOCKED lets any number of ticks claim at once, each getting disjoint rows; the guard
+    `t.status = 'ready'` re-checked after the lock makes a row claimed twice impossible.
+    The attempt row is written by the same statement.
+    """
+    rows = conn.execute(
+        f"""WITH candidates AS (
+                SELECT id FROM tasks
+                WHERE status = 'ready' AND available_at <= tw_now()
+                  AND (%(run_id)s::uuid IS NULL OR run_id = %(run_id)s::uuid)
+                ORDER BY priority DESC, available_at
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            ), claimed AS (
+                UPDATE tasks t SET status = 'dispatched', attempt = t.attempt + 1,
+                       claim_token = gen_random_uuid(), dispatched_at = tw_now(),
+                       lease_expires_at = LEAST(
+                           tw_now() + make_interval(secs => 2 * t.heartbeat_s),
+                           tw_now() + make_interval(secs => COALESCE(t.timeout_s, 2147483647))),
+                       progress = NULL, message = NULL
+                FROM candidates c
+                WHERE t.id = c.id AND t.status = 'ready'
+                RETURNING {_CLAIMED_COLUMNS}
+            ), attempts AS (
+                INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
+                SELECT id, attempt, claim_token, 'dispatched', dispatched_at FROM claimed
+            )
+            SELECT * FROM claimed""",
+        {"limit": limit, "run_id": run_id},
+    ).fetchall()
+    return rows
+
+
+def upstream_outputs(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
+    """Output references of the succeeded upstream tasks of each task (for dispatch `inputs`)."""
+    if not task_ids:
+        return []
+    return conn.execute(
+        """SELECT e.downstream_task_id AS task_id, u.node_id, u.output
+           FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+           WHERE e.downstream_task_id = ANY(%s) AND u.status = 'succeeded' AND u.output IS NOT NULL""",
+        (list(task_ids),),
+    ).fetchall()
+
+
+def mark_running(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID,
+    progress: float | None, message: str | None,
+) -> Row | None:
+    """A heartbeat of the current attempt: running, lease extended (capped by the timeout)."""
+    row = conn.execute(
+        f"""UPDATE tasks t SET status = 'running', started_at = COALESCE(t.started_at, tw_now()),
+                   lease_expires_at = {_LEASE},
+                   progress = COALESCE(%s, t.progress), message = COALESCE(%s, t.message)
+            WHERE t.id = %s AND t.attempt = %s AND t.claim_token = %s AND t.status IN ('dispatched', 'running')
+            RETURNING t.id, t.status, t.lease_expires_at""",
+        (progress, message, task_id, attempt, claim_token),
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            """UPDATE task_attempts SET status = 'running', started_at = COALESCE(started_at, tw_now())
+               WHERE task_id = %s AND attempt = %s AND status IN ('dispatched', 'running')""",
+            (task_id, attempt),
+        )
+    return row
+
+
+def finish_attempt(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *,
+    succeeded: bool, output: dict[str, Any] | None, error: dict[str, Any] | None, retryable: bool,
+) -> Row | None:
+    """End the current attempt: succeeded, failed, or back to ready after a retry delay.
+
+    The retry delay is computed here from the node's policy so that the decision and the
+    transition are one statement: exponential `base * 2^(attempt-1)` capped at `max_delay_s`,
+    times a uniform random factor under `jitter: full`.
+    """
+    return conn.execute(
+        """UPDATE tasks t SET
+               status = CASE WHEN %(ok)s THEN 'succeeded'
+                             WHEN %(retryable)s AND t.attempt < t.max_attempts THEN 'ready'
+                             ELSE 'failed' END,
+               available_at = CASE WHEN NOT %(ok)s AND %(retryable)s AND t.attempt < t.max_attempts
+                   THEN tw_now() + make_interval(secs => LEAST(
+                            COALESCE((t.retry->>'max_delay_s')::float8, 300),
+                            COALESCE((t.retry->>'base_delay_s')::float8, 5)
+                              * CASE WHEN t.retry->>'backoff' = 'fixed' THEN 1 ELSE power(2, t.attempt - 1) END)
+                          * CASE WHEN t.retry->>'jitter' = 'full' THEN random() ELSE 1 END)
+                   ELSE t.available_at END,
+               finished_at = CASE WHEN %(ok)s OR NOT %(retryable)s OR t.attempt >= t.max_attempts
+                                  THEN tw_now() END,
+               output = CASE WHEN %(ok)s THEN %(output)s::jsonb ELSE t.output END,
+               error = CASE WHEN %(ok)s THEN NULL ELSE %(error)s::jsonb END,
+               lease_expires_at = NULL, claim_token = NULL
+           WHERE t.id = %(task_id)s AND t.attempt = %(attempt)s AND t.claim_token = %(claim_token)s
+             AND t.status IN ('dispatched', 'running')
+           RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id""",
+        {
+            "ok": succeeded, "retryable": retryable, "task_id": task_id, "attempt": attempt,
+            "claim_token": claim_token, "output": Jsonb(output) if output is not None else None,
+            "error": Jsonb(error) if error is not None else None,
+        },
+    ).fetchone()
+
+
+def record_attempt_end(
+    conn: Connection, task_id: uuid.UUID, attempt: int, status: str, error: dict[str, Any] | None
+) -> None:
+    conn.execute(
+        """UPDATE task_attempts SET status = %s, finished_at = tw_now(), error = %s
+           WHERE task_id = %s AND attempt = %s AND status IN ('dispatched', 'running')""",
+        (status, Jsonb(error) if error is not None else None, task_id, attempt),
+    )
+
+
+def get_fence(conn: Connection, task_id: uuid.UUID) -> Row | None:
+    """What a refused callback is told: the task's current status, attempt and token."""
+    return conn.execute(
+        "SELECT id, status, attempt, claim_token, workspace_id FROM tasks WHERE id = %s", (task_id,)
+    ).fetchone()
+
+
+def attempt_outcome(conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID) -> Row | None:
+    return conn.execute(
+        "SELECT status FROM task_attempts WHERE task_id = %s AND attempt = %s AND claim_token = %s",
+        (task_id, attempt, claim_token),
+    ).fetchone()
+
+
+def advance_successors(conn: Connection, upstream_task_id: uuid.UUID, outcome: str) -> list[Row]:
+    """Count one finished upstream against each pending successor; the update that reaches zero
+    unfinished dependencies applies the successor's trigger rule and makes it ready or skipped.
+
+    `outcome` is succeeded | failed (tolerated by on_failure: continue) | skipped. Rows are locked
+    in id order so two parents finishing at once cannot deadlock on shared children.
+    """
+    failed = 1 if outcome == "failed" else 0
+    skipped = 1 if outcome == "skipped" else 0
+    return conn.execute(
+        """WITH locked AS (
+               SELECT t.id FROM tasks t JOIN task_edges e ON e.downstream_task_id = t.id
+               WHERE e.upstream_task_id = %(up)s AND t.status = 'pending'
+               ORDER BY t.id
+               FOR UPDATE OF t
+           )
+           UPDATE tasks t SET
+               unfinished_deps = t.unfinished_deps - 1,
+               failed_deps = t.failed_deps + %(failed)s,
+               skipped_deps = t.skipped_deps + %(skipped)s,
+               status = CASE
+                   WHEN t.unfinished_deps - 1 > 0 THEN 'pending'
+                   WHEN CASE t.trigger_rule
+                            WHEN 'all_done' THEN true
+                            WHEN 'none_failed' THEN t.failed_deps + %(failed)s = 0
+                            WHEN 'one_failed' THEN t.failed_deps + %(failed)s > 0
+                            ELSE t.skipped_deps + %(skipped)s = 0
+                        END THEN 'ready'
+                   ELSE 'skipped' END,
+               available_at = tw_now(),
+               finished_at = CASE
+                   WHEN t.unfinished_deps - 1 > 0 THEN NULL
+                   WHEN CASE t.trigger_rule
+                            WHEN 'all_done' THEN true
+                            WHEN 'none_failed' THEN t.failed_deps + %(failed)s = 0
+                            WHEN 'one_failed' THEN t.failed_deps + %(failed)s > 0
+                            ELSE t.skipped_deps + %(skipped)s = 0
+                        END THEN NULL
+                   ELSE tw_now() END
+           FROM locked
+           WHERE t.id = locked.id AND t.status = 'pending'
+           RETURNING t.id, t.node_id, t.status""",
+        {"up": upstream_task_id, "failed": failed, "skipped": skipped},
+    ).fetchall()
+
+
+def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> int:
+    """A stopping failure: every task of the run not yet dispatched is skipped (in id order)."""
+    rows = conn.execute(
+        """WITH locked AS (
+               SELECT id FROM tasks WHERE run_id = %s AND status IN ('pending', 'ready')
+               ORDER BY id FOR UPDATE
+           )
+           UPDATE tasks t SET status = 'skipped', finished_at = tw_now()
+           FROM locked WHERE t.id = locked.id AND t.status IN ('pending', 'ready')
+           RETURNING t.id""",
+        (run_id,),
+    ).fetchall()
+    return len(rows)
+
+
+def return_to_ready(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, delay_s: float,
+    error: dict[str, Any],
+) -> Row | None:
+    """A dispatch that did not reach the worker: back to ready after `delay_s`."""
+    row = conn.execute(
+        """UPDATE tasks SET status = 'ready', claim_token = NULL, lease_expires_at = NULL,
+                  available_at = tw_now() + make_interval(secs => %s), error = %s
+           WHERE id = %s AND attempt = %s AND claim_token = %s AND status = 'dispatched'
+           RETURNING id""",
+        (delay_s, Jsonb(error), task_id, attempt, claim_token),
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            """UPDATE task_attempts SET status = 'dispatch_failed', finished_at = tw_now(), error = %s
+               WHERE task_id = %s AND attempt = %s""",
+            (Jsonb(error), task_id, attempt),
+        )
+    return row
+
+
+def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:
+    """Active tasks whose lease lapsed (no heartbeat, or past the hard timeout)."""
+    return conn.execute(
+        """SELECT id, attempt, claim_token, timeout_s, dispatched_at,
+                  (timeout_s IS NOT NULL AND dispatched_at + make_interval(secs => timeout_s) <= tw_now())
+                      AS timed_out
+           FROM tasks
+           WHERE status IN ('dispatched', 'running') AND lease_expires_at < tw_now()
+           ORDER BY lease_expires_at
+           LIMIT %s
+           FOR UPDATE SKIP LOCKED""",
+        (limit,),
+    ).fetchall()
+
+
+def list_tasks_of_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> list[Row]:
+    return conn.execute(
+        """SELECT t.id, t.node_id, t.version, t.kind, t.task_name, t.status, t.attempt, t.max_attempts,
+                  t.created_at, t.dispatched_at, t.started_at, t.finished_at, t.lease_expires_at,
+                  t.progress, t.message, t.output, t.error,
+                  COALESCE((SELECT array_agg(u.node_id ORDER BY u.node_id)
+                            FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+                            WHERE e.downstream_task_id = t.id), '{}') AS depends
+           FROM tasks t WHERE t.workspace_id = %s AND t.run_id = %s
+           ORDER BY t.created_at, t.node_id, t.version""",
+        (workspace_id, run_id),
+    ).fetchall()
+
+
+def get_task(conn: Connection, workspace_id: str, task_id: uuid.UUID) -> Row | None:
+    return conn.execute(
+        """SELECT id, run_id, pipeline_id, node_id, version, kind, task_name, status, attempt,
+                  max_attempts, params, created_at, dispatched_at, started_at, finished_at,
+                  lease_expires_at, progress, message, output, error
+           FROM tasks WHERE workspace_id = %s AND id = %s""",
+        (workspace_id, task_id),
+    ).fetchone()
+
+
+def list_attempts(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
+    return conn.execute(
+        """SELECT task_id, attempt, status, dispatched_at, started_at, finished_at, error
+           FROM task_attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt""",
+        (list(task_ids),),
+    ).fetchall()

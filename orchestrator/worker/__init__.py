@@ -1,0 +1,9 @@
+"""The worker SDK: `Worker`, `@worker.task`, `TaskContext`, `TaskFailed`.
+
+Imports only configuration, storage and HTTP client code, so a worker image does not need
+psycopg or Starlette.
+"""
+
+from orchestrator.worker.sdk import Send, TaskContext, TaskFailed, TaskFunction, Worker
+
+__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]

@@ -1,0 +1,405 @@
+"""The worker SDK: register task functions, execute dispatch messages, report back.
+
+A dispatch message carries an encrypted token; everything the worker is allowed to do (which
+task attempt it speaks for, which objects it may read and write) comes from the token, not from
+the plain fields of the message, which are only routing and convenience.
+
+Protocol, per dispatch:
+  1. decrypt the token (refuse the dispatch on any problem, without calling back: the server
+     expires the lease and retries);
+  2. an unknown task name fails the attempt, not retryable;
+  3. a first heartbeat marks the task running and tells whether this attempt is still current;
+  4. run the function with background heartbeats, store its JSON result at the granted key;
+  5. call back with `succeeded` (output key, size, sha256) or `failed` (error, retryable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from orchestrator.storage.s3 import encode_json, sha256_hex
+from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
+from orchestrator.worker.grant_io import GrantStorage
+from orchestrator.worker.http import HttpSender
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+
+__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
+
+log = logging.getLogger("tickweave.worker")
+
+Send = Callable[[str, dict[str, Any]], dict[str, Any]]
+TaskFunction = Callable[["TaskContext"], Any]
+F = TypeVar("F", bound=TaskFunction)
+
+MAX_TRACEBACK_CHARS = 4000
+MAX_MESSAGE_CHARS = 4000
+_HEARTBEAT_JOIN_TIMEOUT_S = 5.0
+
+
+class TaskFailed(Exception):
+    """Raise from a task to fail the attempt with a chosen code and retry behaviour."""
+
+    def __init__(self, message: str, *, retryable: bool = True, code: str = "task_failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.code = code
+
+
+class _Refused(Exception):
+    """A dispatch the worker will not act on; becomes {"status": "rejected", "reason": ...}."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TaskContext:
+    """What a task function sees: identity, parameters, inputs, heartbeats and a logger."""
+
+    def __init__(
+        self,
+        *,
+        dispatch: Mapping[str, Any],
+        claims: TaskClaims,
+        token: str,
+        send: Send,
+    ) -> None:
+        # Identity that matters for fencing comes from the authenticated claims.
+        self.task_id: str = claims.task_id
+        self.attempt: int = claims.attempt
+        self.workspace: str = claims.workspace
+        self.run_id: str = str(dispatch.get("run_id", ""))
+        self.pipeline: str = str(dispatch.get("pipeline", ""))
+        self.node: str = str(dispatch.get("node", ""))
+        self.task: str = str(dispatch.get("task", ""))
+        self.version: str = str(dispatch.get("version", ""))
+        params = dispatch.get("params")
+        self.params: dict[str, Any] = dict(params) if isinstance(params, Mapping) else {}
+        self.heartbeat_interval_s: float = float(dispatch.get("heartbeat_interval_s") or 0)
+        self.deadline: datetime | None = _parse_deadline(dispatch.get("deadline"))
+        self.log: logging.Logger = logging.getLogger(f"tickweave.task.{self.task or 'unknown'}")
+        self.claims = claims
+        self._token = token
+        self._send = send
+        self._heartbeat_url = str(dispatch["heartbeat_url"])
+        self._input_refs = _refs(dispatch.get("inputs"))
+        self._upstream_refs = _refs(dispatch.get("upstream"))
+        self._storage = GrantStorage(claims.storage) if claims.storage is not None else None
+        self._cache: dict[str, Any] = {}
+        self._cache_lock = threading.Lock()
+        self._stale = threading.Event()
+
+    @property
+    def task_name(self) -> str:
+        return self.task
+
+    @property
+    def storage(self) -> GrantStorage | None:
+        return self._storage
+
+    @property
+    def stale(self) -> bool:
+        """True once the server said this attempt is no longer current; long tasks may stop."""
+        return self._stale.is_set()
+
+    def time_left(self) -> float | None:
+        """Seconds until the dispatch deadline, if it has one."""
+        if self.deadline is None:
+            return None
+        return self.deadline.timestamp() - time.time()
+
+    def input(self, node_id: str) -> Any:
+        """The output of upstream node `node_id` in this run (same data version)."""
+        key = self._input_refs.get(node_id)
+        if key is None:
+            known = ", ".join(sorted(self._input_refs)) or "none"
+            raise KeyError(f"{node_id!r} is not an input of node {self.node!r} (inputs: {known})")
+        return self._read(key)
+
+    @property
+    def input_ids(self) -> tuple[str, ...]:
+        return tuple(self._input_refs)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """Every upstream node output, read on first access."""
+        return {node_id: self.input(node_id) for node_id in self._input_refs}
+
+    def upstream(self, pipeline: str, output: str) -> Any:
+        """A declared output of an upstream pipeline (a pipeline-level dependency)."""
+        ref = f"{pipeline}/{output}"
+        key = self._upstream_refs.get(ref)
+        if key is None:
+            known = ", ".join(sorted(self._upstream_refs)) or "none"
+            raise KeyError(
+                f"{ref!r} is not an upstream output of pipeline {self.pipeline!r} (upstream: {known})"
+            )
+        return self._read(key)
+
+    def heartbeat(self, progress: float | None = None, message: str | None = None) -> dict[str, Any]:
+        """Extend the lease and report progress; returns the server's answer."""
+        body: dict[str, Any] = {
+            "token": self._token,
+            "progress": float(progress) if progress is not None else None,
+            "message": message,
+        }
+        answer = self._send(self._heartbeat_url, body)
+        if _refused(answer):
+            self._stale.set()
+        return answer
+
+    def _read(self, key: str) -> Any:
+        with self._cache_lock:
+            if key in self._cache:
+                return self._cache[key]
+        if self._storage is None:
+            raise PermissionError("this task's token carries no storage grant")
+        value = self._storage.read_json(key)
+        with self._cache_lock:
+            self._cache[key] = value
+        return value
+
+
+class _Heartbeater:
+    """Sends heartbeats every interval while the task function runs."""
+
+    def __init__(self, ctx: TaskContext, interval_s: float) -> None:
+        self._ctx = ctx
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{ctx.task_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeater:
+        if self._interval_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=_HEARTBEAT_JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        # Event.wait, not sleep: stopping must not wait out a whole interval.
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._ctx.heartbeat()
+            except Exception:
+                # A missed heartbeat is not fatal: the lease is longer than the interval and the
+                # next one may get through; the callback is what counts.
+                log.warning("heartbeat for task %s failed", self._ctx.task_id, exc_info=True)
+
+
+class Worker:
+    """A set of task functions and the protocol to run them for the orchestrator."""
+
+    def __init__(self, *, settings: Settings | None = None, send: Send | None = None) -> None:
+        self._settings = settings
+        self._send = send
+        self._tasks: dict[str, TaskFunction] = {}
+        self._lock = threading.Lock()
+        self._keyrings: dict[tuple[Any, ...], TokenKeyring] = {}
+
+    @property
+    def settings(self) -> Settings:
+        # Loaded on first use so that importing a module that defines a Worker needs no env.
+        if self._settings is None:
+            from orchestrator.config import load_settings
+
+            self._settings = load_settings()
+        return self._settings
+
+    def task(self, name: str) -> Callable[[F], F]:
+        """Decorator: register `fn(ctx) -> JSON-able` under a task name."""
+        if not name:
+            raise ValueError("a task needs a name")
+
+        def register(fn: F) -> F:
+            with self._lock:
+                if name in self._tasks and self._tasks[name] is not fn:
+                    raise ValueError(f"task {name!r} is already registered")
+                self._tasks[name] = fn
+            return fn
+
+        return register
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._tasks))
+
+    def keyring(self, settings: Settings | None = None) -> TokenKeyring:
+        settings = settings or self.settings
+        cache_key = (settings.token_keys, settings.token_issuer, settings.token_audience)
+        with self._lock:
+            keyring = self._keyrings.get(cache_key)
+            if keyring is None:
+                keyring = TokenKeyring.from_settings(settings)
+                self._keyrings[cache_key] = keyring
+            return keyring
+
+    def execute(
+        self,
+        dispatch: Mapping[str, Any],
+        *,
+        send: Send | None = None,
+        settings: Settings | None = None,
+    ) -> dict[str, Any]:
+        """Run one dispatch to completion and return the callback answer (or a rejection)."""
+        send = send or self._send or _default_send()
+        try:
+            claims, token = self._authenticate(dispatch, settings)
+        except _Refused as refused:
+            log.warning("dispatch for task %s rejected: %s", dispatch.get("task_id"), refused.reason)
+            return {"status": "rejected", "reason": refused.reason}
+        callback_url = str(dispatch["callback_url"])
+        name = str(dispatch.get("task", ""))
+        fn = self._tasks.get(name)
+        if fn is None:
+            error = {
+                "message": f"no task named {name!r} in this worker (known: {', '.join(self.task_names) or 'none'})",
+                "type": "UnknownTask",
+                "code": "unknown_task",
+                "retryable": False,
+            }
+            return send(callback_url, {"token": token, "status": "failed", "error": error})
+
+        ctx = TaskContext(dispatch=dispatch, claims=claims, token=token, send=send)
+        first = ctx.heartbeat()
+        if _refused(first):
+            log.info("task %s attempt %s is no longer current; not running it", ctx.task_id, ctx.attempt)
+            return first
+
+        started = time.monotonic()
+        with _Heartbeater(ctx, ctx.heartbeat_interval_s):
+            body = self._run(fn, ctx)
+        log.info(
+            "task %s (%s) attempt %s %s in %.3fs",
+            ctx.task_id,
+            name,
+            ctx.attempt,
+            body["status"],
+            time.monotonic() - started,
+        )
+        return send(callback_url, {"token": token, **body})
+
+    def _authenticate(self, dispatch: Mapping[str, Any], settings: Settings | None) -> tuple[TaskClaims, str]:
+        token = dispatch.get("token")
+        if not isinstance(token, str) or not token:
+            raise _Refused("malformed")
+        for url_field in ("callback_url", "heartbeat_url"):
+            if not isinstance(dispatch.get(url_field), str) or not dispatch[url_field]:
+                raise _Refused("malformed")
+        try:
+            claims = self.keyring(settings).read(token)
+        except TokenInvalid as exc:
+            raise _Refused(exc.reason) from exc
+        # The plain fields must agree with the token, or the message was tampered with or mixed up.
+        if "task_id" in dispatch and str(dispatch["task_id"]) != claims.task_id:
+            raise _Refused("mismatch")
+        if "attempt" in dispatch and dispatch["attempt"] != claims.attempt:
+            raise _Refused("mismatch")
+        return claims, token
+
+    def _run(self, fn: TaskFunction, ctx: TaskContext) -> dict[str, Any]:
+        """Run the function and store its result; the callback body without the token."""
+        try:
+            result = fn(ctx)
+        except TaskFailed as exc:
+            ctx.log.warning("task %s attempt %s failed: %s", ctx.task_id, ctx.attempt, exc.message)
+            return _failure(exc, code=exc.code, retryable=exc.retryable)
+        except Exception as exc:
+            ctx.log.exception("task %s attempt %s raised", ctx.task_id, ctx.attempt)
+            return _failure(exc, code="task_error", retryable=True)
+        try:
+            if ctx.storage is None:
+                if result is None:
+                    return {"status": "succeeded", "output": None}
+                raise PermissionError("this task's token carries no storage grant to store its output")
+            body = encode_json(result)
+            ctx.storage.write_output(body)
+        except Exception as exc:
+            ctx.log.exception("storing the output of task %s failed", ctx.task_id)
+            return _failure(exc, code="output_failed", retryable=True)
+        return {
+            "status": "succeeded",
+            "output": {"key": ctx.storage.output_key, "size": len(body), "sha256": sha256_hex(body)},
+        }
+
+    def lambda_handler(self, event: Any, context: Any = None) -> Any:
+        """AWS Lambda entry: a dispatch invoked directly, or an SQS batch of dispatches."""
+        if isinstance(event, Mapping) and isinstance(event.get("Records"), list):
+            failures: list[dict[str, str]] = []
+            for record in event["Records"]:
+                try:
+                    self.execute(json.loads(record["body"]))
+                except Exception:
+                    log.exception("SQS dispatch %s failed", record.get("messageId"))
+                    failures.append({"itemIdentifier": str(record.get("messageId", ""))})
+            # Partial batch response: only the failed messages go back to the queue.
+            return {"batchItemFailures": failures}
+        if not isinstance(event, Mapping):
+            raise TypeError("a worker Lambda expects a dispatch object or an SQS event")
+        return self.execute(event)
+
+
+def _failure(exc: BaseException, *, code: str, retryable: bool) -> dict[str, Any]:
+    message = str(exc) or type(exc).__name__
+    tb = "".join(traceback.format_exception(exc))
+    return {
+        "status": "failed",
+        "error": {
+            "message": message[:MAX_MESSAGE_CHARS],
+            "type": type(exc).__name__,
+            "code": code,
+            "retryable": retryable,
+            # The end of a traceback is where the error is; keep that part.
+            "traceback": tb[-MAX_TRACEBACK_CHARS:],
+        },
+    }
+
+
+def _refused(answer: Mapping[str, Any]) -> bool:
+    """The server refused a heartbeat: a stale/fenced attempt or an error answer."""
+    return answer.get("accepted") is False or "error" in answer
+
+
+def _refs(value: Any) -> dict[str, str]:
+    """`{"name": {"key": "..."}}` -> `{"name": "..."}`, ignoring entries without a key."""
+    if not isinstance(value, Mapping):
+        return {}
+    refs: dict[str, str] = {}
+    for name, ref in value.items():
+        if isinstance(ref, Mapping) and isinstance(ref.get("key"), str):
+            refs[str(name)] = ref["key"]
+    return refs
+
+
+def _parse_deadline(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+_default_sender: HttpSender | None = None
+_default_sender_lock = threading.Lock()
+
+
+def _default_send() -> HttpSender:
+    global _default_sender
+    with _default_sender_lock:
+        if _default_sender is None:
+            _default_sender = HttpSender()
+        return _default_sender

@@ -1,0 +1,197 @@
+"""Object layout, session policies, STS grants and presigned URLs against the moto server."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.s3 import MotoServer
+from orchestrator.config import Settings
+from orchestrator.storage.layout import node_output_key, pipeline_output_key, run_prefix
+from orchestrator.storage.s3 import (
+    MAX_SESSION_POLICY_CHARS,
+    encode_json,
+    ensure_bucket,
+    issue_storage_grant,
+    orchestrator_s3,
+    put_json_object,
+    read_json_object,
+    role_session_name,
+    s3_client,
+    session_policy,
+    sha256_hex,
+)
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/tickweave-storage"
+
+
+@pytest.fixture
+def settings(moto_server: MotoServer) -> Settings:
+    settings = Settings(s3_endpoint_url=moto_server.endpoint_url, bucket=f"test-{uuid.uuid4().hex[:12]}")
+    ensure_bucket(settings)
+    return settings
+
+
+def test_layout() -> None:
+    assert node_output_key("ws", "pipe", "run1", "v1", "node") == "runs/ws/pipe/run1/v1/nodes/node"
+    assert run_prefix("ws", "pipe", "run1") == "runs/ws/pipe/run1/"
+    assert node_output_key("ws", "pipe", "run1", "v1", "n").startswith(run_prefix("ws", "pipe", "run1"))
+    assert pipeline_output_key("ws", "pipe", "ex1", "v1", "archive") == "outputs/ws/pipe/ex1/v1/archive"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "."])
+def test_layout_rejects_segments_that_escape(bad: str) -> None:
+    with pytest.raises(ValueError):
+        node_output_key("ws", "pipe", "run", bad, "node")
+    with pytest.raises(ValueError):
+        pipeline_output_key("ws", bad, "ex", "v", "out")
+
+
+def test_session_policy_exact() -> None:
+    assert session_policy("bkt", "runs/w/p/r/v/nodes/n", ["runs/w/p/r/v/nodes/a", "outputs/w/q/e/v/o"]) == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "WriteOutput",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": ["arn:aws:s3:::bkt/runs/w/p/r/v/nodes/n"],
+            },
+            {
+                "Sid": "ReadInputs",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": ["arn:aws:s3:::bkt/runs/w/p/r/v/nodes/a", "arn:aws:s3:::bkt/outputs/w/q/e/v/o"],
+            },
+        ],
+    }
+
+
+def test_session_policy_without_reads_has_no_get() -> None:
+    policy = session_policy("bkt", "out", [])
+    assert [s["Sid"] for s in policy["Statement"]] == ["WriteOutput"]
+    assert "s3:GetObject" not in json.dumps(policy)
+
+
+def test_role_session_name() -> None:
+    assert role_session_name("0b3c") == "tickweave-0b3c"
+    long_name = role_session_name("x" * 100 + "/:*")
+    assert len(long_name) == 64
+    assert role_session_name("a/b:c") == "tickweave-a-b-c"
+
+
+def test_ensure_bucket_idempotent(moto_server: MotoServer) -> None:
+    settings = Settings(s3_endpoint_url=moto_server.endpoint_url, bucket=f"test-{uuid.uuid4().hex[:12]}")
+    ensure_bucket(settings)
+    ensure_bucket(settings)
+    orchestrator_s3(settings).head_bucket(Bucket=settings.bucket)
+
+
+def test_ensure_bucket_outside_us_east_1(moto_server: MotoServer) -> None:
+    settings = Settings(
+        s3_endpoint_url=moto_server.endpoint_url,
+        aws_region="eu-west-1",
+        bucket=f"test-{uuid.uuid4().hex[:12]}",
+    )
+    ensure_bucket(settings)
+    ensure_bucket(settings)
+    location = orchestrator_s3(settings).get_bucket_location(Bucket=settings.bucket)
+    assert location["LocationConstraint"] == "eu-west-1"
+
+
+def test_put_and_read_json(settings: Settings) -> None:
+    value: dict[str, Any] = {"a": [1, 2], "é": "ü"}
+    size, digest = put_json_object(settings, "some/key", value)
+    body = encode_json(value)
+    assert (size, digest) == (len(body), sha256_hex(body))
+    assert read_json_object(settings, "some/key") == value
+
+
+def test_presigned_grant_round_trip(settings: Settings) -> None:
+    put_json_object(settings, "runs/ws/p/r/v/nodes/up", {"up": True})
+    grant = issue_storage_grant(
+        settings, output_key="runs/ws/p/r/v/nodes/me", read_keys=["runs/ws/p/r/v/nodes/up"], task_id="t1"
+    )
+    assert grant.credentials is None
+    assert grant.presigned_put is not None
+    assert set(grant.presigned_get) == {"runs/ws/p/r/v/nodes/up"}
+    assert grant.read_keys == ("runs/ws/p/r/v/nodes/up",)
+    assert (grant.bucket, grant.endpoint_url, grant.region) == (
+        settings.bucket,
+        settings.s3_endpoint_url,
+        settings.aws_region,
+    )
+
+    response = httpx.get(grant.presigned_get["runs/ws/p/r/v/nodes/up"])
+    assert response.status_code == 200
+    assert response.json() == {"up": True}
+
+    response = httpx.put(
+        grant.presigned_put, content=b'{"me":1}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert read_json_object(settings, "runs/ws/p/r/v/nodes/me") == {"me": 1}
+
+
+def test_grant_never_contains_orchestrator_keys(settings: Settings) -> None:
+    grant = issue_storage_grant(settings, output_key="o", read_keys=[], task_id="t")
+    dumped = json.dumps(grant.to_dict())
+    assert "SecretAccessKey" not in dumped
+    # Presigned URLs carry the signing key's id, never its secret.
+    assert "testing&" not in dumped.replace("X-Amz-Credential=testing", "")
+
+
+def test_sts_grant_credentials_can_write_output(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings.with_overrides(storage_role_arn=ROLE_ARN, storage_credentials_ttl_s=60)
+    put_json_object(settings, "runs/ws/p/r/v/nodes/up", [1, 2, 3])
+    calls: list[dict[str, Any]] = []
+    from orchestrator.storage import s3 as s3_module
+
+    sts = s3_module.orchestrator_sts(settings)
+    real_assume_role = sts.assume_role
+
+    def recording_assume_role(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_assume_role(**kwargs)
+
+    monkeypatch.setattr(sts, "assume_role", recording_assume_role)
+    grant = issue_storage_grant(
+        settings,
+        output_key="runs/ws/p/r/v/nodes/me",
+        read_keys=["runs/ws/p/r/v/nodes/up"],
+        task_id="0f8e2c1a-task",
+    )
+    assert grant.presigned_put is None
+    assert grant.presigned_get == {}
+    assert grant.credentials is not None
+    assert set(grant.credentials) == {"AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"}
+    assert grant.credentials["AccessKeyId"] != "testing"
+
+    (call,) = calls
+    assert call["RoleArn"] == ROLE_ARN
+    assert call["RoleSessionName"] == "tickweave-0f8e2c1a-task"
+    assert call["DurationSeconds"] == 900  # STS minimum, even with a shorter configured TTL
+    assert json.loads(call["Policy"]) == session_policy(
+        settings.bucket, "runs/ws/p/r/v/nodes/me", ["runs/ws/p/r/v/nodes/up"]
+    )
+
+    # moto does not evaluate session policies, so this checks the credentials work, not the scope.
+    worker_s3 = s3_client(grant.endpoint_url, grant.region, grant.credentials)
+    worker_s3.put_object(Bucket=grant.bucket, Key=grant.output_key, Body=b'"hi"', ContentType="application/json")
+    assert read_json_object(settings, "runs/ws/p/r/v/nodes/me") == "hi"
+    body = worker_s3.get_object(Bucket=grant.bucket, Key="runs/ws/p/r/v/nodes/up")["Body"].read()
+    assert json.loads(body) == [1, 2, 3]
+
+
+def test_sts_grant_falls_back_to_presigned_reads_when_policy_too_big(settings: Settings) -> None:
+    settings = settings.with_overrides(storage_role_arn=ROLE_ARN)
+    reads = [f"runs/ws/pipeline/{uuid.uuid4()}/v1/nodes/node-{i}" for i in range(40)]
+    assert len(json.dumps(session_policy(settings.bucket, "out", reads))) > MAX_SESSION_POLICY_CHARS
+    grant = issue_storage_grant(settings, output_key="out", read_keys=reads, task_id="t")
+    assert grant.credentials is not None
+    assert set(grant.presigned_get) == set(reads)
+    assert grant.read_keys == tuple(reads)

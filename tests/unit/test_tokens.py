@@ -1,0 +1,186 @@
+"""Worker tokens: JWE round trip, every rejection reason, key rotation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.storage.tokens import StorageGrant, TaskClaims, TokenInvalid, TokenKeyring
+
+
+def new_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def claims(*, expires_in: int = 600, storage: StorageGrant | None = None) -> TaskClaims:
+    return TaskClaims(
+        task_id="task-1",
+        attempt=2,
+        claim_token="claim-abc",
+        workspace="ws",
+        expires_at=int(time.time()) + expires_in,
+        storage=storage,
+    )
+
+
+def header_of(token: str) -> dict[str, object]:
+    raw = token.split(".")[0]
+    return dict(json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))))
+
+
+GRANT = StorageGrant(
+    endpoint_url="http://127.0.0.1:5000",
+    region="us-east-1",
+    bucket="b",
+    output_key="runs/ws/p/r/v1/nodes/n",
+    read_keys=("runs/ws/p/r/v1/nodes/a",),
+    credentials={"AccessKeyId": "AK", "SecretAccessKey": "SK", "SessionToken": "ST", "Expiration": "x"},
+    presigned_put=None,
+    presigned_get={"runs/ws/p/r/v1/nodes/a": "http://example/a?sig"},
+)
+
+
+@pytest.fixture
+def keyring() -> TokenKeyring:
+    return TokenKeyring([("k1", new_key())], issuer="tickweave", audience="tickweave-worker")
+
+
+def test_round_trip_with_storage(keyring: TokenKeyring) -> None:
+    original = claims(storage=GRANT)
+    token = keyring.issue(original)
+    assert token.count(".") == 4
+    assert keyring.read(token) == original
+    header = header_of(token)
+    assert header == {"alg": "dir", "enc": "A256GCM", "kid": "k1"}
+    # Encrypted, not merely signed: the secrets are not readable from the token.
+    assert b"SecretAccessKey" not in base64.urlsafe_b64decode(token.split(".")[3] + "==")
+
+
+def test_round_trip_without_storage(keyring: TokenKeyring) -> None:
+    original = claims()
+    assert keyring.read(keyring.issue(original)) == original
+
+
+def test_storage_grant_dict_round_trip() -> None:
+    assert StorageGrant.from_dict(json.loads(json.dumps(GRANT.to_dict()))) == GRANT
+
+
+@pytest.mark.parametrize("part", [0, 2, 3, 4])
+def test_tampered(keyring: TokenKeyring, part: int) -> None:
+    parts = keyring.issue(claims()).split(".")
+    segment = parts[part]
+    # Change a character in the middle (the last one may only carry padding bits).
+    i = len(segment) // 2
+    parts[part] = segment[:i] + ("A" if segment[i] != "A" else "B") + segment[i + 1 :]
+    with pytest.raises(TokenInvalid) as info:
+        keyring.read(".".join(parts))
+    assert info.value.reason in {"tampered", "malformed"}
+
+
+def test_tampered_ciphertext_is_tampered(keyring: TokenKeyring) -> None:
+    parts = keyring.issue(claims()).split(".")
+    tag = parts[4]
+    parts[4] = ("A" if tag[0] != "A" else "B") + tag[1:]
+    with pytest.raises(TokenInvalid) as info:
+        keyring.read(".".join(parts))
+    assert info.value.reason == "tampered"
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b.c", "a.b.c.d.e", "....."])
+def test_malformed(keyring: TokenKeyring, token: str) -> None:
+    with pytest.raises(TokenInvalid) as info:
+        keyring.read(token)
+    assert info.value.reason == "malformed"
+
+
+def test_expired(keyring: TokenKeyring) -> None:
+    token = keyring.issue(claims(expires_in=60))
+    keyring.read(token, now=time.time() + 59)
+    with pytest.raises(TokenInvalid) as info:
+        keyring.read(token, now=time.time() + 61)
+    assert info.value.reason == "expired"
+
+
+def test_wrong_audience_and_issuer() -> None:
+    key = new_key()
+    issuer = TokenKeyring([("k1", key)], issuer="tickweave", audience="tickweave-worker")
+    token = issuer.issue(claims())
+    other_aud = TokenKeyring([("k1", key)], issuer="tickweave", audience="someone-else")
+    with pytest.raises(TokenInvalid) as info:
+        other_aud.read(token)
+    assert info.value.reason == "wrong_audience"
+    other_iss = TokenKeyring([("k1", key)], issuer="other", audience="tickweave-worker")
+    with pytest.raises(TokenInvalid) as info:
+        other_iss.read(token)
+    assert info.value.reason == "wrong_issuer"
+
+
+def test_unknown_kid(keyring: TokenKeyring) -> None:
+    token = keyring.issue(claims())
+    stranger = TokenKeyring([("k2", new_key())], issuer="tickweave", audience="tickweave-worker")
+    with pytest.raises(TokenInvalid) as info:
+        stranger.read(token)
+    assert info.value.reason == "unknown_key"
+
+
+def test_same_kid_other_key_is_tampered(keyring: TokenKeyring) -> None:
+    token = keyring.issue(claims())
+    impostor = TokenKeyring([("k1", new_key())], issuer="tickweave", audience="tickweave-worker")
+    with pytest.raises(TokenInvalid) as info:
+        impostor.read(token)
+    assert info.value.reason == "tampered"
+
+
+def test_rotation() -> None:
+    old_key, new_key_ = new_key(), new_key()
+    old = TokenKeyring([("old", old_key)], issuer="tickweave", audience="tickweave-worker")
+    old_token = old.issue(claims())
+    rotated = TokenKeyring([("new", new_key_), ("old", old_key)], issuer="tickweave", audience="tickweave-worker")
+    assert rotated.read(old_token).claim_token == "claim-abc"
+    new_token = rotated.issue(claims())
+    assert header_of(new_token)["kid"] == "new"
+    assert rotated.read(new_token).task_id == "task-1"
+    # A worker still on the old ring cannot read new tokens: deploy the ring before activating.
+    with pytest.raises(TokenInvalid) as info:
+        old.read(new_token)
+    assert info.value.reason == "unknown_key"
+
+
+def test_from_settings_uses_first_key() -> None:
+    settings = Settings(token_keys=(("a", new_key()), ("b", new_key())), token_audience="aud")
+    ring = TokenKeyring.from_settings(settings)
+    assert ring.active_kid == "a"
+    assert ring.kids == ("a", "b")
+    assert ring.audience == "aud"
+    assert header_of(ring.issue(claims()))["kid"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("material", "message"),
+    [
+        (base64.urlsafe_b64encode(os.urandom(16)).decode(), "32 bytes"),
+        ("not base64 !!!", "base64url"),
+    ],
+)
+def test_key_validation(material: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TokenKeyring([("k", material)], issuer="i", audience="a")
+
+
+def test_empty_and_duplicate_keys_rejected() -> None:
+    with pytest.raises(ValueError):
+        TokenKeyring([], issuer="i", audience="a")
+    key = new_key()
+    with pytest.raises(ValueError, match="duplicate"):
+        TokenKeyring([("k", key), ("k", key)], issuer="i", audience="a")
+
+
+def test_unpadded_key_accepted() -> None:
+    material = new_key().rstrip("=")
+    ring = TokenKeyring([("k", material)], issuer="i", audience="a")
+    assert ring.read(ring.issue(claims())).workspace == "ws"
