@@ -276,9 +276,9 @@ def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionErr
                         path, f"node {node.id!r} depends on {dep!r}, which is not a node of this pipeline"
                     )
                 )
-            else:
-                # Duplicate ids merge into one vertex: the duplicate is already reported, and
-                # a cycle through either copy is still worth reporting.
+            elif first_index[node.id] == i:
+                # A duplicate node's edges are left out: the duplicate is already reported,
+                # and a cycle made only by merging two copies would be noise.
                 edges[node.id].add(dep)
 
     cycle = find_cycle(edges)

@@ -115,7 +115,10 @@ def test_empty_yaml_values_mean_defaults() -> None:
 
 
 def test_integer_versions_are_kept_but_floats_are_refused() -> None:
-    assert PipelineDefinition.model_validate(minimal(versions=[2024, "16.0.0"])).versions == ["2024", "16.0.0"]
+    assert PipelineDefinition.model_validate(minimal(versions=[2024, "16.0.0"])).versions == [
+        "2024",
+        "16.0.0",
+    ]
     with pytest.raises(ValidationError) as exc:
         PipelineDefinition.model_validate(minimal(versions=[1.10]))
     [(loc, msg, _)] = error_of(exc)
@@ -213,7 +216,9 @@ def test_task_node_needs_task_or_template() -> None:
 
 
 def test_approval_and_manual_nodes_run_no_task() -> None:
-    node = NodeDefinition(id="ok", kind="approval", approval=ApprovalPolicy(timeout_s=60, on_timeout="escalate"))
+    node = NodeDefinition(
+        id="ok", kind="approval", approval=ApprovalPolicy(timeout_s=60, on_timeout="escalate")
+    )
     assert node.approval is not None and node.approval.timeout_s == 60
     assert NodeDefinition(id="m", kind="manual").task is None
     with pytest.raises(ValidationError) as exc:
@@ -294,7 +299,7 @@ def test_end_at_must_follow_start_at() -> None:
     for end in (start, start - timedelta(days=1)):
         with pytest.raises(ValidationError) as exc:
             ScheduleOptions(start_at=start, end_at=end)
-        [(loc, msg, field)] = error_of(exc)
+        [(_, msg, field)] = error_of(exc)
         assert field == "end_at"
         assert msg.startswith("end_at (")
     assert ScheduleOptions(start_at=start, end_at=start + timedelta(seconds=1)).end_at is not None
@@ -334,7 +339,7 @@ def test_outputs_use_from_and_schema_aliases() -> None:
     assert out.from_ == "a" and out.schema_ == {"type": "object"}
     assert out.model_dump() == {"from": "a", "schema": {"type": "object"}}
     assert defn.canonical_dict()["outputs"] == {"report": {"from": "a", "schema": {"type": "object"}}}
-    assert OutputDefinition(from_="a").from_ == "a"
+    assert OutputDefinition.model_validate({"from_": "a"}).from_ == "a"
 
 
 def test_output_names_are_slugs() -> None:
@@ -352,7 +357,10 @@ def test_output_names_are_slugs() -> None:
     [
         (minimal(owner="me"), ("owner",)),
         ({"id": "p", "nodes": [{"id": "a", "task": "t", "dependz": ["b"]}]}, ("nodes", 0, "dependz")),
-        ({"id": "p", "nodes": [{"id": "a", "task": "t", "retry": {"tries": 3}}]}, ("nodes", 0, "retry", "tries")),
+        (
+            {"id": "p", "nodes": [{"id": "a", "task": "t", "retry": {"tries": 3}}]},
+            ("nodes", 0, "retry", "tries"),
+        ),
         (minimal(outputs={"r": {"from": "a", "format": "csv"}}), ("outputs", "r", "format")),
         (minimal(schedule_options={"tz": "UTC"}), ("schedule_options", "tz")),
         (minimal(depends=[{"pipeline": "u", "output": ["x"]}]), ("depends", 0, "output")),
@@ -427,7 +435,8 @@ def test_sha256_changes_with_content(change: Any) -> None:
     changed = copy.deepcopy(RICH)
     change(changed)
     assert (
-        PipelineDefinition.model_validate(changed).sha256() != PipelineDefinition.model_validate(RICH).sha256()
+        PipelineDefinition.model_validate(changed).sha256()
+        != PipelineDefinition.model_validate(RICH).sha256()
     )
 
 
