@@ -195,7 +195,9 @@ def test_sts_grant_credentials_can_write_output(settings: Settings, monkeypatch:
 
     # moto does not evaluate session policies, so this checks the credentials work, not the scope.
     worker_s3 = s3_client(grant.endpoint_url, grant.region, grant.credentials)
-    worker_s3.put_object(Bucket=grant.bucket, Key=grant.output_key, Body=b'"hi"', ContentType="application/json")
+    worker_s3.put_object(
+        Bucket=grant.bucket, Key=grant.output_key, Body=b'"hi"', ContentType="application/json"
+    )
     assert read_json_object(settings, "runs/ws/p/r/v/nodes/me") == "hi"
     body = worker_s3.get_object(Bucket=grant.bucket, Key="runs/ws/p/r/v/nodes/up")["Body"].read()
     assert json.loads(body) == [1, 2, 3]

@@ -140,7 +140,9 @@ def test_rotation() -> None:
     old_key, new_key_ = new_key(), new_key()
     old = TokenKeyring([("old", old_key)], issuer="tickweave", audience="tickweave-worker")
     old_token = old.issue(claims())
-    rotated = TokenKeyring([("new", new_key_), ("old", old_key)], issuer="tickweave", audience="tickweave-worker")
+    rotated = TokenKeyring(
+        [("new", new_key_), ("old", old_key)], issuer="tickweave", audience="tickweave-worker"
+    )
     assert rotated.read(old_token).claim_token == "claim-abc"
     new_token = rotated.issue(claims())
     assert header_of(new_token)["kid"] == "new"

@@ -1,0 +1,469 @@
+"""The worker SDK end to end against the moto server, with a fake orchestrator (`send`)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.s3 import MotoServer
+from orchestrator.config import Settings
+from orchestrator.storage.layout import node_output_key, pipeline_output_key
+from orchestrator.storage.s3 import ensure_bucket, issue_storage_grant, put_json_object, read_json_object
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.worker import TaskContext, TaskFailed, Worker
+from orchestrator.worker.http import HttpSender, StorageHTTPError
+
+CALLBACK = "http://orchestrator.test/api/callback/"
+HEARTBEAT = "http://orchestrator.test/api/heartbeat"
+ROLE_ARN = "arn:aws:iam::123456789012:role/tickweave-storage"
+
+
+class FakeOrchestrator:
+    """Records every POST and answers like the API would for a current attempt."""
+
+    def __init__(self, heartbeat_answer: dict[str, Any] | None = None) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.heartbeat_answer = heartbeat_answer or {"accepted": True}
+        self.heartbeat_seen = threading.Condition()
+        self._lock = threading.Lock()
+
+    def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self.calls.append((url, body))
+        if url == HEARTBEAT:
+            with self.heartbeat_seen:
+                self.heartbeat_seen.notify_all()
+            return dict(self.heartbeat_answer)
+        return {"accepted": True, "status": body["status"]}
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [body for url, body in self.calls if url == HEARTBEAT]
+
+    def callbacks(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [body for url, body in self.calls if url.startswith(CALLBACK)]
+
+    def wait_for_heartbeats(self, count: int, timeout: float = 10.0) -> bool:
+        with self.heartbeat_seen:
+            return self.heartbeat_seen.wait_for(lambda: len(self.heartbeats()) >= count, timeout=timeout)
+
+
+class Harness:
+    """Settings, a keyring and a dispatch builder, as the orchestrator would produce them."""
+
+    def __init__(self, moto: MotoServer, *, role: bool) -> None:
+        key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        self.settings = Settings(
+            s3_endpoint_url=moto.endpoint_url,
+            bucket=f"test-{uuid.uuid4().hex[:12]}",
+            storage_role_arn=ROLE_ARN if role else None,
+            token_keys=(("k1", key),),
+        )
+        ensure_bucket(self.settings)
+        self.keyring = TokenKeyring.from_settings(self.settings)
+        self.run_id = uuid.uuid4().hex
+
+    def key(self, node: str) -> str:
+        return node_output_key("ws", "pipe", self.run_id, "v1", node)
+
+    def dispatch(
+        self,
+        task: str,
+        *,
+        node: str = "me",
+        params: dict[str, Any] | None = None,
+        inputs: dict[str, str] | None = None,
+        upstream: dict[str, str] | None = None,
+        attempt: int = 1,
+        heartbeat_interval_s: float = 30,
+        expires_in: int = 600,
+    ) -> dict[str, Any]:
+        task_id = str(uuid.uuid4())
+        inputs = inputs or {}
+        upstream = upstream or {}
+        grant = issue_storage_grant(
+            self.settings,
+            output_key=self.key(node),
+            read_keys=[*inputs.values(), *upstream.values()],
+            task_id=task_id,
+        )
+        token = self.keyring.issue(
+            TaskClaims(
+                task_id=task_id,
+                attempt=attempt,
+                claim_token=uuid.uuid4().hex,
+                workspace="ws",
+                expires_at=int(time.time()) + expires_in,
+                storage=grant,
+            )
+        )
+        return {
+            "task_id": task_id,
+            "run_id": self.run_id,
+            "workspace": "ws",
+            "pipeline": "pipe",
+            "node": node,
+            "attempt": attempt,
+            "task": task,
+            "params": params or {},
+            "version": "v1",
+            "inputs": {name: {"key": key} for name, key in inputs.items()},
+            "upstream": {name: {"key": key} for name, key in upstream.items()},
+            "token": token,
+            "callback_url": CALLBACK + task_id,
+            "heartbeat_url": HEARTBEAT,
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "deadline": None,
+        }
+
+
+@pytest.fixture(params=["presigned", "sts"])
+def harness(request: pytest.FixtureRequest, moto_server: MotoServer) -> Harness:
+    return Harness(moto_server, role=request.param == "sts")
+
+
+def make_worker(harness: Harness, fake: FakeOrchestrator) -> Worker:
+    worker = Worker(settings=harness.settings, send=fake)
+
+    @worker.task("echo")
+    def echo(ctx: TaskContext) -> dict[str, Any]:
+        return {"params": ctx.params, "inputs": ctx.inputs, "version": ctx.version, "node": ctx.node}
+
+    @worker.task("boom")
+    def boom(ctx: TaskContext) -> None:
+        raise RuntimeError("kaput")
+
+    @worker.task("permanent")
+    def permanent(ctx: TaskContext) -> None:
+        raise TaskFailed("bad input", retryable=False, code="bad_input")
+
+    return worker
+
+
+def test_echo_end_to_end(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = make_worker(harness, fake)
+    put_json_object(harness.settings, harness.key("up"), {"rows": 3})
+    dispatch = harness.dispatch("echo", params={"x": 1}, inputs={"up": harness.key("up")})
+
+    answer = worker.execute(dispatch)
+
+    assert answer == {"accepted": True, "status": "succeeded"}
+    heartbeat, callback = fake.calls
+    assert heartbeat == (HEARTBEAT, {"token": dispatch["token"], "progress": None, "message": None})
+    assert callback[0] == dispatch["callback_url"]
+    body = callback[1]
+    assert body["token"] == dispatch["token"]
+    assert body["status"] == "succeeded"
+    expected = {"params": {"x": 1}, "inputs": {"up": {"rows": 3}}, "version": "v1", "node": "me"}
+    assert read_json_object(harness.settings, harness.key("me")) == expected
+    raw = _raw_object(harness, harness.key("me"))
+    assert body["output"] == {
+        "key": harness.key("me"),
+        "size": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def _raw_object(harness: Harness, key: str) -> bytes:
+    from orchestrator.storage.s3 import orchestrator_s3
+
+    body: bytes = (
+        orchestrator_s3(harness.settings).get_object(Bucket=harness.settings.bucket, Key=key)["Body"].read()
+    )
+    return body
+
+
+def test_upstream_outputs_and_missing_input(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    archive_key = pipeline_output_key("ws", "ucd-fetch", "ex1", "v1", "archive")
+    put_json_object(harness.settings, archive_key, {"url": "s3://archive"})
+    seen: dict[str, Any] = {}
+
+    @worker.task("reader")
+    def reader(ctx: TaskContext) -> str:
+        seen["archive"] = ctx.upstream("ucd-fetch", "archive")
+        with pytest.raises(KeyError, match="'nope' is not an input of node 'me'"):
+            ctx.input("nope")
+        with pytest.raises(KeyError, match="not an upstream output"):
+            ctx.upstream("ucd-fetch", "other")
+        return "ok"
+
+    answer = worker.execute(harness.dispatch("reader", upstream={"ucd-fetch/archive": archive_key}))
+    assert answer["status"] == "succeeded"
+    assert seen["archive"] == {"url": "s3://archive"}
+    assert read_json_object(harness.settings, harness.key("me")) == "ok"
+
+
+def test_exception_fails_retryable(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    answer = make_worker(harness, fake).execute(harness.dispatch("boom"))
+    assert answer["status"] == "failed"
+    (callback,) = fake.callbacks()
+    error = callback["error"]
+    assert error["message"] == "kaput"
+    assert error["type"] == "RuntimeError"
+    assert error["code"] == "task_error"
+    assert error["retryable"] is True
+    assert "RuntimeError: kaput" in error["traceback"]
+    assert len(error["traceback"]) <= 4000
+    assert "output" not in callback
+
+
+def test_task_failed_not_retryable(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    make_worker(harness, fake).execute(harness.dispatch("permanent"))
+    (callback,) = fake.callbacks()
+    assert callback["status"] == "failed"
+    assert callback["error"]["code"] == "bad_input"
+    assert callback["error"]["retryable"] is False
+    assert callback["error"]["type"] == "TaskFailed"
+    assert callback["error"]["message"] == "bad input"
+
+
+def test_unknown_task(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    dispatch = harness.dispatch("no-such-task")
+    make_worker(harness, fake).execute(dispatch)
+    assert fake.heartbeats() == []
+    (callback,) = fake.callbacks()
+    assert callback["token"] == dispatch["token"]
+    assert callback["status"] == "failed"
+    assert callback["error"]["code"] == "unknown_task"
+    assert callback["error"]["retryable"] is False
+    assert "no-such-task" in callback["error"]["message"]
+
+
+def test_invalid_tokens_rejected_without_callback(moto_server: MotoServer) -> None:
+    harness = Harness(moto_server, role=False)
+    fake = FakeOrchestrator()
+    worker = make_worker(harness, fake)
+
+    dispatch = harness.dispatch("echo")
+    dispatch["token"] = dispatch["token"][:-4] + (
+        "AAAA" if not dispatch["token"].endswith("AAAA") else "BBBB"
+    )
+    assert worker.execute(dispatch)["status"] == "rejected"
+
+    expired = harness.dispatch("echo", expires_in=-1)
+    assert worker.execute(expired) == {"status": "rejected", "reason": "expired"}
+
+    stranger = Worker(settings=harness.settings.with_overrides(token_keys=(("other", _key()),)), send=fake)
+    stranger.task("echo")(lambda ctx: None)
+    assert stranger.execute(harness.dispatch("echo")) == {"status": "rejected", "reason": "unknown_key"}
+
+    no_token = harness.dispatch("echo")
+    del no_token["token"]
+    assert worker.execute(no_token) == {"status": "rejected", "reason": "malformed"}
+
+    mixed_up = harness.dispatch("echo")
+    mixed_up["task_id"] = "someone-else"
+    assert worker.execute(mixed_up) == {"status": "rejected", "reason": "mismatch"}
+
+    assert fake.calls == []
+
+
+def _key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def test_stale_heartbeat_stops_before_running(harness: Harness) -> None:
+    fake = FakeOrchestrator(heartbeat_answer={"accepted": False, "reason": "stale attempt"})
+    worker = Worker(settings=harness.settings, send=fake)
+    ran: list[bool] = []
+    worker.task("t")(lambda ctx: ran.append(True))
+
+    answer = worker.execute(harness.dispatch("t"))
+
+    assert answer == {"accepted": False, "reason": "stale attempt"}
+    assert ran == []
+    assert fake.callbacks() == []
+    assert len(fake.heartbeats()) == 1
+
+
+def test_background_heartbeats_while_running(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+
+    @worker.task("slow")
+    def slow(ctx: TaskContext) -> dict[str, bool]:
+        # The first heartbeat precedes the run; wait (on a condition, not a sleep) for two more.
+        return {"beat": fake.wait_for_heartbeats(3)}
+
+    answer = worker.execute(harness.dispatch("slow", heartbeat_interval_s=0.01))
+    assert answer["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("me")) == {"beat": True}
+    count = len(fake.heartbeats())
+    # The heartbeat thread is stopped once the function returns, before the callback.
+    assert fake.calls[-1][0].startswith(CALLBACK)
+    assert len(fake.heartbeats()) == count
+
+
+def test_manual_heartbeat_with_progress(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+
+    @worker.task("progress")
+    def progress(ctx: TaskContext) -> dict[str, Any]:
+        return ctx.heartbeat(progress=0.5, message="halfway")
+
+    worker.execute(harness.dispatch("progress"))
+    assert fake.heartbeats()[-1]["progress"] == 0.5
+    assert fake.heartbeats()[-1]["message"] == "halfway"
+    assert read_json_object(harness.settings, harness.key("me")) == {"accepted": True}
+
+
+def test_non_json_values_stored_with_str(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    worker.task("odd")(lambda ctx: {"when": uuid.UUID(int=1)})
+    assert worker.execute(harness.dispatch("odd"))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("me")) == {"when": str(uuid.UUID(int=1))}
+
+
+def test_reading_a_key_outside_the_grant_fails(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    other_key = harness.key("not-mine")
+    put_json_object(harness.settings, other_key, 1)
+
+    @worker.task("snoop")
+    def snoop(ctx: TaskContext) -> Any:
+        assert ctx.storage is not None
+        return ctx.storage.read_json(other_key)
+
+    worker.execute(harness.dispatch("snoop"))
+    (callback,) = fake.callbacks()
+    assert callback["status"] == "failed"
+    assert "not-mine" in callback["error"]["message"]
+
+
+def test_examples(harness: Harness) -> None:
+    import examples.tasks as tasks
+
+    fake = FakeOrchestrator()
+    assert {"echo", "sleep", "fail"} <= set(tasks.worker.task_names)
+
+    def run(dispatch: dict[str, Any]) -> dict[str, Any]:
+        tasks.worker.execute(dispatch, send=fake, settings=harness.settings)
+        return fake.callbacks()[-1]
+
+    put_json_object(harness.settings, harness.key("a"), [1])
+    assert (
+        run(harness.dispatch("echo", params={"p": 1}, inputs={"a": harness.key("a")}))["status"]
+        == "succeeded"
+    )
+    assert read_json_object(harness.settings, harness.key("me")) == {
+        "params": {"p": 1},
+        "inputs": {"a": [1]},
+        "version": "v1",
+        "node": "me",
+    }
+
+    assert run(harness.dispatch("sleep", params={"seconds": 0}))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("me")) == {"slept": 0}
+
+    first = run(harness.dispatch("fail", params={"times": 2}, attempt=2))
+    assert first["status"] == "failed"
+    assert first["error"]["message"] == "failing on purpose (attempt 2 of 2)"
+    assert first["error"]["retryable"] is True
+    assert run(harness.dispatch("fail", params={"times": 2}, attempt=3))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("me")) == {"attempts": 3}
+
+    permanent = run(harness.dispatch("fail", params={"retryable": False}))
+    assert permanent["error"]["retryable"] is False
+
+
+def test_lambda_handler(moto_server: MotoServer) -> None:
+    harness = Harness(moto_server, role=False)
+    fake = FakeOrchestrator()
+    worker = make_worker(harness, fake)
+    assert worker.lambda_handler(harness.dispatch("echo"), None)["status"] == "succeeded"
+    ok = harness.dispatch("echo", node="sqs")
+    broken = {"not": "a dispatch"}
+    event = {
+        "Records": [
+            {"messageId": "m1", "body": json.dumps(ok)},
+            {"messageId": "m2", "body": json.dumps(broken)},
+        ]
+    }
+    # A message without a token is rejected (not raised): it is not a failure worth redelivering.
+    assert worker.lambda_handler(event, None) == {"batchItemFailures": []}
+    assert read_json_object(harness.settings, harness.key("sqs"))["node"] == "sqs"
+
+
+def test_duplicate_task_name_rejected() -> None:
+    worker = Worker(settings=Settings())
+    worker.task("a")(lambda ctx: None)
+    with pytest.raises(ValueError, match="already registered"):
+        worker.task("a")(lambda ctx: 1)
+
+
+def test_worker_import_needs_no_env_and_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, examples.tasks;"
+        "bad = [m for m in ('psycopg', 'starlette', 'orchestrator.store', 'orchestrator.engine',"
+        " 'orchestrator.api', 'orchestrator.db') if m in sys.modules];"
+        "print(bad)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TICKWEAVE_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _mock_sender(handler: Callable[[httpx.Request], httpx.Response]) -> HttpSender:
+    return HttpSender(client=httpx.Client(transport=httpx.MockTransport(handler)), backoff_s=0)
+
+
+def test_http_sender_retries_transient_errors() -> None:
+    attempts: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if len(attempts) == 2:
+            return httpx.Response(503, text="busy")
+        return httpx.Response(200, json={"accepted": True, "echo": json.loads(request.content)})
+
+    answer = _mock_sender(handler)("http://o.test/api/heartbeat", {"token": "t"})
+    assert answer == {"accepted": True, "echo": {"token": "t"}}
+    assert len(attempts) == 3
+
+
+def test_http_sender_returns_json_refusals_and_gives_up() -> None:
+    refusal = _mock_sender(lambda r: httpx.Response(409, json={"accepted": False, "reason": "stale"}))
+    assert refusal("http://o.test/x", {}) == {"accepted": False, "reason": "stale", "http_status": 409}
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(httpx.ConnectError):
+        _mock_sender(down)("http://o.test/x", {})
+    with pytest.raises(httpx.HTTPStatusError):
+        _mock_sender(lambda r: httpx.Response(500, text="oops"))("http://o.test/x", {})
+
+
+def test_storage_http_error_hides_signature() -> None:
+    error = StorageHTTPError(
+        "GET",
+        "http://s3.test/b/k?X-Amz-Signature=secret&X-Amz-Security-Token=tok",
+        403,
+        b"<Error><Code>AccessDenied</Code><StringToSign>...</StringToSign></Error>",
+    )
+    assert str(error) == "GET http://s3.test/b/k: HTTP 403 (AccessDenied)"
