@@ -156,7 +156,11 @@ def _from_pydantic(error: Mapping[str, Any]) -> DefinitionError:
         loc = (*loc, field)
     message = str(error["msg"]).removeprefix("Value error, ")
     kind = error["type"]
-    if kind == "extra_forbidden":
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        # pydantic locates a bad mapping key as (..., key, "[key]"); YAML reads `1:` as an int.
+        loc = loc[:-1]
+        message = f"key {loc[-1]!r} must be a string (quote it)"
+    elif kind == "extra_forbidden":
         message = _unknown_field_message(loc)
     elif kind == "missing":
         message = "this field is required"

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -76,6 +76,43 @@ def _none_as(default: Any) -> Any:
         return default() if value is None else value
 
     return convert
+
+
+def _to_json_value(value: Any, where: str) -> Any:
+    """`value` as plain JSON data, or ValueError naming the offending place.
+
+    Params and schemas are hashed and handed to workers as JSON, so YAML-only values must not
+    reach them: a set has no stable order (the hash would vary between processes), NaN is not
+    JSON. Dates, which YAML produces from unquoted `2024-01-01`, become ISO strings.
+    """
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value}{_at(where)} is not allowed (JSON numbers must be finite)")
+        return value
+    if isinstance(value, date):  # datetime is a subclass of date
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        return [_to_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"key {key!r}{_at(where)} must be a string (quote it)")
+            out[key] = _to_json_value(item, f"{where}.{key}" if where else key)
+        return out
+    raise ValueError(f"a {type(value).__name__}{_at(where)} is not a JSON value")
+
+
+def _at(where: str) -> str:
+    return f" at {where}" if where else ""
+
+
+def _json_object(value: Any) -> Any:
+    if value is None or not isinstance(value, dict):
+        return value
+    return _to_json_value(value, "")
 
 
 def _coerce_str_list(value: Any) -> Any:
@@ -149,6 +186,7 @@ class NodeDefinition(BaseModel):
 
     _depends_list = field_validator("depends", mode="before")(_coerce_str_list)
     _params_none = field_validator("params", mode="before")(_none_as(dict))
+    _params_json = field_validator("params", mode="before")(_json_object)
     _retry_none = field_validator("retry", mode="before")(_none_as(dict))
 
     @field_validator("task", "template")
@@ -193,6 +231,8 @@ class OutputDefinition(BaseModel):
 
     from_: str = Field(alias="from")
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    _schema_json = field_validator("schema_", mode="before")(_json_object)
 
 
 class ScheduleOptions(BaseModel):
@@ -322,6 +362,7 @@ class PipelineDefinition(BaseModel):
     tags: list[str] = Field(default_factory=list)
 
     _params_none = field_validator("params", mode="before")(_none_as(dict))
+    _params_json = field_validator("params", mode="before")(_json_object)
     _schedule_list = field_validator("schedule", mode="before")(_coerce_str_list)
     _tags_list = field_validator("tags", mode="before")(_coerce_str_list)
     _depends_none = field_validator("depends", mode="before")(_none_as(list))

@@ -198,6 +198,11 @@ def test_missing_and_unknown_fields() -> None:
     assert errors == [("outputs.r.zzz", "unknown field 'zzz'; allowed fields: from, schema")]
 
 
+def test_non_string_mapping_keys() -> None:
+    raw = pipeline([node("a")], outputs={1: {"from": "a"}})
+    assert errors_of(raw) == [("outputs[1]", "key 1 must be a string (quote it)")]
+
+
 def test_nodes_and_steps_together() -> None:
     assert errors_of({"id": "p", "nodes": [node("a")], "steps": ["b"]}) == [
         ("steps", "give either nodes or steps, not both")

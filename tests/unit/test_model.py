@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -446,3 +446,33 @@ def test_canonical_round_trip() -> None:
     assert a == b
     assert a.canonical_json() == b.canonical_json()
     assert ":" in a.canonical_json() and ", " not in a.canonical_json()
+
+
+# --- params are JSON -----------------------------------------------------------------------
+
+
+def test_params_dates_become_iso_strings() -> None:
+    defn = PipelineDefinition.model_validate(
+        minimal(params={"since": date(2024, 1, 1), "at": datetime(2024, 1, 1, 10, tzinfo=UTC), "n": [1.5]})
+    )
+    assert defn.params == {"since": "2024-01-01", "at": "2024-01-01T10:00:00+00:00", "n": [1.5]}
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"x": float("nan")}, "nan at x is not allowed"),
+        ({"a": [1, {"s": {"b", "a"}}]}, "a set at a[1].s is not a JSON value"),
+        ({"b": b"raw"}, "a bytes at b is not a JSON value"),
+        ({1: "x"}, "key 1 must be a string"),
+    ],
+)
+def test_params_must_be_json(params: dict[Any, Any], fragment: str) -> None:
+    for raw in (minimal(params=params), {"id": "p", "nodes": [{"id": "a", "task": "t", "params": params}]}):
+        with pytest.raises(ValidationError) as exc:
+            PipelineDefinition.model_validate(raw)
+        [(loc, msg, _)] = error_of(exc)
+        assert loc[-1] == "params"
+        assert fragment in msg
+    with pytest.raises(ValidationError):
+        OutputDefinition.model_validate({"from": "a", "schema": params})

@@ -1,0 +1,103 @@
+"""`tickweave dev` / `make dev`: the whole stack on this machine, the same code as on Lambda.
+
+Embedded Postgres (unless DATABASE_URL), a moto server for S3 and STS (unless S3_ENDPOINT_URL),
+migrations, the dev API key, the example pipelines, the API under uvicorn with the local worker
+in-process, and a ticker playing EventBridge. Ctrl-C or SIGTERM stops all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from infra.postgres import create_database, server_url, start_embedded_postgres, with_database
+from infra.s3 import FAKE_AWS_ENV, start_moto_server
+from infra.ticker import Ticker
+from orchestrator.api.app import create_app
+from orchestrator.config import load_settings
+from orchestrator.db.migrate import migrate
+from orchestrator.engine.service import Engine
+from orchestrator.graph import parse_definition_text
+from orchestrator.storage.s3 import ensure_bucket
+
+log = logging.getLogger("tickweave.dev")
+
+# moto accepts any role; naming one makes workers get scoped STS credentials, as on AWS.
+DEV_STORAGE_ROLE = "arn:aws:iam::123456789012:role/tickweave-worker-storage"
+
+
+def load_example_pipelines(engine: Engine, workspace: str, directory: Path) -> list[str]:
+    loaded = []
+    for path in sorted(directory.glob("*.y*ml")) + sorted(directory.glob("*.json")):
+        raw = parse_definition_text(path.read_bytes(), "application/json" if path.suffix == ".json" else None)
+        saved = engine.update_pipeline(workspace, raw["id"], raw, actor="make-dev", create_missing=True)
+        loaded.append(f"{saved.id} v{saved.version}")
+    return loaded
+
+
+def run_dev(root: Path | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    root = (root or Path.cwd()).resolve()
+    data_dir = root / ".tickweave"
+    data_dir.mkdir(exist_ok=True)
+    port = int(os.environ.get("PORT", "8000"))
+    host = os.environ.get("HOST", "127.0.0.1")
+    interval = float(os.environ.get("TICK_INTERVAL_S", "2"))
+    dev_key = os.environ.get("TICKWEAVE_DEV_API_KEY", "dev-key")
+
+    pg_handle = None
+    moto = None
+    ticker = None
+    engine = None
+    try:
+        if not os.environ.get("DATABASE_URL"):
+            pg_handle = start_embedded_postgres(data_dir / "pgdata")
+            create_database(server_url(pg_handle), "tickweave")
+            os.environ["DATABASE_URL"] = with_database(server_url(pg_handle), "tickweave")
+        if not os.environ.get("S3_ENDPOINT_URL"):
+            moto = start_moto_server(port=int(os.environ.get("MOTO_PORT", "0")) or None)
+            os.environ["S3_ENDPOINT_URL"] = moto.endpoint_url
+            for name, value in FAKE_AWS_ENV.items():
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("TICKWEAVE_STORAGE_ROLE_ARN", DEV_STORAGE_ROLE)
+        os.environ.setdefault("TICKWEAVE_PUBLIC_URL", f"http://{host}:{port}")
+        settings = load_settings()
+
+        applied = migrate(settings.database_url)
+        ensure_bucket(settings)
+        engine = Engine(settings)
+        engine.create_api_key("default", "admin", name="dev", raw_key=dev_key)
+        loaded = load_example_pipelines(engine, "default", root / "examples" / "pipelines")
+
+        app = create_app(settings, engine)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        ticker = Ticker(f"http://{host}:{port}/api/tick", settings.tick_secret, interval)
+        ticker.start()
+        print(
+            "\nTickweave is running\n"
+            f"  API        http://{host}:{port}/api   (API key: {dev_key}, workspace: default)\n"
+            f"  Dashboard  http://{host}:{port}/\n"
+            f"  Database   {settings.database_url}  (migrations applied now: {applied or 'none'})\n"
+            f"  S3         {settings.s3_endpoint_url}  bucket {settings.bucket}\n"
+            f"  Ticker     every {interval:g}s -> POST /api/tick\n"
+            f"  Worker     in-process: {settings.local_worker}\n"
+            f"  Pipelines  {', '.join(loaded) or 'none'}\n"
+            f"  Data       {data_dir}\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        server.run()  # returns on SIGINT / SIGTERM (uvicorn installs the handlers)
+        return 0
+    finally:
+        if ticker is not None:
+            ticker.stop()
+        if engine is not None:
+            engine.close()
+        if moto is not None:
+            moto.stop()
+        if pg_handle is not None:
+            pg_handle.cleanup()
+        print("Tickweave stopped.", flush=True)

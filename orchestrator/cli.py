@@ -1,0 +1,102 @@
+"""`tickweave`: operate an orchestrator from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.config import load_settings
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    from orchestrator.engine.service import Engine
+
+    settings = load_settings()
+    if not settings.database_url:
+        sys.exit("DATABASE_URL is not set")
+    return Engine(settings, transports={})
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from orchestrator.db.migrate import migrate
+
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        print("DATABASE_URL is not set (or pass --database-url)", file=sys.stderr)
+        return 2
+    applied = migrate(url)
+    print(json.dumps({"applied": applied}) if args.json else f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    engine = _engine()
+    try:
+        raw, key_id = engine.create_api_key(args.workspace, args.role, name=args.name or "")
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps({"id": key_id, "key": raw, "workspace": args.workspace, "role": args.role}))
+    else:
+        print(f"key {key_id} ({args.role} in {args.workspace}); shown once:\n{raw}")
+    return 0
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    """POST /api/tick as EventBridge would: the tick runs where the workers' transports live."""
+    import httpx
+
+    settings = load_settings()
+    url = (args.url or settings.public_url).rstrip("/") + "/api/tick"
+    try:
+        response = httpx.post(url, headers={"x-tick-secret": settings.tick_secret}, timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"could not reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from infra.dev import run_dev
+
+    return run_dev(Path.cwd())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tickweave", description="Tickweave pipeline orchestrator")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_command", required=True)
+    mig = db.add_parser("migrate", help="apply pending SQL migrations (advisory-locked)")
+    mig.add_argument("--database-url")
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(func=cmd_db_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create an API key (printed once)")
+    create.add_argument("--workspace", required=True)
+    create.add_argument("--role", choices=["viewer", "operator", "admin"], default="admin")
+    create.add_argument("--name")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_keys_create)
+
+    tick = sub.add_parser("tick", help="ask the API for one tick (expire leases, claim, dispatch)")
+    tick.add_argument("--url", help="API base URL (default TICKWEAVE_PUBLIC_URL)")
+    tick.set_defaults(func=cmd_tick)
+
+    dev = sub.add_parser("dev", help="run the whole stack locally (make dev)")
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
