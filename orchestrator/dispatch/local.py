@@ -11,6 +11,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from orchestrator.config import Settings
 from orchestrator.dispatch.base import DispatchError
 from orchestrator.worker import Worker
 
@@ -31,15 +32,18 @@ def load_worker(spec: str) -> Worker:
 class LocalTransport:
     name = "local"
 
-    def __init__(self, worker: Worker, *, threads: int = 8) -> None:
+    def __init__(self, worker: Worker, *, settings: Settings | None = None, threads: int = 8) -> None:
         self.worker = worker
+        # The server's settings: the in-process worker reads tokens with the server's key ring
+        # whatever its own environment says.
+        self.settings = settings
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tickweave-local-worker")
 
     def send(self, message: dict[str, Any]) -> None:
         # An unknown task name is the worker's to report (a non-retryable failed callback),
         # not a delivery failure: redelivery would not help.
         try:
-            future = self._pool.submit(self.worker.execute, message)
+            future = self._pool.submit(self.worker.execute, message, settings=self.settings)
         except RuntimeError as exc:  # the pool is shut down
             raise DispatchError(str(exc)) from exc
         future.add_done_callback(_log_failure)

@@ -23,7 +23,9 @@ def build_transports(settings: Settings) -> dict[str, Transport]:
     if settings.local_worker:
         from orchestrator.dispatch.local import LocalTransport, load_worker
 
-        transports["local"] = LocalTransport(load_worker(settings.local_worker), threads=settings.local_worker_threads)
+        transports["local"] = LocalTransport(
+            load_worker(settings.local_worker), settings=settings, threads=settings.local_worker_threads
+        )
     return transports
 
 
