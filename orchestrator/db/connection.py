@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -102,7 +102,5 @@ class Database:
     def _discard(self, conn: Connection) -> None:
         with self._lock:
             self._opened -= 1
-        try:
+        with suppress(Exception):  # closing a broken connection may itself fail
             conn.close()
-        except Exception:
-            pass

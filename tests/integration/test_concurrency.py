@@ -133,7 +133,8 @@ def test_racing_finishers_of_the_last_tasks_finish_the_run_once(engine: Engine) 
         barrier = threading.Barrier(len(tasks))
         outcomes: list[str | None] = []
 
-        def finisher(index: int, tasks: list[Row] = tasks, barrier: threading.Barrier = barrier) -> None:
+        def finisher(index: int, tasks: list[Row] = tasks, barrier: threading.Barrier = barrier,
+                     outcomes: list[str | None] = outcomes) -> None:
             task = tasks[index]
             with connect(engine.settings.database_url) as conn:
                 barrier.wait()
