@@ -38,10 +38,10 @@ def build_tasks(
     edges: list[tuple[uuid.UUID, uuid.UUID]] = []
     for version in versions:
         ids = {node.id: uuid.uuid4() for node in definition.nodes}
-        for node in definition.nodes:
+        for position, node in enumerate(definition.nodes):
             tasks.append(
                 run_store.NewTask(
-                    id=ids[node.id], node_id=node.id, version=version, kind=node.kind,
+                    id=ids[node.id], node_id=node.id, version=version, position=position, kind=node.kind,
                     task_name=node.task, params={**definition.params, **node.params, **run_params},
                     transport=settings.transport_for(node.task or ""), priority=node.priority,
                     max_attempts=node.retry.max_attempts, retry=node.retry.model_dump(mode="json"),

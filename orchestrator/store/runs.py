@@ -18,6 +18,7 @@ class NewTask:
     id: uuid.UUID
     node_id: str
     version: str
+    position: int
     kind: str
     task_name: str | None
     params: dict[str, Any]
@@ -75,21 +76,21 @@ def find_by_idempotency_key(conn: Connection, workspace_id: str, pipeline_id: st
 def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> None:
     """All tasks of a run in one statement (unnest of column arrays): a 10,000-node run is one round trip."""
     conn.execute(
-        """INSERT INTO tasks (id, run_id, workspace_id, pipeline_id, node_id, version, kind, task_name,
+        """INSERT INTO tasks (id, run_id, workspace_id, pipeline_id, node_id, version, position, kind, task_name,
                               params, transport, status, priority, max_attempts, retry, timeout_s,
                               heartbeat_s, on_failure, trigger_rule, unfinished_deps)
-           SELECT t.id, %s, %s, %s, t.node_id, t.version, t.kind, t.task_name, t.params, t.transport,
+           SELECT t.id, %s, %s, %s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
                   CASE WHEN t.unfinished_deps = 0 THEN 'ready' ELSE 'pending' END,
                   t.priority, t.max_attempts, t.retry, t.timeout_s, t.heartbeat_s, t.on_failure,
                   t.trigger_rule, t.unfinished_deps
-           FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::text[],
+           FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::jsonb[], %s::text[],
                        %s::int[], %s::int[], %s::jsonb[], %s::int[], %s::int[], %s::text[], %s::text[],
                        %s::int[])
-             AS t(id, node_id, version, kind, task_name, params, transport, priority, max_attempts, retry,
+             AS t(id, node_id, version, position, kind, task_name, params, transport, priority, max_attempts, retry,
                   timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps)""",
         (
             run.id, run.workspace_id, run.pipeline_id,
-            [t.id for t in tasks], [t.node_id for t in tasks], [t.version for t in tasks],
+            [t.id for t in tasks], [t.node_id for t in tasks], [t.version for t in tasks], [t.position for t in tasks],
             [t.kind for t in tasks], [t.task_name for t in tasks], [Jsonb(t.params) for t in tasks],
             [t.transport for t in tasks], [t.priority for t in tasks], [t.max_attempts for t in tasks],
             [Jsonb(t.retry) for t in tasks], [t.timeout_s for t in tasks], [t.heartbeat_s for t in tasks],

@@ -261,7 +261,7 @@ def list_tasks_of_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) ->
                             FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
                             WHERE e.downstream_task_id = t.id), '{}') AS depends
            FROM tasks t WHERE t.workspace_id = %s AND t.run_id = %s
-           ORDER BY t.created_at, t.node_id, t.version""",
+           ORDER BY t.version, t.position""",
         (workspace_id, run_id),
     ).fetchall()
 

@@ -87,6 +87,7 @@ CREATE TABLE tasks (
     pipeline_id       text NOT NULL,
     node_id           text NOT NULL,
     version           text NOT NULL,
+    position          integer NOT NULL,            -- the node's index in the definition, for display
     kind              text NOT NULL CHECK (kind IN ('task', 'approval', 'manual')),
     task_name         text,
     params            jsonb NOT NULL DEFAULT '{}',
