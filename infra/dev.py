@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import psycopg
 import uvicorn
 
 from infra.postgres import (
@@ -43,6 +44,14 @@ def load_example_pipelines(engine: Engine, workspace: str, directory: Path) -> l
         saved = engine.update_pipeline(workspace, raw["id"], raw, actor="make-dev", create_missing=True)
         loaded.append(f"{saved.id} v{saved.version}")
     return loaded
+
+
+def _redacted(url: str) -> str:
+    """The database URL without its password: the banner ends up in terminals and logs."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    if info.get("password"):
+        info["password"] = "***"
+    return psycopg.conninfo.make_conninfo("", **{k: str(v) for k, v in info.items() if v is not None})
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -93,7 +102,7 @@ def run_dev(root: Path | None = None) -> int:
             "\nTickweave is running\n"
             f"  API        http://{host}:{port}/api   (API key: {dev_key}, workspace: default)\n"
             f"  Dashboard  http://{host}:{port}/\n"
-            f"  Database   {settings.database_url}  (migrations applied now: {applied or 'none'})\n"
+            f"  Database   {_redacted(settings.database_url)}  (migrations applied now: {applied or 'none'})\n"
             f"  S3         {settings.s3_endpoint_url}  bucket {settings.bucket}\n"
             f"  Ticker     every {interval:g}s -> POST /api/tick\n"
             f"  Worker     in-process: {settings.local_worker}\n"

@@ -31,7 +31,8 @@ def stop_embedded_postgres(handle: Any) -> None:
     """Stop the server even if an earlier process that used it died without releasing its
     handle (pgserver then counts it as still attached and would leave the server running)."""
     handle.cleanup()
-    handle.stop()
+    if (Path(handle.pgdata) / "postmaster.pid").exists():  # still up: not stopped by cleanup()
+        handle.stop()
 
 
 def server_url(handle: Any, database: str = "postgres") -> str:
