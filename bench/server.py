@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from infra.postgres import (
 )
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SETTLE_READINGS = 20
+_SETTLE_PAUSE_S = 0.01
 
 
 @dataclass
@@ -52,6 +55,12 @@ class Server:
             row = conn.execute(query).fetchone()
         return None if row is None else row[0]
 
+    def vacuum_analyze(self, database: str) -> None:
+        """Fresh statistics after loading, as autovacuum would give a long-lived database; without
+        them the planner sees just-filled tables as empty."""
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+
     def version(self) -> str:
         return str(self.scalar("SHOW server_version"))
 
@@ -62,13 +71,28 @@ class Server:
 
     def cpu_seconds(self) -> float | None:
         """CPU used by the server: the postmaster, its exited children (reaped, so counted in its
-        cutime/cstime) and its live children. None when the server is not ours to inspect."""
+        cutime/cstime) and its live children. None when the server is not ours to inspect.
+
+        A backend that just exited is briefly in neither place (gone from its own stat, not yet
+        in the postmaster's cutime), so readings are repeated until two agree.
+        """
         if self.postmaster_pid is None:
             return None
+        reading = self._cpu_ticks()
+        for _ in range(_SETTLE_READINGS):
+            time.sleep(_SETTLE_PAUSE_S)
+            again = self._cpu_ticks()
+            if again == reading:
+                break
+            reading = max(reading, again)
+        return reading / _CLOCK_TICKS
+
+    def _cpu_ticks(self) -> int:
+        assert self.postmaster_pid is not None
         ticks = _process_ticks(self.postmaster_pid, include_children=True)
         for child in _children(self.postmaster_pid):
             ticks += _process_ticks(child, include_children=False)
-        return ticks / _CLOCK_TICKS
+        return ticks
 
 
 def _stat_fields(pid: int) -> list[str] | None:
