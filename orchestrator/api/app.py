@@ -85,6 +85,21 @@ def _limit(request: Request, default: int) -> int:
     return int(raw)
 
 
+def _schedule_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "pipeline": row["pipeline_id"], "position": row["position"], "cron": row["cron"],
+        "timezone": row["timezone"], "state": row["state"], "catchup": row["catchup"],
+        "max_catchup_runs": row["max_catchup_runs"], "overlap": row["overlap"], "jitter_s": row["jitter_s"],
+        "start_at": row["start_at"], "end_at": row["end_at"], "next_fire_at": row["next_fire_at"],
+        "next_fire_times": row["next_fire_times"], "last_fired_slot": row["last_fired_slot"],
+        "last_fired_at": row["last_fired_at"], "skipped_slots": row["skipped_slots"],
+    }
+
+
+def _merged_fire_times(schedules: list[dict[str, Any]], count: int = 5) -> list[Any]:
+    return sorted({t for s in schedules for t in s["next_fire_times"]})[:count]
+
+
 def _pipeline_view(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"], "version": row["version"], "sha256": row["sha256"], "paused": row["paused"],
@@ -94,7 +109,8 @@ def _pipeline_view(row: dict[str, Any]) -> dict[str, Any]:
             "use_count": row.get("use_count", 0), "last_used_at": row.get("last_used_at"),
             "runs_by_status": row.get("runs_by_status") or {},
         },
-        "next_fire_times": [],
+        "next_fire_times": _merged_fire_times(row.get("schedules", [])),
+        "schedules": [_schedule_view(s) for s in row.get("schedules", [])],
     }
 
 
@@ -177,11 +193,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         summary = await run_in_threadpool(get_engine().tick)
         return JSON(summary.to_dict())
 
+    def pipeline_with_schedules(workspace_id: str, pipeline_id: str) -> dict[str, Any]:
+        row = get_engine().get_pipeline(workspace_id, pipeline_id)
+        row["schedules"] = get_engine().list_schedules(workspace_id, [pipeline_id])
+        return row
+
     @guarded("admin")
     async def create_pipeline(request: Request, principal: Principal) -> Response:
         raw = await read_definition(request, limit_bytes)
         saved = await run_in_threadpool(get_engine().create_pipeline, principal.workspace_id, raw, actor=principal.key_prefix)
-        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, saved.id)
+        row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, saved.id)
         return JSON({**_pipeline_view(row), "definition": row["definition"]}, status_code=201)
 
     @guarded("admin")
@@ -191,21 +212,46 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         saved = await run_in_threadpool(
             get_engine().update_pipeline, principal.workspace_id, pipeline_id, raw, actor=principal.key_prefix
         )
-        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, saved.id)
+        row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, saved.id)
         return JSON({**_pipeline_view(row), "definition": row["definition"], "changed": saved.changed})
 
     @guarded("viewer")
     async def list_pipelines(request: Request, principal: Principal) -> Response:
         limit = _limit(request, 100)
         after = request.query_params.get("cursor")
-        rows = await run_in_threadpool(get_engine().list_pipelines, principal.workspace_id, limit=limit, after_id=after)
+        def load() -> list[dict[str, Any]]:
+            rows = get_engine().list_pipelines(principal.workspace_id, limit=limit, after_id=after)
+            schedules = get_engine().list_schedules(principal.workspace_id, [r["id"] for r in rows])
+            for r in rows:
+                r["schedules"] = [s for s in schedules if s["pipeline_id"] == r["id"]]
+            return rows
+
+        rows = await run_in_threadpool(load)
         next_cursor = rows[-1]["id"] if len(rows) == limit else None
         return JSON({"items": [_pipeline_view(r) for r in rows], "next_cursor": next_cursor})
 
     @guarded("viewer")
     async def get_pipeline(request: Request, principal: Principal) -> Response:
-        row = await run_in_threadpool(get_engine().get_pipeline, principal.workspace_id, request.path_params["pipeline_id"])
+        row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, request.path_params["pipeline_id"])
         return JSON({**_pipeline_view(row), "definition": row["definition"]})
+
+    def pause_or_resume(paused: bool) -> Handler:
+        @guarded("operator")
+        async def endpoint(request: Request, principal: Principal) -> Response:
+            pipeline_id = request.path_params["pipeline_id"]
+            await run_in_threadpool(get_engine().set_paused, principal.workspace_id, pipeline_id, paused)
+            row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, pipeline_id)
+            return JSON(_pipeline_view(row))
+
+        return endpoint
+
+    @guarded("viewer")
+    async def list_schedules(request: Request, principal: Principal) -> Response:
+        pipeline = request.query_params.get("pipeline")
+        rows = await run_in_threadpool(
+            get_engine().list_schedules, principal.workspace_id, [pipeline] if pipeline else None
+        )
+        return JSON({"items": [_schedule_view(r) for r in rows]})
 
     @guarded("operator")
     async def trigger(request: Request, principal: Principal) -> Response:
@@ -310,6 +356,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/pipelines/{pipeline_id}", get_pipeline, methods=["GET"]),
         Route("/api/pipelines/{pipeline_id}", update_pipeline, methods=["PUT"]),
         Route("/api/pipelines/{pipeline_id}/runs", trigger, methods=["POST"]),
+        Route("/api/pipelines/{pipeline_id}/pause", pause_or_resume(True), methods=["POST"]),
+        Route("/api/pipelines/{pipeline_id}/resume", pause_or_resume(False), methods=["POST"]),
+        Route("/api/schedules", list_schedules, methods=["GET"]),
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/runs/{run_id}", get_run, methods=["GET"]),
         Route("/api/tasks/{task_id}", get_task, methods=["GET"]),

@@ -23,6 +23,8 @@ class AttemptResult:
     run_id: uuid.UUID | None = None
     run_status: str | None = None
     newly_ready: int = 0
+    workspace_id: str | None = None
+    pipeline_id: str | None = None
 
 
 def finish_attempt(
@@ -59,7 +61,8 @@ def finish_attempt(
         error=f"node '{row['node_id']}' (version {row['version']}) failed" if stop else None,
     )
     return AttemptResult(
-        True, status, status, run_id, None if run is None else str(run["status"]), newly_ready
+        True, status, status, run_id, None if run is None else str(run["status"]), newly_ready,
+        row["workspace_id"], row["pipeline_id"],
     )
 
 

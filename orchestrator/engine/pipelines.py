@@ -7,9 +7,11 @@ from typing import Any
 
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.engine.scheduling import sync_schedules
 from orchestrator.graph import DefinitionInvalid, validate_pipeline
 from orchestrator.model import PipelineDefinition
 from orchestrator.store import pipelines as pipeline_store
+from orchestrator.store import schedules as schedule_store
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
                 f"pipeline '{definition.id}' already exists; use PUT /api/pipelines/{definition.id} to change it",
                 details={"pipeline": definition.id},
             )
+        sync_schedules(conn, workspace_id, definition.id, definition)
         return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
 
     return db.run_in_transaction(work)
@@ -70,6 +73,7 @@ def update_pipeline(
                 conn, workspace_id=workspace_id, pipeline_id=pipeline_id, sha256=sha,
                 definition=definition.canonical_dict(), created_by=actor,
             )
+            sync_schedules(conn, workspace_id, pipeline_id, definition)
             return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
         if current["sha256"] == sha:
             return SavedPipeline(pipeline_id, int(current["current_version"]), sha, created=False, changed=False)
@@ -79,6 +83,7 @@ def update_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=pipeline_id, version=version, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
         )
+        sync_schedules(conn, workspace_id, pipeline_id, definition)
         return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)
 
     return db.run_in_transaction(work)
@@ -96,3 +101,11 @@ def get_pipeline(db: Database, workspace_id: str, pipeline_id: str) -> Row:
 def list_pipelines(db: Database, workspace_id: str, *, limit: int, after_id: str | None) -> list[Row]:
     with db.connection() as conn:
         return pipeline_store.list_with_stats(conn, workspace_id, limit=limit, after_id=after_id)
+
+
+def set_paused(db: Database, workspace_id: str, pipeline_id: str, paused: bool) -> Row:
+    with db.transaction() as conn:
+        row = schedule_store.set_pipeline_paused(conn, workspace_id, pipeline_id, paused)
+    if row is None:
+        raise NotFound(f"pipeline '{pipeline_id}' not found")
+    return row

@@ -74,21 +74,14 @@ def trigger_run(
             earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
             if earlier is not None:
                 return TriggeredRun(earlier["id"], created=False)
-        definition = PipelineDefinition.model_validate(current["definition"])
-        run_versions = versions or list(definition.versions)
-        tasks, edges = build_tasks(definition, run_versions, params, settings)
-        new_run = run_store.NewRun(
-            id=uuid.uuid4(), workspace_id=workspace_id, pipeline_id=pipeline_id,
-            pipeline_version=int(current["version"]), trigger=trigger, triggered_by=triggered_by,
-            idempotency_key=idempotency_key, params=params, versions=run_versions, scheduled_at=scheduled_at,
+        run_id = create_run(
+            conn, settings, workspace_id, current, versions=versions, params=params, trigger=trigger,
+            triggered_by=triggered_by, idempotency_key=idempotency_key, scheduled_at=scheduled_at,
         )
-        inserted = run_store.insert_run(conn, new_run, len(tasks))
-        if inserted is None:
+        if run_id is None:
             # The same key committed by a concurrent request between our check and insert.
             raise _IdempotencyRace()
-        run_store.insert_tasks(conn, new_run, tasks)
-        run_store.insert_edges(conn, edges)
-        return TriggeredRun(new_run.id, created=True)
+        return TriggeredRun(run_id, created=True)
 
     try:
         return db.run_in_transaction(work)
@@ -103,6 +96,61 @@ def trigger_run(
 
 class _IdempotencyRace(Exception):
     pass
+
+
+def create_run(
+    conn: Connection, settings: Settings, workspace_id: str, current: Row, *, versions: list[str] | None,
+    params: dict[str, Any], trigger: str, triggered_by: str | None, idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None, schedule_id: uuid.UUID | None = None, queue_limit: int | None = None,
+) -> uuid.UUID | None:
+    """Insert a run of the pipeline version in `current` with its tasks and edges.
+
+    The run is queued (`pending`, roots held back) when `concurrency.max_active_runs` (or
+    `queue_limit`, from overlap: buffer_one) is reached or older runs are already queued: FIFO.
+    Counting happens under the pipeline row's lock, so racing triggers cannot both squeeze in.
+    Returns None when the idempotency key or the schedule slot was taken.
+    """
+    pipeline_id = str(current["id"])
+    definition = PipelineDefinition.model_validate(current["definition"])
+    limits = [n for n in (definition.concurrency.max_active_runs, queue_limit) if n is not None]
+    limit = min(limits) if limits else None
+    status = "running"
+    if limit is not None:
+        pipeline_store.lock_pipeline(conn, workspace_id, pipeline_id)
+        open_runs = run_store.open_runs(conn, workspace_id, pipeline_id)
+        running = sum(1 for r in open_runs if r["status"] == "running")
+        if running >= limit or any(r["status"] == "pending" for r in open_runs):
+            status = "pending"
+    run_versions = versions or list(definition.versions)
+    tasks, edges = build_tasks(definition, run_versions, params, settings)
+    new_run = run_store.NewRun(
+        id=uuid.uuid4(), workspace_id=workspace_id, pipeline_id=pipeline_id,
+        pipeline_version=int(current["version"]), trigger=trigger, triggered_by=triggered_by,
+        idempotency_key=idempotency_key, params=params, versions=run_versions, scheduled_at=scheduled_at,
+        schedule_id=schedule_id, status=status, max_active_runs=limit,
+    )
+    if run_store.insert_run(conn, new_run, len(tasks)) is None:
+        return None
+    run_store.insert_tasks(conn, new_run, tasks)
+    run_store.insert_edges(conn, edges)
+    return new_run.id
+
+
+def start_queued_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> list[uuid.UUID]:
+    """Start queued runs of a pipeline, oldest first, while their limit allows."""
+    pipeline_store.lock_pipeline(conn, workspace_id, pipeline_id)
+    open_runs = run_store.open_runs(conn, workspace_id, pipeline_id)
+    running = sum(1 for r in open_runs if r["status"] == "running")
+    started: list[uuid.UUID] = []
+    for run in open_runs:
+        if run["status"] != "pending":
+            continue
+        if run["max_active_runs"] is not None and running >= run["max_active_runs"]:
+            break  # FIFO: a later run does not overtake the head of the queue
+        if run_store.start_queued_run(conn, run["id"]):
+            started.append(run["id"])
+            running += 1
+    return started
 
 
 def get_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:

@@ -11,10 +11,11 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Database, Row
 from orchestrator.dispatch.base import Transport
-from orchestrator.engine import keys, pipelines, runs, tick, worker_protocol
+from orchestrator.engine import keys, pipelines, runs, scheduling, tick, worker_protocol
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
 from orchestrator.storage.tokens import TokenKeyring
+from orchestrator.store import schedules as schedule_store
 from orchestrator.store import tasks as task_store
 
 
@@ -66,6 +67,18 @@ class Engine:
     def list_pipelines(self, workspace_id: str, *, limit: int = 100, after_id: str | None = None) -> list[Row]:
         return pipelines.list_pipelines(self.db, workspace_id, limit=limit, after_id=after_id)
 
+    def set_paused(self, workspace_id: str, pipeline_id: str, paused: bool) -> Row:
+        return pipelines.set_paused(self.db, workspace_id, pipeline_id, paused)
+
+    def list_schedules(self, workspace_id: str, pipeline_ids: list[str] | None = None) -> list[Row]:
+        """Schedules with their next fire times (computed from database time)."""
+        with self.db.connection() as conn:
+            now = schedule_store.db_now(conn)
+            rows = schedule_store.list_schedules(conn, workspace_id, pipeline_ids)
+        for row in rows:
+            row["next_fire_times"] = scheduling.next_fire_times(row, now)
+        return rows
+
     # runs
     def trigger_run(
         self, workspace_id: str, pipeline_id: str, *, versions: list[str] | None = None,
@@ -104,6 +117,13 @@ class Engine:
         if result.accepted and result.newly_ready and result.run_id is not None:
             # Eager continuation: successors start now, the tick is only the safety net.
             self.dispatch_ready(result.run_id)
+        if result.run_status in ("succeeded", "failed") and result.workspace_id and result.pipeline_id:
+            # The run ended: a run queued behind it (max_active_runs, buffer_one) may start now.
+            workspace_id, pipeline_id = result.workspace_id, result.pipeline_id
+            for run_id in self.db.run_in_transaction(
+                lambda conn: runs.start_queued_runs(conn, workspace_id, pipeline_id)
+            ):
+                self.dispatch_ready(run_id)
         return result
 
     def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:
@@ -116,4 +136,6 @@ class Engine:
         return self.dispatcher.dispatch(claimed)
 
     def tick(self, remaining_s: Callable[[], float] | None = None) -> tick.TickSummary:
-        return tick.run_tick(self.db, self.dispatcher, batch_size=self.settings.tick_batch_size, remaining_s=remaining_s)
+        return tick.run_tick(
+            self.db, self.settings, self.dispatcher, batch_size=self.settings.tick_batch_size, remaining_s=remaining_s
+        )

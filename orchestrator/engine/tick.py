@@ -1,5 +1,6 @@
-"""One tick: expire lapsed leases, claim ready tasks, dispatch them; each step its own short
-transaction, bounded by a batch size and a deadline (the Lambda's remaining time)."""
+"""One tick: fire due schedules, expire lapsed leases, start queued runs, claim ready tasks,
+dispatch them; each step its own short
+transactions, bounded by a batch size and a deadline (the Lambda's remaining time)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
 from orchestrator.engine.completion import finish_attempt
 from orchestrator.engine.dispatcher import Dispatcher
+from orchestrator.engine.scheduling import fire_due_schedules, start_queued
 from orchestrator.store import tasks as task_store
 
 
 @dataclass
 class TickSummary:
+    schedules_fired: int = 0
+    scheduled_runs: int = 0
+    slots_skipped: int = 0
+    queued_runs_started: int = 0
     expired: int = 0
     claimed: int = 0
     dispatched: int = 0
@@ -25,6 +32,8 @@ class TickSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schedules_fired": self.schedules_fired, "scheduled_runs": self.scheduled_runs,
+            "slots_skipped": self.slots_skipped, "queued_runs_started": self.queued_runs_started,
             "expired": self.expired, "claimed": self.claimed, "dispatched": self.dispatched,
             "dispatch_failed": self.dispatch_failed, "batches": self.batches,
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
@@ -53,17 +62,35 @@ def expire_leases(db: Database, limit: int) -> int:
 
 
 def run_tick(
-    db: Database, dispatcher: Dispatcher, *, batch_size: int, remaining_s: Callable[[], float] | None = None
+    db: Database, settings: Settings, dispatcher: Dispatcher, *, batch_size: int,
+    remaining_s: Callable[[], float] | None = None,
 ) -> TickSummary:
     summary = TickSummary()
     started = time.perf_counter()
+
+    def time_left() -> bool:
+        return remaining_s is None or remaining_s() > 2.0
+
+    # 1. due schedules, batch after batch while a batch comes back full
+    while time_left():
+        fired = fire_due_schedules(db, settings, batch_size)
+        summary.schedules_fired += fired.schedules
+        summary.scheduled_runs += fired.runs
+        summary.slots_skipped += fired.skipped
+        if fired.schedules < batch_size:
+            break
+    t_schedules = time.perf_counter()
+    summary.durations_ms["schedules"] = (t_schedules - started) * 1000
+
+    # 2. lapsed leases, then queued runs that now have room
     summary.expired = expire_leases(db, batch_size)
-    summary.durations_ms["expire_leases"] = (time.perf_counter() - started) * 1000
+    summary.queued_runs_started = len(start_queued(db, batch_size))
+    summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
 
     claim_ms = dispatch_ms = 0.0
     # Claim in batches until nothing is ready or time runs short; a batch smaller than the
     # limit means the ready set is drained.
-    while remaining_s is None or remaining_s() > 2.0:
+    while time_left():
         t0 = time.perf_counter()
         with db.transaction() as conn:
             claimed = task_store.claim_ready_tasks(conn, batch_size)

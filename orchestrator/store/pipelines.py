@@ -108,3 +108,11 @@ def run_stats(conn: Connection, workspace_id: str, pipeline_id: str) -> Row:
     ).fetchone()
     assert row is not None
     return row
+
+
+def lock_pipeline(conn: Connection, workspace_id: str, pipeline_id: str) -> Row | None:
+    """Serialize decisions that count a pipeline's runs (limits, overlap) on the pipeline row."""
+    return conn.execute(
+        "SELECT id, paused FROM pipelines WHERE workspace_id = %s AND id = %s FOR UPDATE",
+        (workspace_id, pipeline_id),
+    ).fetchone()

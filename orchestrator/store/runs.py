@@ -47,21 +47,30 @@ class NewRun:
     scheduled_at: datetime | None = None
     trigger_source_execution_id: uuid.UUID | None = None
     trigger_source_pipeline_id: str | None = None
+    schedule_id: uuid.UUID | None = None
+    status: str = "running"  # or "pending": queued behind max_active_runs / overlap: buffer_one
+    max_active_runs: int | None = None
 
 
 def insert_run(conn: Connection, run: NewRun, task_count: int) -> uuid.UUID | None:
-    """Insert a running run; None when its idempotency key was used before (see find_by_idempotency_key)."""
+    """Insert a run; None when its idempotency key, or its schedule slot, was taken before.
+
+    No conflict target: the two unique indexes that can refuse a run are each only ever hit by
+    their own kind of trigger (a scheduled run has no idempotency key, a manual one no slot).
+    """
     row = conn.execute(
         """INSERT INTO runs (id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                              trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at,
-                             triggered_by, idempotency_key, params, versions, unfinished_tasks, started_at)
-           VALUES (%s, %s, %s, %s, 'running', %s, %s, %s, %s, %s, %s, %s, %s, %s, tw_now())
-           ON CONFLICT (workspace_id, pipeline_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-           DO NOTHING
+                             triggered_by, idempotency_key, params, versions, unfinished_tasks, started_at,
+                             schedule_id, max_active_runs)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                   CASE WHEN %s = 'running' THEN tw_now() END, %s, %s)
+           ON CONFLICT DO NOTHING
            RETURNING id""",
-        (run.id, run.workspace_id, run.pipeline_id, run.pipeline_version, run.trigger,
+        (run.id, run.workspace_id, run.pipeline_id, run.pipeline_version, run.status, run.trigger,
          run.trigger_source_execution_id, run.trigger_source_pipeline_id, run.scheduled_at,
-         run.triggered_by, run.idempotency_key, Jsonb(run.params), run.versions, task_count),
+         run.triggered_by, run.idempotency_key, Jsonb(run.params), run.versions, task_count,
+         run.status, run.schedule_id, run.max_active_runs),
     ).fetchone()
     return None if row is None else row["id"]
 
@@ -80,7 +89,7 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
                               params, transport, status, priority, max_attempts, retry, timeout_s,
                               heartbeat_s, on_failure, trigger_rule, unfinished_deps)
            SELECT t.id, %s, %s, %s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
-                  CASE WHEN t.unfinished_deps = 0 THEN 'ready' ELSE 'pending' END,
+                  CASE WHEN t.unfinished_deps = 0 AND %s THEN 'ready' ELSE 'pending' END,
                   t.priority, t.max_attempts, t.retry, t.timeout_s, t.heartbeat_s, t.on_failure,
                   t.trigger_rule, t.unfinished_deps
            FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::jsonb[], %s::text[],
@@ -89,7 +98,7 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
              AS t(id, node_id, version, position, kind, task_name, params, transport, priority, max_attempts, retry,
                   timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps)""",
         (
-            run.id, run.workspace_id, run.pipeline_id,
+            run.id, run.workspace_id, run.pipeline_id, run.status == "running",
             [t.id for t in tasks], [t.node_id for t in tasks], [t.version for t in tasks], [t.position for t in tasks],
             [t.kind for t in tasks], [t.task_name for t in tasks], [Jsonb(t.params) for t in tasks],
             [t.transport for t in tasks], [t.priority for t in tasks], [t.max_attempts for t in tasks],
@@ -142,7 +151,7 @@ def get_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | Non
     return conn.execute(
         """SELECT id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                   trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at, triggered_by,
-                  idempotency_key, params, versions, unfinished_tasks, failed_tasks, error,
+                  idempotency_key, params, versions, unfinished_tasks, failed_tasks, error, schedule_id,
                   created_at, started_at, finished_at
            FROM runs WHERE workspace_id = %s AND id = %s""",
         (workspace_id, run_id),
@@ -156,7 +165,7 @@ def list_runs(
     """Newest first, keyset-paginated on (created_at, id)."""
     before_at, before_id = before if before else (None, None)
     return conn.execute(
-        """SELECT id, pipeline_id, pipeline_version, status, trigger, scheduled_at, triggered_by,
+        """SELECT id, pipeline_id, pipeline_version, status, trigger, scheduled_at, triggered_by, schedule_id,
                   versions, unfinished_tasks, failed_tasks, error, created_at, started_at, finished_at
            FROM runs
            WHERE workspace_id = %s
@@ -166,4 +175,61 @@ def list_runs(
            ORDER BY created_at DESC, id DESC
            LIMIT %s""",
         (workspace_id, pipeline_id, pipeline_id, status, status, before_at, before_at, before_id, limit),
+    ).fetchall()
+
+
+def open_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> list[Row]:
+    """Running and queued runs of a pipeline, oldest first."""
+    return conn.execute(
+        """SELECT id, status, max_active_runs, created_at FROM runs
+           WHERE workspace_id = %s AND pipeline_id = %s AND status IN ('pending', 'running')
+           ORDER BY created_at, id""",
+        (workspace_id, pipeline_id),
+    ).fetchall()
+
+
+def start_queued_run(conn: Connection, run_id: uuid.UUID) -> bool:
+    """A queued run starts: running, and its root tasks ready."""
+    row = conn.execute(
+        """UPDATE runs SET status = 'running', started_at = tw_now()
+           WHERE id = %s AND status = 'pending' RETURNING id""",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        return False
+    conn.execute(
+        """UPDATE tasks SET status = 'ready', available_at = tw_now()
+           WHERE run_id = %s AND status = 'pending' AND unfinished_deps = 0""",
+        (run_id,),
+    )
+    return True
+
+
+def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
+    """Cancel a pending or running run and every unfinished task of it (tasks first, then the
+    run: the lock order of every finisher). Later callbacks of its tasks are refused."""
+    conn.execute(
+        """WITH locked AS (
+               SELECT id FROM tasks WHERE run_id = %s
+                 AND status IN ('pending', 'ready', 'dispatched', 'running', 'waiting')
+               ORDER BY id FOR UPDATE
+           )
+           UPDATE tasks t SET status = 'cancelled', finished_at = tw_now(), claim_token = NULL,
+                  lease_expires_at = NULL
+           FROM locked WHERE t.id = locked.id""",
+        (run_id,),
+    )
+    row = conn.execute(
+        """UPDATE runs SET status = 'cancelled', unfinished_tasks = 0, finished_at = tw_now(),
+                  error = COALESCE(error, %s)
+           WHERE id = %s AND status IN ('pending', 'running') RETURNING id""",
+        (reason, run_id),
+    ).fetchone()
+    return row is not None
+
+
+def pipelines_with_queued_runs(conn: Connection, limit: int) -> list[Row]:
+    return conn.execute(
+        """SELECT DISTINCT workspace_id, pipeline_id FROM runs WHERE status = 'pending' LIMIT %s""",
+        (limit,),
     ).fetchall()

@@ -122,7 +122,8 @@ def finish_attempt(
                lease_expires_at = NULL, claim_token = NULL
            WHERE t.id = %(task_id)s AND t.attempt = %(attempt)s AND t.claim_token = %(claim_token)s
              AND t.status IN ('dispatched', 'running')
-           RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id""",
+           RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id,
+                     t.pipeline_id""",
         {
             "ok": succeeded, "retryable": retryable, "task_id": task_id, "attempt": attempt,
             "claim_token": claim_token, "output": Jsonb(output) if output is not None else None,
