@@ -113,3 +113,26 @@ def test_yaml_and_json_definitions_are_equivalent(stack: Stack) -> None:
     as_json = stack.client.put("/api/pipelines/diamond", json=yaml.safe_load(DIAMOND))
     assert as_json.status_code == 200
     assert as_json.json()["changed"] is False and as_json.json()["sha256"] == as_yaml.json()["sha256"]
+
+
+def test_a_schedule_fires_through_the_http_tick_and_runs_on_the_worker(stack: Stack) -> None:
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    def set_clock(instant: datetime) -> None:
+        with psycopg.connect(stack.settings.database_url, autocommit=True) as conn:
+            conn.execute("""INSERT INTO tw_clock (singleton, "offset") VALUES (true, %s::timestamptz - now())
+                            ON CONFLICT (singleton) DO UPDATE SET "offset" = EXCLUDED."offset" """, (instant,))
+
+    set_clock(datetime(2026, 3, 1, 8, 59, 30, tzinfo=UTC))
+    definition = {"id": "hourly", "schedule": "0 * * * *", "nodes": [{"id": "x", "task": "echo"}]}
+    assert stack.client.post("/api/pipelines", json=definition).status_code == 201
+    set_clock(datetime(2026, 3, 1, 9, 0, 5, tzinfo=UTC))
+    tick = stack.client.post("/api/tick", headers={"x-tick-secret": stack.settings.tick_secret}).json()
+    assert tick["scheduled_runs"] == 1 and tick["claimed"] == 1
+    (run,) = stack.client.get("/api/runs", params={"pipeline": "hourly"}).json()["items"]
+    assert run["trigger"] == "schedule" and run["scheduled_at"] == "2026-03-01T09:00:00Z"
+    assert stack.wait_for_run(run["id"])["status"] == "succeeded"
+    again = stack.client.post("/api/tick", headers={"x-tick-secret": stack.settings.tick_secret}).json()
+    assert again["scheduled_runs"] == 0
