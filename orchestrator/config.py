@@ -41,6 +41,10 @@ class Settings:
     local_worker: str | None = "examples.tasks:worker"
     local_worker_threads: int = 8
     tick_batch_size: int = 100
+    # Consecutive dispatches that never reached a worker before the task is dead-lettered.
+    max_dispatch_failures: int = 5
+    # How long an Idempotency-Key keeps returning the run it created.
+    idempotency_ttl_s: int = 86_400
     max_body_bytes: int = 1_048_576
     mode: str = "local"  # local | lambda
 
@@ -108,6 +112,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["local_worker"] = env["TICKWEAVE_LOCAL_WORKER"] or None
     if env.get("TICKWEAVE_TICK_BATCH_SIZE"):
         changes["tick_batch_size"] = int(env["TICKWEAVE_TICK_BATCH_SIZE"])
+    if env.get("TICKWEAVE_MAX_DISPATCH_FAILURES"):
+        changes["max_dispatch_failures"] = int(env["TICKWEAVE_MAX_DISPATCH_FAILURES"])
+    if env.get("TICKWEAVE_IDEMPOTENCY_TTL_S"):
+        changes["idempotency_ttl_s"] = int(env["TICKWEAVE_IDEMPOTENCY_TTL_S"])
     if env.get("TICKWEAVE_MAX_BODY_BYTES"):
         changes["max_body_bytes"] = int(env["TICKWEAVE_MAX_BODY_BYTES"])
     if env.get("TICKWEAVE_MODE"):

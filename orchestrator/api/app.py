@@ -23,7 +23,14 @@ from starlette.routing import Route
 
 from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
 from orchestrator.api.responses import JSON, error
-from orchestrator.api.schemas import CallbackRequest, HeartbeatRequest, TriggerRequest
+from orchestrator.api.schemas import (
+    ApprovalRequest,
+    CallbackRequest,
+    CompleteRequest,
+    HeartbeatRequest,
+    PurgeRequest,
+    TriggerRequest,
+)
 from orchestrator.config import Settings
 from orchestrator.engine.errors import Conflict, EngineError, Forbidden, InvalidInput, NotFound, Unauthorized
 from orchestrator.engine.keys import Principal
@@ -301,6 +308,67 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         task, attempts = await run_in_threadpool(get_engine().get_task, principal.workspace_id, task_id)
         return JSON({**task, "attempts": attempts})
 
+    @guarded("operator")
+    async def cancel_run(request: Request, principal: Principal) -> Response:
+        run_id = _parse_uuid(request.path_params["run_id"], "run")
+        await run_in_threadpool(lambda: get_engine().cancel_run(principal.workspace_id, run_id, actor=principal.key_prefix))
+        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
+        return JSON({**run, "tasks": [_task_view(t) for t in tasks]})
+
+    @guarded("operator")
+    async def retry_run(request: Request, principal: Principal) -> Response:
+        run_id = _parse_uuid(request.path_params["run_id"], "run")
+        count = await run_in_threadpool(get_engine().redrive_run, principal.workspace_id, run_id)
+        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
+        return JSON({**run, "tasks": [_task_view(t) for t in tasks], "retried_tasks": count})
+
+    def decision_payload(result: Any) -> dict[str, Any]:
+        return {"task_status": result.task_status, "run_id": result.run_id, "run_status": result.run_status,
+                "newly_ready": result.newly_ready}
+
+    @guarded("operator")
+    async def complete_task(request: Request, principal: Principal) -> Response:
+        task_id = _parse_uuid(request.path_params["task_id"], "task")
+        body = validate(CompleteRequest, await read_json(request, limit_bytes))
+        result = await run_in_threadpool(lambda: get_engine().decide(
+            principal.workspace_id, task_id, kind="manual", succeeded=body.success, actor=principal.key_prefix,
+            comment=body.comment))
+        return JSON(decision_payload(result))
+
+    @guarded("operator")
+    async def approve(request: Request, principal: Principal) -> Response:
+        task_id = _parse_uuid(request.path_params["task_id"], "task")
+        body = validate(ApprovalRequest, await read_json(request, limit_bytes))
+        result = await run_in_threadpool(lambda: get_engine().decide(
+            principal.workspace_id, task_id, kind="approval", succeeded=body.decision == "approve",
+            actor=principal.key_prefix, comment=body.comment))
+        return JSON(decision_payload(result))
+
+    @guarded("viewer")
+    async def list_dlq(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 50)
+        cursor = request.query_params.get("cursor")
+        before = _decode_cursor(cursor) if cursor else None
+        include_retried = request.query_params.get("include_retried", "false").lower() in ("1", "true", "yes")
+        rows = await run_in_threadpool(lambda: get_engine().list_dead_letters(
+            principal.workspace_id, pipeline_id=request.query_params.get("pipeline"),
+            include_retried=include_retried, limit=limit, before=before))
+        next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
+        return JSON({"items": rows, "next_cursor": next_cursor})
+
+    @guarded("operator")
+    async def retry_dlq(request: Request, principal: Principal) -> Response:
+        entry_id = _parse_uuid(request.path_params["entry_id"], "dead letter")
+        entry = await run_in_threadpool(get_engine().retry_dead_letter, principal.workspace_id, entry_id)
+        run, _ = await run_in_threadpool(get_engine().get_run, principal.workspace_id, entry["run_id"])
+        return JSON({"dead_letter": entry, "run_id": run["id"], "run_status": run["status"]})
+
+    @guarded("operator")
+    async def purge_dlq(request: Request, principal: Principal) -> Response:
+        body = validate(PurgeRequest, await read_json(request, limit_bytes))
+        purged = await run_in_threadpool(get_engine().purge_dead_letters, principal.workspace_id, body.older_than_days)
+        return JSON({"purged": purged})
+
     @guarded(None)
     async def callback(request: Request) -> Response:
         task_id = _parse_uuid(request.path_params["task_id"], "task")
@@ -361,7 +429,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/schedules", list_schedules, methods=["GET"]),
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/runs/{run_id}", get_run, methods=["GET"]),
+        Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/api/runs/{run_id}/retry", retry_run, methods=["POST"]),
         Route("/api/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/api/tasks/{task_id}/complete", complete_task, methods=["POST"]),
+        Route("/api/approvals/{task_id}", approve, methods=["POST"]),
+        Route("/api/dlq", list_dlq, methods=["GET"]),
+        Route("/api/dlq/purge", purge_dlq, methods=["POST"]),
+        Route("/api/dlq/{entry_id}/retry", retry_dlq, methods=["POST"]),
         Route("/api/callback/{task_id}", callback, methods=["POST"]),
         Route("/api/heartbeat", heartbeat, methods=["POST"]),
     ]

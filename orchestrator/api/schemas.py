@@ -43,3 +43,20 @@ class HeartbeatRequest(BaseModel):
     token: str = Field(min_length=1, max_length=16_384)
     progress: float | None = Field(default=None, ge=0, le=1)
     message: str | None = Field(default=None, max_length=2000)
+
+
+class CompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    success: bool
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class ApprovalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Literal["approve", "reject"]
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class PurgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    older_than_days: int = Field(ge=0, le=36_500)

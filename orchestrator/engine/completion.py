@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.db.connection import Connection
+from orchestrator.db.connection import Connection, Row
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
 
@@ -18,7 +18,7 @@ from orchestrator.store import tasks as task_store
 @dataclass(frozen=True)
 class AttemptResult:
     accepted: bool
-    outcome: str  # succeeded | failed | retrying | duplicate | stale_attempt | already_finished | not_active
+    outcome: str  # succeeded | dead | failed | retrying | duplicate | stale_attempt | already_finished | not_active
     task_status: str | None
     run_id: uuid.UUID | None = None
     run_status: str | None = None
@@ -40,25 +40,40 @@ def finish_attempt(
     if row is None:
         return _refusal(conn, task_id, attempt, claim_token, succeeded)
 
-    status = str(row["status"])
     task_store.record_attempt_end(
         conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
     )
-    if status == "ready":  # a retry was scheduled; the run is unaffected
-        return AttemptResult(True, "retrying", status, row["run_id"])
+    if row["status"] == "ready":  # a retry was scheduled; the run is unaffected
+        return AttemptResult(True, "retrying", "ready", row["run_id"])
+    return settle_terminal(conn, row)
 
+
+def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
+    """What follows a task reaching a terminal state (`row` is the updated task row).
+
+    dead: dead-lettered. failed or dead under `on_failure: stop`: the run fails at once; its
+    dependants are decided by their trigger rules (a `one_failed` or `all_done` handler still
+    runs), every other task not yet started is skipped. Otherwise the successors advance.
+    The run's unfinished count takes every task that became terminal here.
+    """
+    task_id: uuid.UUID = row["id"]
+    status = str(row["status"])
     run_id: uuid.UUID = row["run_id"]
-    tolerated = status == "failed" and row["on_failure"] == "continue"
-    stop = status == "failed" and not tolerated
-    finished, newly_ready = 1, 0
+    if status == "dead":
+        task_store.insert_dead_letter(conn, task_id)
+    failed = status in ("failed", "dead")
+    stop = failed and row["on_failure"] == "stop"
+    skipped, newly_ready = propagate(conn, task_id, "failed" if failed else "succeeded")
+    finished = 1 + skipped
     if stop:
-        finished += task_store.skip_unstarted_tasks(conn, run_id)
-    else:
-        skipped, newly_ready = propagate(conn, task_id, "succeeded" if status == "succeeded" else "failed")
-        finished += skipped
+        for skipped_id in task_store.skip_unstarted_tasks(conn, run_id):
+            finished += 1
+            more_skipped, more_ready = propagate(conn, skipped_id, "skipped")
+            finished += more_skipped
+            newly_ready += more_ready
     run = run_store.finish_tasks_of_run(
         conn, run_id, finished=finished, failed=1 if stop else 0, stop=stop,
-        error=f"node '{row['node_id']}' (version {row['version']}) failed" if stop else None,
+        error=f"node '{row['node_id']}' (version {row['version']}) {status}" if stop else None,
     )
     return AttemptResult(
         True, status, status, run_id, None if run is None else str(run["status"]), newly_ready,
@@ -90,7 +105,7 @@ def _refusal(
         return AttemptResult(False, "not_found", None)
     status = str(fence["status"])
     recorded = task_store.attempt_outcome(conn, task_id, attempt, claim_token)
-    if recorded is not None and recorded["status"] == ("succeeded" if succeeded else "failed"):
+    if recorded is not None and recorded["status"] in (("succeeded",) if succeeded else ("failed", "expired")):
         return AttemptResult(False, "duplicate", status)
     if int(fence["attempt"]) != attempt or (fence["claim_token"] is not None and fence["claim_token"] != claim_token):
         return AttemptResult(False, "stale_attempt", status)

@@ -9,8 +9,9 @@ Standard 5-field cron (minute hour day-of-month month day-of-week, plus croniter
 such as `@daily` and extensions such as `L` and `1#2`; day-of-month and day-of-week are OR-ed
 as in classic cron). Rejected with `ValueError`: anything `croniter.is_valid` rejects, an
 expression that never fires (`0 0 30 2 *`), 6/7-field forms (seconds, years), and croniter's
-random `R` fields, which would make the schedule change every time it is parsed. The timezone must be an IANA key `zoneinfo.ZoneInfo` can load (`localtime` and
-`posixrules` are refused: they depend on the host).
+random `R` fields, which would make the schedule change every time it is parsed. The timezone
+must be an IANA key `zoneinfo.ZoneInfo` can load (`localtime` and `posixrules` are refused:
+they depend on the host).
 
 DST policy
 ----------
@@ -43,8 +44,8 @@ timezone handling is not used). Because the mapping above is not monotonic aroun
 walks do not stop at the first mapped instant past the target; they use bounds on the zone's
 UTC offsets instead. With `lo`/`hi` the smallest/largest offset in force near a wall-clock time
 (sampled hourly over a window of days around it, cached per zone and day; this assumes no
-offset is in force for less than an hour, true of all tzdata zones), a naive `n` maps into
-`[n - hi, n - lo]`. A forward walk therefore starts at wall-clock `t + lo` (nothing earlier can
+offset is ever in force for less than an hour), a naive `n` maps into `[n - hi, n - lo]`. A
+forward walk from instant `t` therefore starts at wall-clock `t + lo` (nothing earlier can
 map after `t`) and hands out a candidate once the walk has reached a `n` with `n - hi` >= the
 candidate (nothing later can map before it); the backward walk mirrors this. The cost of a call
 is the number of cron matches in the target's neighbourhood plus the DST spread, never the

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config import Settings
-from orchestrator.db.connection import Database, Row
+from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.base import DispatchError, Transport
+from orchestrator.engine.completion import settle_terminal
 from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.s3 import issue_storage_grant
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring
@@ -24,7 +25,7 @@ from orchestrator.store import tasks as task_store
 
 log = logging.getLogger(__name__)
 
-# A dispatch that failed goes back to `ready` after this delay.
+# A dispatch that failed goes back to `ready` after this delay, doubling per consecutive failure.
 DISPATCH_RETRY_DELAY_S = 5.0
 # Tokens outlive the attempt's timeout a little, so a late but honest callback can be told why
 # it is refused rather than failing token validation; with no timeout, a day.
@@ -75,12 +76,21 @@ class Dispatcher:
             with ThreadPoolExecutor(max_workers=min(16, len(claimed))) as pool:
                 list(pool.map(send_one, claimed))
         for task, reason in failures:
-            with self.db.transaction() as conn:
-                task_store.return_to_ready(
-                    conn, task["id"], task["attempt"], task["claim_token"], DISPATCH_RETRY_DELAY_S,
-                    {"code": "dispatch_failed", "message": reason[:2000]},
-                )
+
+            def record(conn: Connection, task: Row = task, reason: str = reason) -> None:
+                self._dispatch_failed(conn, task, reason)
+
+            self.db.run_in_transaction(record)
         return DispatchSummary(len(claimed) - len(failures), len(failures))
+
+    def _dispatch_failed(self, conn: Connection, task: Row, reason: str) -> None:
+        row = task_store.record_dispatch_failure(
+            conn, task["id"], task["attempt"], task["claim_token"], base_delay_s=DISPATCH_RETRY_DELAY_S,
+            max_failures=self.settings.max_dispatch_failures,
+            error={"code": "dispatch_failed", "message": reason[:2000], "retryable": True},
+        )
+        if row is not None and row["status"] == "dead":
+            settle_terminal(conn, row)
 
     def build_message(self, task: Row, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         task_id = str(task["id"])

@@ -39,14 +39,23 @@ def build_tasks(
     for version in versions:
         ids = {node.id: uuid.uuid4() for node in definition.nodes}
         for position, node in enumerate(definition.nodes):
+            # A human step's timeout is its wait for a decision (approval.timeout_s for approvals).
+            timeout_s = node.timeout_s
+            on_timeout = None
+            if node.kind == "approval":
+                approval = node.approval
+                timeout_s = approval.timeout_s if approval else None
+                on_timeout = approval.on_timeout if approval else "reject"
+            elif node.kind == "manual":
+                on_timeout = "reject"
             tasks.append(
                 run_store.NewTask(
                     id=ids[node.id], node_id=node.id, version=version, position=position, kind=node.kind,
                     task_name=node.task, params={**definition.params, **node.params, **run_params},
                     transport=settings.transport_for(node.task or ""), priority=node.priority,
                     max_attempts=node.retry.max_attempts, retry=node.retry.model_dump(mode="json"),
-                    timeout_s=node.timeout_s, heartbeat_s=node.heartbeat_s, on_failure=node.on_failure,
-                    trigger_rule=node.trigger_rule, unfinished_deps=len(node.depends),
+                    timeout_s=timeout_s, heartbeat_s=node.heartbeat_s, on_failure=node.on_failure,
+                    trigger_rule=node.trigger_rule, unfinished_deps=len(node.depends), on_timeout=on_timeout,
                 )
             )
             edges.extend((ids[dep], ids[node.id]) for dep in node.depends)
@@ -71,6 +80,9 @@ def trigger_run(
         if current is None:
             raise NotFound(f"pipeline '{pipeline_id}' not found")
         if idempotency_key is not None:
+            run_store.release_expired_idempotency_key(
+                conn, workspace_id, pipeline_id, idempotency_key, settings.idempotency_ttl_s
+            )
             earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
             if earlier is not None:
                 return TriggeredRun(earlier["id"], created=False)

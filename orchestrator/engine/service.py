@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Database, Row
 from orchestrator.dispatch.base import Transport
-from orchestrator.engine import keys, pipelines, runs, scheduling, tick, worker_protocol
+from orchestrator.engine import keys, operations, pipelines, runs, scheduling, tick, worker_protocol
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
 from orchestrator.storage.tokens import TokenKeyring
@@ -106,6 +106,56 @@ class Engine:
     def get_task(self, workspace_id: str, task_id: uuid.UUID) -> tuple[Row, list[Row]]:
         return runs.get_task(self.db, workspace_id, task_id)
 
+    # operators
+    def cancel_run(self, workspace_id: str, run_id: uuid.UUID, *, actor: str) -> Row:
+        run = operations.cancel_run(self.db, workspace_id, run_id, actor=actor)
+        self._start_queued(workspace_id, str(run["pipeline_id"]))
+        return run
+
+    def redrive_run(self, workspace_id: str, run_id: uuid.UUID) -> int:
+        count = operations.redrive_run(self.db, workspace_id, run_id)
+        self.dispatch_ready(run_id)
+        return count
+
+    def decide(
+        self, workspace_id: str, task_id: uuid.UUID, *, kind: str, succeeded: bool, actor: str,
+        comment: str | None = None,
+    ) -> AttemptResult:
+        result = operations.decide(
+            self.db, workspace_id, task_id, kind=kind, succeeded=succeeded, actor=actor, comment=comment
+        )
+        self._after_settled(result)
+        return result
+
+    def list_dead_letters(
+        self, workspace_id: str, *, pipeline_id: str | None = None, include_retried: bool = False, limit: int = 50,
+        before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[Row]:
+        return operations.list_dead_letters(
+            self.db, workspace_id, pipeline_id=pipeline_id, include_retried=include_retried, limit=limit,
+            before=before,
+        )
+
+    def retry_dead_letter(self, workspace_id: str, entry_id: uuid.UUID) -> Row:
+        entry = operations.retry_dead_letter(self.db, workspace_id, entry_id)
+        self.dispatch_ready(entry["run_id"])
+        return entry
+
+    def purge_dead_letters(self, workspace_id: str, older_than_days: Any) -> int:
+        return operations.purge_dead_letters(self.db, workspace_id, older_than_days)
+
+    def _start_queued(self, workspace_id: str, pipeline_id: str) -> None:
+        for run_id in self.db.run_in_transaction(lambda conn: runs.start_queued_runs(conn, workspace_id, pipeline_id)):
+            self.dispatch_ready(run_id)
+
+    def _after_settled(self, result: AttemptResult) -> None:
+        """Eager continuation after a task settled: dispatch what it made ready, and start a run
+        queued behind its run if that one ended. The tick is only the safety net."""
+        if result.accepted and result.newly_ready and result.run_id is not None:
+            self.dispatch_ready(result.run_id)
+        if result.run_status in ("succeeded", "failed") and result.workspace_id and result.pipeline_id:
+            self._start_queued(result.workspace_id, result.pipeline_id)
+
     # worker protocol
     def record_callback(
         self, task_id: uuid.UUID, token: str, *, status: str, output: dict[str, Any] | None,
@@ -114,16 +164,7 @@ class Engine:
         result = worker_protocol.record_callback(
             self.db, self.keyring, task_id, token, status=status, output=output, error=error
         )
-        if result.accepted and result.newly_ready and result.run_id is not None:
-            # Eager continuation: successors start now, the tick is only the safety net.
-            self.dispatch_ready(result.run_id)
-        if result.run_status in ("succeeded", "failed") and result.workspace_id and result.pipeline_id:
-            # The run ended: a run queued behind it (max_active_runs, buffer_one) may start now.
-            workspace_id, pipeline_id = result.workspace_id, result.pipeline_id
-            for run_id in self.db.run_in_transaction(
-                lambda conn: runs.start_queued_runs(conn, workspace_id, pipeline_id)
-            ):
-                self.dispatch_ready(run_id)
+        self._after_settled(result)
         return result
 
     def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:

@@ -13,6 +13,7 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
 from orchestrator.engine.completion import finish_attempt
 from orchestrator.engine.dispatcher import Dispatcher
+from orchestrator.engine.operations import expire_waits
 from orchestrator.engine.scheduling import fire_due_schedules, start_queued
 from orchestrator.store import tasks as task_store
 
@@ -24,6 +25,7 @@ class TickSummary:
     slots_skipped: int = 0
     queued_runs_started: int = 0
     expired: int = 0
+    waits_expired: int = 0
     claimed: int = 0
     dispatched: int = 0
     dispatch_failed: int = 0
@@ -34,7 +36,7 @@ class TickSummary:
         return {
             "schedules_fired": self.schedules_fired, "scheduled_runs": self.scheduled_runs,
             "slots_skipped": self.slots_skipped, "queued_runs_started": self.queued_runs_started,
-            "expired": self.expired, "claimed": self.claimed, "dispatched": self.dispatched,
+            "expired": self.expired, "waits_expired": self.waits_expired, "claimed": self.claimed, "dispatched": self.dispatched,
             "dispatch_failed": self.dispatch_failed, "batches": self.batches,
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
         }
@@ -82,8 +84,9 @@ def run_tick(
     t_schedules = time.perf_counter()
     summary.durations_ms["schedules"] = (t_schedules - started) * 1000
 
-    # 2. lapsed leases, then queued runs that now have room
+    # 2. lapsed leases and human-step timeouts, then queued runs that now have room
     summary.expired = expire_leases(db, batch_size)
+    summary.waits_expired = expire_waits(db, batch_size)
     summary.queued_runs_started = len(start_queued(db, batch_size))
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
 

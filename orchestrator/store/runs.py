@@ -31,6 +31,7 @@ class NewTask:
     on_failure: str
     trigger_rule: str
     unfinished_deps: int
+    on_timeout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,29 +83,51 @@ def find_by_idempotency_key(conn: Connection, workspace_id: str, pipeline_id: st
     ).fetchone()
 
 
+def release_expired_idempotency_key(
+    conn: Connection, workspace_id: str, pipeline_id: str, key: str, ttl_s: int
+) -> None:
+    """A key older than its time to live no longer names its run, so it may start a new one."""
+    conn.execute(
+        """UPDATE runs SET idempotency_key = NULL
+           WHERE workspace_id = %s AND pipeline_id = %s AND idempotency_key = %s
+             AND created_at <= tw_now() - make_interval(secs => %s)""",
+        (workspace_id, pipeline_id, key, ttl_s),
+    )
+
+
 def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> None:
     """All tasks of a run in one statement (unnest of column arrays): a 10,000-node run is one round trip."""
     conn.execute(
         """INSERT INTO tasks (id, run_id, workspace_id, pipeline_id, node_id, version, position, kind, task_name,
                               params, transport, status, priority, max_attempts, retry, timeout_s,
-                              heartbeat_s, on_failure, trigger_rule, unfinished_deps)
-           SELECT t.id, %s, %s, %s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
-                  CASE WHEN t.unfinished_deps = 0 AND %s THEN 'ready' ELSE 'pending' END,
+                              heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, wait_expires_at)
+           SELECT t.id, %(run_id)s, %(workspace_id)s, %(pipeline_id)s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
+                  CASE WHEN t.unfinished_deps > 0 OR NOT %(start)s THEN 'pending'
+                       WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END,
                   t.priority, t.max_attempts, t.retry, t.timeout_s, t.heartbeat_s, t.on_failure,
-                  t.trigger_rule, t.unfinished_deps
-           FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::jsonb[], %s::text[],
-                       %s::int[], %s::int[], %s::jsonb[], %s::int[], %s::int[], %s::text[], %s::text[],
-                       %s::int[])
+                  t.trigger_rule, t.unfinished_deps, t.on_timeout,
+                  CASE WHEN t.unfinished_deps = 0 AND %(start)s AND t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                       THEN tw_now() + make_interval(secs => t.timeout_s) END
+           FROM unnest(%(id)s::uuid[], %(node_id)s::text[], %(version)s::text[], %(position)s::int[],
+                       %(kind)s::text[], %(task_name)s::text[], %(params)s::jsonb[], %(transport)s::text[],
+                       %(priority)s::int[], %(max_attempts)s::int[], %(retry)s::jsonb[], %(timeout_s)s::int[],
+                       %(heartbeat_s)s::int[], %(on_failure)s::text[], %(trigger_rule)s::text[],
+                       %(unfinished_deps)s::int[], %(on_timeout)s::text[])
              AS t(id, node_id, version, position, kind, task_name, params, transport, priority, max_attempts, retry,
-                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps)""",
-        (
-            run.id, run.workspace_id, run.pipeline_id, run.status == "running",
-            [t.id for t in tasks], [t.node_id for t in tasks], [t.version for t in tasks], [t.position for t in tasks],
-            [t.kind for t in tasks], [t.task_name for t in tasks], [Jsonb(t.params) for t in tasks],
-            [t.transport for t in tasks], [t.priority for t in tasks], [t.max_attempts for t in tasks],
-            [Jsonb(t.retry) for t in tasks], [t.timeout_s for t in tasks], [t.heartbeat_s for t in tasks],
-            [t.on_failure for t in tasks], [t.trigger_rule for t in tasks], [t.unfinished_deps for t in tasks],
-        ),
+                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout)""",
+        {
+            "run_id": run.id, "workspace_id": run.workspace_id, "pipeline_id": run.pipeline_id,
+            "start": run.status == "running",
+            "id": [t.id for t in tasks], "node_id": [t.node_id for t in tasks],
+            "version": [t.version for t in tasks], "position": [t.position for t in tasks],
+            "kind": [t.kind for t in tasks], "task_name": [t.task_name for t in tasks],
+            "params": [Jsonb(t.params) for t in tasks], "transport": [t.transport for t in tasks],
+            "priority": [t.priority for t in tasks], "max_attempts": [t.max_attempts for t in tasks],
+            "retry": [Jsonb(t.retry) for t in tasks], "timeout_s": [t.timeout_s for t in tasks],
+            "heartbeat_s": [t.heartbeat_s for t in tasks], "on_failure": [t.on_failure for t in tasks],
+            "trigger_rule": [t.trigger_rule for t in tasks], "unfinished_deps": [t.unfinished_deps for t in tasks],
+            "on_timeout": [t.on_timeout for t in tasks],
+        },
     )
 
 
@@ -198,11 +221,33 @@ def start_queued_run(conn: Connection, run_id: uuid.UUID) -> bool:
     if row is None:
         return False
     conn.execute(
-        """UPDATE tasks SET status = 'ready', available_at = tw_now()
+        """UPDATE tasks SET status = CASE WHEN kind = 'task' THEN 'ready' ELSE 'waiting' END,
+                  available_at = tw_now(),
+                  wait_expires_at = CASE WHEN kind <> 'task' AND timeout_s IS NOT NULL
+                                         THEN tw_now() + make_interval(secs => timeout_s) END
            WHERE run_id = %s AND status = 'pending' AND unfinished_deps = 0""",
         (run_id,),
     )
     return True
+
+
+def reopen_run(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> Row | None:
+    """A failed (or finished) run resumes after a redrive: its counters recounted from its tasks."""
+    return conn.execute(
+        """UPDATE runs r SET status = 'running', error = NULL, finished_at = NULL, failed_tasks = 0,
+                  unfinished_tasks = (SELECT count(*) FROM tasks t WHERE t.run_id = r.id
+                                      AND t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
+           WHERE r.id = %s AND r.status = ANY(%s)
+           RETURNING r.id, r.status, r.unfinished_tasks""",
+        (run_id, list(from_statuses)),
+    ).fetchone()
+
+
+def lock_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | None:
+    return conn.execute(
+        "SELECT id, status, pipeline_id FROM runs WHERE workspace_id = %s AND id = %s",
+        (workspace_id, run_id),
+    ).fetchone()
 
 
 def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
@@ -213,10 +258,15 @@ def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
                SELECT id FROM tasks WHERE run_id = %s
                  AND status IN ('pending', 'ready', 'dispatched', 'running', 'waiting')
                ORDER BY id FOR UPDATE
+           ), cancelled AS (
+               UPDATE tasks t SET status = 'cancelled', finished_at = tw_now(), claim_token = NULL,
+                      lease_expires_at = NULL, wait_expires_at = NULL
+               FROM locked WHERE t.id = locked.id
+               RETURNING t.id, t.attempt
            )
-           UPDATE tasks t SET status = 'cancelled', finished_at = tw_now(), claim_token = NULL,
-                  lease_expires_at = NULL
-           FROM locked WHERE t.id = locked.id""",
+           UPDATE task_attempts a SET status = 'cancelled', finished_at = tw_now()
+           FROM cancelled c WHERE a.task_id = c.id AND a.attempt = c.attempt
+             AND a.status IN ('dispatched', 'running')""",
         (run_id,),
     )
     row = conn.execute(

@@ -66,7 +66,7 @@ def upstream_outputs(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Ro
     return conn.execute(
         """SELECT e.downstream_task_id AS task_id, u.node_id, u.output
            FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-           WHERE e.downstream_task_id = ANY(%s) AND u.status = 'succeeded' AND u.output IS NOT NULL""",
+           WHERE e.downstream_task_id = ANY(%s) AND u.status = 'succeeded' AND u.output ? 'key'""",
         (list(task_ids),),
     ).fetchall()
 
@@ -97,7 +97,8 @@ def finish_attempt(
     conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *,
     succeeded: bool, output: dict[str, Any] | None, error: dict[str, Any] | None, retryable: bool,
 ) -> Row | None:
-    """End the current attempt: succeeded, failed, or back to ready after a retry delay.
+    """End the current attempt: succeeded, dead (attempts used up, or not retryable), or back to
+    ready after a retry delay.
 
     The retry delay is computed here from the node's policy so that the decision and the
     transition are one statement: exponential `base * 2^(attempt-1)` capped at `max_delay_s`,
@@ -107,7 +108,7 @@ def finish_attempt(
         """UPDATE tasks t SET
                status = CASE WHEN %(ok)s THEN 'succeeded'
                              WHEN %(retryable)s AND t.attempt < t.max_attempts THEN 'ready'
-                             ELSE 'failed' END,
+                             ELSE 'dead' END,
                available_at = CASE WHEN NOT %(ok)s AND %(retryable)s AND t.attempt < t.max_attempts
                    THEN tw_now() + make_interval(secs => LEAST(
                             COALESCE((t.retry->>'max_delay_s')::float8, 300),
@@ -183,9 +184,11 @@ def advance_successors(conn: Connection, upstream_task_id: uuid.UUID, outcome: s
                             WHEN 'none_failed' THEN t.failed_deps + %(failed)s = 0
                             WHEN 'one_failed' THEN t.failed_deps + %(failed)s > 0
                             ELSE t.skipped_deps + %(skipped)s = 0
-                        END THEN 'ready'
+                        END THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
                    ELSE 'skipped' END,
                available_at = tw_now(),
+               wait_expires_at = CASE WHEN t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                                      THEN tw_now() + make_interval(secs => t.timeout_s) END,
                finished_at = CASE
                    WHEN t.unfinished_deps - 1 > 0 THEN NULL
                    WHEN CASE t.trigger_rule
@@ -202,32 +205,43 @@ def advance_successors(conn: Connection, upstream_task_id: uuid.UUID, outcome: s
     ).fetchall()
 
 
-def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> int:
-    """A stopping failure: every task of the run not yet dispatched is skipped (in id order)."""
+def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
+    """A stopping failure: every task of the run not yet started is skipped (in id order), except
+    tasks whose trigger rule reacts to failures (`all_done`, `one_failed`): those are left to
+    their dependency counts, so a cleanup or alert step still runs."""
     rows = conn.execute(
         """WITH locked AS (
-               SELECT id FROM tasks WHERE run_id = %s AND status IN ('pending', 'ready')
+               SELECT id FROM tasks WHERE run_id = %s AND status IN ('pending', 'ready', 'waiting')
+                 AND trigger_rule NOT IN ('all_done', 'one_failed')
                ORDER BY id FOR UPDATE
            )
-           UPDATE tasks t SET status = 'skipped', finished_at = tw_now()
-           FROM locked WHERE t.id = locked.id AND t.status IN ('pending', 'ready')
+           UPDATE tasks t SET status = 'skipped', finished_at = tw_now(), wait_expires_at = NULL
+           FROM locked WHERE t.id = locked.id
            RETURNING t.id""",
         (run_id,),
     ).fetchall()
-    return len(rows)
+    return [r["id"] for r in rows]
 
 
-def return_to_ready(
-    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, delay_s: float,
-    error: dict[str, Any],
+def record_dispatch_failure(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *, base_delay_s: float,
+    max_failures: int, error: dict[str, Any],
 ) -> Row | None:
-    """A dispatch that did not reach the worker: back to ready after `delay_s`."""
+    """A dispatch that did not reach the worker. The attempt is given back (max_attempts grows by
+    one, so the attempt history stays one row per delivery), and the task returns to ready after
+    an exponential delay; past `max_failures` consecutive failures it is dead."""
     row = conn.execute(
-        """UPDATE tasks SET status = 'ready', claim_token = NULL, lease_expires_at = NULL,
-                  available_at = tw_now() + make_interval(secs => %s), error = %s
-           WHERE id = %s AND attempt = %s AND claim_token = %s AND status = 'dispatched'
-           RETURNING id""",
-        (delay_s, Jsonb(error), task_id, attempt, claim_token),
+        """UPDATE tasks SET
+               dispatch_failures = dispatch_failures + 1,
+               status = CASE WHEN dispatch_failures + 1 >= %(max)s THEN 'dead' ELSE 'ready' END,
+               max_attempts = max_attempts + 1,
+               claim_token = NULL, lease_expires_at = NULL, error = %(error)s,
+               available_at = tw_now() + make_interval(secs => LEAST(300, %(base)s * power(2, dispatch_failures))),
+               finished_at = CASE WHEN dispatch_failures + 1 >= %(max)s THEN tw_now() END
+           WHERE id = %(id)s AND attempt = %(attempt)s AND claim_token = %(token)s AND status = 'dispatched'
+           RETURNING id, run_id, node_id, version, status, attempt, on_failure, workspace_id, pipeline_id""",
+        {"max": max_failures, "error": Jsonb(error), "base": base_delay_s, "id": task_id, "attempt": attempt,
+         "token": claim_token},
     ).fetchone()
     if row is not None:
         conn.execute(
@@ -236,6 +250,98 @@ def return_to_ready(
             (Jsonb(error), task_id, attempt),
         )
     return row
+
+
+def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
+    """Record a dead task with its input references, every attempt's error and the code version."""
+    conn.execute(
+        """INSERT INTO dead_letters (workspace_id, pipeline_id, run_id, task_id, node_id, version, task_name,
+                                     inputs, attempts, error, code_version)
+           SELECT t.workspace_id, t.pipeline_id, t.run_id, t.id, t.node_id, t.version, t.task_name,
+                  COALESCE((SELECT jsonb_object_agg(u.node_id, u.output)
+                            FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+                            WHERE e.downstream_task_id = t.id AND u.output IS NOT NULL), '{}'::jsonb),
+                  COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                                'attempt', a.attempt, 'status', a.status, 'dispatched_at', a.dispatched_at,
+                                'finished_at', a.finished_at, 'error', a.error) ORDER BY a.attempt)
+                            FROM task_attempts a WHERE a.task_id = t.id), '[]'::jsonb),
+                  t.error, 'pipeline version ' || r.pipeline_version
+           FROM tasks t JOIN runs r ON r.id = t.run_id
+           WHERE t.id = %s AND t.status = 'dead'
+           ON CONFLICT (task_id) WHERE retried_at IS NULL DO NOTHING""",
+        (task_id,),
+    )
+
+
+def decide_waiting(
+    conn: Connection, workspace_id: str, task_id: uuid.UUID, kind: str, *, succeeded: bool,
+    output: dict[str, Any] | None, error: dict[str, Any] | None,
+) -> Row | None:
+    """A person's decision on a waiting approval or manual step; only the first decision lands."""
+    return conn.execute(
+        """UPDATE tasks t SET status = CASE WHEN %s THEN 'succeeded' ELSE 'failed' END,
+                  finished_at = tw_now(), output = %s, error = %s, wait_expires_at = NULL
+           WHERE t.workspace_id = %s AND t.id = %s AND t.kind = %s AND t.status = 'waiting'
+           RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id,
+                     t.pipeline_id""",
+        (succeeded, Jsonb(output) if output is not None else None, Jsonb(error) if error is not None else None,
+         workspace_id, task_id, kind),
+    ).fetchone()
+
+
+def lock_expired_waits(conn: Connection, limit: int) -> list[Row]:
+    return conn.execute(
+        """SELECT id, workspace_id, kind, on_timeout, timeout_s FROM tasks
+           WHERE status = 'waiting' AND wait_expires_at < tw_now()
+           ORDER BY wait_expires_at LIMIT %s FOR UPDATE SKIP LOCKED""",
+        (limit,),
+    ).fetchall()
+
+
+def escalate_wait(conn: Connection, task_id: uuid.UUID) -> None:
+    conn.execute(
+        """UPDATE tasks SET escalated_at = tw_now(), wait_expires_at = NULL,
+                  message = 'escalated: the approval timed out and still waits for a decision'
+           WHERE id = %s AND status = 'waiting'""",
+        (task_id,),
+    )
+
+
+def redrive_run_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
+    """Reset a run's failed, dead, skipped and cancelled tasks to run again (succeeded outputs are
+    kept): a fresh attempt budget, dependency counts recomputed against what succeeded, and
+    the ones with nothing left to wait for made ready (or waiting, for human steps)."""
+    reset = conn.execute(
+        """WITH locked AS (
+               SELECT id FROM tasks WHERE run_id = %s AND status IN ('failed', 'dead', 'skipped', 'cancelled')
+               ORDER BY id FOR UPDATE
+           )
+           UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
+                  failed_deps = 0, skipped_deps = 0, dispatch_failures = 0, escalated_at = NULL,
+                  max_attempts = t.attempt + COALESCE((t.retry->>'max_attempts')::int, 1)
+           FROM locked WHERE t.id = locked.id
+           RETURNING t.id""",
+        (run_id,),
+    ).fetchall()
+    ids = [r["id"] for r in reset]
+    if not ids:
+        return ids
+    conn.execute(
+        """UPDATE tasks t SET unfinished_deps = (
+               SELECT count(*) FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+               WHERE e.downstream_task_id = t.id AND u.status <> 'succeeded')
+           WHERE t.id = ANY(%s)""",
+        (ids,),
+    )
+    conn.execute(
+        """UPDATE tasks t SET status = CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END,
+                  available_at = tw_now(),
+                  wait_expires_at = CASE WHEN t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                                         THEN tw_now() + make_interval(secs => t.timeout_s) END
+           WHERE t.id = ANY(%s) AND t.unfinished_deps = 0""",
+        (ids,),
+    )
+    return ids
 
 
 def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:

@@ -13,7 +13,7 @@ from orchestrator.db.migrate import applied_versions, load_migrations, migrate
 
 EXPECTED_TABLES = {
     "workspaces", "api_keys", "pipelines", "pipeline_versions", "runs", "tasks", "task_edges",
-    "task_attempts", "schema_migrations", "schedules", "schedule_skips", "tw_clock",
+    "task_attempts", "schema_migrations", "schedules", "schedule_skips", "tw_clock", "dead_letters",
 }
 
 

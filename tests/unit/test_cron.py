@@ -59,7 +59,8 @@ def test_every_15_minutes_utc() -> None:
     s = CronSchedule.parse("*/15 * * * *", "UTC")
     assert s.next_after(utc(2025, 1, 1, 10, 7)) == utc(2025, 1, 1, 10, 15)
     assert s.next_after(utc(2025, 1, 1, 10, 15)) == utc(2025, 1, 1, 10, 30)  # strictly after
-    assert s.next_after(utc(2025, 1, 1, 10, 14, 59) + timedelta(microseconds=999999)) == utc(2025, 1, 1, 10, 15)
+    just_before = utc(2025, 1, 1, 10, 14, 59) + timedelta(microseconds=999999)
+    assert s.next_after(just_before) == utc(2025, 1, 1, 10, 15)
     assert s.next_n(utc(2025, 1, 1, 23, 40), 4) == [
         utc(2025, 1, 1, 23, 45), utc(2025, 1, 2, 0, 0), utc(2025, 1, 2, 0, 15), utc(2025, 1, 2, 0, 30),
     ]
@@ -294,7 +295,9 @@ def test_latest_bounds_and_edge_cases() -> None:
         utc(2025, 6, 1, 10), utc(2025, 6, 1, 11), utc(2025, 6, 1, 12),
     ]
     assert s.latest_at_or_before(now, limit=0) == []
-    assert s.latest_at_or_before(now, limit=3) == [utc(2025, 6, 1, 10), utc(2025, 6, 1, 11), utc(2025, 6, 1, 12)]
+    assert s.latest_at_or_before(now, limit=3) == [
+        utc(2025, 6, 1, 10), utc(2025, 6, 1, 11), utc(2025, 6, 1, 12),
+    ]
 
 
 def test_sparse_schedule_far_in_either_direction() -> None:

@@ -1,0 +1,136 @@
+"""What operators do to runs and tasks: cancel, redrive, decide human steps, work the
+dead-letter queue. Each is one transaction whose guards make racing requests safe: of two
+decisions on one gate, or a cancel racing a callback, exactly one lands."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine.completion import AttemptResult, settle_terminal
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.store import dead_letters as dlq_store
+from orchestrator.store import runs as run_store
+from orchestrator.store import tasks as task_store
+
+
+def cancel_run(db: Database, workspace_id: str, run_id: uuid.UUID, *, actor: str) -> Row:
+    def work(conn: Connection) -> Row:
+        run = run_store.lock_run(conn, workspace_id, run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        if run["status"] not in ("pending", "running"):
+            raise Conflict(f"run '{run_id}' is {run['status']}; only pending or running runs can be cancelled")
+        if not run_store.cancel_run(conn, run_id, f"cancelled by {actor}"):
+            raise Conflict(f"run '{run_id}' finished while it was being cancelled")
+        return run
+
+    return db.run_in_transaction(work)
+
+
+def redrive_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> int:
+    """Re-run a failed run's failed, dead, skipped and cancelled tasks; succeeded outputs stay."""
+
+    def work(conn: Connection) -> int:
+        run = run_store.lock_run(conn, workspace_id, run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        if run["status"] != "failed":
+            raise Conflict(f"run '{run_id}' is {run['status']}; only a failed run can be retried")
+        reset = task_store.redrive_run_tasks(conn, run_id)
+        dlq_store.close_for_tasks(conn, reset)
+        if run_store.reopen_run(conn, run_id, ("failed",)) is None:
+            raise Conflict(f"run '{run_id}' changed while it was being retried; try again")
+        return len(reset)
+
+    return db.run_in_transaction(work)
+
+
+def decide(
+    db: Database, workspace_id: str, task_id: uuid.UUID, *, kind: str, succeeded: bool, actor: str,
+    comment: str | None,
+) -> AttemptResult:
+    """Approve/reject an approval gate, or complete a manual step; only the first decision lands."""
+    decision = {"decision": ("approve" if succeeded else "reject") if kind == "approval" else
+                ("success" if succeeded else "failure"), "by": actor, "comment": comment}
+
+    def work(conn: Connection) -> AttemptResult:
+        row = task_store.decide_waiting(
+            conn, workspace_id, task_id, kind, succeeded=succeeded, output=decision,
+            error=None if succeeded else {"code": "rejected" if kind == "approval" else "manual_failure",
+                                          "message": comment or "", "by": actor},
+        )
+        if row is None:
+            task = task_store.get_task(conn, workspace_id, task_id)
+            if task is None:
+                raise NotFound(f"task '{task_id}' not found")
+            if task["kind"] != kind:
+                raise Conflict(f"task '{task_id}' is a {task['kind']} node, not a {kind} step")
+            raise Conflict(f"task '{task_id}' is {task['status']}, not waiting for a decision")
+        return settle_terminal(conn, row)
+
+    return db.run_in_transaction(work)
+
+
+def expire_waits(db: Database, limit: int) -> int:
+    """Human steps past their timeout: rejected (`on_timeout: reject`), or escalated and kept waiting."""
+
+    def work(conn: Connection) -> int:
+        rows = task_store.lock_expired_waits(conn, limit)
+        for row in rows:
+            if row["on_timeout"] == "escalate":
+                task_store.escalate_wait(conn, row["id"])
+                continue
+            decided = task_store.decide_waiting(
+                conn, row["workspace_id"], row["id"], row["kind"], succeeded=False, output=None,
+                error={"code": "timeout", "message": f"no decision within timeout_s={row['timeout_s']}"},
+            )
+            if decided is not None:
+                settle_terminal(conn, decided)
+        return len(rows)
+
+    return db.run_in_transaction(work)
+
+
+def list_dead_letters(
+    db: Database, workspace_id: str, *, pipeline_id: str | None, include_retried: bool, limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> list[Row]:
+    with db.connection() as conn:
+        return dlq_store.list_dead_letters(
+            conn, workspace_id, pipeline_id=pipeline_id, include_retried=include_retried, limit=limit, before=before
+        )
+
+
+def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> Row:
+    """A new attempt for a dead task; its run resumes (a failed run is redriven from its failures)."""
+
+    def work(conn: Connection) -> Row:
+        entry = dlq_store.mark_retried(conn, workspace_id, entry_id)
+        if entry is None:
+            if dlq_store.get_entry(conn, workspace_id, entry_id) is None:
+                raise NotFound(f"dead letter '{entry_id}' not found")
+            raise Conflict(f"dead letter '{entry_id}' was already retried")
+        run = run_store.lock_run(conn, workspace_id, entry["run_id"])
+        assert run is not None
+        if run["status"] == "cancelled":
+            raise Conflict(f"run '{entry['run_id']}' was cancelled; its tasks cannot be retried")
+        if run["status"] == "failed":
+            dlq_store.close_for_tasks(conn, task_store.redrive_run_tasks(conn, entry["run_id"]))
+            run_store.reopen_run(conn, entry["run_id"], ("failed",))
+        else:
+            if dlq_store.revive_task(conn, entry["task_id"]) is None:
+                raise Conflict(f"task '{entry['task_id']}' is no longer dead")
+            run_store.reopen_run(conn, entry["run_id"], ("running", "succeeded"))
+        return entry
+
+    return db.run_in_transaction(work)
+
+
+def purge_dead_letters(db: Database, workspace_id: str, older_than_days: Any) -> int:
+    if not isinstance(older_than_days, int) or isinstance(older_than_days, bool) or older_than_days < 0:
+        raise InvalidInput("older_than_days must be a whole number of days, 0 or more")
+    with db.transaction() as conn:
+        return dlq_store.purge_older_than(conn, workspace_id, older_than_days)
