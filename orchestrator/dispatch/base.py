@@ -17,3 +17,9 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# A transport may also define `capacity() -> int | None`: how many more tasks it can start now
+# (None: it queues without bound, as a remote service that scales out does). When every
+# configured transport defines it, a claim takes no more than their sum, so a task is never
+# claimed only to wait in a local queue while its lease runs out.

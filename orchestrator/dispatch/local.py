@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,18 +39,34 @@ class LocalTransport:
         # whatever its own environment says.
         self.settings = settings
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tickweave-local-worker")
+        self._threads = threads
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
         # An unknown task name is the worker's to report (a non-retryable failed callback),
         # not a delivery failure: redelivery would not help.
+        with self._lock:
+            self._in_flight += 1
         try:
             future = self._pool.submit(self.worker.execute, message, settings=self.settings)
         except RuntimeError as exc:  # the pool is shut down
+            self._done(None)
             raise DispatchError(str(exc)) from exc
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(self._done)
+
+    def capacity(self) -> int:
+        with self._lock:
+            return max(0, self._threads - self._in_flight)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _done(self, future: Future[Any] | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        if future is not None:
+            _log_failure(future)
 
 
 def _log_failure(future: Future[Any]) -> None:

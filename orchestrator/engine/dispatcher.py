@@ -50,6 +50,15 @@ class Dispatcher:
         self.transports = transports
         self._issue_grant = grant_issuer
 
+    def claim_limit(self, batch_size: int) -> int:
+        """The batch size, bounded by what the transports can start now when all of them say."""
+        capacities: list[int | None] = [
+            getattr(t, "capacity", lambda: None)() for t in self.transports.values()
+        ]
+        if not capacities or any(c is None for c in capacities):
+            return batch_size
+        return min(batch_size, sum(int(c) for c in capacities if c is not None))
+
     def dispatch(self, claimed: Sequence[Row]) -> DispatchSummary:
         if not claimed:
             return DispatchSummary(0, 0)

@@ -172,8 +172,11 @@ class Engine:
 
     # tick
     def dispatch_ready(self, run_id: uuid.UUID | None = None, limit: int | None = None) -> DispatchSummary:
+        batch = self.dispatcher.claim_limit(limit or self.settings.tick_batch_size)
+        if batch == 0:
+            return DispatchSummary(0, 0)
         with self.db.transaction() as conn:
-            claimed = task_store.claim_ready_tasks(conn, limit or self.settings.tick_batch_size, run_id=run_id)
+            claimed = task_store.claim_ready_tasks(conn, batch, run_id=run_id)
         return self.dispatcher.dispatch(claimed)
 
     def tick(self, remaining_s: Callable[[], float] | None = None) -> tick.TickSummary:

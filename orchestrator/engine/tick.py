@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
-from orchestrator.engine.completion import finish_attempt
+from orchestrator.engine.completion import finish_attempt, settle_terminal
 from orchestrator.engine.dispatcher import Dispatcher
 from orchestrator.engine.operations import expire_waits
 from orchestrator.engine.scheduling import fire_due_schedules, start_queued
@@ -42,12 +42,25 @@ class TickSummary:
         }
 
 
-def expire_leases(db: Database, limit: int) -> int:
-    """Fail the current attempt of every task whose lease lapsed; each retries or finishes."""
+def expire_leases(db: Database, settings: Settings, limit: int) -> int:
+    """Tasks whose lease lapsed. One never started by a worker (no heartbeat: the dispatch was
+    lost, or the tick died between claim and dispatch) is a delivery failure and keeps its
+    attempt; one that was running failed that attempt (its worker died or hung), and retries
+    or is dead-lettered."""
 
     def work(conn: Connection) -> int:
         expired = task_store.lock_expired_leases(conn, limit)
         for row in expired:
+            if row["status"] == "dispatched" and not row["timed_out"]:
+                lost = task_store.record_dispatch_failure(
+                    conn, row["id"], row["attempt"], row["claim_token"], base_delay_s=0,
+                    max_failures=settings.max_dispatch_failures,
+                    error={"code": "not_started", "message": "no worker started the task before its lease expired",
+                           "retryable": True},
+                )
+                if lost is not None and lost["status"] == "dead":
+                    settle_terminal(conn, lost)
+                continue
             code = "timeout" if row["timed_out"] else "lease_expired"
             message = (
                 f"the attempt exceeded timeout_s={row['timeout_s']}" if row["timed_out"]
@@ -85,7 +98,7 @@ def run_tick(
     summary.durations_ms["schedules"] = (t_schedules - started) * 1000
 
     # 2. lapsed leases and human-step timeouts, then queued runs that now have room
-    summary.expired = expire_leases(db, batch_size)
+    summary.expired = expire_leases(db, settings, batch_size)
     summary.waits_expired = expire_waits(db, batch_size)
     summary.queued_runs_started = len(start_queued(db, batch_size))
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
@@ -95,8 +108,11 @@ def run_tick(
     # limit means the ready set is drained.
     while time_left():
         t0 = time.perf_counter()
+        limit = dispatcher.claim_limit(batch_size)
+        if limit == 0:
+            break  # every worker is busy: the rest waits for the next tick or callback
         with db.transaction() as conn:
-            claimed = task_store.claim_ready_tasks(conn, batch_size)
+            claimed = task_store.claim_ready_tasks(conn, limit)
         t1 = time.perf_counter()
         claim_ms += (t1 - t0) * 1000
         if not claimed:
@@ -107,7 +123,7 @@ def run_tick(
         dispatch_ms += (time.perf_counter() - t1) * 1000
         summary.dispatched += result.sent
         summary.dispatch_failed += result.failed
-        if len(claimed) < batch_size:
+        if len(claimed) < limit:
             break
     summary.durations_ms["claim"] = claim_ms
     summary.durations_ms["dispatch"] = dispatch_ms

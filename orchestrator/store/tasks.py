@@ -78,6 +78,7 @@ def mark_running(
     """A heartbeat of the current attempt: running, lease extended (capped by the timeout)."""
     row = conn.execute(
         f"""UPDATE tasks t SET status = 'running', started_at = COALESCE(t.started_at, tw_now()),
+                   dispatch_failures = 0,
                    lease_expires_at = {_LEASE},
                    progress = COALESCE(%s, t.progress), message = COALESCE(%s, t.message)
             WHERE t.id = %s AND t.attempt = %s AND t.claim_token = %s AND t.status IN ('dispatched', 'running')
@@ -347,7 +348,7 @@ def redrive_run_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
 def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:
     """Active tasks whose lease lapsed (no heartbeat, or past the hard timeout)."""
     return conn.execute(
-        """SELECT id, attempt, claim_token, timeout_s, dispatched_at,
+        """SELECT id, status, attempt, claim_token, timeout_s, dispatched_at,
                   (timeout_s IS NOT NULL AND dispatched_at + make_interval(secs => timeout_s) <= tw_now())
                       AS timed_out
            FROM tasks

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,14 +58,20 @@ def wait_until(probe: Callable[[], Any], timeout_s: float, message: str) -> Any:
 
 
 @pytest.fixture
-def stack(database_url: str, moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def stack(database_url: str, moto_server: MotoServer) -> Iterator[Stack]:
+    with running_stack(database_url, moto_server) as running:
+        yield running
+
+
+@contextmanager
+def running_stack(database_url: str, moto_server: MotoServer, **overrides: Any) -> Iterator[Stack]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     settings = Settings(
         database_url=database_url, s3_endpoint_url=moto_server.endpoint_url,
         bucket=f"e2e-{uuid.uuid4().hex[:10]}", storage_role_arn=STORAGE_ROLE, public_url=base_url,
         local_worker="examples.tasks:worker", tick_secret="e2e-tick-secret",
-    )
+    ).with_overrides(**overrides)
     ensure_bucket(settings)
     engine = Engine(settings)
     engine.create_api_key(WORKSPACE, "admin", raw_key=API_KEY)
