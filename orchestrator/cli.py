@@ -45,6 +45,22 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workspace_limit(args: argparse.Namespace) -> int:
+    from orchestrator.engine.errors import EngineError
+    from orchestrator.engine.keys import set_workspace_task_limit
+
+    engine = _engine()
+    try:
+        set_workspace_task_limit(engine.db, args.workspace, None if args.max_active_tasks == 0 else args.max_active_tasks)
+    except EngineError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    print(f"workspace {args.workspace}: max_active_tasks = {args.max_active_tasks or 'unlimited'}")
+    return 0
+
+
 def cmd_tick(args: argparse.Namespace) -> int:
     """POST /api/tick as EventBridge would: the tick runs where the workers' transports live."""
     import httpx
@@ -89,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_keys_create)
+
+    workspaces = sub.add_parser("workspaces", help="workspace settings").add_subparsers(
+        dest="workspaces_command", required=True)
+    limit = workspaces.add_parser("limit", help="limit the workspace's tasks out with workers at once")
+    limit.add_argument("--workspace", required=True)
+    limit.add_argument("--max-active-tasks", type=int, required=True, help="0 removes the limit")
+    limit.set_defaults(func=cmd_workspace_limit)
 
     tick = sub.add_parser("tick", help="ask the API for one tick (expire leases, claim, dispatch)")
     tick.add_argument("--url", help="API base URL (default TICKWEAVE_PUBLIC_URL)")

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 
 from orchestrator.db.connection import Database
-from orchestrator.engine.errors import InvalidInput, Unauthorized
+from orchestrator.engine.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.store import keys as key_store
 
 ROLES = ("viewer", "operator", "admin")
@@ -60,3 +60,12 @@ def authenticate(db: Database, raw_key: str | None) -> Principal:
     if row is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
     return Principal(row["workspace_id"], row["role"], str(row["id"]), row["prefix"])
+
+
+def set_workspace_task_limit(db: Database, workspace_id: str, max_active_tasks: int | None) -> None:
+    """At most this many tasks of the workspace out with workers at once (None: no limit)."""
+    if max_active_tasks is not None and max_active_tasks < 1:
+        raise InvalidInput("max_active_tasks must be 1 or more (or none for no limit)")
+    with db.transaction() as conn:
+        if not key_store.set_workspace_task_limit(conn, workspace_id, max_active_tasks):
+            raise NotFound(f"workspace '{workspace_id}' not found")

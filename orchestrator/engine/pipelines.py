@@ -47,6 +47,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
                 details={"pipeline": definition.id},
             )
         sync_schedules(conn, workspace_id, definition.id, definition)
+        pipeline_store.set_task_limit(conn, workspace_id, definition.id, definition.concurrency.max_active_tasks)
         return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
 
     return db.run_in_transaction(work)
@@ -74,6 +75,7 @@ def update_pipeline(
                 definition=definition.canonical_dict(), created_by=actor,
             )
             sync_schedules(conn, workspace_id, pipeline_id, definition)
+            pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
             return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
         if current["sha256"] == sha:
             return SavedPipeline(pipeline_id, int(current["current_version"]), sha, created=False, changed=False)
@@ -84,6 +86,7 @@ def update_pipeline(
             definition=definition.canonical_dict(), created_by=actor,
         )
         sync_schedules(conn, workspace_id, pipeline_id, definition)
+        pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
         return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)
 
     return db.run_in_transaction(work)

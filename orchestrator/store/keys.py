@@ -30,3 +30,10 @@ def find_active_key(conn: Connection, key_hash: bytes) -> Row | None:
            WHERE key_hash = %s AND revoked_at IS NULL""",
         (key_hash,),
     ).fetchone()
+
+
+def set_workspace_task_limit(conn: Connection, workspace_id: str, max_active_tasks: int | None) -> bool:
+    row = conn.execute(
+        "UPDATE workspaces SET max_active_tasks = %s WHERE id = %s RETURNING id", (max_active_tasks, workspace_id)
+    ).fetchone()
+    return row is not None

@@ -116,3 +116,10 @@ def lock_pipeline(conn: Connection, workspace_id: str, pipeline_id: str) -> Row 
         "SELECT id, paused FROM pipelines WHERE workspace_id = %s AND id = %s FOR UPDATE",
         (workspace_id, pipeline_id),
     ).fetchone()
+
+
+def set_task_limit(conn: Connection, workspace_id: str, pipeline_id: str, max_active_tasks: int | None) -> None:
+    conn.execute(
+        "UPDATE pipelines SET max_active_tasks = %s WHERE workspace_id = %s AND id = %s",
+        (max_active_tasks, workspace_id, pipeline_id),
+    )

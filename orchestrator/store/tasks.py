@@ -24,29 +24,112 @@ _LEASE = """LEAST(tw_now() + make_interval(secs => 2 * t.heartbeat_s),
                   COALESCE(t.dispatched_at, tw_now()) + make_interval(secs => COALESCE(t.timeout_s, 2147483647)))"""
 
 
+def lock_limited_scopes(conn: Connection) -> tuple[list[Row], list[Row]]:
+    """Lock the workspaces and pipelines that have a max_active_tasks and ready tasks (in key
+    order), so that claims for them queue; then count their active tasks in a statement that
+    starts after the locks were granted, so the count includes every earlier claim. Unlimited
+    work is not serialized: it is claimed with SKIP LOCKED alone.
+
+    Returns (workspace rows, pipeline rows), each with `remaining`: the room left under its limit.
+    """
+    workspaces = conn.execute(
+        """SELECT w.id AS workspace_id, w.max_active_tasks FROM workspaces w
+           WHERE w.max_active_tasks IS NOT NULL
+             AND EXISTS (SELECT 1 FROM tasks t WHERE t.workspace_id = w.id AND t.status = 'ready')
+           ORDER BY w.id FOR UPDATE OF w"""
+    ).fetchall()
+    pipelines = conn.execute(
+        """SELECT p.workspace_id, p.id AS pipeline_id, p.max_active_tasks FROM pipelines p
+           WHERE p.max_active_tasks IS NOT NULL
+             AND EXISTS (SELECT 1 FROM tasks t WHERE t.workspace_id = p.workspace_id AND t.pipeline_id = p.id
+                                                 AND t.status = 'ready')
+           ORDER BY p.workspace_id, p.id FOR UPDATE OF p"""
+    ).fetchall()
+    if not workspaces and not pipelines:
+        return [], []
+    active = conn.execute(
+        """SELECT workspace_id, pipeline_id, count(*) AS n FROM tasks
+           WHERE status IN ('dispatched', 'running') AND workspace_id = ANY(%s)
+           GROUP BY workspace_id, pipeline_id""",
+        (list({r["workspace_id"] for r in workspaces} | {r["workspace_id"] for r in pipelines}),),
+    ).fetchall()
+    for w in workspaces:
+        w["remaining"] = max(0, w["max_active_tasks"] - sum(a["n"] for a in active if a["workspace_id"] == w["workspace_id"]))
+    for p in pipelines:
+        p["remaining"] = max(0, p["max_active_tasks"] - sum(
+            a["n"] for a in active if (a["workspace_id"], a["pipeline_id"]) == (p["workspace_id"], p["pipeline_id"])))
+    return workspaces, pipelines
+
+
 def claim_ready_tasks(conn: Connection, limit: int, *, run_id: uuid.UUID | None = None) -> list[Row]:
     """Claim up to `limit` ready tasks for dispatch, in one statement.
 
     SKIP LOCKED lets any number of ticks claim at once, each getting disjoint rows; the guard
     `t.status = 'ready'` re-checked after the lock makes a row claimed twice impossible.
-    The attempt row is written by the same statement.
+    Pipeline and workspace `max_active_tasks` are applied with the room counted by
+    lock_limited_scopes: full scopes are left out of the candidates (their tasks do not block
+    others), the rest are ranked within their scope and kept while they fit. The attempt row is
+    written by the same statement.
     """
+    workspaces, pipelines = lock_limited_scopes(conn)
+    params: dict[str, Any] = {
+        "limit": limit, "run_id": run_id,
+        "full_ws": [w["workspace_id"] for w in workspaces if w["remaining"] == 0],
+        "full_p_ws": [p["workspace_id"] for p in pipelines if p["remaining"] == 0],
+        "full_p": [p["pipeline_id"] for p in pipelines if p["remaining"] == 0],
+        "room_ws": [w["workspace_id"] for w in workspaces], "room_ws_n": [w["remaining"] for w in workspaces],
+        "room_p_ws": [p["workspace_id"] for p in pipelines], "room_p": [p["pipeline_id"] for p in pipelines],
+        "room_p_n": [p["remaining"] for p in pipelines],
+    }
+    return _claim(conn, params, _LIMITED if workspaces or pipelines else _UNLIMITED)
+
+
+# No limit applies to any ready task: the plain claim.
+_UNLIMITED = """
+            , allowed AS (SELECT id FROM candidates)"""
+
+# Candidates ranked within their pipeline and workspace, kept while the rank fits the room.
+_LIMITED = """
+            , ranked AS (
+                SELECT c.id, c.workspace_id, c.pipeline_id,
+                       row_number() OVER (PARTITION BY c.workspace_id, c.pipeline_id
+                                          ORDER BY c.priority DESC, c.available_at) AS rank_in_pipeline,
+                       row_number() OVER (PARTITION BY c.workspace_id
+                                          ORDER BY c.priority DESC, c.available_at) AS rank_in_workspace
+                FROM candidates c
+            ), room_p AS (
+                SELECT * FROM unnest(%(room_p_ws)s::text[], %(room_p)s::text[], %(room_p_n)s::int[])
+                    AS r(workspace_id, pipeline_id, n)
+            ), room_ws AS (
+                SELECT * FROM unnest(%(room_ws)s::text[], %(room_ws_n)s::int[]) AS r(workspace_id, n)
+            ), allowed AS (
+                SELECT r.id FROM ranked r
+                LEFT JOIN room_p p ON p.workspace_id = r.workspace_id AND p.pipeline_id = r.pipeline_id
+                LEFT JOIN room_ws w ON w.workspace_id = r.workspace_id
+                WHERE (p.n IS NULL OR r.rank_in_pipeline <= p.n) AND (w.n IS NULL OR r.rank_in_workspace <= w.n)
+            )"""
+
+
+def _claim(conn: Connection, params: dict[str, Any], allowed: str) -> list[Row]:
     rows = conn.execute(
         f"""WITH candidates AS (
-                SELECT id FROM tasks
+                SELECT id, workspace_id, pipeline_id, priority, available_at FROM tasks
                 WHERE status = 'ready' AND available_at <= tw_now()
                   AND (%(run_id)s::uuid IS NULL OR run_id = %(run_id)s::uuid)
+                  AND NOT (workspace_id = ANY(%(full_ws)s::text[]))
+                  AND (workspace_id, pipeline_id) NOT IN (
+                      SELECT * FROM unnest(%(full_p_ws)s::text[], %(full_p)s::text[]))
                 ORDER BY priority DESC, available_at
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED
-            ), claimed AS (
+            ){allowed}, claimed AS (
                 UPDATE tasks t SET status = 'dispatched', attempt = t.attempt + 1,
                        claim_token = gen_random_uuid(), dispatched_at = tw_now(),
                        lease_expires_at = LEAST(
                            tw_now() + make_interval(secs => 2 * t.heartbeat_s),
                            tw_now() + make_interval(secs => COALESCE(t.timeout_s, 2147483647))),
                        progress = NULL, message = NULL
-                FROM candidates c
+                FROM allowed c
                 WHERE t.id = c.id AND t.status = 'ready'
                 RETURNING {_CLAIMED_COLUMNS}
             ), attempts AS (
@@ -54,7 +137,7 @@ def claim_ready_tasks(conn: Connection, limit: int, *, run_id: uuid.UUID | None 
                 SELECT id, attempt, claim_token, 'dispatched', dispatched_at FROM claimed
             )
             SELECT * FROM claimed""",
-        {"limit": limit, "run_id": run_id},
+        params,
     ).fetchall()
     return rows
 

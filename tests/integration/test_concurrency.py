@@ -147,3 +147,54 @@ def test_racing_finishers_of_the_last_tasks_finish_the_run_once(engine: Engine) 
         assert Counter(outcomes)["succeeded"] == 1  # the last one, and only it, saw the run finish
         run_row, _ = engine.get_run(WORKSPACE, run.id)
         assert run_row["status"] == "succeeded"
+
+
+def test_max_active_tasks_holds_under_eight_racing_ticks(engine: Engine) -> None:
+    engine.create_pipeline(WORKSPACE, {"id": "limited", "concurrency": {"max_active_tasks": 5},
+                                       "nodes": [{"id": "x", "task": "echo"}]})
+    engine.create_pipeline(WORKSPACE, {"id": "free", "nodes": [{"id": "x", "task": "echo"}]})
+    engine.trigger_run(WORKSPACE, "limited", versions=[f"v{i}" for i in range(100)], dispatch_now=False)
+    engine.trigger_run(WORKSPACE, "free", versions=[f"v{i}" for i in range(40)], dispatch_now=False)
+
+    barrier = threading.Barrier(8)
+    claimed: list[Row] = []
+    lock = threading.Lock()
+
+    def tick(index: int) -> None:
+        with connect(engine.settings.database_url) as conn:
+            barrier.wait()
+            for _ in range(10):
+                with conn.transaction():
+                    batch = task_store.claim_ready_tasks(conn, 7)
+                with lock:
+                    claimed.extend(batch)
+
+    assert _run_threads(8, tick) == []
+    per_pipeline = Counter(row["pipeline_id"] for row in claimed)
+    assert per_pipeline == {"limited": 5, "free": 40}  # never over the limit, the rest unhindered
+    assert len({row["id"] for row in claimed}) == len(claimed)
+
+    # finishing two makes room for exactly two more
+    for row in [r for r in claimed if r["pipeline_id"] == "limited"][:2]:
+        def work(conn: Connection, row: Row = row) -> AttemptResult:
+            return finish_attempt(conn, row["id"], row["attempt"], row["claim_token"], succeeded=True,
+                                  output={"key": "k"})
+        engine.db.run_in_transaction(work)
+    with engine.db.transaction() as conn:
+        more = task_store.claim_ready_tasks(conn, 100)
+    assert Counter(r["pipeline_id"] for r in more) == {"limited": 2}
+
+
+def test_workspace_max_active_tasks_spans_its_pipelines(engine: Engine) -> None:
+    from orchestrator.engine.keys import set_workspace_task_limit
+
+    set_workspace_task_limit(engine.db, WORKSPACE, 3)
+    for pid in ("a", "b"):
+        engine.create_pipeline(WORKSPACE, {"id": pid, "nodes": [{"id": "x", "task": "echo"}]})
+        engine.trigger_run(WORKSPACE, pid, versions=["1", "2", "3"], dispatch_now=False)
+    engine.create_api_key("other", "admin")
+    engine.create_pipeline("other", {"id": "a", "nodes": [{"id": "x", "task": "echo"}]})
+    engine.trigger_run("other", "a", versions=["1", "2", "3"], dispatch_now=False)
+    with engine.db.transaction() as conn:
+        claimed = task_store.claim_ready_tasks(conn, 100)
+    assert Counter(r["workspace_id"] for r in claimed) == {WORKSPACE: 3, "other": 3}
