@@ -367,3 +367,42 @@ def test_idempotency_key_expires_after_its_ttl(engine: Engine) -> None:
     set_clock(engine, datetime.now(UTC) + timedelta(seconds=engine.settings.idempotency_ttl_s + 5))
     later = engine.trigger_run(WORKSPACE, "p", idempotency_key="k", dispatch_now=False)
     assert later.created and later.id != first.id
+
+
+def test_timeout_s_is_a_hard_limit_even_with_heartbeats(engine: Engine) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from orchestrator.engine.tick import expire_leases
+
+    start = datetime.now(UTC)
+    set_clock(engine, start)
+    engine.create_pipeline(WORKSPACE, {"id": "slow", "nodes": [
+        {"id": "x", "task": "sleep", "timeout_s": 30, "heartbeat_s": 20}]})
+    run = engine.trigger_run(WORKSPACE, "slow", dispatch_now=False)
+    (task,) = claim(engine)
+    for seconds in (10, 20):  # heartbeats keep coming...
+        set_clock(engine, start + timedelta(seconds=seconds))
+        with engine.db.transaction() as conn:
+            assert task_store.mark_running(conn, task["id"], task["attempt"], task["claim_token"], None, None)
+    set_clock(engine, start + timedelta(seconds=31))  # ...but the attempt's 30 s are up
+    assert expire_leases(engine.db, engine.settings, 10) == 1
+    _, tasks = engine.get_run(WORKSPACE, run.id)
+    assert tasks[0]["status"] == "dead" and tasks[0]["error"]["code"] == "timeout"
+
+
+def test_exponential_backoff_delays_follow_the_policy(engine: Engine) -> None:
+    engine.create_pipeline(WORKSPACE, {"id": "backoff", "nodes": [
+        {"id": "x", "task": "fail", "retry": {"max_attempts": 4, "backoff": "exponential",
+                                              "base_delay_s": 10, "max_delay_s": 25}}]})
+    engine.trigger_run(WORKSPACE, "backoff", dispatch_now=False)
+    delays = []
+    for _ in range(3):
+        (task,) = claim(engine)
+        finish(engine, task, ok=False)
+        with engine.db.connection() as conn:
+            row = conn.execute("SELECT extract(epoch FROM available_at - tw_now()) AS d FROM tasks WHERE id = %s",
+                               (task["id"],)).fetchone()
+            assert row is not None
+            delays.append(round(float(row["d"])))
+            conn.execute("UPDATE tasks SET available_at = tw_now() WHERE id = %s", (task["id"],))
+    assert delays == [10, 20, 25]  # base, 2 x base, capped at max_delay_s
