@@ -298,3 +298,22 @@ def test_idle_tick_over_100000_schedules_uses_the_due_index(engine: Engine) -> N
     text = str(plan)
     assert "schedules_due_idx" in text and "Seq Scan" not in text
     assert fire(engine).schedules == 0
+
+
+def test_jitter_delays_each_slot_by_a_deterministic_offset(engine: Engine) -> None:
+    from orchestrator.engine.cron import jitter_offset_s
+
+    set_clock(engine, at("2026-01-01T00:00:30"))
+    engine.create_pipeline(WORKSPACE, pipeline("jittery", "*/5 * * * *", jitter_s=120))
+    row = schedule_row(engine, "jittery")
+    offset = jitter_offset_s(str(row["id"]), row["next_slot"], 120)
+    assert row["next_fire_at"] == row["next_slot"] + timedelta(seconds=offset) and 0 <= offset <= 120
+    set_clock(engine, row["next_slot"] + timedelta(seconds=offset) - timedelta(seconds=2))
+    assert fire(engine).runs == 0  # the slot has come, its jittered fire time not yet
+    set_clock(engine, row["next_slot"] + timedelta(seconds=offset) + timedelta(seconds=1))
+    fire(engine)
+    (run,) = runs_of(engine, "jittery")
+    assert run["scheduled_at"] == at("2026-01-01T00:05:00")  # the run records the nominal slot
+    following = schedule_row(engine, "jittery")
+    assert following["next_fire_at"] - following["next_slot"] == timedelta(
+        seconds=jitter_offset_s(str(row["id"]), following["next_slot"], 120))
