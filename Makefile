@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint bench clean package
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.claim_throughput
+
+package: $(BIN)/python
+	$(BIN)/python -m infra.package
 
 clean:
 	rm -rf $(VENV) .tickweave .pytest_cache .mypy_cache .ruff_cache

@@ -1,23 +1,156 @@
-"""Lambda entry for the API function: API Gateway HTTP events through Mangum; EventBridge
-(Scheduler or rule) events run one tick directly. Nothing heavy happens at import: the
-engine (database connection, boto3 clients) is built by the first event that needs it."""
+"""Lambda entry for the API function.
+
+Events:
+- API Gateway (HTTP API, payload 2.0) and other HTTP events go through Mangum to the Starlette app;
+- an EventBridge Scheduler target input `{"tickweave": "tick"}`, or a classic EventBridge rule
+  event (`source: aws.events`, `detail-type: Scheduled Event`), runs one tick;
+- `{"tickweave": "migrate"}` applies pending database migrations (advisory-locked);
+- `{"tickweave": "create-key", "workspace": W, "role": R, "name": N}` creates an API key and
+  returns it, once.
+Only principals allowed to invoke the function can send the last three: API Gateway always wraps
+a request in its own event shape, so none of them can be forged over HTTP.
+
+Nothing heavy happens at import: this module imports only the standard library and the
+configuration. The first event resolves settings (reading `NAME_FROM` references from Secrets
+Manager / SSM) and builds what that event needs: a migration needs only psycopg; an HTTP request
+or a tick builds the app and the engine. The engine's database connection is opened by the first
+query and reused across invocations.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from mangum import Mangum
+from orchestrator.config import Settings, load_resolved_settings
 
-from orchestrator.api.app import create_app
-from orchestrator.config import load_settings
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from orchestrator.dispatch.base import Transport
+    from orchestrator.engine.service import Engine
 
 log = logging.getLogger(__name__)
 
-settings = load_settings()
-app = create_app(settings.with_overrides(mode="lambda") if settings.mode == "local" else settings)
-_http = Mangum(app, lifespan="off")
+COMMANDS = ("tick", "migrate", "create-key")
+_WORKSPACE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class LambdaTransport:
+    """Dispatch by asynchronous Lambda invoke (`InvocationType=Event`) of the worker function.
+
+    Lambda queues the event and answers 202 at once; a dispatch that Lambda refuses (throttled
+    beyond its retries, payload too large, no such function, no permission) raises, and the
+    dispatcher puts the task back to `ready`. What happens after acceptance is the lease's
+    business: a worker that never calls back lets the lease expire and the tick retries.
+    """
+
+    name = "lambda"
+
+    def __init__(self, function_name: str, *, region: str, client: Any | None = None) -> None:
+        self.function_name = function_name
+        self._region = region
+        self._client = client
+        self._lock = threading.Lock()
+
+    def _lambda(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                # boto3 on first dispatch, not at import.
+                import boto3
+                from botocore.config import Config
+
+                self._client = boto3.session.Session(region_name=self._region).client(
+                    "lambda",
+                    config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=10),
+                )
+            return self._client
+
+    def send(self, message: dict[str, Any]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from orchestrator.dispatch.base import DispatchError
+
+        payload = json.dumps(message, separators=(",", ":"), default=str).encode()
+        try:
+            response = self._lambda().invoke(FunctionName=self.function_name, InvocationType="Event", Payload=payload)
+        except (BotoCoreError, ClientError) as exc:
+            raise DispatchError(f"invoking {self.function_name} failed: {exc}") from exc
+        status = response.get("StatusCode")
+        if status != 202:
+            raise DispatchError(f"invoking {self.function_name} answered {status}, not 202")
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and hasattr(client, "close"):
+            client.close()
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    app: Starlette
+    http: Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
+_lock = threading.RLock()
+_settings: Settings | None = None
+_runtime: Runtime | None = None
+
+
+def get_settings() -> Settings:
+    """Settings of this process, resolved on first use (once per cold start)."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            settings = load_resolved_settings()
+            _settings = settings.with_overrides(mode="lambda") if settings.mode == "local" else settings
+        return _settings
+
+
+def build_transports(settings: Settings) -> dict[str, Transport]:
+    """The engine's transports, plus `lambda` when a worker function is configured."""
+    from orchestrator.engine.service import build_transports as engine_transports
+
+    transports = engine_transports(settings)
+    if settings.worker_function:
+        transports["lambda"] = LambdaTransport(settings.worker_function, region=settings.aws_region)
+    elif "lambda" in settings.transports.values():
+        log.warning("TICKWEAVE_TRANSPORTS names 'lambda' but TICKWEAVE_WORKER_FUNCTION is not set")
+    return transports
+
+
+def get_runtime() -> Runtime:
+    """The app and engine of this process, built by the first event that needs them."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            from mangum import Mangum
+
+            from orchestrator.api.app import create_app
+            from orchestrator.db.connection import Database
+            from orchestrator.engine.service import Engine
+
+            settings = get_settings()
+            db = Database(settings.database_url, check_idle_s=settings.db_check_idle_s)
+            engine = Engine(settings, db=db, transports=build_transports(settings))
+            app = create_app(settings, engine)
+            _runtime = Runtime(settings, engine, app, Mangum(app, lifespan="off"))
+        return _runtime
+
+
+def __getattr__(name: str) -> Any:
+    # `handler.api.app` is the Starlette app, built on first access rather than at import.
+    if name == "app":
+        return get_runtime().app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_scheduled_tick(event: Any) -> bool:
@@ -30,15 +163,61 @@ def is_scheduled_tick(event: Any) -> bool:
     return event.get("tickweave") == "tick"
 
 
+def tick(context: Any) -> dict[str, Any]:
+    # IAM guards who may invoke this function, so the scheduled tick carries no secret.
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    summary = get_runtime().engine.tick(
+        remaining_s=(lambda: remaining() / 1000.0) if callable(remaining) else None
+    )
+    result: dict[str, Any] = summary.to_dict()
+    log.info(json.dumps({"event": "tick", **result}))
+    return result
+
+
+def migrate() -> dict[str, Any]:
+    """Apply pending migrations to the configured database; needs neither the app nor boto3
+    beyond resolving the database secret."""
+    from orchestrator.db.migrate import applied_versions
+    from orchestrator.db.migrate import migrate as apply_migrations
+
+    url = get_settings().database_url
+    if not url:
+        raise ValueError("no database configured: set DATABASE_URL or DATABASE_URL_FROM")
+    applied = apply_migrations(url)
+    result = {"applied": applied, "versions": applied_versions(url)}
+    log.info(json.dumps({"event": "migrate", **result}))
+    return result
+
+
+def create_key(event: dict[str, Any]) -> dict[str, Any]:
+    workspace = event.get("workspace", "default")
+    role = event.get("role", "admin")
+    name = event.get("name", "")
+    if not isinstance(workspace, str) or not _WORKSPACE_ID.match(workspace):
+        raise ValueError("workspace must be a slug: lowercase letters, digits, '-' and '_', at most 63")
+    if not isinstance(role, str) or not isinstance(name, str):
+        raise ValueError("role and name must be strings")
+    from orchestrator.engine.errors import EngineError
+
+    try:
+        raw, key_id = get_runtime().engine.create_api_key(workspace, role, name=name)
+    except EngineError as exc:
+        raise ValueError(exc.message) from exc
+    log.info(json.dumps({"event": "create-key", "id": key_id, "workspace": workspace, "role": role}))
+    return {"id": key_id, "key": raw, "workspace": workspace, "role": role}
+
+
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    if isinstance(event, dict) and "tickweave" in event:
+        command = event["tickweave"]
+        if command == "tick":
+            return tick(context)
+        if command == "migrate":
+            return migrate()
+        if command == "create-key":
+            return create_key(event)
+        raise ValueError(f"unknown tickweave command {command!r}; one of {', '.join(COMMANDS)}")
     if is_scheduled_tick(event):
-        # IAM guards who may invoke this function, so the scheduled tick carries no secret.
-        remaining = getattr(context, "get_remaining_time_in_millis", None)
-        summary = app.state.get_engine().tick(
-            remaining_s=(lambda: remaining() / 1000.0) if callable(remaining) else None
-        )
-        result: dict[str, Any] = summary.to_dict()
-        log.info(json.dumps({"event": "tick", **result}))
-        return result
-    response: dict[str, Any] = _http(event, context)
+        return tick(context)
+    response: dict[str, Any] = get_runtime().http(event, context)
     return response

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import quote
 
 # A development key ring: derived from a fixed phrase so `make dev` works with no setup.
 # Deployments set TICKWEAVE_TOKEN_KEYS; `Settings.is_dev_keyring` lets /api/info warn.
@@ -47,6 +50,11 @@ class Settings:
     idempotency_ttl_s: int = 86_400
     max_body_bytes: int = 1_048_576
     mode: str = "local"  # local | lambda
+    # A pooled connection idle this long is checked (an empty query) before reuse: after a
+    # Lambda environment was frozen, the server or RDS Proxy may have closed it.
+    db_check_idle_s: float = 5.0
+    # Name or ARN of the worker Lambda the `lambda` transport invokes (InvocationType=Event).
+    worker_function: str | None = None
 
     @property
     def is_dev_keyring(self) -> bool:
@@ -120,4 +128,149 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["max_body_bytes"] = int(env["TICKWEAVE_MAX_BODY_BYTES"])
     if env.get("TICKWEAVE_MODE"):
         changes["mode"] = env["TICKWEAVE_MODE"]
+    if env.get("TICKWEAVE_DB_CHECK_IDLE_S"):
+        changes["db_check_idle_s"] = float(env["TICKWEAVE_DB_CHECK_IDLE_S"])
+    if env.get("TICKWEAVE_WORKER_FUNCTION"):
+        changes["worker_function"] = env["TICKWEAVE_WORKER_FUNCTION"]
     return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+# --- Values kept in Secrets Manager or SSM Parameter Store -------------------------------------
+#
+# On AWS the function configuration holds references, not secrets: `NAME_FROM=<reference>` fills
+# the variable NAME, once per cold start, on the first event (never at import). A reference is a
+# Secrets Manager secret ARN, an SSM parameter ARN, or `secretsmanager:<name>` / `ssm:<name>`,
+# optionally followed by `#field` to pick one field of a JSON secret. NAME set directly wins.
+
+REFERENCE_SUFFIX = "_FROM"
+REFERABLE_VARIABLES = ("DATABASE_URL", "TICKWEAVE_TOKEN_KEYS", "TICKWEAVE_TICK_SECRET", "TICKWEAVE_PUBLIC_URL")
+
+Fetch = Callable[[str], str]
+
+
+class SecretReferenceError(Exception):
+    """A `NAME_FROM` reference that could not be resolved; the message never holds a secret value."""
+
+
+def parse_reference(reference: str) -> tuple[str, str, str | None]:
+    """`reference` (without `#field`) -> (service, identifier, region or None).
+
+    service is `secretsmanager` or `ssm`; the identifier is what the service's API takes (an ARN
+    is passed as is: both GetSecretValue and GetParameter accept one)."""
+    if reference.startswith("arn:"):
+        parts = reference.split(":", 5)
+        if len(parts) == 6 and parts[2] in ("secretsmanager", "ssm") and parts[5]:
+            if parts[2] == "ssm" and not parts[5].startswith("parameter/"):
+                raise SecretReferenceError(f"{reference!r} is not an SSM parameter ARN")
+            return parts[2], reference, parts[3] or None
+        raise SecretReferenceError(
+            f"{reference!r} is neither a Secrets Manager secret ARN nor an SSM parameter ARN"
+        )
+    service, sep, name = reference.partition(":")
+    if sep and service in ("secretsmanager", "ssm") and name:
+        return service, name, None
+    raise SecretReferenceError(
+        f"{reference!r} is not a reference: use a secret or parameter ARN, 'secretsmanager:NAME' or 'ssm:NAME'"
+    )
+
+
+def fetch_reference(reference: str) -> str:
+    """Read one secret or parameter with the ambient AWS credentials (the function's role).
+
+    boto3 is imported here, not at module level, so that importing the configuration stays cheap;
+    endpoints follow the standard AWS settings (`AWS_ENDPOINT_URL_SECRETS_MANAGER`, ...)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    service, identifier, region = parse_reference(reference)
+    session = boto3.session.Session()
+    client: Any = session.client(service, region_name=region or session.region_name or "us-east-1")  # type: ignore[call-overload]
+    try:
+        if service == "secretsmanager":
+            response = client.get_secret_value(SecretId=identifier)
+            if "SecretString" not in response:
+                raise SecretReferenceError(f"{reference}: binary secrets are not supported; store text")
+            return str(response["SecretString"])
+        return str(client.get_parameter(Name=identifier, WithDecryption=True)["Parameter"]["Value"])
+    except (BotoCoreError, ClientError) as exc:
+        raise SecretReferenceError(f"{reference}: {exc}") from exc
+
+
+def database_url_from_parts(parts: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """A `postgresql://` URL from an RDS-style secret (`username`, `password`, `host`, `port`,
+    `dbname`, as RDS and RDS Proxy secrets hold them). TICKWEAVE_DB_HOST (an RDS Proxy endpoint),
+    TICKWEAVE_DB_PORT and TICKWEAVE_DB_NAME override the secret's fields; TICKWEAVE_DB_SSLMODE
+    defaults to `require` (RDS and RDS Proxy speak TLS)."""
+    host = env.get("TICKWEAVE_DB_HOST") or str(parts.get("host") or "")
+    if not host:
+        raise SecretReferenceError(
+            "the database secret has no 'host' (an RDS-managed master secret holds only the user "
+            "and password): set TICKWEAVE_DB_HOST (the DatabaseHost parameter of the template)"
+        )
+    port = env.get("TICKWEAVE_DB_PORT") or str(parts.get("port") or 5432)
+    dbname = env.get("TICKWEAVE_DB_NAME") or str(parts.get("dbname") or "postgres")
+    sslmode = env.get("TICKWEAVE_DB_SSLMODE") or "require"
+    user = quote(str(parts["username"]), safe="")
+    password = quote(str(parts["password"]), safe="")
+    netloc_host = f"[{host}]" if ":" in host else host
+    return f"postgresql://{user}:{password}@{netloc_host}:{port}/{quote(dbname, safe='')}?sslmode={quote(sslmode)}"
+
+
+def _interpret(name: str, raw: str, selected: str, env: Mapping[str, str]) -> str:
+    """The value of variable `name` from a secret's text (plain, or JSON in a known shape)."""
+    data: Any = None
+    if raw.lstrip().startswith("{"):
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+    if selected:
+        if not isinstance(data, dict) or selected not in data:
+            raise SecretReferenceError(f"{name}: the secret is not a JSON object with a field {selected!r}")
+        value = data[selected]
+        if isinstance(value, dict | list):
+            raise SecretReferenceError(f"{name}: field {selected!r} of the secret is not a plain value")
+        return str(value)
+    if isinstance(data, dict):
+        if isinstance(data.get(name), str | int | float):
+            return str(data[name])
+        if name == "DATABASE_URL" and "username" in data and "password" in data:
+            return database_url_from_parts(data, env)
+        if name == "TICKWEAVE_TOKEN_KEYS" and isinstance(data.get("kid"), str) and isinstance(data.get("key"), str):
+            return f"{data['kid']}:{data['key']}"
+        raise SecretReferenceError(
+            f"{name}: the secret is a JSON object without a field {name!r} or another shape this "
+            "variable understands; add '#field' to the reference to pick a field"
+        )
+    return raw.strip()
+
+
+def resolve_references(env: Mapping[str, str] | None = None, fetch: Fetch | None = None) -> dict[str, str]:
+    """Fetch every `NAME_FROM` reference whose NAME is not set directly; returns {NAME: value}.
+
+    Each distinct secret is read once, however many variables point into it."""
+    env = os.environ if env is None else env
+    fetch = fetch or fetch_reference
+    fetched: dict[str, str] = {}
+    resolved: dict[str, str] = {}
+    for name in REFERABLE_VARIABLES:
+        reference = env.get(name + REFERENCE_SUFFIX, "").strip()
+        if not reference or env.get(name):
+            continue
+        base, _, selected = reference.partition("#")
+        if base not in fetched:
+            try:
+                fetched[base] = fetch(base)
+            except SecretReferenceError:
+                raise
+            except Exception as exc:
+                raise SecretReferenceError(f"{name}{REFERENCE_SUFFIX}={base}: {type(exc).__name__}: {exc}") from exc
+        resolved[name] = _interpret(name, fetched[base], selected, env)
+    return resolved
+
+
+def load_resolved_settings(env: Mapping[str, str] | None = None, fetch: Fetch | None = None) -> Settings:
+    """`load_settings` after resolving `NAME_FROM` references (a no-op when there are none)."""
+    env = os.environ if env is None else env
+    resolved = resolve_references(env, fetch)
+    return load_settings({**env, **resolved} if resolved else env)

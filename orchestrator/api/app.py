@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -411,6 +412,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                      f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail))
 
     async def internal_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, psycopg.OperationalError):
+            # The database is unreachable (restart, failover): nothing was half-written, and the
+            # same request can be sent again; workers and EventBridge retry on 503.
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+            return error(503, "unavailable", "the database is unavailable; retry shortly", headers={"Retry-After": "1"})
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error(500, "internal", "internal error; the server log has the details")
 

@@ -1,16 +1,21 @@
 """Connections: one small thread-safe pool per process.
 
 On Lambda the pool holds one connection reused across invocations; a connection found broken
-is dropped and a new one opened. No session state is relied on (RDS Proxy pins sessions that
-use it), and server-side prepared statements are off for the same reason.
+is dropped and a new one opened. Between invocations the environment is frozen, and the
+server or RDS Proxy may close an idle connection meanwhile, so a connection idle longer than
+`check_idle_s` is checked with an empty query (one round trip) before it is handed out, and a
+transaction whose BEGIN fails on a reused connection is begun again on a new one (nothing has
+run yet). No session state is relied on (RDS Proxy pins sessions that use it), and server-side
+prepared statements are off (`prepare_threshold=None`) for the same reason.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -25,28 +30,71 @@ T = TypeVar("T")
 RETRYABLE_ERRORS: tuple[type[Exception], ...] = (errors.DeadlockDetected, errors.SerializationFailure)
 
 
+# Seconds a connection attempt may take before it fails, unless the URL says otherwise: a
+# Lambda with an unreachable database should fail within its timeout, not hang through it.
+DEFAULT_CONNECT_TIMEOUT_S = 10
+# A pooled connection idle at least this long is checked before reuse.
+DEFAULT_CHECK_IDLE_S = 5.0
+
+
 def connect(url: str, *, autocommit: bool = True) -> Connection:
-    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, prepare_threshold=None)
+    options: dict[str, Any] = {}
+    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+        options["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT_S
+    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, prepare_threshold=None, **options)
 
 
 class Database:
-    """A bounded pool of autocommit connections; `transaction()` opens an explicit transaction."""
+    """A bounded pool of autocommit connections; `transaction()` opens an explicit transaction.
 
-    def __init__(self, url: str, *, max_size: int = 10) -> None:
+    `check_idle_s`: a pooled connection idle at least this long is checked with an empty query
+    before reuse (None: never check)."""
+
+    def __init__(self, url: str, *, max_size: int = 10, check_idle_s: float | None = DEFAULT_CHECK_IDLE_S) -> None:
         self.url = url
         self._max_size = max_size
-        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
+        self._check_idle_s = check_idle_s
+        # (connection, time.monotonic() when it went idle)
+        self._idle: queue.LifoQueue[tuple[Connection, float]] = queue.LifoQueue()
         self._opened = 0
         self._lock = threading.Lock()
         self._available = threading.Semaphore(max_size)
 
+    @property
+    def opened(self) -> int:
+        """Connections this pool holds open now (in use or idle)."""
+        with self._lock:
+            return self._opened
+
     @contextmanager
     def connection(self) -> Iterator[Connection]:
+        with self._checkout() as (conn, _reused):
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        for attempt in (1, 2):
+            with ExitStack() as stack:
+                conn, reused = stack.enter_context(self._checkout())
+                try:
+                    stack.enter_context(conn.transaction())  # sends BEGIN
+                except psycopg.OperationalError:
+                    if reused and attempt == 1:
+                        # The pooled connection died while idle; nothing ran, so begin again on a
+                        # new one. Leaving the stack returns the broken connection, which drops it.
+                        continue
+                    raise
+                yield conn
+                return
+
+    @contextmanager
+    def _checkout(self) -> Iterator[tuple[Connection, bool]]:
+        """A connection and whether it was reused from the pool (False: opened just now)."""
         self._available.acquire()
         conn: Connection | None = None
         try:
-            conn = self._take()
-            yield conn
+            conn, reused = self._take()
+            yield conn, reused
         except psycopg.OperationalError:
             # A broken connection is not returned to the pool.
             if conn is not None:
@@ -55,52 +103,76 @@ class Database:
             raise
         finally:
             if conn is not None:
-                if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                if (conn.closed or conn.broken
+                        or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
                     self._discard(conn)
                 else:
-                    self._idle.put(conn)
+                    self._idle.put((conn, time.monotonic()))
             self._available.release()
 
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        with self.connection() as conn, conn.transaction():
-            yield conn
-
-    def run_in_transaction(self, work: Callable[[Connection], T], *, attempts: int = 5) -> T:
-        """Run `work` in a transaction, replaying it whole after a deadlock or serialization failure."""
-        for attempt in range(1, attempts + 1):
+    def run_in_transaction(
+        self, work: Callable[[Connection], T], *, attempts: int = 5, reconnect_within_s: float = 10.0
+    ) -> T:
+        """Run `work` in a transaction, replaying it whole after a deadlock or serialization
+        failure, and after a lost connection (a database restart or failover) for up to
+        `reconnect_within_s`. Replaying is safe because every transition is guarded by the state
+        it expects: a transition that did commit before the connection dropped is refused the
+        second time, and the caller is told so."""
+        deadline = time.monotonic() + reconnect_within_s
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 with self.transaction() as conn:
                     return work(conn)
             except RETRYABLE_ERRORS:
-                if attempt == attempts:
+                if attempt >= attempts:
                     raise
-        raise AssertionError("unreachable")
+            except psycopg.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # back off while the server comes back
+                delay = min(delay * 2, 1.0)
 
     def close(self) -> None:
         while True:
             try:
-                conn = self._idle.get_nowait()
+                conn, _ = self._idle.get_nowait()
             except queue.Empty:
                 return
             self._discard(conn)
 
-    def _take(self) -> Connection:
+    def _take(self) -> tuple[Connection, bool]:
         while True:
             try:
-                conn = self._idle.get_nowait()
+                conn, idle_since = self._idle.get_nowait()
             except queue.Empty:
                 break
-            if not conn.closed and not conn.broken:
-                return conn
-            self._discard(conn)
+            if conn.closed or conn.broken:
+                self._discard(conn)
+                continue
+            if (self._check_idle_s is not None and time.monotonic() - idle_since >= self._check_idle_s
+                    and not _alive(conn)):
+                self._discard(conn)
+                continue
+            return conn, True
         conn = connect(self.url)
         with self._lock:
             self._opened += 1
-        return conn
+        return conn, False
 
     def _discard(self, conn: Connection) -> None:
         with self._lock:
             self._opened -= 1
         with suppress(Exception):  # closing a broken connection may itself fail
             conn.close()
+
+
+def _alive(conn: Connection) -> bool:
+    """One round trip with an empty query (no statement runs); False if the connection is dead."""
+    try:
+        conn.execute("")
+    except psycopg.Error:
+        return False
+    return True

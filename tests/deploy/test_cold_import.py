@@ -1,0 +1,82 @@
+"""What a cold start loads, in fresh interpreters. Structural only: no wall times are asserted
+(bench/cold_start.py measures them, docs/benchmarks.md records them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.s3 import free_port
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+EVENTS = ROOT / "tests" / "fixtures" / "events"
+HEAVY = ("boto3", "botocore", "psycopg", "starlette", "mangum", "pydantic", "joserfc", "yaml", "httpx", "croniter")
+
+PROBE = """
+import json, sys
+import {module}
+def loaded():
+    return sorted(name for name in sys.modules if "." not in name or name.startswith(("orchestrator.", "handler.")))
+at_import = loaded()
+result = None
+if len(sys.argv) > 1:
+    try:
+        result = {module}.lambda_handler(json.loads(sys.argv[1]), None)
+    except Exception as exc:
+        result = {{"raised": type(exc).__name__}}
+print(json.dumps({{"at_import": at_import, "result": result, "after_event": loaded()}}))
+"""
+
+
+def probe(module: str, event: dict[str, Any] | None = None, **env: str) -> dict[str, Any]:
+    # A database nobody listens on: any attempt to connect fails.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("TICKWEAVE_", "DATABASE_URL"))}
+    environment.update({"DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none?connect_timeout=1",
+                        "TICKWEAVE_LOCAL_WORKER": "", **env})
+    argv = [json.dumps(event)] if event is not None else []
+    done = subprocess.run([sys.executable, "-c", PROBE.format(module=module), *argv], env=environment,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def test_importing_the_api_handler_loads_no_sdk_driver_or_framework() -> None:
+    loaded = set(probe("handler.api")["at_import"])
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    # of the library, only the configuration
+    assert {name for name in loaded if name.startswith("orchestrator.")} == {"orchestrator.config"}
+
+
+def test_importing_the_worker_handler_loads_no_sdk() -> None:
+    loaded = set(probe("handler.worker")["at_import"])
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    assert {name for name in loaded if name.startswith("orchestrator.")} == {"orchestrator.config"}
+
+
+def test_importing_the_api_handler_resolves_no_reference() -> None:
+    """References are resolved by the first event: at import, not even a bad one is looked at."""
+    loaded = probe("handler.api", TICKWEAVE_TICK_SECRET_FROM="not a reference")["at_import"]
+    assert "boto3" not in loaded
+
+
+def test_the_first_http_event_opens_no_database_connection() -> None:
+    """GET /health builds the app but needs no database: the unreachable database is not
+    contacted (which would fail the request)."""
+    event = json.loads((EVENTS / "apigw_v2_get_health.json").read_text())
+    answer = probe("handler.api", event)
+    assert answer["result"]["statusCode"] == 200, answer["result"]
+    assert json.loads(answer["result"]["body"]) == {"status": "ok"}
+
+
+def test_the_migration_invoke_does_not_build_the_app() -> None:
+    """A migration needs psycopg only, not Starlette, Mangum or boto3. (Against the unreachable
+    database it fails, after importing what it needs.)"""
+    answer = probe("handler.api", {"tickweave": "migrate"})
+    assert answer["result"] == {"raised": "OperationalError"}
+    assert "psycopg" in answer["after_event"]
+    assert not {"boto3", "botocore", "starlette", "mangum"} & set(answer["after_event"])

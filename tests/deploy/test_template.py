@@ -1,0 +1,250 @@
+"""template.yaml, offline: it transforms with samtranslator (as CloudFormation's SAM transform
+would), passes cfn-lint with no errors, and says what the deployment relies on: events, retries,
+destinations, secrets as references, least-privilege IAM, a locked-down bucket."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cfnlint.api import lint_all
+from cfnlint.decode import decode_str
+from samtranslator.translator.transform import transform
+
+import handler.api
+import handler.worker
+from infra.package import DEFAULT_OUTPUT
+from orchestrator.config import REFERABLE_VARIABLES, REFERENCE_SUFFIX
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TEMPLATE = ROOT / "template.yaml"
+DB_SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:tickweave/db-AbCdEf"
+DB_PARAMETER = "arn:aws:ssm:us-east-1:123456789012:parameter/tickweave/db"
+
+
+class OfflinePolicyLoader:
+    """Stands in for samtranslator's ManagedPolicyLoader, which lists IAM's managed policies over
+    the network to turn policy names into ARNs. The template names managed policies by ARN only,
+    so the map must never be needed; `calls` proves it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def load(self) -> dict[str, str]:
+        self.calls += 1
+        return {}
+
+
+@cache
+def template_text() -> str:
+    return TEMPLATE.read_text()
+
+
+def sam_template() -> dict[str, Any]:
+    template, problems = decode_str(template_text())
+    assert not problems, problems
+    return json.loads(json.dumps(template))  # plain dicts, as the SAM transform receives them
+
+
+def transformed(**parameters: Any) -> dict[str, Any]:
+    template = copy.deepcopy(sam_template())
+    # what `sam package` / `sam deploy` do: the local artifact becomes its S3 location
+    for resource in template["Resources"].values():
+        if resource["Type"] == "AWS::Serverless::Function":
+            resource["Properties"]["CodeUri"] = "s3://tickweave-artifacts/tickweave-lambda.zip"
+    loader = OfflinePolicyLoader()
+    result = transform(template, {"DatabaseSecretArn": DB_SECRET, **parameters}, loader)
+    assert loader.calls == 0
+    return result
+
+
+@pytest.fixture(scope="module")
+def cfn() -> dict[str, Any]:
+    return transformed()
+
+
+def resources(cfn: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: r for name, r in cfn["Resources"].items() if r["Type"] == kind}
+
+
+def branches(value: Any) -> Iterator[Any]:
+    """Every value an expression can take across its conditions (`Fn::If` gives both)."""
+    if isinstance(value, dict) and set(value) == {"Fn::If"}:
+        _, yes, no = value["Fn::If"]
+        yield from branches(yes)
+        yield from branches(no)
+    elif isinstance(value, list):
+        yield [item for element in value for item in branches(element)] if any(
+            isinstance(e, dict) and "Fn::If" in e for e in value) else value
+    else:
+        yield value
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def statements(cfn: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(resource name, statement) of every identity policy of every role and policy resource."""
+    for name, resource in cfn["Resources"].items():
+        documents: list[dict[str, Any]] = []
+        if resource["Type"] == "AWS::IAM::Role":
+            documents = [p["PolicyDocument"] for p in resource["Properties"].get("Policies", [])]
+        elif resource["Type"] == "AWS::IAM::Policy":
+            documents = [resource["Properties"]["PolicyDocument"]]
+        for document in documents:
+            for statement in document["Statement"]:
+                yield name, statement
+
+
+def test_the_template_transforms_offline(cfn: dict[str, Any]) -> None:
+    kinds = {r["Type"] for r in cfn["Resources"].values()}
+    assert {
+        "AWS::Lambda::Function", "AWS::ApiGatewayV2::Api", "AWS::Scheduler::Schedule", "AWS::S3::Bucket",
+        "AWS::IAM::Role", "AWS::SecretsManager::Secret", "AWS::SSM::Parameter", "AWS::SQS::Queue",
+        "AWS::Lambda::EventInvokeConfig", "AWS::Lambda::Permission",
+    } <= kinds
+    assert set(resources(cfn, "AWS::Lambda::Function")) == {"ApiFunction", "WorkerFunction"}
+    assert set(cfn["Outputs"]) >= {"ApiUrl", "BucketName"}
+
+
+@pytest.mark.parametrize("parameters", [
+    {"DatabaseSecretArn": DB_PARAMETER},
+    {"SubnetIds": "subnet-0123456789abcdef0,subnet-0fedcba9876543210", "SecurityGroupIds": "sg-0123456789abcdef0",
+     "DatabaseHost": "tickweave.proxy-abc.us-east-1.rds.amazonaws.com", "WorkerReservedConcurrency": 50,
+     "AlarmTopicArn": "arn:aws:sns:us-east-1:123456789012:ops"},
+])
+def test_the_template_transforms_with_other_parameters(parameters: dict[str, Any]) -> None:
+    assert set(resources(transformed(**parameters), "AWS::Lambda::Function")) == {"ApiFunction", "WorkerFunction"}
+
+
+def test_cfn_lint_finds_no_errors() -> None:
+    problems = [m for m in lint_all(template_text()) if m.rule.severity == "error"]
+    assert problems == [], "\n".join(str(m) for m in problems)
+
+
+def test_cfn_lint_finds_no_errors_in_the_transformed_template(cfn: dict[str, Any]) -> None:
+    problems = [m for m in lint_all(json.dumps(cfn)) if m.rule.severity == "error"]
+    assert problems == [], "\n".join(str(m) for m in problems)
+
+
+def test_cfn_lint_finds_no_warnings() -> None:
+    warnings = [m for m in lint_all(template_text()) if m.rule.severity == "warning"]
+    assert warnings == [], "\n".join(str(m) for m in warnings)
+
+
+def test_the_api_function_serves_http_and_runs_the_tick(cfn: dict[str, Any]) -> None:
+    function = cfn["Resources"]["ApiFunction"]["Properties"]
+    assert function["Handler"] == "handler.api.lambda_handler"
+    assert function["ReservedConcurrentExecutions"] == {"Ref": "ApiReservedConcurrency"}
+    assert function["Timeout"] == 30
+
+    route = cfn["Resources"]["HttpApi"]["Properties"]["Body"]["paths"]["$default"]["x-amazon-apigateway-any-method"]
+    integration = route["x-amazon-apigateway-integration"]
+    assert integration["payloadFormatVersion"] == "2.0" and "${ApiFunction.Arn}" in integration["uri"]["Fn::Sub"]
+
+    (schedule,) = resources(cfn, "AWS::Scheduler::Schedule").values()
+    target = schedule["Properties"]["Target"]
+    assert target["Arn"] == {"Fn::GetAtt": ["ApiFunction", "Arn"]}
+    assert handler.api.is_scheduled_tick(json.loads(target["Input"]))
+    assert target["RetryPolicy"] == {"MaximumRetryAttempts": 0, "MaximumEventAgeInSeconds": 60}
+    assert "Name" not in schedule["Properties"]  # generated: two stacks in one account do not collide
+    assert cfn["Parameters"]["TickScheduleExpression"]["Default"] == "rate(1 minute)"
+
+    invoke_config = cfn["Resources"]["ApiFunctionEventInvokeConfig"]["Properties"]
+    assert invoke_config["MaximumRetryAttempts"] == 0  # a failed tick is not retried: the next one comes
+
+
+def test_failed_async_worker_invokes_go_to_a_queue(cfn: dict[str, Any]) -> None:
+    function = cfn["Resources"]["WorkerFunction"]["Properties"]
+    assert function["Handler"] == "handler.worker.lambda_handler"
+    config = cfn["Resources"]["WorkerFunctionEventInvokeConfig"]["Properties"]
+    assert config["MaximumRetryAttempts"] == 0  # the orchestrator retries, through the lease
+    assert config["DestinationConfig"]["OnFailure"]["Destination"] == {"Fn::GetAtt": ["WorkerFailedInvokes", "Arn"]}
+    worker_actions = {a for name, s in statements(cfn) if name == "WorkerRole" for a in as_list(s["Action"])}
+    assert "sqs:SendMessage" in worker_actions
+
+
+def test_the_api_dispatches_to_the_worker_function(cfn: dict[str, Any]) -> None:
+    env = cfn["Resources"]["ApiFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["TICKWEAVE_TRANSPORTS"] == "*=lambda" and env["TICKWEAVE_LOCAL_WORKER"] == ""
+    assert env["TICKWEAVE_WORKER_FUNCTION"] == {"Ref": "WorkerFunction"}
+    invoke = [s for name, s in statements(cfn) if name == "ApiRole" and s["Action"] == "lambda:InvokeFunction"]
+    assert invoke and {"Fn::GetAtt": ["WorkerFunction", "Arn"]} in invoke[0]["Resource"]
+
+
+def test_the_bucket_is_encrypted_private_and_expires_old_run_objects(cfn: dict[str, Any]) -> None:
+    bucket = cfn["Resources"]["OutputsBucket"]
+    properties = bucket["Properties"]
+    assert properties["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+    assert all(properties["PublicAccessBlockConfiguration"].values())
+    assert set(properties["PublicAccessBlockConfiguration"]) == {
+        "BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"}
+    rules = {r["Id"]: r for r in properties["LifecycleConfiguration"]["Rules"]}
+    assert rules["expire-old-run-objects"]["Prefix"] == "runs/"
+    assert rules["expire-old-run-objects"]["ExpirationInDays"] == {"Ref": "OutputRetentionDays"}
+    assert bucket["DeletionPolicy"] == "Retain"
+    (deny,) = cfn["Resources"]["OutputsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_secrets_reach_the_functions_as_references_only(cfn: dict[str, Any]) -> None:
+    text = template_text()
+    assert "{{resolve:" not in text  # no dynamic references: values would sit in the function configuration
+    api_env = cfn["Resources"]["ApiFunction"]["Properties"]["Environment"]["Variables"]
+    worker_env = cfn["Resources"]["WorkerFunction"]["Properties"]["Environment"]["Variables"]
+    for name in REFERABLE_VARIABLES:
+        # the reference, and the variable itself declared empty (for `sam local --env-vars` only)
+        assert name + REFERENCE_SUFFIX in api_env and api_env[name] == ""
+    assert api_env["DATABASE_URL_FROM"] == {"Ref": "DatabaseSecretArn"}
+    assert worker_env == {"TICKWEAVE_MODE": "lambda", "TICKWEAVE_WORKER": {"Ref": "WorkerModule"},
+                          "TICKWEAVE_TOKEN_KEYS_FROM": {"Ref": "TokenKeysSecret"}, "TICKWEAVE_TOKEN_KEYS": ""}
+    # every variable the template sets is one the code reads
+    sources = "".join((ROOT / path).read_text() for path in ("orchestrator/config.py", "handler/api.py",
+                                                             "handler/worker.py"))
+    for name in [*api_env, *worker_env]:
+        base = name[: -len(REFERENCE_SUFFIX)] if name.endswith(REFERENCE_SUFFIX) else name
+        assert f'"{base}' in sources or name.startswith("AWS_"), f"{name} is read by nothing"
+
+
+def test_iam_is_least_privilege(cfn: dict[str, Any]) -> None:
+    for name, statement in statements(cfn):
+        assert statement["Effect"] == "Allow", (name, statement)
+        for action in as_list(statement["Action"]):
+            assert "*" not in action, f"{name}: wildcard action {action}"
+        for resource in branches(statement["Resource"]):
+            assert resource not in ("*", ["*"]), f"{name}: {statement['Action']} on any resource"
+    by_role: dict[str, set[str]] = {}
+    for name, statement in statements(cfn):
+        by_role.setdefault(name, set()).update(as_list(statement["Action"]))
+    assert by_role["WorkerStorageRole"] == {"s3:PutObject", "s3:GetObject"}
+    assert by_role["WorkerRole"] == {"logs:CreateLogStream", "logs:PutLogEvents", "secretsmanager:GetSecretValue",
+                                     "sqs:SendMessage"}
+    assert by_role["ApiAssumeStorageRolePolicy"] == {"sts:AssumeRole"}
+    assert by_role["ApiFunctionTickRole"] == {"lambda:InvokeFunction"}
+    # workers write only node outputs; the storage role is trusted by the API function's role only
+    storage = cfn["Resources"]["WorkerStorageRole"]["Properties"]
+    writes = [s for name, s in statements(cfn) if name == "WorkerStorageRole" and s["Action"] == "s3:PutObject"]
+    assert writes[0]["Resource"] == {"Fn::Sub": "${OutputsBucket.Arn}/runs/*"}
+    (trust,) = storage["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"AWS": {"Fn::GetAtt": ["ApiRole", "Arn"]}}
+    # managed policies: only the VPC one, and only in a VPC
+    assert cfn["Resources"]["ApiRole"]["Properties"]["ManagedPolicyArns"]["Fn::If"][0] == "InVpc"
+    assert "ManagedPolicyArns" not in cfn["Resources"]["WorkerRole"]["Properties"]
+
+
+def test_the_code_is_the_packaged_artifact_and_the_handlers_exist() -> None:
+    template = sam_template()
+    functions = [r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"]
+    # on each function: `sam build` rewrites a function's relative CodeUri, not one in Globals
+    assert "CodeUri" not in template["Globals"]["Function"]
+    assert {f["CodeUri"] for f in functions} == {DEFAULT_OUTPUT.relative_to(ROOT).as_posix()}
+    assert {f["Handler"] for f in functions} == {"handler.api.lambda_handler", "handler.worker.lambda_handler"}
+    assert callable(handler.api.lambda_handler) and callable(handler.worker.lambda_handler)
+    assert re.fullmatch(r"python3\.\d+", template["Globals"]["Function"]["Runtime"])
