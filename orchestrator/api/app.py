@@ -10,7 +10,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _version() -> str:
+    from importlib import metadata  # ~25 ms at import; only /api/info needs it
+
     try:
         return metadata.version("tickweave")
     except metadata.PackageNotFoundError:

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from orchestrator.engine.errors import EngineError, InvalidInput
-from orchestrator.graph import DefinitionInvalid, parse_definition_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,6 +45,8 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
 
 async def read_definition(request: Request, limit: int) -> Any:
     """A pipeline definition as JSON or YAML (by Content-Type, or by its first character)."""
+    from orchestrator.graph import DefinitionInvalid, parse_definition_text  # YAML and the models: on use
+
     body = await read_body(request, limit)
     if not body.strip():
         raise InvalidInput("the request body is empty; send a pipeline definition as JSON or YAML")
