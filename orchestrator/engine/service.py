@@ -3,6 +3,7 @@ wired once per process (per cold start on Lambda) and shared by the API, the CLI
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +19,8 @@ from orchestrator.storage.tokens import TokenKeyring
 from orchestrator.store import schedules as schedule_store
 from orchestrator.store import tasks as task_store
 
+log = logging.getLogger(__name__)
+
 
 def build_transports(settings: Settings) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
@@ -27,6 +30,12 @@ def build_transports(settings: Settings) -> dict[str, Transport]:
         transports["local"] = LocalTransport(
             load_worker(settings.local_worker), settings=settings, threads=settings.local_worker_threads
         )
+    if settings.worker_function:
+        from orchestrator.dispatch.aws_lambda import LambdaTransport
+
+        transports["lambda"] = LambdaTransport(settings.worker_function, region=settings.aws_region)
+    elif "lambda" in settings.transports.values():
+        log.warning("TICKWEAVE_TRANSPORTS names 'lambda' but TICKWEAVE_WORKER_FUNCTION is not set")
     return transports
 
 

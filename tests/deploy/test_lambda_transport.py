@@ -13,8 +13,8 @@ import boto3
 import psycopg
 import pytest
 
-from handler.api import LambdaTransport
 from infra.s3 import MotoServer
+from orchestrator.dispatch.aws_lambda import LambdaTransport
 from orchestrator.dispatch.base import DispatchError
 
 from .conftest import WORKER_FUNCTION, AwsStack, load_event, wait_until
