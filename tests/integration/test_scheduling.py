@@ -58,12 +58,8 @@ def schedule_row(engine: Engine, pid: str, position: int = 0) -> dict[str, Any]:
 
 def finish_run(engine: Engine, run_id: Any) -> None:
     with engine.db.transaction() as conn:
-        tasks = task_store.claim_ready_tasks(conn, 100, run_id=run_id)
-    for task in tasks:
-        def work(conn: Connection, task: Any = task) -> Any:
-            return finish_attempt(conn, task["id"], task["attempt"], task["claim_token"], succeeded=True,
-                                  output={"key": "k"})
-        engine.db.run_in_transaction(work)
+        claimed = task_store.claim_ready_tasks(conn, 100, run_id=run_id)
+    finish_run_claimed(engine, claimed)
 
 
 def test_a_due_slot_fires_once_and_the_schedule_advances(engine: Engine) -> None:
