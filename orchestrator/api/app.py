@@ -28,11 +28,20 @@ from orchestrator.api.schemas import (
     CallbackRequest,
     CompleteRequest,
     HeartbeatRequest,
+    KeyRequest,
     PurgeRequest,
     TriggerRequest,
 )
 from orchestrator.config import Settings
-from orchestrator.engine.errors import Conflict, EngineError, Forbidden, InvalidInput, NotFound, Unauthorized
+from orchestrator.engine.errors import (
+    Conflict,
+    EngineError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
 from orchestrator.engine.keys import Principal
 from orchestrator.engine.service import Engine
 
@@ -42,6 +51,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_PAGE_SIZE = 500
 _STATUS_BY_ERROR: dict[type[EngineError], int] = {
     NotFound: 404, Conflict: 409, InvalidInput: 422, Unauthorized: 401, Forbidden: 403, PayloadTooLarge: 413,
+    TooLarge: 413,
 }
 _RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 
@@ -371,6 +381,26 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         purged = await run_in_threadpool(get_engine().purge_dead_letters, principal.workspace_id, body.older_than_days)
         return JSON({"purged": purged})
 
+    @guarded("admin")
+    async def create_key(request: Request, principal: Principal) -> Response:
+        body = validate(KeyRequest, await read_json(request, limit_bytes))
+        raw, key_id = await run_in_threadpool(
+            lambda: get_engine().create_api_key(principal.workspace_id, body.role, name=body.name))
+        # The key itself is in this answer and nowhere else: it is stored only as a digest.
+        return JSON({"id": key_id, "key": raw, "workspace": principal.workspace_id, "role": body.role,
+                     "name": body.name}, status_code=201)
+
+    @guarded("admin")
+    async def list_keys(request: Request, principal: Principal) -> Response:
+        rows = await run_in_threadpool(get_engine().list_api_keys, principal.workspace_id)
+        return JSON({"items": rows})
+
+    @guarded("admin")
+    async def revoke_key(request: Request, principal: Principal) -> Response:
+        key_id = _parse_uuid(request.path_params["key_id"], "key")
+        await run_in_threadpool(get_engine().revoke_api_key, principal, key_id)
+        return JSON({"id": key_id, "revoked": True})
+
     @guarded(None)
     async def callback(request: Request) -> Response:
         task_id = _parse_uuid(request.path_params["task_id"], "task")
@@ -444,6 +474,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/dlq", list_dlq, methods=["GET"]),
         Route("/api/dlq/purge", purge_dlq, methods=["POST"]),
         Route("/api/dlq/{entry_id}/retry", retry_dlq, methods=["POST"]),
+        Route("/api/keys", create_key, methods=["POST"]),
+        Route("/api/keys", list_keys, methods=["GET"]),
+        Route("/api/keys/{key_id}", revoke_key, methods=["DELETE"]),
         Route("/api/callback/{task_id}", callback, methods=["POST"]),
         Route("/api/heartbeat", heartbeat, methods=["POST"]),
     ]

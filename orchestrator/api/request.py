@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from orchestrator.engine.errors import EngineError, InvalidInput
+from orchestrator.engine.errors import InvalidInput, TooLarge
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class PayloadTooLarge(EngineError):
-    code = "payload_too_large"
+class PayloadTooLarge(TooLarge):
+    pass
 
 
 async def read_body(request: Request, limit: int) -> bytes:

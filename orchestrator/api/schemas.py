@@ -60,3 +60,9 @@ class ApprovalRequest(BaseModel):
 class PurgeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     older_than_days: int = Field(ge=0, le=36_500)
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["viewer", "operator", "admin"]
+    name: str = Field(default="", max_length=200)

@@ -32,3 +32,7 @@ class Unauthorized(EngineError):
 
 class Forbidden(EngineError):
     code = "forbidden"
+
+
+class TooLarge(EngineError):
+    code = "payload_too_large"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass
 
-from orchestrator.db.connection import Database
-from orchestrator.engine.errors import InvalidInput, NotFound, Unauthorized
+from orchestrator.db.connection import Database, Row
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from orchestrator.store import keys as key_store
 
 ROLES = ("viewer", "operator", "admin")
@@ -69,3 +70,19 @@ def set_workspace_task_limit(db: Database, workspace_id: str, max_active_tasks: 
     with db.transaction() as conn:
         if not key_store.set_workspace_task_limit(conn, workspace_id, max_active_tasks):
             raise NotFound(f"workspace '{workspace_id}' not found")
+
+
+def list_api_keys(db: Database, workspace_id: str) -> list[Row]:
+    """The workspace's keys: id, prefix, role, name, dates; never the key or its hash."""
+    with db.connection() as conn:
+        return key_store.list_keys(conn, workspace_id)
+
+
+def revoke_api_key(db: Database, principal: Principal, key_id: uuid.UUID) -> None:
+    if str(key_id) == principal.key_id:
+        raise Conflict("a key cannot revoke itself; use another admin key")
+    with db.transaction() as conn:
+        if key_store.revoke_key(conn, principal.workspace_id, key_id) is None:
+            if key_store.key_exists(conn, principal.workspace_id, key_id):
+                raise Conflict(f"key '{key_id}' is already revoked")
+            raise NotFound(f"key '{key_id}' not found")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
 from orchestrator.engine.scheduling import sync_schedules
 from orchestrator.graph import DefinitionInvalid, validate_pipeline
 from orchestrator.model import PipelineDefinition
@@ -23,7 +23,19 @@ class SavedPipeline:
     changed: bool
 
 
+# Definition size: a pipeline's nodes become one task per data version per run, created in one
+# transaction; beyond this a definition is refused (413) rather than slowing every trigger.
+MAX_NODES_PER_PIPELINE = 10_000
+
+
 def parse_definition(raw: Any) -> PipelineDefinition:
+    if isinstance(raw, dict):
+        count = len(raw.get("nodes") or []) + len(raw.get("steps") or [])
+        if count > MAX_NODES_PER_PIPELINE:
+            raise TooLarge(
+                f"the definition has {count} nodes; the limit is {MAX_NODES_PER_PIPELINE} per pipeline",
+                details=[{"path": "nodes", "message": f"at most {MAX_NODES_PER_PIPELINE} nodes"}],
+            )
     try:
         return validate_pipeline(raw)
     except DefinitionInvalid as exc:

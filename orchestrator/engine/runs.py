@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
 from orchestrator.model import PipelineDefinition
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import runs as run_store
@@ -18,6 +18,8 @@ from orchestrator.store import tasks as task_store
 
 _VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_VERSIONS_PER_RUN = 1000
+# Tasks of one run are created in one transaction.
+MAX_TASKS_PER_RUN = 100_000
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,11 @@ def create_run(
         if running >= limit or any(r["status"] == "pending" for r in open_runs):
             status = "pending"
     run_versions = versions or list(definition.versions)
+    if len(run_versions) * len(definition.nodes) > MAX_TASKS_PER_RUN:
+        raise TooLarge(
+            f"{len(run_versions)} versions x {len(definition.nodes)} nodes is over the limit of "
+            f"{MAX_TASKS_PER_RUN} tasks per run; trigger fewer versions per run"
+        )
     tasks, edges = build_tasks(definition, run_versions, params, settings)
     new_run = run_store.NewRun(
         id=uuid.uuid4(), workspace_id=workspace_id, pipeline_id=pipeline_id,

@@ -61,6 +61,12 @@ class Engine:
     def create_api_key(self, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None) -> tuple[str, str]:
         return keys.create_api_key(self.db, workspace_id, role, name=name, raw_key=raw_key)
 
+    def list_api_keys(self, workspace_id: str) -> list[Row]:
+        return keys.list_api_keys(self.db, workspace_id)
+
+    def revoke_api_key(self, principal: keys.Principal, key_id: uuid.UUID) -> None:
+        keys.revoke_api_key(self.db, principal, key_id)
+
     # pipelines
     def create_pipeline(self, workspace_id: str, raw: Any, *, actor: str | None = None) -> pipelines.SavedPipeline:
         return pipelines.create_pipeline(self.db, workspace_id, raw, actor=actor)

@@ -37,3 +37,25 @@ def set_workspace_task_limit(conn: Connection, workspace_id: str, max_active_tas
         "UPDATE workspaces SET max_active_tasks = %s WHERE id = %s RETURNING id", (max_active_tasks, workspace_id)
     ).fetchone()
     return row is not None
+
+
+def list_keys(conn: Connection, workspace_id: str) -> list[Row]:
+    return conn.execute(
+        """SELECT id, prefix, role, name, created_at, revoked_at FROM api_keys
+           WHERE workspace_id = %s ORDER BY created_at, id""",
+        (workspace_id,),
+    ).fetchall()
+
+
+def revoke_key(conn: Connection, workspace_id: str, key_id: object) -> Row | None:
+    return conn.execute(
+        """UPDATE api_keys SET revoked_at = tw_now()
+           WHERE workspace_id = %s AND id = %s AND revoked_at IS NULL RETURNING id""",
+        (workspace_id, key_id),
+    ).fetchone()
+
+
+def key_exists(conn: Connection, workspace_id: str, key_id: object) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM api_keys WHERE workspace_id = %s AND id = %s", (workspace_id, key_id)
+    ).fetchone() is not None
