@@ -55,6 +55,13 @@ class Settings:
     db_check_idle_s: float = 5.0
     # Name or ARN of the worker Lambda the `lambda` transport invokes (InvocationType=Event).
     worker_function: str | None = None
+    # Dispatch endpoint of an HTTP worker service the `http` transport POSTs to
+    # (e.g. http://127.0.0.1:9000/dispatch), and the bearer secret it expects, if any.
+    worker_url: str | None = None
+    worker_auth_token: str | None = None
+    # SQS queue the `sqs` transport sends dispatches to; workers poll it (`Worker.run_sqs`) or
+    # an event source mapping feeds it to the worker Lambda.
+    worker_queue_url: str | None = None
 
     @property
     def is_dev_keyring(self) -> bool:
@@ -132,6 +139,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["db_check_idle_s"] = float(env["TICKWEAVE_DB_CHECK_IDLE_S"])
     if env.get("TICKWEAVE_WORKER_FUNCTION"):
         changes["worker_function"] = env["TICKWEAVE_WORKER_FUNCTION"]
+    if env.get("TICKWEAVE_WORKER_URL"):
+        changes["worker_url"] = env["TICKWEAVE_WORKER_URL"]
+    if env.get("TICKWEAVE_WORKER_AUTH_TOKEN"):
+        changes["worker_auth_token"] = env["TICKWEAVE_WORKER_AUTH_TOKEN"]
+    if env.get("TICKWEAVE_WORKER_QUEUE_URL"):
+        changes["worker_queue_url"] = env["TICKWEAVE_WORKER_QUEUE_URL"]
     return replace(settings, **changes)  # type: ignore[arg-type]
 
 

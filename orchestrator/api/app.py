@@ -30,6 +30,7 @@ from orchestrator.api.schemas import (
     HeartbeatRequest,
     KeyRequest,
     PurgeRequest,
+    RegisterRequest,
     TriggerRequest,
 )
 from orchestrator.config import Settings
@@ -401,6 +402,29 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         await run_in_threadpool(get_engine().revoke_api_key, principal, key_id)
         return JSON({"id": key_id, "revoked": True})
 
+    @guarded("admin")
+    async def register_worker(request: Request, principal: Principal) -> Response:
+        body = validate(RegisterRequest, await read_json(request, limit_bytes))
+        if len({t.name for t in body.tasks}) != len(body.tasks):
+            raise InvalidInput("each task name may be registered once per request")
+        registered = await run_in_threadpool(lambda: get_engine().register_worker(
+            principal.workspace_id, service=body.service, version=body.version, transport=body.transport,
+            endpoint=body.endpoint, tasks=[t.model_dump() for t in body.tasks]))
+        return JSON({"service": body.service, "version": body.version, "tasks": [
+            {"name": t.name, "code_hash": t.code_hash, "new_code_version": t.new_code_version} for t in registered]})
+
+    @guarded("viewer")
+    async def list_workers(request: Request, principal: Principal) -> Response:
+        return JSON({"items": await run_in_threadpool(get_engine().list_workers, principal.workspace_id)})
+
+    @guarded("viewer")
+    async def task_history(request: Request, principal: Principal) -> Response:
+        name = request.path_params["task_name"]
+        rows = await run_in_threadpool(get_engine().task_code_history, principal.workspace_id, name)
+        if not rows:
+            raise NotFound(f"no worker has registered a task named '{name}'")
+        return JSON({"task": name, "versions": rows})
+
     @guarded(None)
     async def callback(request: Request) -> Response:
         task_id = _parse_uuid(request.path_params["task_id"], "task")
@@ -474,6 +498,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/dlq", list_dlq, methods=["GET"]),
         Route("/api/dlq/purge", purge_dlq, methods=["POST"]),
         Route("/api/dlq/{entry_id}/retry", retry_dlq, methods=["POST"]),
+        Route("/api/workers/register", register_worker, methods=["POST"]),
+        Route("/api/workers", list_workers, methods=["GET"]),
+        Route("/api/tasks/{task_name}/history", task_history, methods=["GET"]),
         Route("/api/keys", create_key, methods=["POST"]),
         Route("/api/keys", list_keys, methods=["GET"]),
         Route("/api/keys/{key_id}", revoke_key, methods=["DELETE"]),

@@ -66,3 +66,19 @@ class KeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["viewer", "operator", "admin"]
     name: str = Field(default="", max_length=200)
+
+
+class RegisteredTaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+    code_hash: str = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9:._-]+$")
+    input_schema: dict[str, Any] | None = None
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    service: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    version: str = Field(min_length=1, max_length=128)
+    transport: Literal["http", "lambda", "sqs"]
+    endpoint: str = Field(min_length=1, max_length=2048)
+    tasks: list[RegisteredTaskSpec] = Field(min_length=1, max_length=1000)

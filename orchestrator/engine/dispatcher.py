@@ -17,10 +17,12 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.base import DispatchError, Transport
+from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
 from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring
 from orchestrator.store import tasks as task_store
+from orchestrator.store import workers as worker_store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class Dispatcher:
         self.db = db
         self.keyring = keyring
         self.transports = transports
+        self.routed = RoutedTransports(settings)
         self._grant_issuer = grant_issuer
 
     def claim_limit(self, batch_size: int) -> int:
@@ -65,12 +68,28 @@ class Dispatcher:
             inputs: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
             for row in task_store.upstream_outputs(conn, [t["id"] for t in claimed]):
                 inputs.setdefault(row["task_id"], {})[row["node_id"]] = {"key": row["output"]["key"]}
+            # A registered worker service serves its task names, whatever the configuration says.
+            routes = {
+                (r["workspace_id"], r["task_name"]): r
+                for r in worker_store.routes_for(
+                    conn, sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]})
+                )
+            }
+            worker_store.record_dispatched_code(conn, [
+                (t["id"], int(t["attempt"]), routes[(t["workspace_id"], t["task_name"])]["code_hash"])
+                for t in claimed if (t["workspace_id"], t["task_name"]) in routes
+            ])
         failures: list[tuple[Row, str]] = []
 
         def send_one(task: Row) -> None:
             try:
                 message = self.build_message(task, inputs.get(task["id"], {}))
-                transport = self.transports.get(task["transport"])
+                route = routes.get((task["workspace_id"], task["task_name"]))
+                if route is not None:
+                    transport: Transport | None = self.routed.get(route["transport"], route["endpoint"])
+                    message["code_version"] = route["code_hash"]
+                else:
+                    transport = self.transports.get(task["transport"])
                 if transport is None:
                     raise DispatchError(f"no transport named {task['transport']!r} is configured")
                 transport.send(message)

@@ -12,7 +12,7 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Database, Row
 from orchestrator.dispatch.base import Transport
-from orchestrator.engine import keys, operations, pipelines, runs, scheduling, tick, worker_protocol
+from orchestrator.engine import keys, operations, pipelines, runs, scheduling, tick, worker_protocol, workers
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
 from orchestrator.storage.tokens import TokenKeyring
@@ -36,6 +36,22 @@ def build_transports(settings: Settings) -> dict[str, Transport]:
         transports["lambda"] = LambdaTransport(settings.worker_function, region=settings.aws_region)
     elif "lambda" in settings.transports.values():
         log.warning("TICKWEAVE_TRANSPORTS names 'lambda' but TICKWEAVE_WORKER_FUNCTION is not set")
+    if settings.worker_url:
+        from orchestrator.dispatch.http import HttpTransport
+
+        transports["http"] = HttpTransport(settings.worker_url, auth_token=settings.worker_auth_token)
+    elif "http" in settings.transports.values():
+        log.warning("TICKWEAVE_TRANSPORTS names 'http' but TICKWEAVE_WORKER_URL is not set")
+    if settings.worker_queue_url:
+        from orchestrator.dispatch.sqs import SqsTransport
+
+        # Locally moto serves SQS on the same endpoint as S3; on AWS both are None (the default
+        # regional endpoints).
+        transports["sqs"] = SqsTransport(
+            settings.worker_queue_url, region=settings.aws_region, endpoint_url=settings.s3_endpoint_url
+        )
+    elif "sqs" in settings.transports.values():
+        log.warning("TICKWEAVE_TRANSPORTS names 'sqs' but TICKWEAVE_WORKER_QUEUE_URL is not set")
     return transports
 
 
@@ -52,6 +68,7 @@ class Engine:
     def close(self) -> None:
         for transport in self.transports.values():
             transport.close()
+        self.dispatcher.routed.close()
         self.db.close()
 
     # keys
@@ -60,6 +77,16 @@ class Engine:
 
     def create_api_key(self, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None) -> tuple[str, str]:
         return keys.create_api_key(self.db, workspace_id, role, name=name, raw_key=raw_key)
+
+    # worker services
+    def register_worker(self, workspace_id: str, **registration: Any) -> list[workers.RegisteredTask]:
+        return workers.register(self.db, workspace_id, **registration)
+
+    def list_workers(self, workspace_id: str) -> list[Row]:
+        return workers.list_workers(self.db, workspace_id)
+
+    def task_code_history(self, workspace_id: str, task_name: str) -> list[Row]:
+        return workers.code_history(self.db, workspace_id, task_name)
 
     def list_api_keys(self, workspace_id: str) -> list[Row]:
         return keys.list_api_keys(self.db, workspace_id)

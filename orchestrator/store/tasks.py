@@ -349,7 +349,7 @@ def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
                                 'attempt', a.attempt, 'status', a.status, 'dispatched_at', a.dispatched_at,
                                 'finished_at', a.finished_at, 'error', a.error) ORDER BY a.attempt)
                             FROM task_attempts a WHERE a.task_id = t.id), '[]'::jsonb),
-                  t.error, 'pipeline version ' || r.pipeline_version
+                  t.error, 'pipeline version ' || r.pipeline_version || COALESCE(', code ' || t.code_version, '')
            FROM tasks t JOIN runs r ON r.id = t.run_id
            WHERE t.id = %s AND t.status = 'dead'
            ON CONFLICT (task_id) WHERE retried_at IS NULL DO NOTHING""",
@@ -461,7 +461,7 @@ def get_task(conn: Connection, workspace_id: str, task_id: uuid.UUID) -> Row | N
     return conn.execute(
         """SELECT id, run_id, pipeline_id, node_id, version, kind, task_name, status, attempt,
                   max_attempts, params, created_at, dispatched_at, started_at, finished_at,
-                  lease_expires_at, progress, message, output, error
+                  lease_expires_at, progress, message, output, error, code_version
            FROM tasks WHERE workspace_id = %s AND id = %s""",
         (workspace_id, task_id),
     ).fetchone()
@@ -469,7 +469,7 @@ def get_task(conn: Connection, workspace_id: str, task_id: uuid.UUID) -> Row | N
 
 def list_attempts(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
     return conn.execute(
-        """SELECT task_id, attempt, status, dispatched_at, started_at, finished_at, error
+        """SELECT task_id, attempt, status, dispatched_at, started_at, finished_at, error, code_version
            FROM task_attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt""",
         (list(task_ids),),
     ).fetchall()

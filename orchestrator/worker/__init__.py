@@ -5,5 +5,6 @@ psycopg or Starlette.
 """
 
 from orchestrator.worker.sdk import Send, TaskContext, TaskFailed, TaskFunction, Worker
+from orchestrator.worker.service import WorkerService
 
-__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
+__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker", "WorkerService"]

@@ -30,6 +30,8 @@ from orchestrator.worker.grant_io import GrantStorage
 from orchestrator.worker.http import HttpSender
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from orchestrator.config import Settings
 
 __all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
@@ -334,6 +336,29 @@ class Worker:
             "status": "succeeded",
             "output": {"key": ctx.storage.output_key, "size": len(body), "sha256": sha256_hex(body)},
         }
+
+    def asgi_app(
+        self, path: str = "/dispatch", auth_token: str | None = None, *, settings: Settings | None = None,
+        concurrency: int = 8,
+    ) -> Starlette:
+        """An HTTP worker service for the `http` transport (see orchestrator.worker.service)."""
+        # Imported here: a Lambda worker never loads Starlette.
+        from orchestrator.worker.service import create_app
+
+        return create_app(self, path=path, auth_token=auth_token, settings=settings, concurrency=concurrency)
+
+    def run_sqs(
+        self, queue_url: str, *, endpoint_url: str | None = None, region: str = "us-east-1",
+        stop: threading.Event | None = None, max_messages: int = 10, wait_s: int = 20,
+        settings: Settings | None = None, client: Any | None = None,
+    ) -> int:
+        """Poll an SQS queue of dispatches until `stop` is set (see orchestrator.worker.service)."""
+        from orchestrator.worker.service import run_sqs
+
+        return run_sqs(
+            self, queue_url, endpoint_url=endpoint_url, region=region, stop=stop, max_messages=max_messages,
+            wait_s=wait_s, settings=settings, client=client,
+        )
 
     def lambda_handler(self, event: Any, context: Any = None) -> Any:
         """AWS Lambda entry: a dispatch invoked directly, or an SQS batch of dispatches."""
