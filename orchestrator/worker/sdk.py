@@ -15,6 +15,8 @@ Protocol, per dispatch:
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 import threading
@@ -209,6 +211,7 @@ class Worker:
         self._settings = settings
         self._send = send
         self._tasks: dict[str, TaskFunction] = {}
+        self._input_schemas: dict[str, dict[str, Any] | None] = {}
         self._lock = threading.Lock()
         self._keyrings: dict[tuple[Any, ...], TokenKeyring] = {}
 
@@ -221,8 +224,9 @@ class Worker:
             self._settings = load_settings()
         return self._settings
 
-    def task(self, name: str) -> Callable[[F], F]:
-        """Decorator: register `fn(ctx) -> JSON-able` under a task name."""
+    def task(self, name: str, *, input_schema: dict[str, Any] | None = None) -> Callable[[F], F]:
+        """Decorator: register `fn(ctx) -> JSON-able` under a task name (with the JSON Schema of
+        its params, which a registration with the orchestrator publishes)."""
         if not name:
             raise ValueError("a task needs a name")
 
@@ -231,9 +235,45 @@ class Worker:
                 if name in self._tasks and self._tasks[name] is not fn:
                     raise ValueError(f"task {name!r} is already registered")
                 self._tasks[name] = fn
+                self._input_schemas[name] = input_schema
             return fn
 
         return register
+
+    def code_hash(self, name: str) -> str:
+        """`sha256:` of the task function's source (its module and name when the source is not
+        available): a changed function is a new code version for the orchestrator."""
+        fn = self._tasks[name]
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        return "sha256:" + hashlib.sha256(source.encode()).hexdigest()
+
+    def registration(self, *, service: str, version: str, transport: str, endpoint: str) -> dict[str, Any]:
+        """The body of `POST /api/workers/register` for this worker's tasks."""
+        return {
+            "service": service, "version": version, "transport": transport, "endpoint": endpoint,
+            "tasks": [{"name": name, "code_hash": self.code_hash(name), "input_schema": self._input_schemas.get(name)}
+                      for name in self.task_names],
+        }
+
+    def register(
+        self, api_url: str, api_key: str, *, service: str, version: str, transport: str, endpoint: str,
+    ) -> dict[str, Any]:
+        """Register this worker's tasks with the orchestrator (an admin key of the workspace):
+        from then on the orchestrator sends these task names to `endpoint`."""
+        import httpx
+
+        response = httpx.post(
+            api_url.rstrip("/") + "/api/workers/register",
+            json=self.registration(service=service, version=version, transport=transport, endpoint=endpoint),
+            headers={"Authorization": f"Bearer {api_key}"}, timeout=30,
+        )
+        body: dict[str, Any] = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(f"registration refused ({response.status_code}): {body.get('error', body)}")
+        return body
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -16,12 +16,15 @@ from orchestrator.worker import TaskContext, Worker
 from .conftest import Stack, wait_until
 
 
+RENDER_SCHEMA = {"type": "object", "properties": {"page": {"type": "string"}}}
+
+
 @pytest.fixture
-def render_service(stack: Stack) -> Iterator[str]:
+def render_service(stack: Stack) -> Iterator[tuple[Worker, str]]:
     """A worker service with a task the orchestrator's own local worker does not have."""
     worker = Worker(settings=stack.settings)
 
-    @worker.task("render")
+    @worker.task("render", input_schema=RENDER_SCHEMA)
     def render(ctx: TaskContext) -> dict[str, Any]:
         return {"rendered": ctx.params.get("page", "index"), "attempt": ctx.attempt}
 
@@ -31,7 +34,7 @@ def render_service(stack: Stack) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 15, "the worker service did not start")
-    yield f"http://127.0.0.1:{port}/dispatch"
+    yield worker, f"http://127.0.0.1:{port}/dispatch"
     server.should_exit = True
     thread.join(timeout=15)
 
@@ -44,12 +47,29 @@ def register(stack: Stack, endpoint: str, code_hash: str, **changes: Any) -> Any
     return stack.client.post("/api/workers/register", json=body)
 
 
-def test_registration_routes_tasks_and_keeps_code_history(stack: Stack, render_service: str) -> None:
-    first = register(stack, render_service, "sha256:aaaaaaaa")
+def test_the_sdk_registers_its_tasks_with_code_hashes(stack: Stack, render_service: tuple[Worker, str]) -> None:
+    from .conftest import API_KEY
+
+    worker, endpoint = render_service
+    answer = worker.register(stack.base_url, API_KEY, service="renderer", version="2.0.0", transport="http",
+                             endpoint=endpoint)
+    (task,) = answer["tasks"]
+    assert task["name"] == "render" and task["new_code_version"] is True
+    assert task["code_hash"] == worker.code_hash("render") and task["code_hash"].startswith("sha256:")
+    (service,) = stack.client.get("/api/workers").json()["items"]
+    assert service["endpoint"] == endpoint and service["tasks"][0]["input_schema"] == RENDER_SCHEMA
+    again = worker.register(stack.base_url, API_KEY, service="renderer", version="2.0.1", transport="http",
+                            endpoint=endpoint)
+    assert again["tasks"][0]["new_code_version"] is False  # same code, new service version
+
+
+def test_registration_routes_tasks_and_keeps_code_history(stack: Stack, render_service: tuple[Worker, str]) -> None:
+    render_service_url = render_service[1]
+    first = register(stack, render_service_url, "sha256:aaaaaaaa")
     assert first.status_code == 200 and first.json()["tasks"] == [
         {"name": "render", "code_hash": "sha256:aaaaaaaa", "new_code_version": True}]
-    assert register(stack, render_service, "sha256:aaaaaaaa").json()["tasks"][0]["new_code_version"] is False
-    changed = register(stack, render_service, "sha256:bbbbbbbb", version="1.1.0")
+    assert register(stack, render_service_url, "sha256:aaaaaaaa").json()["tasks"][0]["new_code_version"] is False
+    changed = register(stack, render_service_url, "sha256:bbbbbbbb", version="1.1.0")
     assert changed.json()["tasks"][0]["new_code_version"] is True
 
     history = stack.client.get("/api/tasks/render/history").json()["versions"]

@@ -135,3 +135,31 @@ def test_definition_and_run_size_limits_answer_413(client: TestClient, tenants: 
     assert too_many.status_code == 413 and "tasks per run" in too_many.json()["error"]["message"]
     assert engine.list_runs("tenant-a") == []
     assert client.get("/api/runs?limit=501", headers=admin).status_code == 422  # page size
+
+
+def test_worker_registrations_are_per_workspace(client: TestClient, tenants: dict[str, Any]) -> None:
+    body = {"service": "svc", "version": "1", "transport": "http", "endpoint": "http://127.0.0.1:9/dispatch",
+            "tasks": [{"name": "render", "code_hash": "sha256:cccccccc"}]}
+    assert client.post("/api/workers/register", json=body, headers={"x-api-key": tenants["b_admin"]}).status_code == 200
+    a = {"x-api-key": tenants["a_admin"]}
+    assert client.get("/api/tasks/render/history", headers=a).status_code == 404
+    assert client.get("/api/workers", headers=a).json()["items"] == []
+    assert client.post("/api/workers/register", json=body, headers={"x-api-key": tenants["a_viewer"]}).status_code == 403
+
+
+def test_secrets_stay_out_of_answers_and_logs(client: TestClient, tenants: dict[str, Any],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    wrong_key = "tw_" + "s3cr3t" * 8
+    answer = client.get("/api/runs", headers={"x-api-key": wrong_key})
+    forged = "eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIiwia2lkIjoiZGV2In0..c2VjcmV0LXRva2Vu.Zm9yZ2Vk.dGFn"
+    callback = client.post(f"/api/callback/{tenants['task']}", json={"token": forged, "status": "succeeded"})
+    tick = client.post("/api/tick", headers={"x-tick-secret": "not-the-secret-" + "x" * 20})
+    assert (answer.status_code, callback.status_code, tick.status_code) == (401, 401, 401)
+    for response in (answer, callback, tick):
+        assert wrong_key not in response.text and forged not in response.text and "x" * 20 not in response.text
+    assert wrong_key not in caplog.text and forged not in caplog.text and "x" * 20 not in caplog.text
+    listing = client.get("/api/keys", headers={"x-api-key": tenants["a_admin"]}).text
+    assert tenants["a_admin"] not in listing and "key_hash" not in listing
