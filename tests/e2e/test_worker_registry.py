@@ -15,7 +15,6 @@ from orchestrator.worker import TaskContext, Worker
 
 from .conftest import Stack, wait_until
 
-
 RENDER_SCHEMA = {"type": "object", "properties": {"page": {"type": "string"}}}
 
 
