@@ -294,6 +294,12 @@ def test_idle_tick_over_100000_schedules_uses_the_due_index(engine: Engine) -> N
     text = str(plan)
     assert "schedules_due_idx" in text and "Seq Scan" not in text
     assert fire(engine).schedules == 0
+    # the claim's look-up of pipelines with task limits is an index probe too, not a scan of 100,000
+    with engine.db.connection() as conn:
+        conn.execute("ANALYZE pipelines")
+        limited = str(conn.execute("""EXPLAIN (FORMAT JSON) SELECT p.workspace_id, p.id FROM pipelines p
+                                      WHERE p.max_active_tasks IS NOT NULL ORDER BY 1, 2""").fetchone())
+    assert "pipelines_limited_idx" in limited and "Seq Scan" not in limited
 
 
 def test_jitter_delays_each_slot_by_a_deterministic_offset(engine: Engine) -> None:
