@@ -28,6 +28,7 @@ from orchestrator.api.app import create_app
 from orchestrator.config import load_settings
 from orchestrator.db.migrate import migrate
 from orchestrator.engine.service import Engine
+from orchestrator.engine.templates import load_example_templates
 from orchestrator.graph import parse_definition_text
 from orchestrator.storage.s3 import ensure_bucket
 
@@ -92,6 +93,7 @@ def run_dev(root: Path | None = None) -> int:
         ensure_bucket(settings)
         engine = Engine(settings)
         engine.create_api_key("default", "admin", name="dev", raw_key=dev_key)
+        templates_loaded = load_example_templates(engine, "default", root / "examples" / "templates")
         loaded = load_example_pipelines(engine, "default", root / "examples" / "pipelines")
 
         app = create_app(settings, engine)
@@ -107,6 +109,7 @@ def run_dev(root: Path | None = None) -> int:
             f"  Ticker     every {interval:g}s -> POST /api/tick\n"
             f"  Worker     in-process: {settings.local_worker}\n"
             f"  Pipelines  {', '.join(loaded) or 'none'}\n"
+            f"  Templates  {', '.join(str(t) for t in templates_loaded) or 'none'}\n"
             f"  Data       {data_dir}\n"
             "Ctrl-C stops everything.\n",
             flush=True,

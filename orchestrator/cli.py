@@ -61,6 +61,39 @@ def cmd_workspace_limit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """POST /api/pipelines/{id}/backfill with the key in TICKWEAVE_API_KEY; prints the slots."""
+    import httpx
+
+    settings = load_settings()
+    api_key = os.environ.get("TICKWEAVE_API_KEY")
+    if not api_key:
+        print("set TICKWEAVE_API_KEY to an operator or admin key", file=sys.stderr)
+        return 2
+    body: dict[str, object] = {"start": args.start, "end": args.end, "reprocess": args.reprocess,
+                               "dry_run": args.dry_run}
+    if args.versions:
+        body["versions"] = args.versions.split(",")
+    if args.max_active_runs:
+        body["max_active_runs"] = args.max_active_runs
+    url = (args.url or settings.public_url).rstrip("/") + f"/api/pipelines/{args.pipeline}/backfill"
+    try:
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+    except httpx.HTTPError as exc:
+        print(f"could not reach {url}: {exc}", file=sys.stderr)
+        return 1
+    answer = response.json()
+    if args.json or response.status_code >= 400:
+        print(json.dumps(answer, indent=2))
+        return 0 if response.status_code < 400 else 1
+    for slot in answer["slots"]:
+        print(f"{slot['slot']}  {slot['action']:4}  {slot['reason'] or ''}")
+    verb = "would create" if args.dry_run else "created"
+    print(f"{verb} {sum(1 for s in answer['slots'] if s['action'] == 'run')} runs, skipped {answer['skipped']}"
+          + ("" if args.dry_run else f" (backfill {answer['id']})"))
+    return 0
+
+
 def cmd_tick(args: argparse.Namespace) -> int:
     """POST /api/tick as EventBridge would: the tick runs where the workers' transports live."""
     import httpx
@@ -112,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--workspace", required=True)
     limit.add_argument("--max-active-tasks", type=int, required=True, help="0 removes the limit")
     limit.set_defaults(func=cmd_workspace_limit)
+
+    backfill = sub.add_parser("backfill", help="run a pipeline for the schedule slots of a past range")
+    backfill.add_argument("pipeline")
+    backfill.add_argument("--start", required=True, help="ISO time with a timezone, e.g. 2026-01-01T00:00:00Z")
+    backfill.add_argument("--end", required=True)
+    backfill.add_argument("--versions", help="comma-separated data versions")
+    backfill.add_argument("--max-active-runs", type=int)
+    backfill.add_argument("--reprocess", choices=["none", "failed", "all"], default="none")
+    backfill.add_argument("--dry-run", action="store_true")
+    backfill.add_argument("--url", help="API base URL (default TICKWEAVE_PUBLIC_URL)")
+    backfill.add_argument("--json", action="store_true")
+    backfill.set_defaults(func=cmd_backfill)
 
     tick = sub.add_parser("tick", help="ask the API for one tick (expire leases, claim, dispatch)")
     tick.add_argument("--url", help="API base URL (default TICKWEAVE_PUBLIC_URL)")

@@ -426,3 +426,40 @@ def pipeline_level_errors(definitions: Mapping[str, PipelineDefinition]) -> list
     if cycle is not None:
         errors.append(DefinitionError("depends", "pipeline cycle: " + " -> ".join(cycle)))
     return errors
+
+
+# --- event-trigger graph -------------------------------------------------------------------
+
+
+def event_trigger_cycle(definitions: Mapping[str, PipelineDefinition]) -> list[str] | None:
+    """A cycle of pipelines starting each other through events, or None.
+
+    Pipeline A leads to pipeline B when A `emits` an event that one of B's `triggers` names
+    (filters are ignored: whether a payload will match is unknowable at registration, so a
+    trigger that could fire counts). A pipeline that emits an event it is itself triggered by
+    is a cycle of one, ["a", "a"]. The cycle reads in the direction events travel: each
+    pipeline starts the next. Same graph, same cycle (find_cycle is deterministic).
+    """
+    triggered_by: dict[str, set[str]] = {}
+    for pipeline_id, definition in definitions.items():
+        for trigger in definition.triggers:
+            triggered_by.setdefault(trigger.event, set()).add(pipeline_id)
+    # find_cycle takes "node -> what it depends on"; an emitter "depends on" (is followed by)
+    # the pipelines it starts, so the returned path follows the direction of the events.
+    edges: dict[str, set[str]] = {pipeline_id: set() for pipeline_id in definitions}
+    for pipeline_id, definition in definitions.items():
+        for event in definition.emits:
+            edges[pipeline_id].update(triggered_by.get(event, ()))
+    return find_cycle(edges)
+
+
+def event_cycle_message(cycle: Sequence[str], definitions: Mapping[str, PipelineDefinition]) -> str:
+    """`event trigger cycle: a -> b -> a (a emits 'x' which triggers b; b emits 'y' ...)`."""
+    links: list[str] = []
+    for i in range(len(cycle) - 1):
+        source, target = cycle[i], cycle[i + 1]
+        triggers = {t.event for t in definitions[target].triggers}
+        events = sorted(e for e in definitions[source].emits if e in triggers)
+        shown = ", ".join(repr(e) for e in events)
+        links.append(f"{source} emits {shown} which triggers {target}")
+    return "event trigger cycle: " + " -> ".join(cycle) + " (" + "; ".join(links) + ")"

@@ -21,12 +21,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
+from orchestrator.api.request import PayloadTooLarge, read_body, read_definition, read_json, validate
 from orchestrator.api.responses import JSON, error
 from orchestrator.api.schemas import (
     ApprovalRequest,
+    BackfillRequest,
     CallbackRequest,
     CompleteRequest,
+    EventRequest,
     HeartbeatRequest,
     KeyRequest,
     PurgeRequest,
@@ -96,6 +98,29 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidInput("cursor is not one this API returned; pass next_cursor from the previous page") from None
 
 
+def _encode_event_cursor(received_at: datetime, event_id: str) -> str:
+    raw = json.dumps([received_at.isoformat(), event_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_event_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        received, event_id = json.loads(base64.urlsafe_b64decode(padded))
+        if not isinstance(event_id, str):
+            raise TypeError(event_id)
+        return datetime.fromisoformat(received), event_id
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise InvalidInput("cursor is not one this API returned; pass next_cursor from the previous page") from None
+
+
+def _event_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "name": row["name"], "payload": row["payload"], "received_by": row["received_by"],
+        "received_at": row["received_at"], "runs": row["runs"],
+    }
+
+
 def _limit(request: Request, default: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
@@ -118,6 +143,14 @@ def _schedule_view(row: dict[str, Any]) -> dict[str, Any]:
 
 def _merged_fire_times(schedules: list[dict[str, Any]], count: int = 5) -> list[Any]:
     return sorted({t for s in schedules for t in s["next_fire_times"]})[:count]
+
+
+def _template_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "version": row["version"], "sha256": row["sha256"], "task": row["task"],
+        "description": row["description"] or "", "created_at": row["created_at"], "updated_at": row["updated_at"],
+        "used_by": list(row["used_by"]),
+    }
 
 
 def _pipeline_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +249,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     def pipeline_with_schedules(workspace_id: str, pipeline_id: str) -> dict[str, Any]:
         row = get_engine().get_pipeline(workspace_id, pipeline_id)
         row["schedules"] = get_engine().list_schedules(workspace_id, [pipeline_id])
+        resolution = get_engine().pipeline_templates(workspace_id, pipeline_id)
+        row["source_definition"] = resolution["source_definition"]
+        row["templates"] = resolution["templates"]
         return row
 
     @guarded("admin")
@@ -223,7 +259,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         raw = await read_definition(request, limit_bytes)
         saved = await run_in_threadpool(get_engine().create_pipeline, principal.workspace_id, raw, actor=principal.key_prefix)
         row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, saved.id)
-        return JSON({**_pipeline_view(row), "definition": row["definition"]}, status_code=201)
+        return JSON({**_pipeline_view(row), "definition": row["definition"], "source_definition": row["source_definition"],
+                     "templates": row["templates"]}, status_code=201)
 
     @guarded("admin")
     async def update_pipeline(request: Request, principal: Principal) -> Response:
@@ -233,7 +270,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             get_engine().update_pipeline, principal.workspace_id, pipeline_id, raw, actor=principal.key_prefix
         )
         row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, saved.id)
-        return JSON({**_pipeline_view(row), "definition": row["definition"], "changed": saved.changed})
+        return JSON({**_pipeline_view(row), "definition": row["definition"], "source_definition": row["source_definition"],
+                     "templates": row["templates"], "changed": saved.changed})
 
     @guarded("viewer")
     async def list_pipelines(request: Request, principal: Principal) -> Response:
@@ -253,7 +291,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     @guarded("viewer")
     async def get_pipeline(request: Request, principal: Principal) -> Response:
         row = await run_in_threadpool(pipeline_with_schedules, principal.workspace_id, request.path_params["pipeline_id"])
-        return JSON({**_pipeline_view(row), "definition": row["definition"]})
+        return JSON({**_pipeline_view(row), "definition": row["definition"], "source_definition": row["source_definition"],
+                     "templates": row["templates"]})
 
     def pause_or_resume(paused: bool) -> Handler:
         @guarded("operator")
@@ -308,6 +347,35 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         )
         next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
         return JSON({"items": rows, "next_cursor": next_cursor})
+
+    @guarded("operator")
+    async def post_event(request: Request, principal: Principal) -> Response:
+        body = validate(EventRequest, await read_json(request, limit_bytes))
+        result = await run_in_threadpool(
+            lambda: get_engine().record_event(
+                principal.workspace_id, body.name, body.id, body.payload, actor=principal.key_prefix
+            )
+        )
+        event = await run_in_threadpool(get_engine().get_event, principal.workspace_id, result.id)
+        return JSON({**_event_view(event), "created": result.created}, status_code=201 if result.created else 200)
+
+    @guarded("viewer")
+    async def list_events(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 50)
+        cursor = request.query_params.get("cursor")
+        before = _decode_event_cursor(cursor) if cursor else None
+        rows = await run_in_threadpool(
+            lambda: get_engine().list_events(
+                principal.workspace_id, name=request.query_params.get("name"), limit=limit, before=before
+            )
+        )
+        next_cursor = _encode_event_cursor(rows[-1]["received_at"], rows[-1]["id"]) if len(rows) == limit else None
+        return JSON({"items": [_event_view(r) for r in rows], "next_cursor": next_cursor})
+
+    @guarded("viewer")
+    async def get_event(request: Request, principal: Principal) -> Response:
+        event = await run_in_threadpool(get_engine().get_event, principal.workspace_id, request.path_params["event_id"])
+        return JSON(_event_view(event))
 
     @guarded("viewer")
     async def get_run(request: Request, principal: Principal) -> Response:
@@ -402,6 +470,77 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         await run_in_threadpool(get_engine().revoke_api_key, principal, key_id)
         return JSON({"id": key_id, "revoked": True})
 
+    async def read_template(request: Request) -> Any:
+        from orchestrator.graph import DefinitionInvalid, parse_definition_text  # YAML: on use
+
+        body = await read_body(request, limit_bytes)
+        if not body.strip():
+            raise InvalidInput("the request body is empty; send a template as JSON or YAML")
+        try:
+            return parse_definition_text(body, request.headers.get("content-type"))
+        except DefinitionInvalid as exc:
+            raise InvalidInput(
+                "the template could not be parsed: " + "; ".join(e.message for e in exc.errors),
+                details=exc.to_list(),
+            ) from exc
+
+    @guarded("admin")
+    async def create_template(request: Request, principal: Principal) -> Response:
+        raw = await read_template(request)
+        saved = await run_in_threadpool(get_engine().create_template, principal.workspace_id, raw, actor=principal.key_prefix)
+        row = await run_in_threadpool(get_engine().get_template, principal.workspace_id, saved.id)
+        return JSON({**_template_view(row), "body": row["body"]}, status_code=201)
+
+    @guarded("admin")
+    async def update_template(request: Request, principal: Principal) -> Response:
+        template_id = request.path_params["template_id"]
+        raw = await read_template(request)
+        saved = await run_in_threadpool(
+            get_engine().update_template, principal.workspace_id, template_id, raw, actor=principal.key_prefix
+        )
+        row = await run_in_threadpool(get_engine().get_template, principal.workspace_id, saved.id)
+        return JSON({**_template_view(row), "body": row["body"], "changed": saved.changed})
+
+    @guarded("viewer")
+    async def list_templates(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 100)
+        after = request.query_params.get("cursor")
+        rows = await run_in_threadpool(
+            lambda: get_engine().list_templates(principal.workspace_id, limit=limit, after_id=after)
+        )
+        next_cursor = rows[-1]["id"] if len(rows) == limit else None
+        return JSON({"items": [_template_view(r) for r in rows], "next_cursor": next_cursor})
+
+    @guarded("viewer")
+    async def get_template(request: Request, principal: Principal) -> Response:
+        row = await run_in_threadpool(get_engine().get_template, principal.workspace_id, request.path_params["template_id"])
+        return JSON({**_template_view(row), "body": row["body"]})
+
+    @guarded("operator")
+    async def backfill(request: Request, principal: Principal) -> Response:
+        body = validate(BackfillRequest, await read_json(request, limit_bytes))
+        result = await run_in_threadpool(lambda: get_engine().start_backfill(
+            principal.workspace_id, request.path_params["pipeline_id"], start=body.start, end=body.end,
+            versions=body.versions, max_active_runs=body.max_active_runs, reprocess=body.reprocess,
+            dry_run=body.dry_run, actor=principal.key_prefix))
+        return JSON(result, status_code=200 if body.dry_run else 201)
+
+    @guarded("viewer")
+    async def get_backfill(request: Request, principal: Principal) -> Response:
+        backfill_id = _parse_uuid(request.path_params["backfill_id"], "backfill")
+        row, runs = await run_in_threadpool(get_engine().get_backfill, principal.workspace_id, backfill_id)
+        by_status: dict[str, int] = {}
+        for run in runs:
+            by_status[run["status"]] = by_status.get(run["status"], 0) + 1
+        return JSON({**row, "runs_by_status": by_status, "runs": runs})
+
+    @guarded("operator")
+    async def cancel_backfill(request: Request, principal: Principal) -> Response:
+        backfill_id = _parse_uuid(request.path_params["backfill_id"], "backfill")
+        cancelled = await run_in_threadpool(
+            lambda: get_engine().cancel_backfill(principal.workspace_id, backfill_id, actor=principal.key_prefix))
+        return JSON({"id": backfill_id, "status": "cancelled", "cancelled_runs": cancelled})
+
     @guarded("admin")
     async def register_worker(request: Request, principal: Principal) -> Response:
         body = validate(RegisterRequest, await read_json(request, limit_bytes))
@@ -489,6 +628,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/pipelines/{pipeline_id}/resume", pause_or_resume(False), methods=["POST"]),
         Route("/api/schedules", list_schedules, methods=["GET"]),
         Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/events", post_event, methods=["POST"]),
+        Route("/api/events", list_events, methods=["GET"]),
+        Route("/api/events/{event_id}", get_event, methods=["GET"]),
         Route("/api/runs/{run_id}", get_run, methods=["GET"]),
         Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/api/runs/{run_id}/retry", retry_run, methods=["POST"]),
@@ -498,6 +640,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/dlq", list_dlq, methods=["GET"]),
         Route("/api/dlq/purge", purge_dlq, methods=["POST"]),
         Route("/api/dlq/{entry_id}/retry", retry_dlq, methods=["POST"]),
+        Route("/api/templates", create_template, methods=["POST"]),
+        Route("/api/templates", list_templates, methods=["GET"]),
+        Route("/api/templates/{template_id}", get_template, methods=["GET"]),
+        Route("/api/templates/{template_id}", update_template, methods=["PUT"]),
+        Route("/api/pipelines/{pipeline_id}/backfill", backfill, methods=["POST"]),
+        Route("/api/backfills/{backfill_id}", get_backfill, methods=["GET"]),
+        Route("/api/backfills/{backfill_id}/cancel", cancel_backfill, methods=["POST"]),
         Route("/api/workers/register", register_worker, methods=["POST"]),
         Route("/api/workers", list_workers, methods=["GET"]),
         Route("/api/tasks/{task_name}/history", task_history, methods=["GET"]),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from orchestrator.model.pipeline import EVENT_NAME_PATTERN
 
 
 class TriggerRequest(BaseModel):
@@ -82,3 +84,21 @@ class RegisterRequest(BaseModel):
     transport: Literal["http", "lambda", "sqs"]
     endpoint: str = Field(min_length=1, max_length=2048)
     tasks: list[RegisteredTaskSpec] = Field(min_length=1, max_length=1000)
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: AwareDatetime
+    end: AwareDatetime
+    versions: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    max_active_runs: int | None = Field(default=None, ge=1, le=1000)
+    reprocess: Literal["none", "failed", "all"] = "none"
+    dry_run: bool = False
+
+
+class EventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=EVENT_NAME_PATTERN)
+    # The caller's id of the event: its idempotency key (a retry with the same id starts nothing).
+    id: str = Field(min_length=1, max_length=255)
+    payload: dict[str, Any] = Field(default_factory=dict)

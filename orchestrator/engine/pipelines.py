@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine import templates
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
+from orchestrator.engine.events import check_trigger_cycles
 from orchestrator.engine.scheduling import sync_schedules
 from orchestrator.graph import DefinitionInvalid, validate_pipeline
 from orchestrator.model import PipelineDefinition
@@ -46,10 +48,16 @@ def parse_definition(raw: Any) -> PipelineDefinition:
 
 
 def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | None) -> SavedPipeline:
-    definition = parse_definition(raw)
-    sha = definition.sha256()
+    written = parse_definition(raw)
 
     def work(conn: Connection) -> SavedPipeline:
+        # Templates are resolved in the transaction that stores the version, so the template
+        # versions recorded are the ones the stored definition was built from.
+        resolution = templates.resolve(conn, workspace_id, written)
+        definition, sha = resolution.definition, resolution.sha256
+        # Inside the saving transaction: it takes the workspace's event-graph lock, so two
+        # registrations that only close a cycle together cannot both pass.
+        check_trigger_cycles(conn, workspace_id, definition)
         if not pipeline_store.insert_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=definition.id, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
@@ -58,6 +66,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
                 f"pipeline '{definition.id}' already exists; use PUT /api/pipelines/{definition.id} to change it",
                 details={"pipeline": definition.id},
             )
+        templates.record(conn, workspace_id, definition.id, 1, resolution)
         sync_schedules(conn, workspace_id, definition.id, definition)
         pipeline_store.set_task_limit(conn, workspace_id, definition.id, definition.concurrency.max_active_tasks)
         return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
@@ -69,16 +78,22 @@ def update_pipeline(
     db: Database, workspace_id: str, pipeline_id: str, raw: Any, *, actor: str | None, create_missing: bool = False
 ) -> SavedPipeline:
     """A new version when the canonical definition changed; the same version when it did not."""
-    definition = parse_definition(raw)
-    if definition.id != pipeline_id:
+    written = parse_definition(raw)
+    if written.id != pipeline_id:
         raise InvalidInput(
-            f"the definition's id '{definition.id}' does not match the URL's '{pipeline_id}'",
+            f"the definition's id '{written.id}' does not match the URL's '{pipeline_id}'",
             details=[{"path": "id", "message": f"expected '{pipeline_id}'"}],
         )
-    sha = definition.sha256()
 
     def work(conn: Connection) -> SavedPipeline:
+        # The sha covers the template versions resolved now, so an unchanged definition whose
+        # templates changed becomes a new version: a PUT is how a pipeline picks them up.
+        resolution = templates.resolve(conn, workspace_id, written)
+        definition, sha = resolution.definition, resolution.sha256
         current = pipeline_store.lock_current(conn, workspace_id, pipeline_id)
+        if current is None or current["sha256"] != sha:
+            # An unchanged definition cannot have closed a cycle; anything saved is checked.
+            check_trigger_cycles(conn, workspace_id, definition)
         if current is None:
             if not create_missing:
                 raise NotFound(f"pipeline '{pipeline_id}' not found")
@@ -86,6 +101,7 @@ def update_pipeline(
                 conn, workspace_id=workspace_id, pipeline_id=pipeline_id, sha256=sha,
                 definition=definition.canonical_dict(), created_by=actor,
             )
+            templates.record(conn, workspace_id, pipeline_id, 1, resolution)
             sync_schedules(conn, workspace_id, pipeline_id, definition)
             pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
             return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
@@ -97,6 +113,7 @@ def update_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=pipeline_id, version=version, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
         )
+        templates.record(conn, workspace_id, pipeline_id, version, resolution)
         sync_schedules(conn, workspace_id, pipeline_id, definition)
         pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
         return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)

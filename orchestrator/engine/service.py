@@ -12,7 +12,19 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Database, Row
 from orchestrator.dispatch.base import Transport
-from orchestrator.engine import keys, operations, pipelines, runs, scheduling, tick, worker_protocol, workers
+from orchestrator.engine import (
+    backfills,
+    events,
+    keys,
+    operations,
+    pipelines,
+    runs,
+    scheduling,
+    templates,
+    tick,
+    worker_protocol,
+    workers,
+)
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
 from orchestrator.storage.tokens import TokenKeyring
@@ -77,6 +89,65 @@ class Engine:
 
     def create_api_key(self, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None) -> tuple[str, str]:
         return keys.create_api_key(self.db, workspace_id, role, name=name, raw_key=raw_key)
+
+    # events
+    def record_event(
+        self, workspace_id: str, name: str, event_id: str, payload: dict[str, Any] | None = None, *,
+        actor: str | None = None, dispatch_now: bool = True,
+    ) -> events.RecordedEvent:
+        result = events.record_event(
+            self.db, self.settings, workspace_id, name, event_id, payload or {}, actor
+        )
+        if result.created and dispatch_now:
+            # Start the roots now rather than at the next tick; a repeated post dispatches
+            # nothing (its runs were dispatched by the first, or are the tick's to heal).
+            for run_id in result.run_ids:
+                self.dispatch_ready(run_id)
+        return result
+
+    def get_event(self, workspace_id: str, event_id: str) -> Row:
+        return events.get_event(self.db, workspace_id, event_id)
+
+    def list_events(
+        self, workspace_id: str, *, name: str | None = None, limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[Row]:
+        return events.list_events(self.db, workspace_id, name=name, limit=limit, before=before)
+
+    # templates
+    def create_template(self, workspace_id: str, raw: Any, *, actor: str | None = None) -> templates.SavedTemplate:
+        return templates.create_template(self.db, workspace_id, raw, actor=actor)
+
+    def update_template(
+        self, workspace_id: str, template_id: str, raw: Any, *, actor: str | None = None, create_missing: bool = False
+    ) -> templates.SavedTemplate:
+        return templates.update_template(self.db, workspace_id, template_id, raw, actor=actor, create_missing=create_missing)
+
+    def get_template(self, workspace_id: str, template_id: str) -> Row:
+        return templates.get_template(self.db, workspace_id, template_id)
+
+    def list_templates(self, workspace_id: str, *, limit: int = 100, after_id: str | None = None) -> list[Row]:
+        return templates.list_templates(self.db, workspace_id, limit=limit, after_id=after_id)
+
+    def pipeline_templates(self, workspace_id: str, pipeline_id: str) -> Row:
+        """The current version's definition as written and {node: {template, version}}."""
+        return templates.pipeline_templates(self.db, workspace_id, pipeline_id)
+
+    # backfills
+    def start_backfill(self, workspace_id: str, pipeline_id: str, **request: Any) -> dict[str, Any]:
+        result = backfills.start_backfill(self.db, self.settings, workspace_id, pipeline_id, **request)
+        if result.get("runs"):
+            self.dispatch_ready()  # the roots of the runs that are not queued start now
+        return result
+
+    def get_backfill(self, workspace_id: str, backfill_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        return backfills.get_backfill(self.db, workspace_id, backfill_id)
+
+    def cancel_backfill(self, workspace_id: str, backfill_id: uuid.UUID, *, actor: str) -> int:
+        cancelled = backfills.cancel_backfill(self.db, workspace_id, backfill_id, actor=actor)
+        row, _ = self.get_backfill(workspace_id, backfill_id)
+        self._start_queued(workspace_id, str(row["pipeline_id"]))
+        return cancelled
 
     # worker services
     def register_worker(self, workspace_id: str, **registration: Any) -> list[workers.RegisteredTask]:

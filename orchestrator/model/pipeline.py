@@ -38,6 +38,11 @@ _VERSION_RE = re.compile(VERSION_PATTERN)
 SLUG_RULE = "use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
 TASK_NAME_RULE = "use 1 to 128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
 VERSION_RULE = "use 1 to 128 letters, digits, '.', '_', ':' or '-'"
+EVENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.:-]{0,127}$"
+_EVENT_NAME_RE = re.compile(EVENT_NAME_PATTERN)
+EVENT_NAME_RULE = (
+    "use 1 to 128 lowercase letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+)
 
 # The context key graph.validate_pipeline reads to point an error raised by a model-level
 # validator at the field it is about, rather than at the enclosing object.
@@ -346,6 +351,64 @@ Version = Annotated[str, BeforeValidator(_version_input), AfterValidator(_check_
 CronExpression = Annotated[str, AfterValidator(_check_cron)]
 
 
+def is_event_name(value: str) -> bool:
+    return _EVENT_NAME_RE.fullmatch(value) is not None
+
+
+def _check_event_name(value: str) -> str:
+    if not is_event_name(value):
+        raise ValueError(f"{value!r} is not a valid event name: {EVENT_NAME_RULE}")
+    return value
+
+
+EventName = Annotated[str, AfterValidator(_check_event_name)]
+
+
+class EventTrigger(BaseModel):
+    """Start a run when an event named `event` arrives and its payload matches `filter`.
+
+    Matching is deliberately small and predictable: every key of `filter` must be a top-level
+    key of the payload whose value equals the filter's value (JSON equality, so 1 and 1.0 match
+    but 1 and "1" do not); a list in the filter means "equals one of these". An empty filter
+    matches every event of that name. Anything richer belongs in the pipeline itself.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: EventName
+    filter: dict[str, Any] = Field(default_factory=dict)
+
+    _filter_none = field_validator("filter", mode="before")(_none_as(dict))
+    _filter_json = field_validator("filter", mode="before")(_json_object)
+
+    def matches(self, name: str, payload: dict[str, Any]) -> bool:
+        if name != self.event:
+            return False
+        for key, expected in self.filter.items():
+            if key not in payload:
+                return False
+            actual = payload[key]
+            allowed = expected if isinstance(expected, list) else [expected]
+            if not any(_json_equal(actual, option) for option in allowed):
+                return False
+        return True
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    # Python says True == 1, JSON does not: a filter {"dry_run": true} must not match 1.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+# See PipelineDefinition.canonical_dict.
+_OMITTED_WHEN_EMPTY = ("triggers", "emits")
+
+
 class PipelineDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -360,6 +423,10 @@ class PipelineDefinition(BaseModel):
     concurrency: Concurrency = Field(default_factory=Concurrency)
     nodes: list[NodeDefinition] = Field(default_factory=list, validate_default=True)
     tags: list[str] = Field(default_factory=list)
+    # Event triggers (docs/events.md): runs start when a matching event is posted.
+    triggers: list[EventTrigger] = Field(default_factory=list)
+    # Event names this pipeline's tasks may post; only used to refuse trigger cycles.
+    emits: list[EventName] = Field(default_factory=list)
 
     _params_none = field_validator("params", mode="before")(_none_as(dict))
     _params_json = field_validator("params", mode="before")(_json_object)
@@ -369,6 +436,8 @@ class PipelineDefinition(BaseModel):
     _outputs_none = field_validator("outputs", mode="before")(_none_as(dict))
     _options_none = field_validator("schedule_options", mode="before")(_none_as(dict))
     _concurrency_none = field_validator("concurrency", mode="before")(_none_as(dict))
+    _triggers_none = field_validator("triggers", mode="before")(_none_as(list))
+    _emits_list = field_validator("emits", mode="before")(_coerce_str_list)
 
     @model_validator(mode="before")
     @classmethod
@@ -415,6 +484,20 @@ class PipelineDefinition(BaseModel):
             raise ValueError("a pipeline needs at least one node")
         return value
 
+    @field_validator("emits")
+    @classmethod
+    def _emits_unique(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for item in value:
+            if item in seen:
+                raise ValueError(f"event {item!r} is listed more than once")
+            seen.add(item)
+        return value
+
+    def matches_event(self, name: str, payload: dict[str, Any]) -> bool:
+        """Whether any of this pipeline's triggers starts a run for the event."""
+        return any(trigger.matches(name, payload) for trigger in self.triggers)
+
     @property
     def node_ids(self) -> list[str]:
         return [node.id for node in self.nodes]
@@ -426,7 +509,14 @@ class PipelineDefinition(BaseModel):
         raise KeyError(f"pipeline {self.id!r} has no node {node_id!r}")
 
     def canonical_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        dumped = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        # Fields added after definitions were first stored are left out while empty, so the
+        # sha256 of an unchanged older definition stays what it was: re-saving it must not
+        # create a new version just because the model learned a new field.
+        for name in _OMITTED_WHEN_EMPTY:
+            if not dumped.get(name):
+                dumped.pop(name, None)
+        return dumped
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical_dict(), sort_keys=True, separators=(",", ":"))

@@ -175,7 +175,7 @@ def get_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | Non
         """SELECT id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                   trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at, triggered_by,
                   idempotency_key, params, versions, unfinished_tasks, failed_tasks, error, schedule_id,
-                  created_at, started_at, finished_at
+                  backfill_id, created_at, started_at, finished_at
            FROM runs WHERE workspace_id = %s AND id = %s""",
         (workspace_id, run_id),
     ).fetchone()

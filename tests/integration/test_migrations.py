@@ -14,7 +14,8 @@ from orchestrator.db.migrate import applied_versions, load_migrations, migrate
 EXPECTED_TABLES = {
     "workspaces", "api_keys", "pipelines", "pipeline_versions", "runs", "tasks", "task_edges",
     "task_attempts", "schema_migrations", "schedules", "schedule_skips", "tw_clock", "dead_letters",
-    "workers", "worker_tasks", "task_code_versions",
+    "workers", "worker_tasks", "task_code_versions", "templates", "template_versions",
+    "pipeline_template_refs", "events", "backfills",
 }
 
 
