@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -44,8 +45,15 @@ def tenants(engine: Engine) -> dict[str, Any]:
     (entry,) = engine.list_dead_letters("tenant-b")
     _, tasks = engine.get_run("tenant-b", run.id)
     gate = next(t for t in tasks if t["node_id"] == "gate")
+    engine.create_template("tenant-b", {"id": "hidden", "task": "echo"})
+    engine.record_event("tenant-b", "order.created", "evt-b-1", {}, dispatch_now=False)
+    now = datetime.now(UTC)
+    backfill = engine.start_backfill(
+        "tenant-b", "secret", start=now - timedelta(days=3), end=now - timedelta(days=1), versions=None,
+        max_active_runs=None, reprocess="none", dry_run=False, actor="test")
     return {"a_admin": a_admin, "a_viewer": a_viewer, "b_admin": b_admin, "b_key_id": b_key_id,
-            "run": str(run.id), "task": str(task["id"]), "gate": str(gate["id"]), "dlq": str(entry["id"])}
+            "run": str(run.id), "task": str(task["id"]), "gate": str(gate["id"]), "dlq": str(entry["id"]),
+            "backfill": str(backfill["id"])}
 
 
 def test_every_route_hides_another_workspaces_objects(client: TestClient, tenants: dict[str, Any]) -> None:
@@ -65,17 +73,26 @@ def test_every_route_hides_another_workspaces_objects(client: TestClient, tenant
         ("POST", f"/api/approvals/{tenants['gate']}", {"decision": "approve"}),
         ("POST", f"/api/dlq/{tenants['dlq']}/retry", None),
         ("DELETE", f"/api/keys/{tenants['b_key_id']}", None),
+        ("GET", "/api/templates/hidden", None),
+        ("PUT", "/api/templates/hidden", {"id": "hidden", "task": "echo", "description": "x"}),
+        ("GET", "/api/events/evt-b-1", None),
+        ("POST", "/api/pipelines/secret/backfill", {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}),
+        ("GET", f"/api/backfills/{tenants['backfill']}", None),
+        ("POST", f"/api/backfills/{tenants['backfill']}/cancel", None),
     ]
     for method, path, body in probes:
         response = client.request(method, path, json=body, headers=a)
         assert response.status_code == 404, (method, path, response.status_code, response.text)
         assert response.json()["error"]["code"] == "not_found"
 
-    for path in ("/api/pipelines", "/api/runs", "/api/schedules", "/api/dlq", "/api/keys"):
+    for path in ("/api/pipelines", "/api/runs", "/api/schedules", "/api/dlq", "/api/keys", "/api/templates",
+                 "/api/events", "/api/workers"):
         items = client.get(path, headers=a).json()["items"]
         assert all("secret" not in str(item) and tenants["run"] not in str(item) for item in items), path
     assert client.get("/api/schedules", headers=a).json()["items"] == []
     assert client.get("/api/dlq", headers=a).json()["items"] == []
+    assert client.get("/api/templates", headers=a).json()["items"] == []
+    assert client.get("/api/events", headers=a).json()["items"] == []
 
     # B's objects are untouched and still visible to B
     b = {"x-api-key": tenants["b_admin"]}
@@ -96,6 +113,11 @@ def test_roles_gate_every_mutation(client: TestClient, tenants: dict[str, Any], 
         ("POST", "/api/dlq/purge", {"older_than_days": 1}),
         ("POST", "/api/keys", {"role": "admin"}),
         ("GET", "/api/keys", None),
+        ("POST", "/api/templates", {"id": "t", "task": "echo"}),
+        ("POST", "/api/events", {"name": "x", "id": "1"}),
+        ("POST", "/api/pipelines/mine/backfill", {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}),
+        ("POST", "/api/workers/register", {"service": "s", "version": "1", "transport": "http",
+                                           "endpoint": "http://127.0.0.1:9/d", "tasks": [{"name": "t", "code_hash": "sha256:00000000"}]}),
     ]
     for method, path, body in forbidden:
         response = client.request(method, path, json=body, headers=viewer)
