@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from orchestrator.api.request import PayloadTooLarge, read_body, read_definition, read_json, validate
+from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
 from orchestrator.api.responses import JSON, error
 from orchestrator.api.schemas import (
     ApprovalRequest,
@@ -470,23 +470,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         await run_in_threadpool(get_engine().revoke_api_key, principal, key_id)
         return JSON({"id": key_id, "revoked": True})
 
-    async def read_template(request: Request) -> Any:
-        from orchestrator.graph import DefinitionInvalid, parse_definition_text  # YAML: on use
-
-        body = await read_body(request, limit_bytes)
-        if not body.strip():
-            raise InvalidInput("the request body is empty; send a template as JSON or YAML")
-        try:
-            return parse_definition_text(body, request.headers.get("content-type"))
-        except DefinitionInvalid as exc:
-            raise InvalidInput(
-                "the template could not be parsed: " + "; ".join(e.message for e in exc.errors),
-                details=exc.to_list(),
-            ) from exc
-
     @guarded("admin")
     async def create_template(request: Request, principal: Principal) -> Response:
-        raw = await read_template(request)
+        raw = await read_definition(request, limit_bytes, "template")
         saved = await run_in_threadpool(get_engine().create_template, principal.workspace_id, raw, actor=principal.key_prefix)
         row = await run_in_threadpool(get_engine().get_template, principal.workspace_id, saved.id)
         return JSON({**_template_view(row), "body": row["body"]}, status_code=201)
@@ -494,7 +480,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     @guarded("admin")
     async def update_template(request: Request, principal: Principal) -> Response:
         template_id = request.path_params["template_id"]
-        raw = await read_template(request)
+        raw = await read_definition(request, limit_bytes, "template")
         saved = await run_in_threadpool(
             get_engine().update_template, principal.workspace_id, template_id, raw, actor=principal.key_prefix
         )

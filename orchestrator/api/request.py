@@ -43,18 +43,19 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from exc
 
 
-async def read_definition(request: Request, limit: int) -> Any:
-    """A pipeline definition as JSON or YAML (by Content-Type, or by its first character)."""
+async def read_definition(request: Request, limit: int, what: str = "pipeline definition") -> Any:
+    """A definition (a pipeline's, a template's) as JSON or YAML (by Content-Type, or by its
+    first character)."""
     from orchestrator.graph import DefinitionInvalid, parse_definition_text  # YAML and the models: on use
 
     body = await read_body(request, limit)
     if not body.strip():
-        raise InvalidInput("the request body is empty; send a pipeline definition as JSON or YAML")
+        raise InvalidInput(f"the request body is empty; send a {what} as JSON or YAML")
     try:
         return parse_definition_text(body, request.headers.get("content-type"))
     except DefinitionInvalid as exc:
         raise InvalidInput(
-            "the pipeline definition could not be parsed: " + "; ".join(e.message for e in exc.errors),
+            f"the {what} could not be parsed: " + "; ".join(e.message for e in exc.errors),
             details=[e.to_dict() for e in exc.errors],
         ) from exc
 
