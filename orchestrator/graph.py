@@ -12,14 +12,14 @@ import heapq
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.model.pipeline import ERROR_FIELD_KEY, PipelineDefinition
+from orchestrator.model.pipeline import ERROR_FIELD_KEY, PipelineDefinition, PipelineDependency
 
 # A definition is a small document; these bounds only stop hostile input. YAML aliases can
 # make a few hundred bytes expand into billions of values once serialized ("billion laughs"),
@@ -289,6 +289,7 @@ def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionErr
     if cycle is not None:
         errors.append(DefinitionError(list_name, "cycle: " + " -> ".join(cycle)))
 
+    kinds = {node.id: node.kind for node in defn.nodes}
     for name, output in defn.outputs.items():
         if output.from_ not in first_index:
             errors.append(
@@ -297,7 +298,33 @@ def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionErr
                     f"output {name!r} comes from {output.from_!r}, which is not a node of this pipeline",
                 )
             )
+        elif kinds[output.from_] != "task":
+            # Approval and manual steps write no object, so there is nothing to persist.
+            errors.append(
+                DefinitionError(
+                    f"outputs.{name}.from",
+                    f"output {name!r} comes from {output.from_!r}, a {kinds[output.from_]} step; "
+                    "an output must come from a task node (it persists what the task returns)",
+                )
+            )
+        if output.schema_ is not None:
+            problem = json_schema_problem(output.schema_)
+            if problem is not None:
+                errors.append(DefinitionError(f"outputs.{name}.schema", f"not a valid JSON Schema: {problem}"))
     return errors
+
+
+def json_schema_problem(schema: Mapping[str, Any]) -> str | None:
+    """Why `schema` is not a valid JSON Schema (Draft 2020-12), or None when it is."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        return f"{exc.message}" + (f" (at {where})" if where else "")
+    return None
 
 
 # --- graph algorithms ----------------------------------------------------------------------
@@ -383,8 +410,26 @@ def topological_order(edges: Mapping[str, Iterable[str]]) -> list[str]:
 # --- pipeline-level graph ------------------------------------------------------------------
 
 
-def pipeline_level_errors(definitions: Mapping[str, PipelineDefinition]) -> list[DefinitionError]:
-    """Problems of the `depends` between a set of pipelines (id -> definition)."""
+class PipelineLinks(Protocol):
+    """What the pipeline-level checks read of a pipeline: a definition, or a stored summary."""
+
+    @property
+    def depends(self) -> Sequence[PipelineDependency]: ...
+
+    @property
+    def outputs(self) -> Collection[str]: ...
+
+
+@dataclass(frozen=True)
+class LinkSummary:
+    """A stored pipeline's `depends` and declared output names, without its definition."""
+
+    depends: Sequence[PipelineDependency]
+    outputs: Collection[str]
+
+
+def pipeline_level_errors(definitions: Mapping[str, PipelineLinks]) -> list[DefinitionError]:
+    """Problems of the `depends` between a set of pipelines (id -> definition or summary)."""
     errors: list[DefinitionError] = []
     edges: dict[str, set[str]] = {}
     for pipeline_id in sorted(definitions):

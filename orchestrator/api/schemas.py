@@ -13,7 +13,15 @@ class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     versions: list[str] | None = Field(default=None, max_length=1000)
     params: dict[str, Any] = Field(default_factory=dict)
-    include: Literal["none"] = "none"
+    # upstream / downstream: trigger the pipeline with its closure as one orchestration.
+    include: Literal["none", "upstream", "downstream"] = "none"
+
+
+class OrchestrationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pipelines: list[str] = Field(min_length=1, max_length=1000)
+    versions: list[str] | None = Field(default=None, max_length=1000)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class OutputRef(BaseModel):

@@ -7,10 +7,12 @@ Every path that finishes tasks follows it, so concurrent finishers queue rather 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.db.connection import Connection, Row
+from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
 
@@ -25,20 +27,28 @@ class AttemptResult:
     newly_ready: int = 0
     workspace_id: str | None = None
     pipeline_id: str | None = None
+    started_runs: list[uuid.UUID] = field(default_factory=list)  # orchestration runs it released
 
 
 def finish_attempt(
     conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *,
     succeeded: bool, output: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
     retryable: bool = True, attempt_status: str | None = None,
+    on_succeeded: Callable[[Connection, Row], None] | None = None,
 ) -> AttemptResult:
-    """Record the outcome of the current attempt; refused (state unchanged) for any other attempt."""
+    """Record the outcome of the current attempt; refused (state unchanged) for any other attempt.
+
+    `on_succeeded` runs after the guarded update accepted a success and before anything
+    follows from it (output persistence); raising rolls the whole transaction back.
+    """
     row = task_store.finish_attempt(
         conn, task_id, attempt, claim_token, succeeded=succeeded, output=output, error=error,
         retryable=retryable,
     )
     if row is None:
         return _refusal(conn, task_id, attempt, claim_token, succeeded)
+    if succeeded and on_succeeded is not None:
+        on_succeeded(conn, row)
 
     task_store.record_attempt_end(
         conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
@@ -75,9 +85,14 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
         conn, run_id, finished=finished, failed=1 if stop else 0, stop=stop,
         error=f"node '{row['node_id']}' (version {row['version']}) {status}" if stop else None,
     )
+    started: list[uuid.UUID] = []
+    if run is not None and run["previous_status"] == "running" and run["status"] in ("succeeded", "failed"):
+        # The run ended here: its orchestration's waiting runs and its later triggers follow,
+        # in this transaction (see orchestrations.on_run_finished).
+        started = on_run_finished(conn, run_id)
     return AttemptResult(
         True, status, status, run_id, None if run is None else str(run["status"]), newly_ready,
-        row["workspace_id"], row["pipeline_id"],
+        row["workspace_id"], row["pipeline_id"], started,
     )
 
 

@@ -10,8 +10,17 @@ from orchestrator.engine import templates
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
 from orchestrator.engine.events import check_trigger_cycles
 from orchestrator.engine.scheduling import sync_schedules
-from orchestrator.graph import DefinitionInvalid, validate_pipeline
+from orchestrator.graph import (
+    DefinitionError,
+    DefinitionInvalid,
+    LinkSummary,
+    PipelineLinks,
+    pipeline_level_errors,
+    validate_pipeline,
+)
 from orchestrator.model import PipelineDefinition
+from orchestrator.model.pipeline import PipelineDependency
+from orchestrator.store import orchestrations as orchestration_store
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import schedules as schedule_store
 
@@ -58,6 +67,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
         # Inside the saving transaction: it takes the workspace's event-graph lock, so two
         # registrations that only close a cycle together cannot both pass.
         check_trigger_cycles(conn, workspace_id, definition)
+        check_pipeline_graph(conn, workspace_id, definition)
         if not pipeline_store.insert_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=definition.id, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
@@ -69,6 +79,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
         templates.record(conn, workspace_id, definition.id, 1, resolution)
         sync_schedules(conn, workspace_id, definition.id, definition)
         pipeline_store.set_task_limit(conn, workspace_id, definition.id, definition.concurrency.max_active_tasks)
+        _sync_graph(conn, workspace_id, definition)
         return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
 
     return db.run_in_transaction(work)
@@ -94,6 +105,7 @@ def update_pipeline(
         if current is None or current["sha256"] != sha:
             # An unchanged definition cannot have closed a cycle; anything saved is checked.
             check_trigger_cycles(conn, workspace_id, definition)
+            check_pipeline_graph(conn, workspace_id, definition)
         if current is None:
             if not create_missing:
                 raise NotFound(f"pipeline '{pipeline_id}' not found")
@@ -104,6 +116,7 @@ def update_pipeline(
             templates.record(conn, workspace_id, pipeline_id, 1, resolution)
             sync_schedules(conn, workspace_id, pipeline_id, definition)
             pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
+            _sync_graph(conn, workspace_id, definition)
             return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
         if current["sha256"] == sha:
             return SavedPipeline(pipeline_id, int(current["current_version"]), sha, created=False, changed=False)
@@ -116,9 +129,101 @@ def update_pipeline(
         templates.record(conn, workspace_id, pipeline_id, version, resolution)
         sync_schedules(conn, workspace_id, pipeline_id, definition)
         pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
+        _sync_graph(conn, workspace_id, definition)
         return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)
 
     return db.run_in_transaction(work)
+
+
+def _sync_graph(conn: Connection, workspace_id: str, definition: PipelineDefinition) -> None:
+    orchestration_store.sync_dependencies(
+        conn, workspace_id, definition.id, [(d.pipeline, list(d.outputs), d.trigger) for d in definition.depends],
+        sorted(definition.outputs),
+    )
+
+
+def _stored_links(conn: Connection, workspace_id: str) -> dict[str, PipelineLinks]:
+    """Every current pipeline of the workspace as its `depends` and declared outputs."""
+    pipelines, edges = orchestration_store.workspace_graph(conn, workspace_id)
+    depends: dict[str, list[PipelineDependency]] = {}
+    for edge in edges:
+        depends.setdefault(str(edge["pipeline_id"]), []).append(
+            PipelineDependency(pipeline=edge["upstream_pipeline_id"], outputs=list(edge["outputs"]),
+                               trigger=edge["trigger"])
+        )
+    return {
+        str(p["id"]): LinkSummary(depends=depends.get(str(p["id"]), []), outputs=frozenset(p["declared_outputs"]))
+        for p in pipelines
+    }
+
+
+def _new_graph_errors(stored: dict[str, PipelineLinks], candidates: dict[str, PipelineLinks]) -> list[DefinitionError]:
+    """Pipeline-level problems the candidates bring to the stored set (old ones are not theirs)."""
+    before = set(pipeline_level_errors(stored)) if candidates.keys() & stored.keys() else set()
+    merged = {**stored, **candidates}
+    return [e for e in pipeline_level_errors(merged) if e not in before]
+
+
+def check_pipeline_graph(conn: Connection, workspace_id: str, candidate: PipelineDefinition) -> None:
+    """Refuse `candidate` when its `depends` name a missing pipeline or output, when it drops an
+    output a dependant reads, or when it closes a pipeline cycle (named).
+
+    Call it inside the saving transaction: it takes the workspace's pipeline-graph lock, so two
+    registrations that only close a cycle together cannot both pass.
+    """
+    orchestration_store.lock_pipeline_graph(conn, workspace_id)
+    errors = _new_graph_errors(_stored_links(conn, workspace_id), {candidate.id: candidate})
+    if not errors:
+        return
+    details = []
+    for error in errors:
+        # Paths of the candidate's own depends are made relative to its definition.
+        path = error.path.removeprefix(f"{candidate.id}.")
+        details.append({"path": path, "message": error.message})
+    raise InvalidInput(
+        "the pipeline definition is invalid: " + "; ".join(f"{d['path']}: {d['message']}" for d in details),
+        details=details,
+    )
+
+
+def validate_pipelines(db: Database, workspace_id: str, raws: list[Any]) -> dict[str, Any]:
+    """A dry run of a set of definitions against the workspace: nothing is stored.
+
+    Each definition is checked alone (model, node graph, templates), then the set with the
+    workspace's stored pipelines (definitions in the set replace stored ones of the same id).
+    """
+    report: list[dict[str, Any]] = []
+    valid: dict[str, PipelineDefinition] = {}
+    with db.connection() as conn:
+        for index, raw in enumerate(raws):
+            entry: dict[str, Any] = {"index": index, "id": raw.get("id") if isinstance(raw, dict) else None}
+            try:
+                written = parse_definition(raw)
+                definition = templates.resolve(conn, workspace_id, written).definition
+            except (InvalidInput, TooLarge, NotFound) as exc:
+                details = exc.details if isinstance(exc.details, list) else []
+                entry.update(valid=False, errors=details or [{"path": "", "message": exc.message}])
+                report.append(entry)
+                continue
+            if definition.id in valid:
+                entry.update(valid=False, errors=[{"path": "id", "message": f"pipeline {definition.id!r} is in the set twice"}])
+                report.append(entry)
+                continue
+            valid[definition.id] = definition
+            entry.update(id=definition.id, valid=True, errors=[])
+            report.append(entry)
+        cross = _new_graph_errors(_stored_links(conn, workspace_id), dict(valid))
+    for error in cross:
+        owner = error.path.split(".", 1)[0]
+        for entry in report:
+            if entry["id"] == owner and entry["valid"] is not None:
+                entry["valid"] = False
+                entry["errors"].append({"path": error.path.removeprefix(f"{owner}."), "message": error.message})
+    return {
+        "valid": all(e["valid"] for e in report) and not cross,
+        "pipelines": report,
+        "errors": [e.to_dict() for e in cross],
+    }
 
 
 def get_pipeline(db: Database, workspace_id: str, pipeline_id: str) -> Row:

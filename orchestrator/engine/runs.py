@@ -38,6 +38,9 @@ def build_tasks(
     """
     tasks: list[run_store.NewTask] = []
     edges: list[tuple[uuid.UUID, uuid.UUID]] = []
+    produces: dict[str, list[str]] = {}
+    for name, output in definition.outputs.items():
+        produces.setdefault(output.from_, []).append(name)
     for version in versions:
         ids = {node.id: uuid.uuid4() for node in definition.nodes}
         for position, node in enumerate(definition.nodes):
@@ -58,17 +61,14 @@ def build_tasks(
                     max_attempts=node.retry.max_attempts, retry=node.retry.model_dump(mode="json"),
                     timeout_s=timeout_s, heartbeat_s=node.heartbeat_s, on_failure=node.on_failure,
                     trigger_rule=node.trigger_rule, unfinished_deps=len(node.depends), on_timeout=on_timeout,
+                    output_names=produces.get(node.id),
                 )
             )
             edges.extend((ids[dep], ids[node.id]) for dep in node.depends)
     return tasks, edges
 
 
-def trigger_run(
-    db: Database, settings: Settings, workspace_id: str, pipeline_id: str, *,
-    versions: list[str] | None, params: dict[str, Any], trigger: str, triggered_by: str | None,
-    idempotency_key: str | None, scheduled_at: datetime | None = None,
-) -> TriggeredRun:
+def check_versions(versions: list[str] | None) -> None:
     if versions is not None:
         bad = [v for v in versions if not _VERSION_PATTERN.match(v)]
         if bad or not versions or len(set(versions)) != len(versions) or len(versions) > MAX_VERSIONS_PER_RUN:
@@ -76,6 +76,14 @@ def trigger_run(
                 "versions must be a non-empty list of distinct names of 1-128 characters [A-Za-z0-9._:-]",
                 details=[{"path": "versions", "message": f"invalid: {bad or versions}"}],
             )
+
+
+def trigger_run(
+    db: Database, settings: Settings, workspace_id: str, pipeline_id: str, *,
+    versions: list[str] | None, params: dict[str, Any], trigger: str, triggered_by: str | None,
+    idempotency_key: str | None, scheduled_at: datetime | None = None,
+) -> TriggeredRun:
+    check_versions(versions)
 
     def work(conn: Connection) -> TriggeredRun:
         current = pipeline_store.get_current(conn, workspace_id, pipeline_id)
@@ -116,14 +124,22 @@ def create_run(
     conn: Connection, settings: Settings, workspace_id: str, current: Row, *, versions: list[str] | None,
     params: dict[str, Any], trigger: str, triggered_by: str | None, idempotency_key: str | None = None,
     scheduled_at: datetime | None = None, schedule_id: uuid.UUID | None = None, queue_limit: int | None = None,
+    orchestration_id: uuid.UUID | None = None, blocked_upstreams: int = 0,
+    trigger_source_execution_id: uuid.UUID | None = None, trigger_source_pipeline_id: str | None = None,
 ) -> uuid.UUID | None:
     """Insert a run of the pipeline version in `current` with its tasks and edges.
 
     The run is queued (`pending`, roots held back) when `concurrency.max_active_runs` (or
     `queue_limit`, from overlap: buffer_one) is reached or older runs are already queued: FIFO.
     Counting happens under the pipeline row's lock, so racing triggers cannot both squeeze in.
+    A run of an orchestration with `blocked_upstreams` waits (`pending`) for its upstream runs.
+    A run that reads upstream pipeline outputs has them resolved (hydrated) now; when one is
+    missing the run fails before any task starts, naming the pipeline, output and version.
     Returns None when the idempotency key or the schedule slot was taken.
     """
+    from orchestrator.engine.orchestrations import resolve_inputs
+    from orchestrator.store import orchestrations as orchestration_store
+
     pipeline_id = str(current["id"])
     definition = PipelineDefinition.model_validate(current["definition"])
     limits = [n for n in (definition.concurrency.max_active_runs, queue_limit) if n is not None]
@@ -133,8 +149,10 @@ def create_run(
         pipeline_store.lock_pipeline(conn, workspace_id, pipeline_id)
         open_runs = run_store.open_runs(conn, workspace_id, pipeline_id)
         running = sum(1 for r in open_runs if r["status"] == "running")
-        if running >= limit or any(r["status"] == "pending" for r in open_runs):
+        if running >= limit or any(r["status"] == "pending" and not r["blocked_upstreams"] for r in open_runs):
             status = "pending"
+    if blocked_upstreams:
+        status = "pending"
     run_versions = versions or list(definition.versions)
     if len(run_versions) * len(definition.nodes) > MAX_TASKS_PER_RUN:
         raise TooLarge(
@@ -146,12 +164,20 @@ def create_run(
         id=uuid.uuid4(), workspace_id=workspace_id, pipeline_id=pipeline_id,
         pipeline_version=int(current["version"]), trigger=trigger, triggered_by=triggered_by,
         idempotency_key=idempotency_key, params=params, versions=run_versions, scheduled_at=scheduled_at,
-        schedule_id=schedule_id, status=status, max_active_runs=limit,
+        schedule_id=schedule_id, status=status, max_active_runs=limit, orchestration_id=orchestration_id,
+        blocked_upstreams=blocked_upstreams, trigger_source_execution_id=trigger_source_execution_id,
+        trigger_source_pipeline_id=trigger_source_pipeline_id,
     )
     if run_store.insert_run(conn, new_run, len(tasks)) is None:
         return None
     run_store.insert_tasks(conn, new_run, tasks)
     run_store.insert_edges(conn, edges)
+    if not blocked_upstreams and definition.depends:
+        problem = resolve_inputs(
+            conn, {"id": new_run.id, "workspace_id": workspace_id, "versions": run_versions}, definition
+        )
+        if problem is not None:
+            orchestration_store.fail_run_before_start(conn, new_run.id, "failed", problem)
     return new_run.id
 
 
@@ -162,8 +188,8 @@ def start_queued_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> 
     running = sum(1 for r in open_runs if r["status"] == "running")
     started: list[uuid.UUID] = []
     for run in open_runs:
-        if run["status"] != "pending":
-            continue
+        if run["status"] != "pending" or run["blocked_upstreams"]:
+            continue  # running, or waiting for its orchestration's upstream runs (not queued)
         if run["max_active_runs"] is not None and running >= run["max_active_runs"]:
             break  # FIFO: a later run does not overtake the head of the queue
         if run_store.start_queued_run(conn, run["id"]):
@@ -173,10 +199,16 @@ def start_queued_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> 
 
 
 def get_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
+    """A run with its lineage (upstream outputs read, runs it started) and persisted outputs."""
+    from orchestrator.engine.orchestrations import lineage
+    from orchestrator.store import outputs as output_store
+
     with db.connection() as conn:
         run = run_store.get_run(conn, workspace_id, run_id)
         if run is None:
             raise NotFound(f"run '{run_id}' not found")
+        run["lineage"] = lineage(conn, run_id)
+        run["outputs"] = output_store.outputs_of_run(conn, run_id)
         return run, task_store.list_tasks_of_run(conn, workspace_id, run_id)
 
 

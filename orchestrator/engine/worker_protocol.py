@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from orchestrator.db.connection import Connection, Database
+from orchestrator.config import Settings
+from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import InvalidInput, Unauthorized
+from orchestrator.engine.outputs import OutputRejected, persist_task_outputs
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
 from orchestrator.store import tasks as task_store
 
@@ -24,8 +26,11 @@ def read_token(keyring: TokenKeyring, token: str, task_id: uuid.UUID | None = No
 
 def record_callback(
     db: Database, keyring: TokenKeyring, task_id: uuid.UUID, token: str, *, status: str,
-    output: dict[str, Any] | None, error: dict[str, Any] | None,
+    output: dict[str, Any] | None, error: dict[str, Any] | None, settings: Settings | None = None,
 ) -> AttemptResult:
+    """Record a worker's outcome. A success of a task that produces pipeline outputs is checked
+    against their schemas and persisted in the same transaction; a value that cannot become
+    the output turns the success into a failed attempt carrying the reason."""
     claims = read_token(keyring, token, task_id)
     if status not in ("succeeded", "failed"):
         raise InvalidInput("status must be 'succeeded' or 'failed'")
@@ -38,13 +43,28 @@ def record_callback(
     if succeeded and output is not None and claims.storage is not None and output["key"] != claims.storage.output_key:
         raise InvalidInput("output.key must be the key the token grants", details={"expected": claims.storage.output_key})
 
+    def persist(conn: Connection, row: Row) -> None:
+        if row.get("output_names") and settings is not None:
+            persist_task_outputs(conn, settings, row, output)
+
     def work(conn: Connection) -> AttemptResult:
         return finish_attempt(
             conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=succeeded,
-            output=output, error=error, retryable=retryable,
+            output=output, error=error, retryable=retryable, on_succeeded=persist,
         )
 
-    return db.run_in_transaction(work)
+    try:
+        return db.run_in_transaction(work)
+    except OutputRejected as exc:
+        rejected = exc
+
+    def reject(conn: Connection) -> AttemptResult:
+        return finish_attempt(
+            conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=False,
+            error=rejected.error, retryable=rejected.retryable,
+        )
+
+    return db.run_in_transaction(reject)
 
 
 def record_heartbeat(

@@ -258,6 +258,29 @@ def sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+class ObjectMissing(LookupError):
+    """The object is not in the bucket (NoSuchKey)."""
+
+
+def read_object_bytes(settings: StorageSettings, key: str, *, max_bytes: int | None = None) -> bytes:
+    """An object's bytes; ObjectMissing when absent, ValueError when over `max_bytes`."""
+    try:
+        response = orchestrator_s3(settings).get_object(Bucket=settings.bucket, Key=key)
+    except ClientError as exc:
+        if _error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+            raise ObjectMissing(key) from exc
+        raise
+    if max_bytes is not None and int(response.get("ContentLength") or 0) > max_bytes:
+        response["Body"].close()
+        raise ValueError(f"object {key!r} is larger than {max_bytes} bytes")
+    body: bytes = response["Body"].read()
+    return body
+
+
+def put_object_bytes(settings: StorageSettings, key: str, body: bytes) -> None:
+    orchestrator_s3(settings).put_object(Bucket=settings.bucket, Key=key, Body=body, ContentType=JSON_CONTENT_TYPE)
+
+
 def read_json_object(settings: StorageSettings, key: str) -> Any:
     response = orchestrator_s3(settings).get_object(Bucket=settings.bucket, Key=key)
     return json.loads(response["Body"].read())

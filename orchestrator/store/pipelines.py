@@ -97,6 +97,14 @@ def list_with_stats(conn: Connection, workspace_id: str, *, limit: int, after_id
     ).fetchall()
 
 
+def get_version(conn: Connection, workspace_id: str, pipeline_id: str, version: int) -> Row | None:
+    return conn.execute(
+        """SELECT version, sha256, definition FROM pipeline_versions
+           WHERE workspace_id = %s AND pipeline_id = %s AND version = %s""",
+        (workspace_id, pipeline_id, version),
+    ).fetchone()
+
+
 def run_stats(conn: Connection, workspace_id: str, pipeline_id: str) -> Row:
     row = conn.execute(
         """SELECT COALESCE(sum(n), 0)::int AS use_count, max(last_at) AS last_used_at,

@@ -32,6 +32,7 @@ class NewTask:
     trigger_rule: str
     unfinished_deps: int
     on_timeout: str | None = None
+    output_names: list[str] | None = None  # the pipeline outputs this node produces
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class NewRun:
     schedule_id: uuid.UUID | None = None
     status: str = "running"  # or "pending": queued behind max_active_runs / overlap: buffer_one
     max_active_runs: int | None = None
+    orchestration_id: uuid.UUID | None = None
+    blocked_upstreams: int = 0  # upstream runs of its orchestration still to complete
 
 
 def insert_run(conn: Connection, run: NewRun, task_count: int) -> uuid.UUID | None:
@@ -63,15 +66,15 @@ def insert_run(conn: Connection, run: NewRun, task_count: int) -> uuid.UUID | No
         """INSERT INTO runs (id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                              trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at,
                              triggered_by, idempotency_key, params, versions, unfinished_tasks, started_at,
-                             schedule_id, max_active_runs)
+                             schedule_id, max_active_runs, orchestration_id, blocked_upstreams)
            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                   CASE WHEN %s = 'running' THEN tw_now() END, %s, %s)
+                   CASE WHEN %s = 'running' THEN tw_now() END, %s, %s, %s, %s)
            ON CONFLICT DO NOTHING
            RETURNING id""",
         (run.id, run.workspace_id, run.pipeline_id, run.pipeline_version, run.status, run.trigger,
          run.trigger_source_execution_id, run.trigger_source_pipeline_id, run.scheduled_at,
          run.triggered_by, run.idempotency_key, Jsonb(run.params), run.versions, task_count,
-         run.status, run.schedule_id, run.max_active_runs),
+         run.status, run.schedule_id, run.max_active_runs, run.orchestration_id, run.blocked_upstreams),
     ).fetchone()
     return None if row is None else row["id"]
 
@@ -100,21 +103,24 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
     conn.execute(
         """INSERT INTO tasks (id, run_id, workspace_id, pipeline_id, node_id, version, position, kind, task_name,
                               params, transport, status, priority, max_attempts, retry, timeout_s,
-                              heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, wait_expires_at)
+                              heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, wait_expires_at,
+                              output_names)
            SELECT t.id, %(run_id)s, %(workspace_id)s, %(pipeline_id)s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
                   CASE WHEN t.unfinished_deps > 0 OR NOT %(start)s THEN 'pending'
                        WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END,
                   t.priority, t.max_attempts, t.retry, t.timeout_s, t.heartbeat_s, t.on_failure,
                   t.trigger_rule, t.unfinished_deps, t.on_timeout,
                   CASE WHEN t.unfinished_deps = 0 AND %(start)s AND t.kind <> 'task' AND t.timeout_s IS NOT NULL
-                       THEN tw_now() + make_interval(secs => t.timeout_s) END
+                       THEN tw_now() + make_interval(secs => t.timeout_s) END,
+                  CASE WHEN t.output_names IS NULL THEN NULL
+                       ELSE ARRAY(SELECT jsonb_array_elements_text(t.output_names)) END
            FROM unnest(%(id)s::uuid[], %(node_id)s::text[], %(version)s::text[], %(position)s::int[],
                        %(kind)s::text[], %(task_name)s::text[], %(params)s::jsonb[], %(transport)s::text[],
                        %(priority)s::int[], %(max_attempts)s::int[], %(retry)s::jsonb[], %(timeout_s)s::int[],
                        %(heartbeat_s)s::int[], %(on_failure)s::text[], %(trigger_rule)s::text[],
-                       %(unfinished_deps)s::int[], %(on_timeout)s::text[])
+                       %(unfinished_deps)s::int[], %(on_timeout)s::text[], %(output_names)s::jsonb[])
              AS t(id, node_id, version, position, kind, task_name, params, transport, priority, max_attempts, retry,
-                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout)""",
+                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, output_names)""",
         {
             "run_id": run.id, "workspace_id": run.workspace_id, "pipeline_id": run.pipeline_id,
             "start": run.status == "running",
@@ -127,6 +133,7 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
             "heartbeat_s": [t.heartbeat_s for t in tasks], "on_failure": [t.on_failure for t in tasks],
             "trigger_rule": [t.trigger_rule for t in tasks], "unfinished_deps": [t.unfinished_deps for t in tasks],
             "on_timeout": [t.on_timeout for t in tasks],
+            "output_names": [None if t.output_names is None else Jsonb(t.output_names) for t in tasks],
         },
     )
 
@@ -148,7 +155,8 @@ def finish_tasks_of_run(
 
     The statement that takes `unfinished_tasks` to 0 decides the final status; `stop` fails the
     run at once (its remaining tasks were skipped in the same transaction). A run already
-    terminal keeps its status. Returns its status and unfinished count after.
+    terminal keeps its status. Returns its status and unfinished count after, and the status
+    before (a run that became terminal here has `previous_status` 'running').
     """
     return conn.execute(
         """UPDATE runs r SET
@@ -164,8 +172,9 @@ def finish_tasks_of_run(
                    WHEN r.finished_at IS NULL AND (%(stop)s OR r.unfinished_tasks - %(finished)s = 0)
                    THEN tw_now() ELSE r.finished_at END,
                error = COALESCE(r.error, %(error)s)
-           WHERE r.id = %(run_id)s
-           RETURNING r.status, r.unfinished_tasks""",
+           FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR UPDATE) AS before
+           WHERE r.id = before.id
+           RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
         {"finished": finished, "failed": failed, "stop": stop, "error": error, "run_id": run_id},
     ).fetchone()
 
@@ -175,7 +184,7 @@ def get_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | Non
         """SELECT id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                   trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at, triggered_by,
                   idempotency_key, params, versions, unfinished_tasks, failed_tasks, error, schedule_id,
-                  backfill_id, created_at, started_at, finished_at
+                  backfill_id, orchestration_id, blocked_upstreams, created_at, started_at, finished_at
            FROM runs WHERE workspace_id = %s AND id = %s""",
         (workspace_id, run_id),
     ).fetchone()
@@ -204,7 +213,7 @@ def list_runs(
 def open_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> list[Row]:
     """Running and queued runs of a pipeline, oldest first."""
     return conn.execute(
-        """SELECT id, status, max_active_runs, created_at FROM runs
+        """SELECT id, status, max_active_runs, blocked_upstreams, created_at FROM runs
            WHERE workspace_id = %s AND pipeline_id = %s AND status IN ('pending', 'running')
            ORDER BY created_at, id""",
         (workspace_id, pipeline_id),
@@ -280,6 +289,7 @@ def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
 
 def pipelines_with_queued_runs(conn: Connection, limit: int) -> list[Row]:
     return conn.execute(
-        """SELECT DISTINCT workspace_id, pipeline_id FROM runs WHERE status = 'pending' LIMIT %s""",
+        """SELECT DISTINCT workspace_id, pipeline_id FROM runs
+           WHERE status = 'pending' AND blocked_upstreams = 0 LIMIT %s""",
         (limit,),
     ).fetchall()

@@ -135,12 +135,29 @@ class TaskContext:
         return tuple(self._input_refs)
 
     @property
+    def upstream_ids(self) -> tuple[str, ...]:
+        """The upstream pipeline outputs available, as `pipeline/output`."""
+        return tuple(self._upstream_refs)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """What this task can read: upstream node ids, then `pipeline/output` of upstream pipelines."""
+        return (*self._input_refs, *self._upstream_refs)
+
+    @property
     def inputs(self) -> dict[str, Any]:
-        """Every upstream node output, read on first access."""
-        return {node_id: self.input(node_id) for node_id in self._input_refs}
+        """Everything available to this task by name (see `input_names`), each value read on first
+        access: upstream node outputs by node id, upstream pipeline outputs as `pipeline/output`."""
+        values = {node_id: self.input(node_id) for node_id in self._input_refs}
+        for ref in self._upstream_refs:
+            pipeline, _, output = ref.partition("/")
+            values[ref] = self.upstream(pipeline, output)
+        return values
 
     def upstream(self, pipeline: str, output: str) -> Any:
-        """A declared output of an upstream pipeline (a pipeline-level dependency)."""
+        """A declared output of an upstream pipeline (a pipeline-level dependency), for this
+        task's data version: from the run of the same orchestration, or hydrated from the latest
+        succeeded execution of that pipeline. The same call either way."""
         ref = f"{pipeline}/{output}"
         key = self._upstream_refs.get(ref)
         if key is None:
