@@ -125,8 +125,10 @@ def get_orchestration(conn: Connection, workspace_id: str, orchestration_id: uui
 
 def runs_of_orchestration(conn: Connection, orchestration_id: uuid.UUID) -> list[Row]:
     return conn.execute(
-        """SELECT id, pipeline_id, status, versions, blocked_upstreams, error, created_at, started_at, finished_at
-           FROM runs WHERE orchestration_id = %s ORDER BY created_at, id""",
+        """SELECT r.id, r.pipeline_id, r.status, r.versions, r.blocked_upstreams, r.error, r.created_at, r.started_at,
+                  r.finished_at
+           FROM runs r JOIN orchestrations o ON o.id = r.orchestration_id
+           WHERE r.orchestration_id = %s ORDER BY array_position(o.pipelines, r.pipeline_id)""",
         (orchestration_id,),
     ).fetchall()
 

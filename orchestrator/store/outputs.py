@@ -42,6 +42,11 @@ def insert_outputs(conn: Connection, task: Row, outputs: Sequence[NewOutput]) ->
     )
 
 
+def output_names_of_task(conn: Connection, task_id: uuid.UUID) -> list[str] | None:
+    row = conn.execute("SELECT output_names FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    return None if row is None else row["output_names"]
+
+
 def output_specs_of_task(conn: Connection, task_id: uuid.UUID) -> Row | None:
     """A task's identity and the outputs its node produces, with their schemas (from the version it runs)."""
     return conn.execute(
