@@ -232,3 +232,15 @@ def test_an_output_that_breaks_its_schema_fails_the_run_with_the_schema_error(st
     assert task["error"]["message"] == "output 'report' does not match its schema: 'rows' is a required property"
     assert done["outputs"] == []
     assert stack.client.get("/api/outputs", params={"pipeline": "bad"}).json()["items"] == []
+
+
+def test_on_complete_dependants_follow_failures_and_data_only_ones_never_trigger(stack: Stack) -> None:
+    put(stack, "id: flaky\nnodes: [{id: n, task: fail, params: {retryable: false}}]")
+    put(stack, "id: cleanup\ndepends: [{pipeline: flaky, trigger: on_complete}]\nnodes: [{id: n, task: echo}]")
+    put(stack, "id: audit\ndepends: [{pipeline: flaky, trigger: none}]\nnodes: [{id: n, task: echo}]")
+    failed = stack.wait_for_run(stack.client.post("/api/pipelines/flaky/runs", json={}).json()["id"])
+    assert failed["status"] == "failed"
+    (cleanup,) = wait_until(lambda: runs_of(stack, "cleanup"), 30, "cleanup was not triggered")
+    assert stack.wait_for_run(cleanup["id"])["trigger_source_execution_id"] == failed["id"]
+    stack.client.post("/api/tick", headers={"x-tick-secret": stack.settings.tick_secret})
+    assert runs_of(stack, "audit") == []
