@@ -19,7 +19,6 @@ query and reused across invocations.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -113,8 +112,7 @@ def tick(context: Any) -> dict[str, Any]:
     summary = get_runtime().engine.tick(
         remaining_s=(lambda: remaining() / 1000.0) if callable(remaining) else None
     )
-    result: dict[str, Any] = summary.to_dict()
-    log.info(json.dumps({"event": "tick", **result}))
+    result: dict[str, Any] = summary.to_dict()  # the tick logged it (event tick.finished)
     return result
 
 
@@ -129,7 +127,9 @@ def migrate() -> dict[str, Any]:
         raise ValueError("no database configured: set DATABASE_URL or DATABASE_URL_FROM")
     applied = apply_migrations(url)
     result = {"applied": applied, "versions": applied_versions(url)}
-    log.info(json.dumps({"event": "migrate", **result}))
+    from orchestrator.logs import log_event
+
+    log_event(log, "migrate", applied=applied, versions=result["versions"])
     return result
 
 
@@ -147,11 +147,16 @@ def create_key(event: dict[str, Any]) -> dict[str, Any]:
         raw, key_id = get_runtime().engine.create_api_key(workspace, role, name=name)
     except EngineError as exc:
         raise ValueError(exc.message) from exc
-    log.info(json.dumps({"event": "create-key", "id": key_id, "workspace": workspace, "role": role}))
+    from orchestrator.logs import log_event
+
+    log_event(log, "create-key", key_id=key_id, workspace_id=workspace, role=role)  # never the key itself
     return {"id": key_id, "key": raw, "workspace": workspace, "role": role}
 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    from orchestrator.logs import configure_logging  # standard library only; not at import (see above)
+
+    configure_logging()  # JSON lines at LOG_LEVEL; idempotent (cheap after the first event)
     if isinstance(event, dict) and "tickweave" in event:
         command = event["tickweave"]
         if command == "tick":

@@ -54,5 +54,8 @@ def get_worker() -> Worker:
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     resolve_environment()
+    from orchestrator.logs import configure_logging  # standard library only; not at import
+
+    configure_logging()  # JSON lines at LOG_LEVEL; idempotent
     result: dict[str, Any] = get_worker().lambda_handler(event, context)
     return result

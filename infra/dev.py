@@ -30,6 +30,7 @@ from orchestrator.db.migrate import migrate
 from orchestrator.engine.service import Engine
 from orchestrator.engine.templates import load_example_templates
 from orchestrator.graph import parse_definition_text
+from orchestrator.logs import configure_logging
 from orchestrator.storage.s3 import ensure_bucket
 
 log = logging.getLogger("tickweave.dev")
@@ -60,9 +61,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def run_dev(root: Path | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("werkzeug", "botocore", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()  # JSON lines, as on Lambda; LOG_LEVEL (default INFO)
     root = (root or Path.cwd()).resolve()
     data_dir = root / ".tickweave"
     data_dir.mkdir(exist_ok=True)

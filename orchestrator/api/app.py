@@ -31,6 +31,7 @@ from orchestrator.api.schemas import (
     EventRequest,
     HeartbeatRequest,
     KeyRequest,
+    OrchestrationRequest,
     PurgeRequest,
     RegisterRequest,
     TriggerRequest,
@@ -319,6 +320,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+        if body.include != "none":
+            orchestration = await run_in_threadpool(
+                lambda: get_engine().trigger_orchestration(
+                    principal.workspace_id, root=pipeline_id, include=body.include, versions=body.versions,
+                    params=body.params, trigger="manual", triggered_by=principal.key_prefix, idempotency_key=key,
+                )
+            )
+            root = next(r for r in orchestration.runs if r["pipeline_id"] == pipeline_id)
+            run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, root["id"])
+            return JSON(
+                {**run, "tasks": [_task_view(t) for t in tasks], "created": orchestration.created,
+                 "orchestration": {"id": orchestration.id, "runs": orchestration.runs}},
+                status_code=201 if orchestration.created else 200,
+            )
         result = await run_in_threadpool(
             lambda: get_engine().trigger_run(
                 principal.workspace_id, pipeline_id, versions=body.versions, params=body.params,
@@ -330,6 +345,73 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             {**run, "tasks": [_task_view(t) for t in tasks], "created": result.created},
             status_code=201 if result.created else 200,
         )
+
+    @guarded("operator")
+    async def create_orchestration(request: Request, principal: Principal) -> Response:
+        body = validate(OrchestrationRequest, await read_json(request, limit_bytes))
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+        result = await run_in_threadpool(
+            lambda: get_engine().trigger_orchestration(
+                principal.workspace_id, pipeline_ids=body.pipelines, versions=body.versions, params=body.params,
+                trigger="api", triggered_by=principal.key_prefix, idempotency_key=key,
+            )
+        )
+        row, runs = await run_in_threadpool(get_engine().get_orchestration, principal.workspace_id, result.id)
+        return JSON({**row, "runs": runs, "created": result.created}, status_code=201 if result.created else 200)
+
+    @guarded("viewer")
+    async def get_orchestration(request: Request, principal: Principal) -> Response:
+        orchestration_id = _parse_uuid(request.path_params["orchestration_id"], "orchestration")
+        row, runs = await run_in_threadpool(get_engine().get_orchestration, principal.workspace_id, orchestration_id)
+        return JSON({**row, "runs": runs})
+
+    @guarded("viewer")
+    async def validate_pipelines(request: Request, principal: Principal) -> Response:
+        raw = await read_definition(request, limit_bytes, "set of pipeline definitions")
+        if isinstance(raw, dict) and "pipelines" in raw:
+            if set(raw) != {"pipelines"} or not isinstance(raw["pipelines"], list):
+                raise InvalidInput('send {"pipelines": [definition, ...]}, a list of definitions, or one definition')
+            raws = raw["pipelines"]
+        elif isinstance(raw, list):
+            raws = raw
+        else:
+            raws = [raw]
+        if not raws:
+            raise InvalidInput("there is no definition to validate")
+        if len(raws) > 1000:
+            raise TooLarge(f"{len(raws)} definitions; at most 1000 are validated at once")
+        report = await run_in_threadpool(get_engine().validate_pipelines, principal.workspace_id, raws)
+        return JSON(report)
+
+    @guarded("viewer")
+    async def list_outputs(request: Request, principal: Principal) -> Response:
+        limit = _limit(request, 50)
+        cursor = request.query_params.get("cursor")
+        before = _decode_cursor(cursor) if cursor else None
+        rows = await run_in_threadpool(
+            lambda: get_engine().list_outputs(
+                principal.workspace_id, pipeline_id=request.query_params.get("pipeline"),
+                version=request.query_params.get("version"), output=request.query_params.get("output"),
+                limit=limit, before=before,
+            )
+        )
+        next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
+        return JSON({"items": rows, "next_cursor": next_cursor})
+
+    @guarded("viewer")
+    async def get_output(request: Request, principal: Principal) -> Response:
+        output_id = _parse_uuid(request.path_params["output_id"], "output")
+        row = await run_in_threadpool(get_engine().get_output, principal.workspace_id, output_id)
+        row.pop("key", None)
+        return JSON(row)
+
+    @guarded("viewer")
+    async def output_content(request: Request, principal: Principal) -> Response:
+        output_id = _parse_uuid(request.path_params["output_id"], "output")
+        body = await run_in_threadpool(get_engine().output_content, principal.workspace_id, output_id)
+        return Response(body, media_type="application/json")
 
     @guarded("viewer")
     async def list_runs(request: Request, principal: Principal) -> Response:
@@ -581,6 +663,32 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         return JSON({"accepted": False, "task_id": task_id, "reason": status,
                      "error": {"code": "refused", "message": f"heartbeat refused: {status}"}}, status_code=409)
 
+    openapi_cache: dict[str, Any] = {}
+
+    async def openapi(request: Request) -> Response:
+        if "doc" not in openapi_cache:
+            from orchestrator.api.openapi import build_openapi  # the models' schemas: only when asked
+
+            openapi_cache["doc"] = build_openapi(routes, version=_version())
+        return JSON(openapi_cache["doc"])
+
+    @guarded("viewer")
+    async def metrics(request: Request, principal: Principal) -> Response:
+        from orchestrator.engine import metrics as engine_metrics
+
+        fmt = (request.query_params.get("format") or "").lower()
+        if fmt not in ("", "json", "prometheus"):
+            raise InvalidInput(f"format must be 'json' or 'prometheus'; got {fmt!r}")
+        accept = request.headers.get("accept", "")
+        prometheus = fmt == "prometheus" or (not fmt and "text/plain" in accept and "application/json" not in accept)
+        window_s = engine_metrics.parse_window(request.query_params.get("window"))
+        pipeline = request.query_params.get("pipeline") or None
+        data = await run_in_threadpool(
+            lambda: get_engine().metrics(principal.workspace_id, window_s=window_s, pipeline_id=pipeline))
+        if prometheus:
+            return Response(engine_metrics.to_prometheus(data), media_type=engine_metrics.PROMETHEUS_CONTENT_TYPE)
+        return JSON(data)
+
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
@@ -590,6 +698,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             return error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
         return error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error",
                      f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail))
+
+    async def data_error(request: Request, exc: Exception) -> Response:
+        # A value the database cannot hold (a NUL character in text or JSON, a number out of
+        # range) came in with the request: the caller's mistake, and its transaction rolled back.
+        log.info("value refused by the database on %s %s: %s", request.method, request.url.path, exc)
+        return error(422, "invalid", "the request holds a value that cannot be stored "
+                     "(a NUL character, or a number out of range)")
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, psycopg.OperationalError):
@@ -606,6 +721,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/info", info, methods=["GET"]),
         Route("/api/tick", tick, methods=["POST"]),
         Route("/api/pipelines", create_pipeline, methods=["POST"]),
+        Route("/api/pipelines/validate", validate_pipelines, methods=["POST"]),
         Route("/api/pipelines", list_pipelines, methods=["GET"]),
         Route("/api/pipelines/{pipeline_id}", get_pipeline, methods=["GET"]),
         Route("/api/pipelines/{pipeline_id}", update_pipeline, methods=["PUT"]),
@@ -614,6 +730,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/pipelines/{pipeline_id}/resume", pause_or_resume(False), methods=["POST"]),
         Route("/api/schedules", list_schedules, methods=["GET"]),
         Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/orchestrations", create_orchestration, methods=["POST"]),
+        Route("/api/orchestrations/{orchestration_id}", get_orchestration, methods=["GET"]),
+        Route("/api/outputs", list_outputs, methods=["GET"]),
+        Route("/api/outputs/{output_id}", get_output, methods=["GET"]),
+        Route("/api/outputs/{output_id}/content", output_content, methods=["GET"]),
         Route("/api/events", post_event, methods=["POST"]),
         Route("/api/events", list_events, methods=["GET"]),
         Route("/api/events/{event_id}", get_event, methods=["GET"]),
@@ -641,10 +762,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/keys/{key_id}", revoke_key, methods=["DELETE"]),
         Route("/api/callback/{task_id}", callback, methods=["POST"]),
         Route("/api/heartbeat", heartbeat, methods=["POST"]),
+        Route("/api/metrics", metrics, methods=["GET"]),
+        Route("/api/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: not_found, Exception: internal_error},
+        exception_handlers={HTTPException: not_found, psycopg.DataError: data_error, Exception: internal_error},
     )
     app.state.get_engine = get_engine
     return app

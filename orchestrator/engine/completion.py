@@ -6,6 +6,7 @@ Every path that finishes tasks follows it, so concurrent finishers queue rather 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,8 +14,11 @@ from typing import Any
 
 from orchestrator.db.connection import Connection, Row
 from orchestrator.engine.orchestrations import on_run_finished
+from orchestrator.logs import log_event
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,12 @@ def finish_attempt(
     task_store.record_attempt_end(
         conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
     )
+    # status: succeeded | dead | failed (not retryable) | ready (a retry is scheduled)
+    log_event(log, "task.finished", level=logging.INFO if succeeded else logging.WARNING,
+              workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=row["run_id"],
+              task_id=task_id, attempt=attempt, status=row["status"],
+              attempt_status=attempt_status or ("succeeded" if succeeded else "failed"),
+              error_code=None if error is None else (error.get("code") or error.get("type")))
     if row["status"] == "ready":  # a retry was scheduled; the run is unaffected
         return AttemptResult(True, "retrying", "ready", row["run_id"])
     return settle_terminal(conn, row)
@@ -71,6 +81,8 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
     run_id: uuid.UUID = row["run_id"]
     if status == "dead":
         task_store.insert_dead_letter(conn, task_id)
+        log_event(log, "task.dead_lettered", level=logging.WARNING, workspace_id=row["workspace_id"],
+                  pipeline_id=row["pipeline_id"], run_id=run_id, task_id=task_id, attempt=row["attempt"])
     failed = status in ("failed", "dead")
     stop = failed and row["on_failure"] == "stop"
     skipped, newly_ready = propagate(conn, task_id, "failed" if failed else "succeeded")
@@ -89,6 +101,9 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
     if run is not None and run["previous_status"] == "running" and run["status"] in ("succeeded", "failed"):
         # The run ended here: its orchestration's waiting runs and its later triggers follow,
         # in this transaction (see orchestrations.on_run_finished).
+        log_event(log, "run.finished", level=logging.INFO if run["status"] == "succeeded" else logging.WARNING,
+                  workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=run_id,
+                  status=run["status"], by_task=task_id)
         started = on_run_finished(conn, run_id)
     return AttemptResult(
         True, status, status, run_id, None if run is None else str(run["status"]), newly_ready,

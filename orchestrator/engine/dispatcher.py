@@ -19,8 +19,10 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.base import DispatchError, Transport
 from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
+from orchestrator.logs import log_context, log_event
 from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.store import outputs as output_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
 
@@ -68,6 +70,14 @@ class Dispatcher:
             inputs: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
             for row in task_store.upstream_outputs(conn, [t["id"] for t in claimed]):
                 inputs.setdefault(row["task_id"], {})[row["node_id"]] = {"key": row["output"]["key"]}
+            # Pipeline-level inputs: the declared outputs of upstream pipelines the run reads
+            # (orchestration-local or hydrated, resolved when the run started). Never raw results.
+            upstream: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
+            for ref in output_store.upstream_refs_for_tasks(conn, [t["id"] for t in claimed]):
+                upstream.setdefault(ref["task_id"], {})[f"{ref['upstream_pipeline_id']}/{ref['output']}"] = {
+                    "key": ref["key"], "sha256": ref["sha256"], "size": ref["size"],
+                    "run_id": str(ref["source_run_id"]), "mode": ref["mode"],
+                }
             # A registered worker service serves its task names, whatever the configuration says.
             routes = {
                 (r["workspace_id"], r["task_name"]): r
@@ -82,8 +92,13 @@ class Dispatcher:
         failures: list[tuple[Row, str]] = []
 
         def send_one(task: Row) -> None:
+            with log_context(**_ids(task)):
+                _send_one(task)
+
+        def _send_one(task: Row) -> None:
+            log_event(log, "task.claimed", level=logging.DEBUG, task=task["task_name"])
             try:
-                message = self.build_message(task, inputs.get(task["id"], {}))
+                message = self.build_message(task, inputs.get(task["id"], {}), upstream.get(task["id"], {}))
                 route = routes.get((task["workspace_id"], task["task_name"]))
                 if route is not None:
                     transport: Transport | None = self.routed.get(route["transport"], route["endpoint"])
@@ -94,8 +109,9 @@ class Dispatcher:
                     raise DispatchError(f"no transport named {task['transport']!r} is configured")
                 transport.send(message)
             except Exception as exc:  # any failure to hand over is a dispatch failure
-                log.warning("dispatch of task %s failed: %s", task["id"], exc)
                 failures.append((task, f"{type(exc).__name__}: {exc}"))
+                return
+            log_event(log, "task.dispatched", task=task["task_name"], transport=getattr(transport, "name", None))
 
         if len(claimed) == 1:
             send_one(claimed[0])
@@ -116,6 +132,10 @@ class Dispatcher:
             max_failures=self.settings.max_dispatch_failures,
             error={"code": "dispatch_failed", "message": reason[:2000], "retryable": True},
         )
+        # `status`: ready (tried again after a delay) or dead (too many failures in a row).
+        log_event(log, "task.dispatch_failed", f"dispatch of task {task['id']} failed: {reason[:500]}",
+                  level=logging.WARNING, error=reason[:500], status=None if row is None else row["status"],
+                  **_ids(task))
         if row is not None and row["status"] == "dead":
             settle_terminal(conn, row)
 
@@ -128,13 +148,17 @@ class Dispatcher:
             self._grant_issuer = issue_storage_grant
         return self._grant_issuer(settings, **kwargs)
 
-    def build_message(self, task: Row, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def build_message(
+        self, task: Row, inputs: dict[str, dict[str, Any]], upstream: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        upstream = upstream or {}
         task_id = str(task["id"])
         output_key = node_output_key(
             task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"]
         )
         grant = self._issue_grant(
-            self.settings, output_key=output_key, read_keys=[ref["key"] for ref in inputs.values()],
+            self.settings, output_key=output_key,
+            read_keys=[ref["key"] for ref in (*inputs.values(), *upstream.values())],
             task_id=task_id,
         )
         ttl = (task["timeout_s"] or _DEFAULT_TOKEN_TTL_S) + _TOKEN_SLACK_S
@@ -159,13 +183,19 @@ class Dispatcher:
             "params": task["params"],
             "version": task["version"],
             "inputs": inputs,
-            "upstream": {},
+            "upstream": upstream,
             "token": token,
             "callback_url": f"{base}/api/callback/{task_id}",
             "heartbeat_url": f"{base}/api/heartbeat",
             "heartbeat_interval_s": int(task["heartbeat_s"]),
             "deadline": None if deadline is None else _iso(deadline),
         }
+
+
+def _ids(task: Row) -> dict[str, Any]:
+    """The ids a log line about a claimed task carries."""
+    return {"workspace_id": task["workspace_id"], "pipeline_id": task["pipeline_id"], "run_id": task["run_id"],
+            "task_id": task["id"], "attempt": task["attempt"]}
 
 
 def _iso(epoch: float) -> str:

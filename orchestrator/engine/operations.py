@@ -4,6 +4,7 @@ decisions on one gate, or a cancel racing a callback, exactly one lands."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -11,9 +12,13 @@ from typing import Any
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.completion import AttemptResult, settle_terminal
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
+from orchestrator.engine.orchestrations import on_run_finished
+from orchestrator.logs import log_event
 from orchestrator.store import dead_letters as dlq_store
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
+
+log = logging.getLogger(__name__)
 
 
 def cancel_run(db: Database, workspace_id: str, run_id: uuid.UUID, *, actor: str) -> Row:
@@ -25,6 +30,10 @@ def cancel_run(db: Database, workspace_id: str, run_id: uuid.UUID, *, actor: str
             raise Conflict(f"run '{run_id}' is {run['status']}; only pending or running runs can be cancelled")
         if not run_store.cancel_run(conn, run_id, f"cancelled by {actor}"):
             raise Conflict(f"run '{run_id}' finished while it was being cancelled")
+        # Runs of its orchestration waiting for it are cancelled too (in this transaction).
+        on_run_finished(conn, run_id)
+        log_event(log, "run.finished", workspace_id=workspace_id, pipeline_id=run["pipeline_id"], run_id=run_id,
+                  status="cancelled", actor=actor)
         return run
 
     return db.run_in_transaction(work)
@@ -43,6 +52,8 @@ def redrive_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> int:
         dlq_store.close_for_tasks(conn, reset)
         if run_store.reopen_run(conn, run_id, ("failed",)) is None:
             raise Conflict(f"run '{run_id}' changed while it was being retried; try again")
+        log_event(log, "run.redriven", workspace_id=workspace_id, pipeline_id=run["pipeline_id"], run_id=run_id,
+                  tasks_reset=len(reset))
         return len(reset)
 
     return db.run_in_transaction(work)
@@ -69,6 +80,9 @@ def decide(
             if task["kind"] != kind:
                 raise Conflict(f"task '{task_id}' is a {task['kind']} node, not a {kind} step")
             raise Conflict(f"task '{task_id}' is {task['status']}, not waiting for a decision")
+        log_event(log, "task.decided", workspace_id=workspace_id, pipeline_id=row["pipeline_id"],
+                  run_id=row["run_id"], task_id=task_id, kind=kind, decision=decision["decision"],
+                  status=row["status"], actor=actor)
         return settle_terminal(conn, row)
 
     return db.run_in_transaction(work)
@@ -82,12 +96,17 @@ def expire_waits(db: Database, limit: int) -> int:
         for row in rows:
             if row["on_timeout"] == "escalate":
                 task_store.escalate_wait(conn, row["id"])
+                log_event(log, "task.wait_escalated", level=logging.WARNING, workspace_id=row["workspace_id"],
+                          task_id=row["id"], kind=row["kind"], timeout_s=row["timeout_s"])
                 continue
             decided = task_store.decide_waiting(
                 conn, row["workspace_id"], row["id"], row["kind"], succeeded=False, output=None,
                 error={"code": "timeout", "message": f"no decision within timeout_s={row['timeout_s']}"},
             )
             if decided is not None:
+                log_event(log, "task.wait_timed_out", level=logging.WARNING, workspace_id=row["workspace_id"],
+                          pipeline_id=decided["pipeline_id"], run_id=decided["run_id"], task_id=row["id"],
+                          kind=row["kind"], status=decided["status"], timeout_s=row["timeout_s"])
                 settle_terminal(conn, decided)
         return len(rows)
 
@@ -124,6 +143,8 @@ def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> R
             if dlq_store.revive_task(conn, entry["task_id"]) is None:
                 raise Conflict(f"task '{entry['task_id']}' is no longer dead")
             run_store.reopen_run(conn, entry["run_id"], ("running", "succeeded"))
+        log_event(log, "dead_letter.retried", workspace_id=workspace_id, pipeline_id=entry["pipeline_id"],
+                  run_id=entry["run_id"], task_id=entry["task_id"], dead_letter_id=entry["id"])
         return entry
 
     return db.run_in_transaction(work)

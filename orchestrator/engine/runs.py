@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -11,10 +12,13 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
+from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
+
+log = logging.getLogger(__name__)
 
 _VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_VERSIONS_PER_RUN = 1000
@@ -172,6 +176,8 @@ def create_run(
         return None
     run_store.insert_tasks(conn, new_run, tasks)
     run_store.insert_edges(conn, edges)
+    log_event(log, "run.created", workspace_id=workspace_id, pipeline_id=pipeline_id, run_id=new_run.id,
+              trigger=trigger, status=status, tasks=len(tasks), scheduled_at=scheduled_at)
     if not blocked_upstreams and definition.depends:
         problem = resolve_inputs(
             conn, {"id": new_run.id, "workspace_id": workspace_id, "versions": run_versions}, definition

@@ -22,6 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.cron import CronSchedule, jitter_offset_s
 from orchestrator.engine.runs import create_run, start_queued_runs
+from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import runs as run_store
@@ -147,6 +148,7 @@ def _fire_one(conn: Connection, settings: Settings, schedule: Row, now: datetime
     slots, missed = slots_to_fire(schedule, now)
     if missed is not None:
         schedule_store.record_skip(conn, schedule["id"], missed, "missed (catchup: none)")
+        _log_skip(schedule, missed, "missed (catchup: none)")
         summary.skipped += 1
     fired: datetime | None = None
     workspace_id, pipeline_id = schedule["workspace_id"], schedule["pipeline_id"]
@@ -160,18 +162,22 @@ def _fire_one(conn: Connection, settings: Settings, schedule: Row, now: datetime
             open_runs = run_store.open_runs(conn, workspace_id, pipeline_id)
             if open_runs and overlap == "skip":
                 schedule_store.record_skip(conn, schedule["id"], slot, "overlap: a run is still active")
+                _log_skip(schedule, slot, "overlap: a run is still active")
                 summary.skipped += 1
                 continue
             if open_runs and overlap == "buffer_one":
                 if any(r["status"] == "pending" for r in open_runs):
                     schedule_store.record_skip(conn, schedule["id"], slot, "overlap: buffer_one already holds a run")
+                    _log_skip(schedule, slot, "overlap: buffer_one already holds a run")
                     summary.skipped += 1
                     continue
                 queue_limit = 1
             if open_runs and overlap == "cancel_other":
                 for run in open_runs:
-                    run_store.cancel_run(conn, run["id"], f"cancelled by the schedule slot {slot.isoformat()} "
-                                                          "(overlap: cancel_other)")
+                    if run_store.cancel_run(conn, run["id"], f"cancelled by the schedule slot {slot.isoformat()} "
+                                                             "(overlap: cancel_other)"):
+                        log_event(log, "run.finished", workspace_id=workspace_id, pipeline_id=pipeline_id,
+                                  run_id=run["id"], status="cancelled", reason="overlap: cancel_other")
         run_id = create_run(
             conn, settings, workspace_id, current, versions=None, params={}, trigger="schedule",
             triggered_by=f"schedule:{schedule['position']}", scheduled_at=slot, schedule_id=schedule["id"],
@@ -180,8 +186,15 @@ def _fire_one(conn: Connection, settings: Settings, schedule: Row, now: datetime
         if run_id is not None:
             summary.runs += 1
             summary.run_ids.append(run_id)
+            log_event(log, "schedule.fired", workspace_id=workspace_id, pipeline_id=pipeline_id, run_id=run_id,
+                      schedule_id=schedule["id"], slot=slot, lag_s=round((now - slot).total_seconds(), 3))
         fired = slot
     _advance(conn, schedule, now, fired=fired)
+
+
+def _log_skip(schedule: Row, slot: datetime, reason: str) -> None:
+    log_event(log, "schedule.slot_skipped", workspace_id=schedule["workspace_id"], pipeline_id=schedule["pipeline_id"],
+              schedule_id=schedule["id"], slot=slot, reason=reason)
 
 
 def _advance(conn: Connection, schedule: Row, now: datetime, fired: datetime | None) -> None:

@@ -17,6 +17,8 @@ from orchestrator.engine import (
     events,
     keys,
     operations,
+    orchestrations,
+    outputs,
     pipelines,
     runs,
     scheduling,
@@ -210,6 +212,44 @@ class Engine:
     def get_run(self, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
         return runs.get_run(self.db, workspace_id, run_id)
 
+    # orchestrations and outputs
+    def trigger_orchestration(
+        self, workspace_id: str, *, root: str | None = None, include: str = "upstream",
+        pipeline_ids: list[str] | None = None, versions: list[str] | None = None,
+        params: dict[str, Any] | None = None, trigger: str = "manual", triggered_by: str | None = None,
+        idempotency_key: str | None = None, dispatch_now: bool = True,
+    ) -> orchestrations.Orchestration:
+        result = orchestrations.trigger_orchestration(
+            self.db, self.settings, workspace_id, root=root, include=include, pipeline_ids=pipeline_ids,
+            versions=versions, params=params or {}, trigger=trigger, triggered_by=triggered_by,
+            idempotency_key=idempotency_key,
+        )
+        if result.created and dispatch_now:
+            for run in result.runs:
+                if run["status"] == "running":
+                    self.dispatch_ready(run["id"])
+        return result
+
+    def get_orchestration(self, workspace_id: str, orchestration_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        return orchestrations.get_orchestration(self.db, workspace_id, orchestration_id)
+
+    def validate_pipelines(self, workspace_id: str, raws: list[Any]) -> dict[str, Any]:
+        return pipelines.validate_pipelines(self.db, workspace_id, raws)
+
+    def list_outputs(
+        self, workspace_id: str, *, pipeline_id: str | None = None, version: str | None = None,
+        output: str | None = None, limit: int = 50, before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[Row]:
+        return outputs.list_outputs(
+            self.db, workspace_id, pipeline_id=pipeline_id, version=version, output=output, limit=limit, before=before
+        )
+
+    def get_output(self, workspace_id: str, output_id: uuid.UUID) -> Row:
+        return outputs.get_output(self.db, workspace_id, output_id)
+
+    def output_content(self, workspace_id: str, output_id: uuid.UUID) -> bytes:
+        return outputs.output_content(self.db, self.settings, workspace_id, output_id)
+
     def list_runs(
         self, workspace_id: str, *, pipeline_id: str | None = None, status: str | None = None, limit: int = 50,
         before: tuple[datetime, uuid.UUID] | None = None,
@@ -266,8 +306,18 @@ class Engine:
         queued behind its run if that one ended. The tick is only the safety net."""
         if result.accepted and result.newly_ready and result.run_id is not None:
             self.dispatch_ready(result.run_id)
+        for run_id in result.started_runs:  # downstream runs of its orchestration, released
+            self.dispatch_ready(run_id)
         if result.run_status in ("succeeded", "failed") and result.workspace_id and result.pipeline_id:
             self._start_queued(result.workspace_id, result.pipeline_id)
+            self.start_pipeline_triggers()
+
+    def start_pipeline_triggers(self) -> list[uuid.UUID]:
+        """Create the runs of later triggers decided by runs that ended, and dispatch their roots."""
+        created = orchestrations.process_pipeline_triggers(self.db, self.settings, self.settings.tick_batch_size)
+        for run_id in created:
+            self.dispatch_ready(run_id)
+        return created
 
     # worker protocol
     def record_callback(
@@ -275,13 +325,21 @@ class Engine:
         error: dict[str, Any] | None,
     ) -> AttemptResult:
         result = worker_protocol.record_callback(
-            self.db, self.keyring, task_id, token, status=status, output=output, error=error
+            self.db, self.keyring, task_id, token, status=status, output=output, error=error, settings=self.settings
         )
         self._after_settled(result)
         return result
 
     def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:
         return worker_protocol.record_heartbeat(self.db, self.keyring, token, progress=progress, message=message)
+
+    # metrics
+    def metrics(self, workspace_id: str, *, window_s: int = 86_400, pipeline_id: str | None = None) -> dict[str, Any]:
+        """Counts, duration percentiles, failures, rates, approvals and schedule lag of the runs
+        created in the last `window_s` seconds (database time)."""
+        from orchestrator.engine import metrics
+
+        return metrics.collect(self.db, workspace_id, window_s=window_s, pipeline_id=pipeline_id)
 
     # tick
     def dispatch_ready(self, run_id: uuid.UUID | None = None, limit: int | None = None) -> DispatchSummary:

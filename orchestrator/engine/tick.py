@@ -4,6 +4,7 @@ transactions, bounded by a batch size and a deadline (the Lambda's remaining tim
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,12 @@ from orchestrator.db.connection import Connection, Database
 from orchestrator.engine.completion import finish_attempt, settle_terminal
 from orchestrator.engine.dispatcher import Dispatcher
 from orchestrator.engine.operations import expire_waits
+from orchestrator.engine.orchestrations import process_pipeline_triggers
 from orchestrator.engine.scheduling import fire_due_schedules, start_queued
+from orchestrator.logs import log_event
 from orchestrator.store import tasks as task_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +29,7 @@ class TickSummary:
     scheduled_runs: int = 0
     slots_skipped: int = 0
     queued_runs_started: int = 0
+    pipeline_triggered_runs: int = 0
     expired: int = 0
     waits_expired: int = 0
     claimed: int = 0
@@ -36,6 +42,7 @@ class TickSummary:
         return {
             "schedules_fired": self.schedules_fired, "scheduled_runs": self.scheduled_runs,
             "slots_skipped": self.slots_skipped, "queued_runs_started": self.queued_runs_started,
+            "pipeline_triggered_runs": self.pipeline_triggered_runs,
             "expired": self.expired, "waits_expired": self.waits_expired, "claimed": self.claimed, "dispatched": self.dispatched,
             "dispatch_failed": self.dispatch_failed, "batches": self.batches,
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
@@ -51,6 +58,8 @@ def expire_leases(db: Database, settings: Settings, limit: int) -> int:
     def work(conn: Connection) -> int:
         expired = task_store.lock_expired_leases(conn, limit)
         for row in expired:
+            log_event(log, "task.lease_expired", level=logging.WARNING, task_id=row["id"], attempt=row["attempt"],
+                      status=row["status"], timed_out=bool(row["timed_out"]))
             if row["status"] == "dispatched" and not row["timed_out"]:
                 lost = task_store.record_dispatch_failure(
                     conn, row["id"], row["attempt"], row["claim_token"], base_delay_s=0,
@@ -101,6 +110,9 @@ def run_tick(
     summary.expired = expire_leases(db, settings, batch_size)
     summary.waits_expired = expire_waits(db, batch_size)
     summary.queued_runs_started = len(start_queued(db, batch_size))
+    # Later triggers decided by upstream runs that ended; normally created right after the
+    # upstream's callback, this is the safety net (an engine that stopped in between).
+    summary.pipeline_triggered_runs = len(process_pipeline_triggers(db, settings, batch_size))
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
 
     claim_ms = dispatch_ms = 0.0
@@ -128,4 +140,8 @@ def run_tick(
     summary.durations_ms["claim"] = claim_ms
     summary.durations_ms["dispatch"] = dispatch_ms
     summary.durations_ms["total"] = (time.perf_counter() - started) * 1000
+    busy = summary.scheduled_runs or summary.expired or summary.waits_expired or summary.claimed \
+        or summary.queued_runs_started or summary.slots_skipped or summary.pipeline_triggered_runs
+    # An idle tick (once a minute, forever) logs at DEBUG only.
+    log_event(log, "tick.finished", level=logging.INFO if busy else logging.DEBUG, **summary.to_dict())
     return summary

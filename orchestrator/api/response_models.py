@@ -1,0 +1,541 @@
+"""Pydantic models of every JSON answer of the API, for the OpenAPI document.
+
+They describe, they do not serialize: handlers still build plain dicts and `responses.JSON`
+turns datetimes into RFC 3339 strings ending in `Z` and UUIDs into their canonical strings.
+So `datetime` and `uuid.UUID` fields here are emitted as `{"type": "string", "format":
+"date-time" | "uuid"}`, which is what goes over the wire. Every model allows extra properties:
+rows may grow columns, and a client must ignore what it does not know. Declared fields carry
+the exact type and are nullable only where the column or value can be null.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+RunTrigger = Literal["manual", "schedule", "pipeline", "event", "api"]
+TaskStatus = Literal[
+    "pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped", "cancelled", "dead"
+]
+TaskKind = Literal["task", "approval", "manual"]
+Role = Literal["viewer", "operator", "admin"]
+
+
+class Loose(BaseModel):
+    """Base of every response model: unknown properties are allowed (and kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class ErrorBody(Loose):
+    code: str = Field(description="Machine-readable: not_found, invalid, conflict, unauthorized, ...")
+    message: str = Field(description="What went wrong, for a person.")
+    details: Any = Field(description="Per-field problems (`[{path, message}]`) or null.")
+
+
+class ErrorResponse(Loose):
+    """The one error shape of the API."""
+
+    error: ErrorBody
+
+
+class RefusalBody(Loose):
+    code: str
+    message: str
+    details: Any = None
+
+
+# --- service -------------------------------------------------------------------------------
+
+
+class HealthResponse(Loose):
+    status: str
+
+
+class InfoResponse(Loose):
+    version: str
+    mode: str
+    database: str = Field(description="`ok` or `error: <ExceptionType>`")
+    storage: str = Field(description="`ok` or `error: <ExceptionType>`")
+    transports: list[str]
+    dev_token_keys: bool
+
+
+class TickResponse(Loose):
+    schedules_fired: int
+    scheduled_runs: int
+    slots_skipped: int
+    queued_runs_started: int
+    expired: int
+    waits_expired: int
+    claimed: int
+    dispatched: int
+    dispatch_failed: int
+    batches: int
+    durations_ms: dict[str, float]
+
+
+class OpenAPIDocument(Loose):
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
+
+
+# --- pipelines and schedules -----------------------------------------------------------------
+
+
+class Schedule(Loose):
+    id: uuid.UUID
+    pipeline: str
+    position: int
+    cron: str
+    timezone: str
+    state: Literal["active", "paused", "ended"]
+    catchup: Literal["none", "latest", "all"]
+    max_catchup_runs: int
+    overlap: Literal["allow", "skip", "buffer_one", "cancel_other"]
+    jitter_s: int
+    start_at: datetime | None
+    end_at: datetime | None
+    next_fire_at: datetime | None
+    next_fire_times: list[datetime]
+    last_fired_slot: datetime | None
+    last_fired_at: datetime | None
+    skipped_slots: int
+
+
+class ScheduleList(Loose):
+    items: list[Schedule]
+
+
+class PipelineStats(Loose):
+    use_count: int
+    last_used_at: datetime | None
+    runs_by_status: dict[str, int]
+
+
+class Pipeline(Loose):
+    id: str
+    version: int
+    sha256: str
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+    description: str
+    stats: PipelineStats
+    next_fire_times: list[datetime]
+    schedules: list[Schedule]
+
+
+class TemplateRef(Loose):
+    template: str
+    version: int
+
+
+class PipelineDetail(Pipeline):
+    definition: dict[str, Any] = Field(description="The resolved (executable) definition.")
+    source_definition: dict[str, Any] | None = Field(
+        description="The definition as written, when it names templates; null otherwise."
+    )
+    templates: dict[str, TemplateRef] = Field(description="Node id -> the template version it resolved against.")
+
+
+class PipelineSaved(PipelineDetail):
+    changed: bool = Field(description="False when the definition equals the current version (no new version).")
+
+
+class PipelineList(Loose):
+    items: list[Pipeline]
+    next_cursor: str | None
+
+
+# --- runs and tasks ----------------------------------------------------------------------------
+
+
+class RunSummary(Loose):
+    id: uuid.UUID
+    pipeline_id: str
+    pipeline_version: int
+    status: RunStatus
+    trigger: RunTrigger
+    scheduled_at: datetime | None
+    triggered_by: str | None
+    schedule_id: uuid.UUID | None
+    versions: list[str]
+    unfinished_tasks: int
+    failed_tasks: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunList(Loose):
+    items: list[RunSummary]
+    next_cursor: str | None
+
+
+class TaskOfRun(Loose):
+    id: uuid.UUID
+    node: str
+    version: str
+    kind: TaskKind
+    task: str | None
+    status: TaskStatus
+    attempt: int
+    max_attempts: int
+    depends: list[str]
+    created_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: float | None
+    message: str | None
+    output: Any
+    error: Any
+
+
+class Run(Loose):
+    id: uuid.UUID
+    workspace_id: str
+    pipeline_id: str
+    pipeline_version: int
+    status: RunStatus
+    trigger: RunTrigger
+    trigger_source_execution_id: uuid.UUID | None
+    trigger_source_pipeline_id: str | None
+    scheduled_at: datetime | None
+    triggered_by: str | None
+    idempotency_key: str | None
+    params: dict[str, Any]
+    versions: list[str]
+    unfinished_tasks: int
+    failed_tasks: int
+    error: str | None
+    schedule_id: uuid.UUID | None
+    backfill_id: uuid.UUID | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    tasks: list[TaskOfRun]
+
+
+class TriggeredRun(Run):
+    created: bool = Field(description="False when the Idempotency-Key named an existing run (answered with 200).")
+
+
+class RetriedRun(Run):
+    retried_tasks: int
+
+
+class Attempt(Loose):
+    task_id: uuid.UUID
+    attempt: int
+    status: str
+    dispatched_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: Any
+    code_version: str | None
+
+
+class Task(Loose):
+    id: uuid.UUID
+    run_id: uuid.UUID
+    pipeline_id: str
+    node_id: str
+    version: str
+    kind: TaskKind
+    task_name: str | None
+    status: TaskStatus
+    attempt: int
+    max_attempts: int
+    params: dict[str, Any]
+    created_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+    progress: float | None
+    message: str | None
+    output: Any
+    error: Any
+    code_version: str | None
+    attempts: list[Attempt]
+
+
+class Decision(Loose):
+    task_status: str | None
+    run_id: uuid.UUID | None
+    run_status: str | None
+    newly_ready: int
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+class EventRun(Loose):
+    id: uuid.UUID
+    pipeline_id: str
+    status: RunStatus
+
+
+class Event(Loose):
+    id: str
+    name: str
+    payload: dict[str, Any]
+    received_by: str | None
+    received_at: datetime
+    runs: list[EventRun]
+
+
+class EventRecorded(Event):
+    created: bool = Field(description="False when this event id was recorded before (answered with 200).")
+
+
+class EventList(Loose):
+    items: list[Event]
+    next_cursor: str | None
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+
+class DeadLetter(Loose):
+    id: uuid.UUID
+    workspace_id: str
+    pipeline_id: str
+    run_id: uuid.UUID
+    task_id: uuid.UUID
+    node_id: str
+    version: str
+    task_name: str | None
+    inputs: dict[str, Any]
+    attempts: list[Any]
+    error: Any
+    code_version: str | None
+    created_at: datetime
+    retried_at: datetime | None
+
+
+class DeadLetterList(Loose):
+    items: list[DeadLetter]
+    next_cursor: str | None
+
+
+class DeadLetterRetried(Loose):
+    dead_letter: DeadLetter
+    run_id: uuid.UUID
+    run_status: RunStatus
+
+
+class Purged(Loose):
+    purged: int
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+class KeyCreated(Loose):
+    id: uuid.UUID
+    key: str = Field(description="The key itself: shown here once, stored only as a digest.")
+    workspace: str
+    role: Role
+    name: str
+
+
+class ApiKey(Loose):
+    id: uuid.UUID
+    prefix: str
+    role: Role
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyList(Loose):
+    items: list[ApiKey]
+
+
+class KeyRevoked(Loose):
+    id: uuid.UUID
+    revoked: bool
+
+
+# --- templates ---------------------------------------------------------------------------------
+
+
+class Template(Loose):
+    id: str
+    version: int
+    sha256: str
+    task: str | None
+    description: str
+    created_at: datetime
+    updated_at: datetime
+    used_by: list[str] = Field(description="Pipelines whose current version uses this template.")
+
+
+class TemplateDetail(Template):
+    body: dict[str, Any]
+
+
+class TemplateSaved(TemplateDetail):
+    changed: bool
+
+
+class TemplateList(Loose):
+    items: list[Template]
+    next_cursor: str | None
+
+
+# --- backfills ---------------------------------------------------------------------------------
+
+
+class BackfillSlot(Loose):
+    slot: datetime
+    action: Literal["run", "skip"]
+    reason: str | None
+
+
+class BackfillStarted(Loose):
+    pipeline: str
+    dry_run: bool
+    slots: list[BackfillSlot]
+    runs: int
+    skipped: int
+    id: uuid.UUID | None = Field(default=None, description="Absent on a dry run.")
+    run_ids: list[uuid.UUID] | None = Field(default=None, description="Absent on a dry run.")
+
+
+class BackfillRun(Loose):
+    id: uuid.UUID
+    scheduled_at: datetime | None
+    status: RunStatus
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class Backfill(Loose):
+    id: uuid.UUID
+    workspace_id: str
+    pipeline_id: str
+    start_at: datetime
+    end_at: datetime
+    versions: list[str] | None
+    max_active_runs: int | None
+    reprocess: Literal["none", "failed", "all"]
+    status: Literal["running", "cancelled", "completed"]
+    created_by: str | None
+    created_at: datetime
+    cancelled_at: datetime | None
+    runs_by_status: dict[str, int]
+    runs: list[BackfillRun]
+
+
+class BackfillCancelled(Loose):
+    id: uuid.UUID
+    status: Literal["cancelled"]
+    cancelled_runs: int
+
+
+# --- workers and the worker protocol -------------------------------------------------------------
+
+
+class RegisteredTask(Loose):
+    name: str
+    code_hash: str
+    new_code_version: bool
+
+
+class WorkerRegistered(Loose):
+    service: str
+    version: str
+    tasks: list[RegisteredTask]
+
+
+class WorkerTask(Loose):
+    name: str
+    code_hash: str
+    input_schema: dict[str, Any] | None
+
+
+class Worker(Loose):
+    service: str
+    version: str
+    transport: Literal["http", "lambda", "sqs"]
+    endpoint: str
+    registered_at: datetime
+    last_seen_at: datetime
+    tasks: list[WorkerTask]
+
+
+class WorkerList(Loose):
+    items: list[Worker]
+
+
+class CodeVersion(Loose):
+    code_hash: str
+    service: str
+    service_version: str
+    first_seen_at: datetime
+
+
+class TaskHistory(Loose):
+    task: str
+    versions: list[CodeVersion]
+
+
+class CallbackResult(Loose):
+    accepted: bool
+    outcome: str = Field(description="succeeded, failed, retrying, dead, duplicate, stale_attempt, ...")
+    task_status: str | None
+    run_status: str | None
+
+
+class CallbackRefused(CallbackResult):
+    error: RefusalBody
+
+
+class CallbackFailure(RootModel[CallbackRefused | ErrorResponse]):
+    """A refused callback (the outcome and why), or an error (a malformed task id, a bad token)."""
+
+
+class HeartbeatAccepted(Loose):
+    accepted: bool
+    task_id: uuid.UUID
+    task_status: str
+
+
+class HeartbeatRefused(Loose):
+    accepted: bool
+    task_id: uuid.UUID
+    reason: str
+    error: RefusalBody
+
+
+class HeartbeatFailure(RootModel[HeartbeatRefused | ErrorResponse]):
+    """A refused heartbeat (why), or an error (a bad token, a token of another task)."""
+
+
+# --- routes being added (loose until their handlers land) ----------------------------------------
+
+
+class AnyObject(Loose):
+    """A JSON object; its fields are not described yet."""
+
+
+class AnyJSON(RootModel[Any]):
+    """Any JSON value."""
+
+
+class ItemsPage(Loose):
+    items: list[dict[str, Any]]
+    next_cursor: str | None = None
