@@ -21,6 +21,7 @@ dev: $(VENV)/.installed-local
 	$(BIN)/python -m infra.dev
 
 test: $(VENV)/.installed-dev
+	sh scripts/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q

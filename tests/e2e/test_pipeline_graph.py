@@ -76,7 +76,8 @@ def test_orchestration_runs_upstream_first_and_the_downstream_reads_its_output(s
     fetch_run = run(stack, fetch_id)
     assert fetch_run["status"] == parse_run["status"] == "succeeded"
     assert fetch_run["versions"] == parse_run["versions"] == ["v1", "v2"]  # versions propagate
-    assert parse_run["started_at"] >= fetch_run["finished_at"]  # topological order
+    # topological order (a task is claimed in a transaction begun after its run was released)
+    assert min(t["dispatched_at"] for t in parse_run["tasks"]) >= fetch_run["finished_at"]
     assert parse_run["orchestration_id"] == fetch_run["orchestration_id"] == orchestration["id"]
 
     for version in ("v1", "v2"):
@@ -176,7 +177,8 @@ def test_three_in_a_row_downstream_closure(stack: Stack) -> None:
     assert list(runs) == ["a", "b", "c"]
     done = {p: stack.wait_for_run(i) for p, i in runs.items()}
     assert all(r["status"] == "succeeded" for r in done.values())
-    assert done["a"]["finished_at"] <= done["b"]["started_at"] and done["b"]["finished_at"] <= done["c"]["started_at"]
+    first_dispatch = {p: min(t["dispatched_at"] for t in r["tasks"]) for p, r in done.items()}
+    assert done["a"]["finished_at"] <= first_dispatch["b"] and done["b"]["finished_at"] <= first_dispatch["c"]
     c_read = node_value(stack, only_task(done["c"], "n", "default"))
     b_value = node_value(stack, only_task(done["b"], "n", "default"))
     assert c_read["inputs"] == {"b/out": b_value}
@@ -203,7 +205,8 @@ def test_diamond_orchestration_joins_once_with_both_upstreams(stack: Stack) -> N
     runs = {r["pipeline_id"]: r["id"] for r in orchestration["runs"]}
     done = {p: stack.wait_for_run(i) for p, i in runs.items()}
     assert all(r["status"] == "succeeded" and r["trigger"] == "api" for r in done.values())
-    assert done["bottom"]["started_at"] >= max(done["left"]["finished_at"], done["right"]["finished_at"])
+    bottom_dispatch = min(t["dispatched_at"] for t in done["bottom"]["tasks"])
+    assert bottom_dispatch >= max(done["left"]["finished_at"], done["right"]["finished_at"])
     read = node_value(stack, only_task(done["bottom"], "n", "default"))
     assert set(read["inputs"]) == {"left/out", "right/out"}
     assert {(u["pipeline_id"], u["run_id"]) for u in done["bottom"]["lineage"]["upstream"]} == {
