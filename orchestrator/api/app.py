@@ -140,7 +140,7 @@ def _limit(request: Request, default: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE_SIZE:  # "²".isdigit()
         raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
     return int(raw)
 
@@ -341,7 +341,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                     params=body.params, trigger="manual", triggered_by=principal.key_prefix, idempotency_key=key,
                 )
             )
-            root = next(r for r in orchestration.runs if r["pipeline_id"] == pipeline_id)
+            root = next((r for r in orchestration.runs if r["pipeline_id"] == pipeline_id), None)
+            if root is None:  # the key named an orchestration started for other pipelines
+                raise Conflict(
+                    f"the Idempotency-Key was used for orchestration {orchestration.id}, which has no run of "
+                    f"'{pipeline_id}'; use a new key"
+                )
             run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, root["id"])
             return JSON(
                 {**run, "tasks": [_task_view(t) for t in tasks], "created": orchestration.created,
@@ -663,7 +668,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         }
         if result.accepted or result.outcome == "duplicate":
             return JSON(payload)  # a duplicate is answered, not an error: the worker may retry safely
-        return JSON({**payload, "error": {"code": result.outcome, "message": _refusal_message(result.outcome)}},
+        return JSON({**payload, "error": {"code": result.outcome, "message": _refusal_message(result.outcome),
+                                          "details": None}},
                     status_code=404 if result.outcome == "not_found" else 409)
 
     @guarded(None)
@@ -675,7 +681,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         if accepted:
             return JSON({"accepted": True, "task_id": task_id, "task_status": status})
         return JSON({"accepted": False, "task_id": task_id, "reason": status,
-                     "error": {"code": "refused", "message": f"heartbeat refused: {status}"}}, status_code=409)
+                     "error": {"code": "refused", "message": f"heartbeat refused: {status}", "details": None}},
+                    status_code=409)
 
     openapi_cache: dict[str, Any] = {}
 
@@ -757,7 +764,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/outputs/{output_id}/content", output_content, methods=["GET"]),
         Route("/api/events", post_event, methods=["POST"]),
         Route("/api/events", list_events, methods=["GET"]),
-        Route("/api/events/{event_id}", get_event, methods=["GET"]),
+        Route("/api/events/{event_id:path}", get_event, methods=["GET"]),  # ids may hold "/"
         Route("/api/runs/{run_id}", get_run, methods=["GET"]),
         Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/api/runs/{run_id}/retry", retry_run, methods=["POST"]),

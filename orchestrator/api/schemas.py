@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from orchestrator.model.pipeline import EVENT_NAME_PATTERN
+
+BACKFILL_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TriggerRequest(BaseModel):
@@ -96,8 +99,9 @@ class RegisterRequest(BaseModel):
 
 class BackfillRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    start: AwareDatetime
-    end: AwareDatetime
+    # Bounded below: cron arithmetic near year 1 overflows (a 500 found by the schemathesis run).
+    start: AwareDatetime = Field(ge=BACKFILL_EPOCH, description="First slot time (inclusive); 1970 or later.")
+    end: AwareDatetime = Field(ge=BACKFILL_EPOCH, description="Last slot time (inclusive); in the past.")
     versions: list[str] | None = Field(default=None, min_length=1, max_length=1000)
     max_active_runs: int | None = Field(default=None, ge=1, le=1000)
     reprocess: Literal["none", "failed", "all"] = "none"

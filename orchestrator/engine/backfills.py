@@ -70,6 +70,10 @@ def start_backfill(
 ) -> dict[str, Any]:
     if end <= start:
         raise InvalidInput("end must be after start", details=[{"path": "end", "message": "not after start"}])
+    if start.year < 1970 or end.year > 9000:
+        # croniter's arithmetic overflows near datetime's limits; no schedule slot lies there.
+        raise InvalidInput("start and end must lie between 1970 and 9000",
+                           details=[{"path": "start", "message": "out of range"}])
 
     def work(conn: Connection) -> dict[str, Any]:
         current = pipeline_store.get_current(conn, workspace_id, pipeline_id)
