@@ -234,7 +234,7 @@ def test_two_upstreams_completing_at_once_trigger_their_dependant_once(
         right = engine.trigger_run(WORKSPACE, "right", versions=[version])
         (left_message,) = transport.take(str(left.id))
         (right_message,) = transport.take(str(right.id))
-        race(lambda: work_as_worker(engine, left_message), lambda: work_as_worker(engine, right_message))
+        race(lambda m=left_message: work_as_worker(engine, m), lambda m=right_message: work_as_worker(engine, m))
         engine.start_pipeline_triggers()  # whatever the callbacks' eager path left, the tick would take
         joins = [r for r in engine.list_runs(WORKSPACE, pipeline_id="join") if r["versions"] == [version]]
         assert len(joins) == 1, (round_number, joins)
@@ -260,7 +260,7 @@ def test_two_upstream_runs_of_one_orchestration_release_their_downstream_once(
         assert runs["join"]["status"] == "pending" and runs["join"]["blocked_upstreams"] == 2
         (left_message,) = transport.take(str(runs["left"]["id"]))
         (right_message,) = transport.take(str(runs["right"]["id"]))
-        race(lambda: work_as_worker(engine, left_message), lambda: work_as_worker(engine, right_message))
+        race(lambda m=left_message: work_as_worker(engine, m), lambda m=right_message: work_as_worker(engine, m))
         join_run, tasks = engine.get_run(WORKSPACE, runs["join"]["id"])
         assert join_run["status"] == "running" and join_run["blocked_upstreams"] == 0
         assert [t["status"] for t in tasks] in (["ready"], ["dispatched"])
