@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: dev test lint bench clean package
+.PHONY: dev test lint bench bench-quick clean package
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,16 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-dev
-	$(BIN)/python -m bench.claim_throughput
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+# The whole suite beside PgQueuer, Procrastinate and pgbench on one embedded Postgres (~7 min).
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.installed-dev
+	$(BIN)/python -m bench --quick
 
 package: $(BIN)/python
 	$(BIN)/python -m infra.package

@@ -32,6 +32,9 @@ class AttemptResult:
     workspace_id: str | None = None
     pipeline_id: str | None = None
     started_runs: list[uuid.UUID] = field(default_factory=list)  # orchestration runs it released
+    # Successors claimed in the finishing transaction (one commit per callback, not two); the
+    # caller dispatches them after commit.
+    claimed: list[Row] = field(default_factory=list)
 
 
 def finish_attempt(

@@ -304,7 +304,9 @@ class Engine:
     def _after_settled(self, result: AttemptResult) -> None:
         """Eager continuation after a task settled: dispatch what it made ready, and start a run
         queued behind its run if that one ended. The tick is only the safety net."""
-        if result.accepted and result.newly_ready and result.run_id is not None:
+        if result.claimed:
+            self.dispatcher.dispatch(result.claimed)
+        elif result.accepted and result.newly_ready and result.run_id is not None:
             self.dispatch_ready(result.run_id)
         for run_id in result.started_runs:  # downstream runs of its orchestration, released
             self.dispatch_ready(run_id)
@@ -325,7 +327,8 @@ class Engine:
         error: dict[str, Any] | None,
     ) -> AttemptResult:
         result = worker_protocol.record_callback(
-            self.db, self.keyring, task_id, token, status=status, output=output, error=error, settings=self.settings
+            self.db, self.keyring, task_id, token, status=status, output=output, error=error, settings=self.settings,
+            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size),
         )
         self._after_settled(result)
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ def read_token(keyring: TokenKeyring, token: str, task_id: uuid.UUID | None = No
 def record_callback(
     db: Database, keyring: TokenKeyring, task_id: uuid.UUID, token: str, *, status: str,
     output: dict[str, Any] | None, error: dict[str, Any] | None, settings: Settings | None = None,
+    claim_limit: int = 0,
 ) -> AttemptResult:
     """Record a worker's outcome. A success of a task that produces pipeline outputs is checked
     against their schemas and persisted in the same transaction; a value that cannot become
@@ -51,10 +53,17 @@ def record_callback(
             persist_task_outputs(conn, settings, row, output)
 
     def work(conn: Connection) -> AttemptResult:
-        return finish_attempt(
+        result = finish_attempt(
             conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=succeeded,
             output=output, error=error, retryable=retryable, on_succeeded=persist,
         )
+        if claim_limit and result.accepted and result.newly_ready and result.run_id is not None:
+            # Eager continuation inside this transaction: the successors it made ready are
+            # claimed before commit and dispatched after it (a crash in between is healed by
+            # lease expiry, as for the tick's claim).
+            claimed = task_store.claim_ready_tasks(conn, claim_limit, run_id=result.run_id)
+            result = dataclasses.replace(result, claimed=claimed)
+        return result
 
     try:
         return db.run_in_transaction(work)

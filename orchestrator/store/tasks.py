@@ -70,7 +70,23 @@ def claim_ready_tasks(conn: Connection, limit: int, *, run_id: uuid.UUID | None 
     lock_limited_scopes: full scopes are left out of the candidates (their tasks do not block
     others), the rest are ranked within their scope and kept while they fit. The attempt row is
     written by the same statement.
+
+    Usually no limited scope has ready work: then tw_claim_ready_tasks (migration 0010) takes
+    the scope locks and claims in one round trip, with plans cached per session. Otherwise it
+    claims nothing and says so, and the limited path below runs.
     """
+    rows = conn.execute(
+        "SELECT * FROM tw_claim_ready_tasks(%s::int, %s::uuid)", (limit, run_id)
+    ).fetchall()
+    if not rows or not rows[0]["limited"]:
+        for row in rows:
+            del row["limited"]
+        return rows
+    return _claim_limited(conn, limit, run_id)
+
+
+def _claim_limited(conn: Connection, limit: int, run_id: uuid.UUID | None) -> list[Row]:
+    """The claim when some workspace or pipeline with max_active_tasks has ready tasks."""
     workspaces, pipelines = lock_limited_scopes(conn)
     params: dict[str, Any] = {
         "limit": limit, "run_id": run_id,
@@ -188,27 +204,13 @@ def finish_attempt(
     transition are one statement: exponential `base * 2^(attempt-1)` capped at `max_delay_s`,
     times a uniform random factor under `jitter: full`.
     """
+    # tw_finish_attempt (migration 0010) is this one guarded UPDATE ... RETURNING, in PL/pgSQL so
+    # that its plan is cached per session without server-side prepared statements. The row
+    # returned carries output_names too, for persisting the outputs of a success.
     return conn.execute(
-        """UPDATE tasks t SET
-               status = CASE WHEN %(ok)s THEN 'succeeded'
-                             WHEN %(retryable)s AND t.attempt < t.max_attempts THEN 'ready'
-                             ELSE 'dead' END,
-               available_at = CASE WHEN NOT %(ok)s AND %(retryable)s AND t.attempt < t.max_attempts
-                   THEN tw_now() + make_interval(secs => LEAST(
-                            COALESCE((t.retry->>'max_delay_s')::float8, 300),
-                            COALESCE((t.retry->>'base_delay_s')::float8, 5)
-                              * CASE WHEN t.retry->>'backoff' = 'fixed' THEN 1 ELSE power(2, t.attempt - 1) END)
-                          * CASE WHEN t.retry->>'jitter' = 'full' THEN random() ELSE 1 END)
-                   ELSE t.available_at END,
-               finished_at = CASE WHEN %(ok)s OR NOT %(retryable)s OR t.attempt >= t.max_attempts
-                                  THEN tw_now() END,
-               output = CASE WHEN %(ok)s THEN %(output)s::jsonb ELSE t.output END,
-               error = CASE WHEN %(ok)s THEN NULL ELSE %(error)s::jsonb END,
-               lease_expires_at = NULL, claim_token = NULL
-           WHERE t.id = %(task_id)s AND t.attempt = %(attempt)s AND t.claim_token = %(claim_token)s
-             AND t.status IN ('dispatched', 'running')
-           RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id,
-                     t.pipeline_id""",
+        """SELECT * FROM tw_finish_attempt(%(task_id)s::uuid, %(attempt)s::int, %(claim_token)s::uuid,
+                                           %(ok)s::boolean, %(retryable)s::boolean, %(output)s::jsonb,
+                                           %(error)s::jsonb)""",
         {
             "ok": succeeded, "retryable": retryable, "task_id": task_id, "attempt": attempt,
             "claim_token": claim_token, "output": Jsonb(output) if output is not None else None,
@@ -220,10 +222,11 @@ def finish_attempt(
 def record_attempt_end(
     conn: Connection, task_id: uuid.UUID, attempt: int, status: str, error: dict[str, Any] | None
 ) -> None:
+    """The attempt row's end, if it is still open (tw_record_attempt_end, migration 0010: one
+    guarded UPDATE with a cached plan)."""
     conn.execute(
-        """UPDATE task_attempts SET status = %s, finished_at = tw_now(), error = %s
-           WHERE task_id = %s AND attempt = %s AND status IN ('dispatched', 'running')""",
-        (status, Jsonb(error) if error is not None else None, task_id, attempt),
+        "SELECT tw_record_attempt_end(%s::uuid, %s::int, %s::text, %s::jsonb)",
+        (task_id, attempt, status, Jsonb(error) if error is not None else None),
     )
 
 
@@ -250,41 +253,10 @@ def advance_successors(conn: Connection, upstream_task_id: uuid.UUID, outcome: s
     """
     failed = 1 if outcome == "failed" else 0
     skipped = 1 if outcome == "skipped" else 0
+    # tw_advance_successors (migration 0010): the successors locked in id order and updated, in
+    # one statement whose plan is cached per session.
     return conn.execute(
-        """WITH locked AS (
-               SELECT t.id FROM tasks t JOIN task_edges e ON e.downstream_task_id = t.id
-               WHERE e.upstream_task_id = %(up)s AND t.status = 'pending'
-               ORDER BY t.id
-               FOR UPDATE OF t
-           )
-           UPDATE tasks t SET
-               unfinished_deps = t.unfinished_deps - 1,
-               failed_deps = t.failed_deps + %(failed)s,
-               skipped_deps = t.skipped_deps + %(skipped)s,
-               status = CASE
-                   WHEN t.unfinished_deps - 1 > 0 THEN 'pending'
-                   WHEN CASE t.trigger_rule
-                            WHEN 'all_done' THEN true
-                            WHEN 'none_failed' THEN t.failed_deps + %(failed)s = 0
-                            WHEN 'one_failed' THEN t.failed_deps + %(failed)s > 0
-                            ELSE t.skipped_deps + %(skipped)s = 0
-                        END THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
-                   ELSE 'skipped' END,
-               available_at = tw_now(),
-               wait_expires_at = CASE WHEN t.kind <> 'task' AND t.timeout_s IS NOT NULL
-                                      THEN tw_now() + make_interval(secs => t.timeout_s) END,
-               finished_at = CASE
-                   WHEN t.unfinished_deps - 1 > 0 THEN NULL
-                   WHEN CASE t.trigger_rule
-                            WHEN 'all_done' THEN true
-                            WHEN 'none_failed' THEN t.failed_deps + %(failed)s = 0
-                            WHEN 'one_failed' THEN t.failed_deps + %(failed)s > 0
-                            ELSE t.skipped_deps + %(skipped)s = 0
-                        END THEN NULL
-                   ELSE tw_now() END
-           FROM locked
-           WHERE t.id = locked.id AND t.status = 'pending'
-           RETURNING t.id, t.node_id, t.status""",
+        "SELECT * FROM tw_advance_successors(%(up)s::uuid, %(failed)s::int, %(skipped)s::int)",
         {"up": upstream_task_id, "failed": failed, "skipped": skipped},
     ).fetchall()
 

