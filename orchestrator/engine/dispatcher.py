@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from orchestrator.engine.completion import settle_terminal
 from orchestrator.logs import log_context, log_event
 from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring
-from orchestrator.store import outputs as output_store
+from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
 
@@ -67,24 +66,14 @@ class Dispatcher:
         if not claimed:
             return DispatchSummary(0, 0)
         with self.db.connection() as conn:
-            inputs: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
-            for row in task_store.upstream_outputs(conn, [t["id"] for t in claimed]):
-                inputs.setdefault(row["task_id"], {})[row["node_id"]] = {"key": row["output"]["key"]}
-            # Pipeline-level inputs: the declared outputs of upstream pipelines the run reads
-            # (orchestration-local or hydrated, resolved when the run started). Never raw results.
-            upstream: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
-            for ref in output_store.upstream_refs_for_tasks(conn, [t["id"] for t in claimed]):
-                upstream.setdefault(ref["task_id"], {})[f"{ref['upstream_pipeline_id']}/{ref['output']}"] = {
-                    "key": ref["key"], "sha256": ref["sha256"], "size": ref["size"],
-                    "run_id": str(ref["source_run_id"]), "mode": ref["mode"],
-                }
+            # Node inputs, the pipeline outputs the runs read (resolved when each run started;
+            # never an upstream run's raw results), and the registered routes: one statement.
             # A registered worker service serves its task names, whatever the configuration says.
-            routes = {
-                (r["workspace_id"], r["task_name"]): r
-                for r in worker_store.routes_for(
-                    conn, sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]})
-                )
-            }
+            context = dispatch_store.dispatch_context(
+                conn, [t["id"] for t in claimed],
+                sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]}),
+            )
+            inputs, upstream, routes = context.inputs, context.upstream, context.routes
             worker_store.record_dispatched_code(conn, [
                 (t["id"], int(t["attempt"]), routes[(t["workspace_id"], t["task_name"])]["code_hash"])
                 for t in claimed if (t["workspace_id"], t["task_name"]) in routes
