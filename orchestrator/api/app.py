@@ -136,6 +136,13 @@ def _event_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+    return key
+
+
 def _limit(request: Request, default: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
@@ -331,9 +338,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     async def trigger(request: Request, principal: Principal) -> Response:
         pipeline_id = request.path_params["pipeline_id"]
         body = validate(TriggerRequest, await read_json(request, limit_bytes, allow_empty=True))
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 1 <= len(key) <= 255:
-            raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+        key = _idempotency_key(request)
         if body.include != "none":
             orchestration = await run_in_threadpool(
                 lambda: get_engine().trigger_orchestration(
@@ -368,9 +373,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     @guarded("operator")
     async def create_orchestration(request: Request, principal: Principal) -> Response:
         body = validate(OrchestrationRequest, await read_json(request, limit_bytes))
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 1 <= len(key) <= 255:
-            raise InvalidInput("Idempotency-Key must be 1 to 255 characters")
+        key = _idempotency_key(request)
         result = await run_in_threadpool(
             lambda: get_engine().trigger_orchestration(
                 principal.workspace_id, pipeline_ids=body.pipelines, versions=body.versions, params=body.params,

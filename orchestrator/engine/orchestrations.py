@@ -31,6 +31,7 @@ from orchestrator.model import PipelineDefinition
 from orchestrator.store import orchestrations as orchestration_store
 from orchestrator.store import outputs as output_store
 from orchestrator.store import pipelines as pipeline_store
+from orchestrator.store import runs as run_store
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def on_run_finished(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
     ended: list[uuid.UUID] = [run_id]
     while ended:
         current = ended.pop()
-        run = _run_row(conn, current)
+        run = run_store.run_outcome(conn, current)
         if run is None:
             continue
         status = str(run["status"])
@@ -248,14 +249,6 @@ def on_run_finished(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
     return started
 
 
-def _run_row(conn: Connection, run_id: uuid.UUID) -> Row | None:
-    return conn.execute(
-        """SELECT id, workspace_id, pipeline_id, pipeline_version, status, versions, orchestration_id
-           FROM runs WHERE id = %s""",
-        (run_id,),
-    ).fetchone()
-
-
 def _start_released(conn: Connection, released: Row) -> list[uuid.UUID] | None:
     """Resolve a released run's inputs and start it (queued behind max_active_runs if need be).
 
@@ -263,7 +256,7 @@ def _start_released(conn: Connection, released: Row) -> list[uuid.UUID] | None:
     """
     from orchestrator.engine.runs import start_queued_runs
 
-    run = _run_row(conn, released["id"])
+    run = run_store.run_outcome(conn, released["id"])
     assert run is not None
     version = pipeline_store.get_version(conn, run["workspace_id"], run["pipeline_id"], int(run["pipeline_version"]))
     assert version is not None
@@ -350,6 +343,3 @@ def lineage(conn: Connection, run_id: uuid.UUID) -> dict[str, Any]:
         "downstream": orchestration_store.downstream_runs(conn, run_id),
     }
 
-
-def dependency_tuples(definition: PipelineDefinition) -> list[tuple[str, list[str], str]]:
-    return [(d.pipeline, list(d.outputs), d.trigger) for d in definition.depends]

@@ -12,7 +12,6 @@ from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import InvalidInput, Unauthorized
 from orchestrator.engine.outputs import OutputRejected, persist_task_outputs
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
-from orchestrator.store import outputs as output_store
 from orchestrator.store import tasks as task_store
 
 
@@ -47,8 +46,6 @@ def record_callback(
         raise InvalidInput("output.key must be the key the token grants", details={"expected": claims.storage.output_key})
 
     def persist(conn: Connection, row: Row) -> None:
-        if "output_names" not in row:  # a finisher that does not return it: look it up
-            row = {**row, "output_names": output_store.output_names_of_task(conn, row["id"])}
         if row["output_names"] and settings is not None:
             persist_task_outputs(conn, settings, row, output)
 

@@ -42,11 +42,6 @@ def insert_outputs(conn: Connection, task: Row, outputs: Sequence[NewOutput]) ->
     )
 
 
-def output_names_of_task(conn: Connection, task_id: uuid.UUID) -> list[str] | None:
-    row = conn.execute("SELECT output_names FROM tasks WHERE id = %s", (task_id,)).fetchone()
-    return None if row is None else row["output_names"]
-
-
 def output_specs_of_task(conn: Connection, task_id: uuid.UUID) -> Row | None:
     """A task's identity and the outputs its node produces, with their schemas (from the version it runs)."""
     return conn.execute(
@@ -115,18 +110,6 @@ def available_outputs(
         (list(versions), [n[0] for n in needs], [n[1] for n in needs], workspace_id),
     ).fetchall()
     return {(str(r["pipeline"]), str(r["output"]), str(r["version"])) for r in rows}
-
-
-def upstream_refs_for_tasks(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
-    """The pipeline outputs each task's run reads for the task's version (dispatch `upstream`)."""
-    return conn.execute(
-        """SELECT t.id AS task_id, i.upstream_pipeline_id, i.output, i.source_run_id, i.mode,
-                  po.key, po.sha256, po.size
-           FROM tasks t JOIN run_inputs i ON i.run_id = t.run_id AND i.version = t.version
-                JOIN pipeline_outputs po ON po.id = i.output_id
-           WHERE t.id = ANY(%s)""",
-        (list(task_ids),),
-    ).fetchall()
 
 
 def run_inputs(conn: Connection, run_id: uuid.UUID) -> list[Row]:

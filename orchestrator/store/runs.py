@@ -190,6 +190,15 @@ def get_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | Non
     ).fetchone()
 
 
+def run_outcome(conn: Connection, run_id: uuid.UUID) -> Row | None:
+    """What follows a run's end needs: its status, versions, pinned version and orchestration."""
+    return conn.execute(
+        """SELECT id, workspace_id, pipeline_id, pipeline_version, status, versions, orchestration_id
+           FROM runs WHERE id = %s""",
+        (run_id,),
+    ).fetchone()
+
+
 def list_runs(
     conn: Connection, workspace_id: str, *, pipeline_id: str | None, status: str | None, limit: int,
     before: tuple[datetime, uuid.UUID] | None,
