@@ -888,6 +888,27 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_check(args: argparse.Namespace) -> int:
+    """Recompute the DAG's books (dependency and run counters, derived statuses, limits) from
+    the edges and task statuses; exit 1 on any violation (docs/reliability.md)."""
+    from orchestrator.store.invariants import find_violations
+
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        raise CliError("DATABASE_URL is not set (or pass --database-url)")
+    violations = find_violations(url)
+    if args.json:
+        emit_json({"ok": not violations, "violations": [v.to_dict() for v in violations]})
+    elif not violations:
+        print("the books are clean: every counter and derived state matches the edges and task statuses")
+    else:
+        for v in violations:
+            where = " ".join(f"{k} {val}" for k, val in (("run", v.run_id), ("task", v.task_id)) if val)
+            print(f"[{v.check}] {where}: {v.message}".replace(" :", ":"))
+        print(f"{len(violations)} violation(s)")
+    return EXIT_FAILED if violations else EXIT_OK
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     engine = _engine()
     try:
@@ -1014,6 +1035,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig = db.add_parser("migrate", parents=[output], help="apply pending SQL migrations (advisory-locked)")
     mig.add_argument("--database-url")
     mig.set_defaults(func=cmd_db_migrate)
+    check = db.add_parser("check", parents=[output],
+                          help="check the DAG's books (counters, derived states, limits); exit 1 on a violation")
+    check.add_argument("--database-url")
+    check.set_defaults(func=cmd_db_check)
 
     apply = sub.add_parser("apply", parents=api, help="create or update pipelines from YAML/JSON files",
                            description="Validate every file, then create (POST) or update (PUT) each pipeline, "

@@ -21,6 +21,7 @@ from infra.postgres import (
     with_database,
 )
 from orchestrator.db.migrate import migrate
+from orchestrator.store.invariants import find_violations
 
 TEMPLATE_DB = "tickweave_test_template"
 
@@ -45,8 +46,23 @@ def template_db_url(pg_admin_url: str) -> str:
 
 
 @pytest.fixture
-def database_url(pg_admin_url: str, template_db_url: str) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, pg_admin_url: str, template_db_url: str) -> Iterator[str]:
+    """A fresh database for one test. When the test is done (and every fixture built on this
+    one is torn down: servers stopped, workers joined), the DAG's books are checked: any
+    violation of the invariants fails the test (`@pytest.mark.books_unchecked` opts out a test
+    that corrupts them on purpose)."""
     name = f"tickweave_test_{uuid.uuid4().hex[:12]}"
     create_database(pg_admin_url, name, template=TEMPLATE_DB)
-    yield with_database(pg_admin_url, name)
-    drop_database(pg_admin_url, name)
+    url = with_database(pg_admin_url, name)
+    yield url
+    try:
+        if request.node.get_closest_marker("books_unchecked") is None:
+            violations = find_violations(url)
+            if violations:
+                pytest.fail(
+                    f"the DAG's books are broken after {request.node.nodeid}:\n"
+                    + "\n".join(f"  [{v.check}] run {v.run_id} task {v.task_id}: {v.message}" for v in violations[:30]),
+                    pytrace=False,
+                )
+    finally:
+        drop_database(pg_admin_url, name)

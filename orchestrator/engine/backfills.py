@@ -16,11 +16,11 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.cron import CronSchedule
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
-from orchestrator.engine.runs import create_run
+from orchestrator.engine.operations import cancel_run_in
+from orchestrator.engine.runs import check_versions, create_run
 from orchestrator.model import PipelineDefinition
 from orchestrator.store import backfills as backfill_store
 from orchestrator.store import pipelines as pipeline_store
-from orchestrator.store import runs as run_store
 from orchestrator.store.schedules import db_now
 
 MAX_BACKFILL_SLOTS = 1000
@@ -68,6 +68,9 @@ def start_backfill(
     db: Database, settings: Settings, workspace_id: str, pipeline_id: str, *, start: datetime, end: datetime,
     versions: list[str] | None, max_active_runs: int | None, reprocess: str, dry_run: bool, actor: str | None,
 ) -> dict[str, Any]:
+    # Before anything is read or written: a bad name would be stored with the backfill and then
+    # fail every run's dispatch (or, repeated, the insert of its tasks).
+    check_versions(versions)
     if end <= start:
         raise InvalidInput("end must be after start", details=[{"path": "end", "message": "not after start"}])
     if start.year < 1970 or end.year > 9000:
@@ -137,7 +140,8 @@ def cancel_backfill(db: Database, workspace_id: str, backfill_id: uuid.UUID, *, 
             raise Conflict(f"backfill '{backfill_id}' was already cancelled")
         cancelled = 0
         for run in backfill_store.open_runs_of(conn, backfill_id):
-            if run_store.cancel_run(conn, run["id"], f"backfill cancelled by {actor}"):
+            if cancel_run_in(conn, run["id"], f"backfill cancelled by {actor}", workspace_id=workspace_id,
+                             pipeline_id=str(run["pipeline_id"])):
                 cancelled += 1
         return cancelled
 

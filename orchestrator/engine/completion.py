@@ -1,7 +1,10 @@
 """Finishing an attempt and advancing the DAG, in the transaction that records the outcome.
 
-Lock order is always: the finishing task, then its successors (in id order), then the run row.
-Every path that finishes tasks follows it, so concurrent finishers queue rather than deadlock.
+Lock order (docs/reliability.md): a run's task rows before its run row; a finisher locks its own
+task, then its successors in id order (wave by wave), then the run row; a statement that locks
+many tasks (cancel, a stopping failure's skip, a repair's lock of the whole run) takes them in id
+order. Two paths that still meet in opposite orders deadlock; Postgres then aborts one, and
+`Database.run_in_transaction` replays it whole: nothing catches a deadlock halfway.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ def finish_attempt(
 def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
     """What follows a task reaching a terminal state (`row` is the updated task row).
 
-    dead: dead-lettered. failed or dead under `on_failure: stop`: the run fails at once; its
-    dependants are decided by their trigger rules (a `one_failed` or `all_done` handler still
-    runs), every other task not yet started is skipped. Otherwise the successors advance.
-    The run's unfinished count takes every task that became terminal here.
+    dead: dead-lettered. failed or dead under `on_failure: stop`: every task of the run not yet
+    started is skipped (one statement), except the failure handlers (`one_failed`, `all_done`),
+    which still run; the run fails once the attempts still out with workers and those handlers
+    settle (at once when there are none). Otherwise the successors advance. The run's
+    unfinished count takes every task that became terminal here.
     """
     task_id: uuid.UUID = row["id"]
     status = str(row["status"])
@@ -88,16 +92,15 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
                   pipeline_id=row["pipeline_id"], run_id=run_id, task_id=task_id, attempt=row["attempt"])
     failed = status in ("failed", "dead")
     stop = failed and row["on_failure"] == "stop"
-    skipped, newly_ready = propagate(conn, task_id, "failed" if failed else "succeeded")
+    skipped, newly_ready = propagate(conn, [task_id], "failed" if failed else "succeeded")
     finished = 1 + skipped
     if stop:
-        for skipped_id in task_store.skip_unstarted_tasks(conn, run_id):
-            finished += 1
-            more_skipped, more_ready = propagate(conn, skipped_id, "skipped")
-            finished += more_skipped
-            newly_ready += more_ready
+        unstarted = task_store.skip_unstarted_tasks(conn, run_id)
+        more_skipped, more_ready = propagate(conn, unstarted, "skipped")
+        finished += len(unstarted) + more_skipped
+        newly_ready += more_ready
     run = run_store.finish_tasks_of_run(
-        conn, run_id, finished=finished, failed=1 if stop else 0, stop=stop,
+        conn, run_id, finished=finished, failed=1 if stop else 0,
         error=f"node '{row['node_id']}' (version {row['version']}) {status}" if stop else None,
     )
     started: list[uuid.UUID] = []
@@ -114,18 +117,19 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
     )
 
 
-def propagate(conn: Connection, task_id: uuid.UUID, outcome: str) -> tuple[int, int]:
-    """Advance successors; skipped ones propagate in turn. Returns (tasks skipped, tasks made ready)."""
+def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tuple[int, int]:
+    """Advance the successors of tasks that finished with one `outcome`; successors skipped by
+    their trigger rule propagate in turn. One statement per wave, whatever its width (a stopping
+    failure in a 100,000-task run skips its tasks in one statement and advances their
+    successors in another). Returns (tasks skipped, tasks made ready)."""
     skipped = ready = 0
-    frontier: list[tuple[uuid.UUID, str]] = [(task_id, outcome)]
+    frontier, result = task_ids, outcome
     while frontier:
-        upstream, result = frontier.pop()
-        for successor in task_store.advance_successors(conn, upstream, result):
-            if successor["status"] == "skipped":
-                skipped += 1
-                frontier.append((successor["id"], "skipped"))
-            elif successor["status"] == "ready":
-                ready += 1
+        advanced = task_store.advance_successors(conn, frontier, result)
+        frontier = [r["id"] for r in advanced if r["status"] == "skipped"]
+        result = "skipped"
+        skipped += len(frontier)
+        ready += sum(1 for r in advanced if r["status"] == "ready")
     return skipped, ready
 
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.completion import AttemptResult, settle_terminal
+from orchestrator.engine.completion import AttemptResult, propagate, settle_terminal
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
 from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.logs import log_event
@@ -23,40 +23,75 @@ log = logging.getLogger(__name__)
 
 def cancel_run(db: Database, workspace_id: str, run_id: uuid.UUID, *, actor: str) -> Row:
     def work(conn: Connection) -> Row:
-        run = run_store.lock_run(conn, workspace_id, run_id)
+        run = run_store.run_state(conn, workspace_id, run_id)
         if run is None:
             raise NotFound(f"run '{run_id}' not found")
         if run["status"] not in ("pending", "running"):
             raise Conflict(f"run '{run_id}' is {run['status']}; only pending or running runs can be cancelled")
-        if not run_store.cancel_run(conn, run_id, f"cancelled by {actor}"):
+        if not cancel_run_in(conn, run_id, f"cancelled by {actor}", workspace_id=workspace_id,
+                             pipeline_id=str(run["pipeline_id"])):
             raise Conflict(f"run '{run_id}' finished while it was being cancelled")
-        # Runs of its orchestration waiting for it are cancelled too (in this transaction).
-        on_run_finished(conn, run_id)
-        log_event(log, "run.finished", workspace_id=workspace_id, pipeline_id=run["pipeline_id"], run_id=run_id,
-                  status="cancelled", actor=actor)
         return run
 
     return db.run_in_transaction(work)
+
+
+def cancel_run_in(
+    conn: Connection, run_id: uuid.UUID, reason: str, *, workspace_id: str, pipeline_id: str
+) -> bool:
+    """The one cancel path (the API, `overlap: cancel_other`, a cancelled backfill): every
+    unfinished task of the run and the run itself are cancelled (tasks first, in id order, then
+    the run), and what follows a run's end runs in this transaction: runs of its orchestration
+    waiting for it are cancelled too. False when the run had already ended."""
+    if not run_store.cancel_run(conn, run_id, reason):
+        return False
+    on_run_finished(conn, run_id)
+    log_event(log, "run.finished", workspace_id=workspace_id, pipeline_id=pipeline_id, run_id=run_id,
+              status="cancelled", reason=reason)
+    return True
 
 
 def redrive_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> int:
     """Re-run a failed run's failed, dead, skipped and cancelled tasks; succeeded outputs stay."""
 
     def work(conn: Connection) -> int:
-        run = run_store.lock_run(conn, workspace_id, run_id)
-        if run is None:
+        if run_store.run_state(conn, workspace_id, run_id) is None:
             raise NotFound(f"run '{run_id}' not found")
+        task_store.lock_tasks_of_run(conn, run_id)
+        run = run_store.lock_run(conn, workspace_id, run_id)
+        assert run is not None  # runs are never deleted
         if run["status"] != "failed":
             raise Conflict(f"run '{run_id}' is {run['status']}; only a failed run can be retried")
-        reset = task_store.redrive_run_tasks(conn, run_id)
-        dlq_store.close_for_tasks(conn, reset)
-        if run_store.reopen_run(conn, run_id, ("failed",)) is None:
-            raise Conflict(f"run '{run_id}' changed while it was being retried; try again")
+        reset = _redrive_locked(conn, run_id, ("failed",))
         log_event(log, "run.redriven", workspace_id=workspace_id, pipeline_id=run["pipeline_id"], run_id=run_id,
                   tasks_reset=len(reset))
         return len(reset)
 
     return db.run_in_transaction(work)
+
+
+def _redrive_locked(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> list[uuid.UUID]:
+    """Reset the run's unsuccessful tasks and resume the run (its tasks and row already locked)."""
+    reset = task_store.reset_unsuccessful_tasks(conn, run_id)
+    dlq_store.close_for_tasks(conn, reset)
+    _resume(conn, run_id, from_statuses)
+    return reset
+
+
+def _resume(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> None:
+    """After tasks of a run went back to pending or ready: every pending task's dependency
+    counters recounted from its upstreams (so no upstream is counted twice, and failures that
+    were retried no longer count), those with nothing left to wait for decided by their trigger
+    rule, skips propagated, and the run reopened with its counters recounted. A run left with
+    nothing to do ends here."""
+    task_store.recount_pending_tasks(conn, run_id)
+    decided = task_store.decide_pending_tasks(conn, run_id)
+    propagate(conn, [r["id"] for r in decided if r["status"] == "skipped"], "skipped")
+    reopened = run_store.reopen_run(conn, run_id, from_statuses)
+    if reopened is not None and reopened["unfinished_tasks"] == 0:
+        ended = run_store.finish_tasks_of_run(conn, run_id, finished=0, failed=0, error=None)
+        if ended is not None and ended["status"] in ("succeeded", "failed"):
+            on_run_finished(conn, run_id)
 
 
 def decide(
@@ -124,7 +159,15 @@ def list_dead_letters(
 
 
 def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> Row:
-    """A new attempt for a dead task; its run resumes (a failed run is redriven from its failures)."""
+    """A new attempt for a dead task; its run resumes.
+
+    In a run that failed, or is failing (a stopping failure stands), this is a redrive of the
+    run's unsuccessful tasks. Otherwise (the task's failure was tolerated by `on_failure:
+    continue`) only the task is revived, and its downstream tasks that were decided on its
+    failure or not started yet go back to pending: every counter is recounted, so the retried
+    task is never counted twice. Refused while a downstream task that consumed the failure is
+    out with a worker.
+    """
 
     def work(conn: Connection) -> Row:
         entry = dlq_store.mark_retried(conn, workspace_id, entry_id)
@@ -132,19 +175,30 @@ def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> R
             if dlq_store.get_entry(conn, workspace_id, entry_id) is None:
                 raise NotFound(f"dead letter '{entry_id}' not found")
             raise Conflict(f"dead letter '{entry_id}' was already retried")
-        run = run_store.lock_run(conn, workspace_id, entry["run_id"])
-        assert run is not None
+        run_id = entry["run_id"]
+        task_store.lock_tasks_of_run(conn, run_id)
+        run = run_store.lock_run(conn, workspace_id, run_id)
+        assert run is not None  # runs are never deleted
         if run["status"] == "cancelled":
-            raise Conflict(f"run '{entry['run_id']}' was cancelled; its tasks cannot be retried")
-        if run["status"] == "failed":
-            dlq_store.close_for_tasks(conn, task_store.redrive_run_tasks(conn, entry["run_id"]))
-            run_store.reopen_run(conn, entry["run_id"], ("failed",))
+            raise Conflict(f"run '{run_id}' was cancelled; its tasks cannot be retried")
+        if run["status"] == "pending":
+            raise Conflict(f"run '{run_id}' has not started; its tasks cannot be retried")
+        if run["status"] == "failed" or run["failed_tasks"] > 0:
+            _redrive_locked(conn, run_id, (str(run["status"]),))
         else:
+            started = task_store.started_downstream(conn, entry["task_id"])
+            if started:
+                names = ", ".join(f"'{r['node_id']}' ({r['version']})" for r in started[:5])
+                raise Conflict(
+                    f"downstream tasks {names} already started on this task's failure; retry it after they finish",
+                    details=[{"task_id": str(r["id"]), "node": r["node_id"], "status": r["status"]} for r in started],
+                )
             if dlq_store.revive_task(conn, entry["task_id"]) is None:
                 raise Conflict(f"task '{entry['task_id']}' is no longer dead")
-            run_store.reopen_run(conn, entry["run_id"], ("running", "succeeded"))
+            task_store.reopen_downstream(conn, entry["task_id"])
+            _resume(conn, run_id, ("running", "succeeded"))
         log_event(log, "dead_letter.retried", workspace_id=workspace_id, pipeline_id=entry["pipeline_id"],
-                  run_id=entry["run_id"], task_id=entry["task_id"], dead_letter_id=entry["id"])
+                  run_id=run_id, task_id=entry["task_id"], dead_letter_id=entry["id"])
         return entry
 
     return db.run_in_transaction(work)

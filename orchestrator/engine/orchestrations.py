@@ -274,7 +274,9 @@ def _decide_later_triggers(conn: Connection, run: Row) -> None:
     """Queue runs of the dependants outside the run's orchestration whose inputs are all there."""
     succeeded = run["status"] == "succeeded"
     workspace_id = str(run["workspace_id"])
-    triggers = ("on_success", "on_complete") if succeeded else ("on_complete",)
+    triggers = tuple(orchestration_store.claim_later_triggers(conn, run["id"], succeeded))
+    if not triggers:
+        return
     dependants = [str(r["pipeline_id"]) for r in orchestration_store.dependants_of(conn, workspace_id, run["pipeline_id"], triggers)]
     if not dependants:
         return

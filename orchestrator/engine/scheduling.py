@@ -18,9 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import psycopg
+
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.cron import CronSchedule, jitter_offset_s
+from orchestrator.engine.operations import cancel_run_in
 from orchestrator.engine.runs import create_run, start_queued_runs
 from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
@@ -134,6 +137,11 @@ def fire_due_schedules(db: Database, settings: Settings, limit: int) -> FireSumm
             try:
                 with conn.transaction():  # a savepoint: one broken schedule does not stall the rest
                     _fire_one(conn, settings, schedule, now, summary)
+            except psycopg.OperationalError:
+                # A deadlock, a serialization failure or a lost connection is not a broken
+                # schedule: the whole transaction is replayed (run_in_transaction), and no slot
+                # is recorded as skipped for it.
+                raise
             except Exception as exc:
                 log.exception("schedule %s failed to fire", schedule["id"])
                 with conn.transaction():
@@ -174,10 +182,11 @@ def _fire_one(conn: Connection, settings: Settings, schedule: Row, now: datetime
                 queue_limit = 1
             if open_runs and overlap == "cancel_other":
                 for run in open_runs:
-                    if run_store.cancel_run(conn, run["id"], f"cancelled by the schedule slot {slot.isoformat()} "
-                                                             "(overlap: cancel_other)"):
-                        log_event(log, "run.finished", workspace_id=workspace_id, pipeline_id=pipeline_id,
-                                  run_id=run["id"], status="cancelled", reason="overlap: cancel_other")
+                    # The API's cancel path: what follows a run's end (its orchestration's
+                    # waiting runs) happens here too.
+                    cancel_run_in(conn, run["id"], f"cancelled by the schedule slot {slot.isoformat()} "
+                                                   "(overlap: cancel_other)",
+                                  workspace_id=workspace_id, pipeline_id=pipeline_id)
         run_id = create_run(
             conn, settings, workspace_id, current, versions=None, params={}, trigger="schedule",
             triggered_by=f"schedule:{schedule['position']}", scheduled_at=slot, schedule_id=schedule["id"],

@@ -138,8 +138,10 @@ class Engine:
     # backfills
     def start_backfill(self, workspace_id: str, pipeline_id: str, **request: Any) -> dict[str, Any]:
         result = backfills.start_backfill(self.db, self.settings, workspace_id, pipeline_id, **request)
-        if result.get("runs"):
-            self.dispatch_ready()  # the roots of the runs that are not queued start now
+        # The roots of its runs that are not queued start now; only its own runs (a claim with
+        # no run would dispatch any workspace's ready tasks from this request).
+        for run_id in result.get("run_ids", []):
+            self.dispatch_ready(run_id)
         return result
 
     def get_backfill(self, workspace_id: str, backfill_id: uuid.UUID) -> tuple[Row, list[Row]]:

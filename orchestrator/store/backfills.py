@@ -67,6 +67,6 @@ def mark_cancelled(conn: Connection, workspace_id: str, backfill_id: uuid.UUID) 
 
 def open_runs_of(conn: Connection, backfill_id: uuid.UUID) -> list[Row]:
     return conn.execute(
-        "SELECT id FROM runs WHERE backfill_id = %s AND status IN ('pending', 'running') ORDER BY id",
+        "SELECT id, pipeline_id FROM runs WHERE backfill_id = %s AND status IN ('pending', 'running') ORDER BY id",
         (backfill_id,),
     ).fetchall()

@@ -149,17 +149,45 @@ def release_downstream_runs(conn: Connection, upstream_run_id: uuid.UUID, upstre
 
     A downstream that needs the upstream to succeed (`on_success`) and it did not is returned
     with `doomed`; the others have `blocked_upstreams` decremented under their row lock, so the
-    last of several upstreams completing at once releases the run exactly once.
+    last of several upstreams completing at once releases the run exactly once. Each edge is
+    released once (`released_at`): an upstream run that is reopened (dead-letter retry) and
+    ends again is not counted twice.
     """
     return conn.execute(
-        """UPDATE runs r SET blocked_upstreams = r.blocked_upstreams - 1
-           FROM run_dependencies d
-           WHERE d.upstream_run_id = %s AND r.id = d.downstream_run_id
-             AND r.status = 'pending' AND r.blocked_upstreams > 0
+        """WITH released AS (
+               UPDATE run_dependencies d SET released_at = tw_now()
+               WHERE d.upstream_run_id = %s AND d.released_at IS NULL
+               RETURNING d.downstream_run_id, d.trigger
+           )
+           UPDATE runs r SET blocked_upstreams = r.blocked_upstreams - 1
+           FROM released d
+           WHERE r.id = d.downstream_run_id AND r.status = 'pending' AND r.blocked_upstreams > 0
            RETURNING r.id, r.workspace_id, r.pipeline_id, r.versions, r.blocked_upstreams,
                      (d.trigger = 'on_success' AND NOT %s) AS doomed""",
         (upstream_run_id, upstream_succeeded),
     ).fetchall()
+
+
+def claim_later_triggers(conn: Connection, run_id: uuid.UUID, succeeded: bool) -> list[str]:
+    """Which later triggers a run that just ended still owes: `on_complete` the first time it
+    ends, `on_success` the first time it succeeds. A run reopened by a repair and ending again
+    does not trigger its dependants twice."""
+    row = conn.execute(
+        """UPDATE runs r SET complete_triggers_decided = true,
+                  success_triggers_decided = r.success_triggers_decided OR %(ok)s
+           FROM (SELECT id, complete_triggers_decided, success_triggers_decided FROM runs
+                 WHERE id = %(run)s FOR UPDATE) AS before
+           WHERE r.id = before.id
+           RETURNING before.complete_triggers_decided AS complete_done,
+                     before.success_triggers_decided AS success_done""",
+        {"ok": succeeded, "run": run_id},
+    ).fetchone()
+    if row is None:
+        return []
+    owed = [] if row["complete_done"] else ["on_complete"]
+    if succeeded and not row["success_done"]:
+        owed.insert(0, "on_success")
+    return owed
 
 
 def orchestration_upstream_runs(conn: Connection, run_id: uuid.UUID) -> list[Row]:

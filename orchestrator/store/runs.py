@@ -149,14 +149,17 @@ def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]])
 
 
 def finish_tasks_of_run(
-    conn: Connection, run_id: uuid.UUID, *, finished: int, failed: int, stop: bool, error: str | None
+    conn: Connection, run_id: uuid.UUID, *, finished: int, failed: int, error: str | None
 ) -> Row | None:
-    """Count `finished` terminal tasks (of which `failed` untolerated) against the run.
+    """Count `finished` terminal tasks (of which `failed` stopping failures) against the run.
 
-    The statement that takes `unfinished_tasks` to 0 decides the final status; `stop` fails the
-    run at once (its remaining tasks were skipped in the same transaction). A run already
-    terminal keeps its status. Returns its status and unfinished count after, and the status
-    before (a run that became terminal here has `previous_status` 'running').
+    The statement that takes `unfinished_tasks` to 0 decides the final status: failed when any
+    stopping failure was counted, else succeeded. A stopping failure does not end the run by
+    itself: its unstarted tasks were skipped in the same transaction, and the run ends when the
+    attempts still out with workers and the failure handlers (`all_done`, `one_failed`) have
+    settled, so a finished run never has a task left open. A run already terminal keeps its
+    status. Returns its status and unfinished count after, and the status before (a run that
+    became terminal here has `previous_status` 'running').
     """
     return conn.execute(
         """UPDATE runs r SET
@@ -164,18 +167,17 @@ def finish_tasks_of_run(
                failed_tasks = r.failed_tasks + %(failed)s,
                status = CASE
                    WHEN r.status IN ('succeeded', 'failed', 'cancelled') THEN r.status
-                   WHEN %(stop)s THEN 'failed'
                    WHEN r.unfinished_tasks - %(finished)s = 0 THEN
                        CASE WHEN r.failed_tasks + %(failed)s > 0 THEN 'failed' ELSE 'succeeded' END
                    ELSE r.status END,
                finished_at = CASE
-                   WHEN r.finished_at IS NULL AND (%(stop)s OR r.unfinished_tasks - %(finished)s = 0)
+                   WHEN r.finished_at IS NULL AND r.unfinished_tasks - %(finished)s = 0
                    THEN tw_now() ELSE r.finished_at END,
                error = COALESCE(r.error, %(error)s)
            FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR UPDATE) AS before
            WHERE r.id = before.id
            RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
-        {"finished": finished, "failed": failed, "stop": stop, "error": error, "run_id": run_id},
+        {"finished": finished, "failed": failed, "error": error, "run_id": run_id},
     ).fetchone()
 
 
@@ -250,20 +252,39 @@ def start_queued_run(conn: Connection, run_id: uuid.UUID) -> bool:
 
 
 def reopen_run(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> Row | None:
-    """A failed (or finished) run resumes after a redrive: its counters recounted from its tasks."""
+    """A run resumes after a repair (redrive, dead-letter retry): running, its counters recounted
+    from its tasks (unfinished: not terminal; failed: stopping failures still standing), its
+    error kept only while such a failure stands."""
     return conn.execute(
-        """UPDATE runs r SET status = 'running', error = NULL, finished_at = NULL, failed_tasks = 0,
-                  unfinished_tasks = (SELECT count(*) FROM tasks t WHERE t.run_id = r.id
-                                      AND t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
-           WHERE r.id = %s AND r.status = ANY(%s)
-           RETURNING r.id, r.status, r.unfinished_tasks""",
-        (run_id, list(from_statuses)),
+        """WITH counts AS (
+               SELECT count(*) FILTER (WHERE t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
+                          AS unfinished,
+                      count(*) FILTER (WHERE t.status IN ('failed', 'dead') AND t.on_failure = 'stop') AS failed
+               FROM tasks t WHERE t.run_id = %(run)s
+           )
+           UPDATE runs r SET status = 'running', finished_at = NULL,
+                  error = CASE WHEN c.failed > 0 THEN r.error END,
+                  failed_tasks = c.failed, unfinished_tasks = c.unfinished
+           FROM counts c
+           WHERE r.id = %(run)s AND r.status = ANY(%(from)s)
+           RETURNING r.id, r.status, r.unfinished_tasks, r.failed_tasks""",
+        {"run": run_id, "from": list(from_statuses)},
+    ).fetchone()
+
+
+def run_state(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | None:
+    """A run's status, unlocked: the first look of a repair, before it locks tasks then the run."""
+    return conn.execute(
+        "SELECT id, status, pipeline_id, failed_tasks FROM runs WHERE workspace_id = %s AND id = %s",
+        (workspace_id, run_id),
     ).fetchone()
 
 
 def lock_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | None:
+    """The run row, locked. Lock order: a run's tasks before its run row (every finisher counts
+    against the run last), so take this after any task locks the transaction needs."""
     return conn.execute(
-        "SELECT id, status, pipeline_id FROM runs WHERE workspace_id = %s AND id = %s",
+        "SELECT id, status, pipeline_id, failed_tasks FROM runs WHERE workspace_id = %s AND id = %s FOR UPDATE",
         (workspace_id, run_id),
     ).fetchone()
 

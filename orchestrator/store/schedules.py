@@ -74,13 +74,20 @@ def delete_schedules(conn: Connection, ids: Sequence[uuid.UUID]) -> None:
 
 
 def claim_due(conn: Connection, limit: int) -> list[Row]:
-    """Due schedules, locked; concurrent ticks skip each other's rows."""
+    """Due schedules, locked with their pipeline rows; concurrent ticks skip each other's rows.
+
+    Lock order: a pipeline row before its schedule rows, as a pipeline update or pause takes
+    them (pipeline, then its schedules). Taking both here with SKIP LOCKED means the tick never
+    waits for a pipeline while holding one of its schedules: a schedule whose pipeline is being
+    updated is simply fired by the next tick, instead of a deadlock."""
+    columns = ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))
     return conn.execute(
-        f"""SELECT {_COLUMNS} FROM schedules
-            WHERE state = 'active' AND next_fire_at <= tw_now()
-            ORDER BY next_fire_at
+        f"""SELECT {columns} FROM schedules s
+            JOIN pipelines p ON p.workspace_id = s.workspace_id AND p.id = s.pipeline_id
+            WHERE s.state = 'active' AND s.next_fire_at <= tw_now()
+            ORDER BY s.next_fire_at
             LIMIT %s
-            FOR UPDATE SKIP LOCKED""",
+            FOR UPDATE OF p, s SKIP LOCKED""",
         (limit,),
     ).fetchall()
 

@@ -14,148 +14,25 @@ from orchestrator.db.connection import Connection, Row
 ACTIVE = ("dispatched", "running")
 TERMINAL = ("succeeded", "failed", "skipped", "cancelled", "dead")
 
-# Columns a dispatch needs; shared by the claim statements.
-_CLAIMED_COLUMNS = """t.id, t.run_id, t.workspace_id, t.pipeline_id, t.node_id, t.version, t.kind,
-    t.task_name, t.params, t.transport, t.attempt, t.claim_token, t.heartbeat_s, t.timeout_s,
-    t.lease_expires_at, t.dispatched_at"""
-
 # The lease: two heartbeats, never past the attempt's hard timeout.
 _LEASE = """LEAST(tw_now() + make_interval(secs => 2 * t.heartbeat_s),
                   COALESCE(t.dispatched_at, tw_now()) + make_interval(secs => COALESCE(t.timeout_s, 2147483647)))"""
 
 
-def lock_limited_scopes(conn: Connection) -> tuple[list[Row], list[Row]]:
-    """Lock the workspaces and pipelines that have a max_active_tasks and ready tasks (in key
-    order), so that claims for them queue; then count their active tasks in a statement that
-    starts after the locks were granted, so the count includes every earlier claim. Unlimited
-    work is not serialized: it is claimed with SKIP LOCKED alone.
-
-    Returns (workspace rows, pipeline rows), each with `remaining`: the room left under its limit.
-    """
-    workspaces = conn.execute(
-        """SELECT w.id AS workspace_id, w.max_active_tasks FROM workspaces w
-           WHERE w.max_active_tasks IS NOT NULL
-             AND EXISTS (SELECT 1 FROM tasks t WHERE t.workspace_id = w.id AND t.status = 'ready')
-           ORDER BY w.id FOR UPDATE OF w"""
-    ).fetchall()
-    pipelines = conn.execute(
-        """SELECT p.workspace_id, p.id AS pipeline_id, p.max_active_tasks FROM pipelines p
-           WHERE p.max_active_tasks IS NOT NULL
-             AND EXISTS (SELECT 1 FROM tasks t WHERE t.workspace_id = p.workspace_id AND t.pipeline_id = p.id
-                                                 AND t.status = 'ready')
-           ORDER BY p.workspace_id, p.id FOR UPDATE OF p"""
-    ).fetchall()
-    if not workspaces and not pipelines:
-        return [], []
-    active = conn.execute(
-        """SELECT workspace_id, pipeline_id, count(*) AS n FROM tasks
-           WHERE status IN ('dispatched', 'running') AND workspace_id = ANY(%s)
-           GROUP BY workspace_id, pipeline_id""",
-        (list({r["workspace_id"] for r in workspaces} | {r["workspace_id"] for r in pipelines}),),
-    ).fetchall()
-    for w in workspaces:
-        w["remaining"] = max(0, w["max_active_tasks"] - sum(a["n"] for a in active if a["workspace_id"] == w["workspace_id"]))
-    for p in pipelines:
-        p["remaining"] = max(0, p["max_active_tasks"] - sum(
-            a["n"] for a in active if (a["workspace_id"], a["pipeline_id"]) == (p["workspace_id"], p["pipeline_id"])))
-    return workspaces, pipelines
-
-
 def claim_ready_tasks(conn: Connection, limit: int, *, run_id: uuid.UUID | None = None) -> list[Row]:
-    """Claim up to `limit` ready tasks for dispatch, in one statement.
+    """Claim up to `limit` ready tasks for dispatch, in one call (tw_claim_ready_tasks,
+    migration 0012): dispatched, attempt + 1, a new claim token and lease, the attempt row.
 
     SKIP LOCKED lets any number of ticks claim at once, each getting disjoint rows; the guard
     `t.status = 'ready'` re-checked after the lock makes a row claimed twice impossible.
-    Pipeline and workspace `max_active_tasks` are applied with the room counted by
-    lock_limited_scopes: full scopes are left out of the candidates (their tasks do not block
-    others), the rest are ranked within their scope and kept while they fit. The attempt row is
-    written by the same statement.
-
-    Usually no limited scope has ready work: then tw_claim_ready_tasks (migration 0010) takes
-    the scope locks and claims in one round trip, with plans cached per session. Otherwise it
-    claims nothing and says so, and the limited path below runs.
+    `max_active_tasks` of pipelines and workspaces holds for every task claimed: their rows are
+    locked (in key order) before the room under each limit is counted, and a task of a limited
+    scope that was not locked is left for the next claim. With `run_id` (the eager claim after a
+    callback) only that run's tasks are claimed and only its own scopes are locked.
     """
-    rows = conn.execute(
+    return conn.execute(
         "SELECT * FROM tw_claim_ready_tasks(%s::int, %s::uuid)", (limit, run_id)
     ).fetchall()
-    if not rows or not rows[0]["limited"]:
-        for row in rows:
-            del row["limited"]
-        return rows
-    return _claim_limited(conn, limit, run_id)
-
-
-def _claim_limited(conn: Connection, limit: int, run_id: uuid.UUID | None) -> list[Row]:
-    """The claim when some workspace or pipeline with max_active_tasks has ready tasks."""
-    workspaces, pipelines = lock_limited_scopes(conn)
-    params: dict[str, Any] = {
-        "limit": limit, "run_id": run_id,
-        "full_ws": [w["workspace_id"] for w in workspaces if w["remaining"] == 0],
-        "full_p_ws": [p["workspace_id"] for p in pipelines if p["remaining"] == 0],
-        "full_p": [p["pipeline_id"] for p in pipelines if p["remaining"] == 0],
-        "room_ws": [w["workspace_id"] for w in workspaces], "room_ws_n": [w["remaining"] for w in workspaces],
-        "room_p_ws": [p["workspace_id"] for p in pipelines], "room_p": [p["pipeline_id"] for p in pipelines],
-        "room_p_n": [p["remaining"] for p in pipelines],
-    }
-    return _claim(conn, params, _LIMITED if workspaces or pipelines else _UNLIMITED)
-
-
-# No limit applies to any ready task: the plain claim.
-_UNLIMITED = """
-            , allowed AS (SELECT id FROM candidates)"""
-
-# Candidates ranked within their pipeline and workspace, kept while the rank fits the room.
-_LIMITED = """
-            , ranked AS (
-                SELECT c.id, c.workspace_id, c.pipeline_id,
-                       row_number() OVER (PARTITION BY c.workspace_id, c.pipeline_id
-                                          ORDER BY c.priority DESC, c.available_at) AS rank_in_pipeline,
-                       row_number() OVER (PARTITION BY c.workspace_id
-                                          ORDER BY c.priority DESC, c.available_at) AS rank_in_workspace
-                FROM candidates c
-            ), room_p AS (
-                SELECT * FROM unnest(%(room_p_ws)s::text[], %(room_p)s::text[], %(room_p_n)s::int[])
-                    AS r(workspace_id, pipeline_id, n)
-            ), room_ws AS (
-                SELECT * FROM unnest(%(room_ws)s::text[], %(room_ws_n)s::int[]) AS r(workspace_id, n)
-            ), allowed AS (
-                SELECT r.id FROM ranked r
-                LEFT JOIN room_p p ON p.workspace_id = r.workspace_id AND p.pipeline_id = r.pipeline_id
-                LEFT JOIN room_ws w ON w.workspace_id = r.workspace_id
-                WHERE (p.n IS NULL OR r.rank_in_pipeline <= p.n) AND (w.n IS NULL OR r.rank_in_workspace <= w.n)
-            )"""
-
-
-def _claim(conn: Connection, params: dict[str, Any], allowed: str) -> list[Row]:
-    rows = conn.execute(
-        f"""WITH candidates AS (
-                SELECT id, workspace_id, pipeline_id, priority, available_at FROM tasks
-                WHERE status = 'ready' AND available_at <= tw_now()
-                  AND (%(run_id)s::uuid IS NULL OR run_id = %(run_id)s::uuid)
-                  AND NOT (workspace_id = ANY(%(full_ws)s::text[]))
-                  AND (workspace_id, pipeline_id) NOT IN (
-                      SELECT * FROM unnest(%(full_p_ws)s::text[], %(full_p)s::text[]))
-                ORDER BY priority DESC, available_at
-                LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED
-            ){allowed}, claimed AS (
-                UPDATE tasks t SET status = 'dispatched', attempt = t.attempt + 1,
-                       claim_token = gen_random_uuid(), dispatched_at = tw_now(),
-                       lease_expires_at = LEAST(
-                           tw_now() + make_interval(secs => 2 * t.heartbeat_s),
-                           tw_now() + make_interval(secs => COALESCE(t.timeout_s, 2147483647))),
-                       progress = NULL, message = NULL
-                FROM allowed c
-                WHERE t.id = c.id AND t.status = 'ready'
-                RETURNING {_CLAIMED_COLUMNS}
-            ), attempts AS (
-                INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
-                SELECT id, attempt, claim_token, 'dispatched', dispatched_at FROM claimed
-            )
-            SELECT * FROM claimed""",
-        params,
-    ).fetchall()
-    return rows
 
 
 def upstream_outputs(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
@@ -244,20 +121,60 @@ def attempt_outcome(conn: Connection, task_id: uuid.UUID, attempt: int, claim_to
     ).fetchone()
 
 
-def advance_successors(conn: Connection, upstream_task_id: uuid.UUID, outcome: str) -> list[Row]:
-    """Count one finished upstream against each pending successor; the update that reaches zero
-    unfinished dependencies applies the successor's trigger rule and makes it ready or skipped.
+# A pending task whose last dependency just finished: its trigger rule, given its failed and
+# skipped dependency counts after this transition ({failed} and {skipped} are SQL expressions).
+_RULE_HOLDS = """CASE t.trigger_rule
+                     WHEN 'all_done' THEN true
+                     WHEN 'none_failed' THEN {failed} = 0
+                     WHEN 'one_failed' THEN {failed} > 0
+                     ELSE {skipped} = 0
+                 END"""
 
-    `outcome` is succeeded | failed (tolerated by on_failure: continue) | skipped. Rows are locked
-    in id order so two parents finishing at once cannot deadlock on shared children.
+
+def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID], outcome: str) -> list[Row]:
+    """Count finished upstreams (all with the same `outcome`) against each pending successor;
+    the update that reaches zero unfinished dependencies applies the successor's trigger rule
+    and makes it ready (waiting, for a human step) or skipped.
+
+    `outcome` is succeeded | failed (tolerated by on_failure: continue) | skipped. Successors are
+    locked in id order so two parents finishing at once cannot deadlock on shared children. A
+    whole wave of upstreams (every task a stopping failure skipped) is one statement.
     """
     failed = 1 if outcome == "failed" else 0
     skipped = 1 if outcome == "skipped" else 0
-    # tw_advance_successors (migration 0010): the successors locked in id order and updated, in
-    # one statement whose plan is cached per session.
+    if len(upstream_task_ids) == 1:
+        # tw_advance_successors (migration 0010): the same transition for one upstream, with a
+        # plan cached per session (the callback's hot path).
+        return conn.execute(
+            "SELECT * FROM tw_advance_successors(%(up)s::uuid, %(failed)s::int, %(skipped)s::int)",
+            {"up": upstream_task_ids[0], "failed": failed, "skipped": skipped},
+        ).fetchall()
+    if not upstream_task_ids:
+        return []
+    holds = _RULE_HOLDS.format(failed="t.failed_deps + l.n * %(failed)s", skipped="t.skipped_deps + l.n * %(skipped)s")
     return conn.execute(
-        "SELECT * FROM tw_advance_successors(%(up)s::uuid, %(failed)s::int, %(skipped)s::int)",
-        {"up": upstream_task_id, "failed": failed, "skipped": skipped},
+        f"""WITH hits AS (
+                SELECT e.downstream_task_id AS id, count(*)::int AS n FROM task_edges e
+                WHERE e.upstream_task_id = ANY(%(ups)s::uuid[]) GROUP BY e.downstream_task_id
+            ), locked AS (
+                SELECT t.id, h.n FROM tasks t JOIN hits h ON h.id = t.id
+                WHERE t.status = 'pending' ORDER BY t.id FOR UPDATE OF t
+            )
+            UPDATE tasks t SET
+                unfinished_deps = t.unfinished_deps - l.n,
+                failed_deps = t.failed_deps + l.n * %(failed)s,
+                skipped_deps = t.skipped_deps + l.n * %(skipped)s,
+                status = CASE WHEN t.unfinished_deps - l.n > 0 THEN 'pending'
+                              WHEN {holds} THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
+                              ELSE 'skipped' END,
+                available_at = tw_now(),
+                wait_expires_at = CASE WHEN t.unfinished_deps - l.n = 0 AND {holds} AND t.kind <> 'task'
+                                            AND t.timeout_s IS NOT NULL
+                                       THEN tw_now() + make_interval(secs => t.timeout_s) END,
+                finished_at = CASE WHEN t.unfinished_deps - l.n = 0 AND NOT {holds} THEN tw_now() END
+            FROM locked l WHERE t.id = l.id AND t.status = 'pending'
+            RETURNING t.id, t.node_id, t.status""",
+        {"ups": list(upstream_task_ids), "failed": failed, "skipped": skipped},
     ).fetchall()
 
 
@@ -363,41 +280,111 @@ def escalate_wait(conn: Connection, task_id: uuid.UUID) -> None:
     )
 
 
-def redrive_run_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
-    """Reset a run's failed, dead, skipped and cancelled tasks to run again (succeeded outputs are
-    kept): a fresh attempt budget, dependency counts recomputed against what succeeded, and
-    the ones with nothing left to wait for made ready (or waiting, for human steps)."""
-    reset = conn.execute(
-        """WITH locked AS (
-               SELECT id FROM tasks WHERE run_id = %s AND status IN ('failed', 'dead', 'skipped', 'cancelled')
-               ORDER BY id FOR UPDATE
-           )
-           UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
-                  failed_deps = 0, skipped_deps = 0, dispatch_failures = 0, escalated_at = NULL,
+def lock_tasks_of_run(conn: Connection, run_id: uuid.UUID) -> int:
+    """Lock every task of a run, in id order, before a repair (redrive, dead-letter retry)
+    recounts dependencies. A callback of the run that is being recorded holds its task's lock
+    until it commits, so this waits for it; the recount that follows is a new statement, whose
+    snapshot includes that outcome (READ COMMITTED), and the callback's own successor update,
+    if it comes after, sees the repaired rows."""
+    return len(conn.execute("SELECT id FROM tasks WHERE run_id = %s ORDER BY id FOR UPDATE", (run_id,)).fetchall())
+
+
+def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
+    """A redrive: the run's failed, dead, skipped and cancelled tasks go back to pending with a
+    fresh attempt budget (succeeded outputs are kept). Their dependency counts are recounted by
+    recount_pending_tasks, in the same transaction."""
+    rows = conn.execute(
+        """UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
+                  dispatch_failures = 0, escalated_at = NULL, wait_expires_at = NULL,
                   max_attempts = t.attempt + COALESCE((t.retry->>'max_attempts')::int, 1)
-           FROM locked WHERE t.id = locked.id
+           WHERE t.run_id = %s AND t.status IN ('failed', 'dead', 'skipped', 'cancelled')
            RETURNING t.id""",
         (run_id,),
     ).fetchall()
-    ids = [r["id"] for r in reset]
-    if not ids:
-        return ids
-    conn.execute(
-        """UPDATE tasks t SET unfinished_deps = (
-               SELECT count(*) FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-               WHERE e.downstream_task_id = t.id AND u.status <> 'succeeded')
-           WHERE t.id = ANY(%s)""",
-        (ids,),
-    )
-    conn.execute(
-        """UPDATE tasks t SET status = CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END,
-                  available_at = tw_now(),
-                  wait_expires_at = CASE WHEN t.kind <> 'task' AND t.timeout_s IS NOT NULL
-                                         THEN tw_now() + make_interval(secs => t.timeout_s) END
-           WHERE t.id = ANY(%s) AND t.unfinished_deps = 0""",
-        (ids,),
-    )
-    return ids
+    return [r["id"] for r in rows]
+
+
+# A downstream task a retried upstream takes back to pending: not started yet, or decided
+# (skipped) on the outcome that is being retried.
+_REOPENABLE = "('pending', 'ready', 'waiting', 'skipped')"
+
+
+def started_downstream(conn: Connection, task_id: uuid.UUID) -> list[Row]:
+    """Tasks out with workers that already consumed this task's outcome: its successors, and
+    theirs through successors not yet started or skipped. A dead letter cannot be retried under
+    them (they would have run on an upstream that is running again)."""
+    return conn.execute(
+        f"""WITH RECURSIVE down(id) AS (
+                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = %(task)s
+                UNION
+                SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
+                JOIN task_edges e ON e.upstream_task_id = d.id
+                WHERE t.status IN {_REOPENABLE}
+            )
+            SELECT t.id, t.node_id, t.version, t.status FROM down d JOIN tasks t ON t.id = d.id
+            WHERE t.status IN ('dispatched', 'running')
+            ORDER BY t.node_id, t.version""",
+        {"task": task_id},
+    ).fetchall()
+
+
+def reopen_downstream(conn: Connection, task_id: uuid.UUID) -> list[uuid.UUID]:
+    """A dead letter retried in a run that goes on: its downstream tasks that were decided on
+    its failure (skipped) or not started yet go back to pending, to be recounted. Tasks that ran
+    keep their outcome."""
+    rows = conn.execute(
+        f"""WITH RECURSIVE down(id) AS (
+                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = %(task)s
+                UNION
+                SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
+                JOIN task_edges e ON e.upstream_task_id = d.id
+                WHERE t.status IN {_REOPENABLE}
+            )
+            UPDATE tasks t SET status = 'pending', finished_at = NULL, wait_expires_at = NULL, escalated_at = NULL
+            FROM (SELECT DISTINCT id FROM down) d
+            WHERE t.id = d.id AND t.status IN ('ready', 'waiting', 'skipped')
+            RETURNING t.id""",
+        {"task": task_id},
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def recount_pending_tasks(conn: Connection, run_id: uuid.UUID) -> int:
+    """Set every pending task's dependency counters of the run from its upstreams' statuses
+    (the definition of the counters; the invariant checker computes the same)."""
+    return conn.execute(
+        """UPDATE tasks t SET unfinished_deps = c.unfinished, failed_deps = c.failed, skipped_deps = c.skipped
+           FROM (SELECT d.id,
+                        count(u.id) FILTER (WHERE u.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
+                            AS unfinished,
+                        count(u.id) FILTER (WHERE u.status IN ('failed', 'dead')) AS failed,
+                        count(u.id) FILTER (WHERE u.status = 'skipped') AS skipped
+                 FROM tasks d
+                 LEFT JOIN task_edges e ON e.downstream_task_id = d.id
+                 LEFT JOIN tasks u ON u.id = e.upstream_task_id
+                 WHERE d.run_id = %s AND d.status = 'pending'
+                 GROUP BY d.id) c
+           WHERE t.id = c.id AND t.status = 'pending'""",
+        (run_id,),
+    ).rowcount
+
+
+def decide_pending_tasks(conn: Connection, run_id: uuid.UUID) -> list[Row]:
+    """Pending tasks of the run with no unfinished dependency: their trigger rule makes them
+    ready (waiting, for human steps) or skipped. Returns the decided rows (id, status)."""
+    holds = _RULE_HOLDS.format(failed="t.failed_deps", skipped="t.skipped_deps")
+    return conn.execute(
+        f"""UPDATE tasks t SET
+                status = CASE WHEN {holds} THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
+                              ELSE 'skipped' END,
+                available_at = tw_now(),
+                wait_expires_at = CASE WHEN {holds} AND t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                                       THEN tw_now() + make_interval(secs => t.timeout_s) END,
+                finished_at = CASE WHEN {holds} THEN NULL ELSE tw_now() END
+            WHERE t.run_id = %s AND t.status = 'pending' AND t.unfinished_deps = 0
+            RETURNING t.id, t.status""",
+        (run_id,),
+    ).fetchall()
 
 
 def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:
