@@ -198,6 +198,8 @@ def child_env(database_url: str) -> dict[str, str]:
         "TICKWEAVE_TRANSPORTS": "*=lambda", "TICKWEAVE_WORKER_FUNCTION": "tickweave-worker",
         "TICKWEAVE_BUCKET": "tickweave-outputs", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        # Lambda mode refuses to start on the development token key and tick secret.
+        "TICKWEAVE_TOKEN_KEYS": "bench:" + "A" * 43, "TICKWEAVE_TICK_SECRET": "bench-tick-secret",
     })
     return env
 

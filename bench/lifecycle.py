@@ -66,7 +66,7 @@ def in_threads(work: Callable[[int], T], count: int) -> list[T]:
 def callback(engine: Engine, message: dict[str, Any]) -> None:
     """What a worker does when the no-op task is done: call back with the key it was granted."""
     key = node_output_key(message["workspace"], message["pipeline"], message["run_id"], message["version"],
-                          message["node"])
+                          message["node"], int(message["attempt"]))
     result = engine.record_callback(uuid.UUID(message["task_id"]), message["token"], status="succeeded",
                                     output={"key": key}, error=None)
     if not result.accepted:
@@ -80,7 +80,7 @@ def callback_claiming_in_finish(engine: Engine, message: dict[str, Any], batch: 
     Built from the same public engine and store functions."""
     task_id = uuid.UUID(message["task_id"])
     key = node_output_key(message["workspace"], message["pipeline"], message["run_id"], message["version"],
-                          message["node"])
+                          message["node"], int(message["attempt"]))
     claims = read_token(engine.keyring, message["token"], task_id)
 
     def work(conn: Connection) -> tuple[AttemptResult, list[Row]]:

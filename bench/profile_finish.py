@@ -111,7 +111,7 @@ def _one_callback(engine: Engine, message: dict[str, Any], profile: Profile) -> 
     """`Engine.record_callback`, phase by phase (same calls, same order)."""
     task_id = uuid.UUID(message["task_id"])
     key = node_output_key(message["workspace"], message["pipeline"], message["run_id"], message["version"],
-                          message["node"])
+                          message["node"], int(message["attempt"]))
     t0 = time.perf_counter()
     claims = read_token(engine.keyring, message["token"], task_id)
     t1 = time.perf_counter()

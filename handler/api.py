@@ -82,6 +82,10 @@ def get_runtime() -> Runtime:
             from orchestrator.engine.service import Engine
 
             settings = get_settings()
+            # No app, engine or tick without the token keys and tick secret: every such event
+            # fails, naming what to set, until they are configured (no development fallback).
+            # A migration needs neither and still runs.
+            settings.check_mode()
             db = Database(settings.database_url, check_idle_s=settings.db_check_idle_s)
             engine = Engine(settings, db=db, transports=build_transports(settings))
             app = create_app(settings, engine)

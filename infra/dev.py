@@ -27,6 +27,7 @@ from infra.ticker import Ticker
 from orchestrator.api.app import create_app
 from orchestrator.config import load_settings
 from orchestrator.db.migrate import migrate
+from orchestrator.engine.errors import Conflict
 from orchestrator.engine.service import Engine
 from orchestrator.engine.templates import load_example_templates
 from orchestrator.graph import parse_definition_text
@@ -86,12 +87,22 @@ def run_dev(root: Path | None = None) -> int:
                 os.environ.setdefault(name, value)
             os.environ.setdefault("TICKWEAVE_STORAGE_ROLE_ARN", DEV_STORAGE_ROLE)
         os.environ.setdefault("TICKWEAVE_PUBLIC_URL", f"http://{host}:{port}")
+        # Worker services you run next to `make dev` listen on loopback: let them register.
+        # Never set this on a shared deployment (see docs/workers.md).
+        os.environ.setdefault("TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS", "true")
         settings = load_settings()
 
         applied = migrate(settings.database_url)
         ensure_bucket(settings)
         engine = Engine(settings)
-        engine.create_api_key("default", "admin", name="dev", raw_key=dev_key)
+        try:
+            # A no-op on a restart against the same database, while the key is still active.
+            engine.create_api_key("default", "admin", name="dev", raw_key=dev_key)
+        except Conflict:
+            raise SystemExit(
+                f"the dev API key {dev_key!r} exists in this database but was revoked or belongs to "
+                "another workspace or role; set TICKWEAVE_DEV_API_KEY to a new value"
+            ) from None
         templates_loaded = load_example_templates(engine, "default", root / "examples" / "templates")
         loaded = load_example_pipelines(engine, "default", root / "examples" / "pipelines")
 

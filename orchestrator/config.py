@@ -15,9 +15,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
-# A development key ring: derived from a fixed phrase so `make dev` works with no setup.
-# Deployments set TICKWEAVE_TOKEN_KEYS; `Settings.is_dev_keyring` lets /api/info warn.
+# A development key ring and tick secret: derived from a fixed phrase / fixed, so `make dev`
+# works with no setup. Anyone can compute them, so `lambda` mode refuses to start with either
+# (`check_mode`); deployments set TICKWEAVE_TOKEN_KEYS and TICKWEAVE_TICK_SECRET.
 _DEV_TOKEN_KEY = base64.urlsafe_b64encode(hashlib.sha256(b"tickweave-dev-token-key").digest()).decode()
+_DEV_TICK_SECRET = "dev-tick-secret"
+
+
+class ConfigurationError(ValueError):
+    """Settings this process must not run with; the message names each setting to fix."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class Settings:
     token_keys: tuple[tuple[str, str], ...] = (("dev", _DEV_TOKEN_KEY),)
     token_issuer: str = "tickweave"
     token_audience: str = "tickweave-worker"
-    tick_secret: str = "dev-tick-secret"
+    tick_secret: str = _DEV_TICK_SECRET
     # Base URL workers call back to (`{public_url}/api/callback/{task_id}`).
     public_url: str = "http://127.0.0.1:8000"
     # Task name -> transport name; "*" is the default.
@@ -59,6 +65,16 @@ class Settings:
     # (e.g. http://127.0.0.1:9000/dispatch), and the bearer secret it expects, if any.
     worker_url: str | None = None
     worker_auth_token: str | None = None
+    # Worker services registered through the API (tenants' endpoints) never get
+    # `worker_auth_token`: each registration has its own signing secret, derived from this key
+    # (default: derived from the active token key; set it to rotate token keys without
+    # changing the secrets registered workers hold).
+    worker_signing_key: str | None = None
+    # Registered http endpoints on loopback, link-local, private, unspecified or multicast
+    # addresses are refused (at registration and at each dispatch) unless this is on: for
+    # `make dev` and tests, never for a shared deployment (it would let a tenant reach the
+    # orchestrator's own network).
+    allow_private_worker_endpoints: bool = False
     # SQS queue the `sqs` transport sends dispatches to; workers poll it (`Worker.run_sqs`) or
     # an event source mapping feeds it to the worker Lambda.
     worker_queue_url: str | None = None
@@ -66,6 +82,29 @@ class Settings:
     @property
     def is_dev_keyring(self) -> bool:
         return any(key == _DEV_TOKEN_KEY for _, key in self.token_keys)
+
+    def missing_secrets(self) -> list[str]:
+        """The secrets still at their public development values, as the settings to set."""
+        missing = []
+        if self.is_dev_keyring:
+            missing.append("TICKWEAVE_TOKEN_KEYS (or TICKWEAVE_TOKEN_KEYS_FROM): the development token key is in use")
+        if not self.tick_secret or self.tick_secret == _DEV_TICK_SECRET:
+            missing.append("TICKWEAVE_TICK_SECRET (or TICKWEAVE_TICK_SECRET_FROM): the development tick secret is in use")
+        return missing
+
+    def check_mode(self) -> None:
+        """In `lambda` mode, refuse to run on the development token key or tick secret.
+
+        Fail closed: a deployment that lost a secret reference must not come up accepting
+        tokens anyone can forge and ticks anyone can send. Local mode keeps its defaults.
+        """
+        if self.mode != "lambda":
+            return
+        missing = self.missing_secrets()
+        if missing:
+            raise ConfigurationError(
+                "refusing to start in lambda mode without its secrets; set " + "; ".join(missing)
+            )
 
     def transport_for(self, task_name: str) -> str:
         return self.transports.get(task_name) or self.transports.get("*", "local")
@@ -88,6 +127,15 @@ def _parse_token_keys(raw: str) -> tuple[tuple[str, str], ...]:
     if not keys:
         raise ValueError("TICKWEAVE_TOKEN_KEYS is empty")
     return tuple(keys)
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
 
 
 def _parse_transports(raw: str) -> dict[str, str]:
@@ -145,6 +193,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["worker_auth_token"] = env["TICKWEAVE_WORKER_AUTH_TOKEN"]
     if env.get("TICKWEAVE_WORKER_QUEUE_URL"):
         changes["worker_queue_url"] = env["TICKWEAVE_WORKER_QUEUE_URL"]
+    if env.get("TICKWEAVE_WORKER_SIGNING_KEY"):
+        changes["worker_signing_key"] = env["TICKWEAVE_WORKER_SIGNING_KEY"]
+    if env.get("TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS"):
+        changes["allow_private_worker_endpoints"] = _flag("TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS",
+                                                          env["TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS"])
     return replace(settings, **changes)  # type: ignore[arg-type]
 
 

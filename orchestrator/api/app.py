@@ -201,6 +201,7 @@ def _task_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+    settings.check_mode()  # lambda mode: no app on the development token key or tick secret
     engine_ref: dict[str, Engine] = {}
 
     def get_engine() -> Engine:
@@ -255,8 +256,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                 result["storage"] = "ok"
             except Exception as exc:
                 result["storage"] = f"error: {type(exc).__name__}"
+            # Nothing about keys or secrets: this answer needs no authentication.
             result["transports"] = sorted(get_engine().transports)
-            result["dev_token_keys"] = settings.is_dev_keyring
             return result
 
         return JSON(await run_in_threadpool(probe))
@@ -636,11 +637,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         body = validate(RegisterRequest, await read_json(request, limit_bytes))
         if len({t.name for t in body.tasks}) != len(body.tasks):
             raise InvalidInput("each task name may be registered once per request")
-        registered = await run_in_threadpool(lambda: get_engine().register_worker(
+        registration = await run_in_threadpool(lambda: get_engine().register_worker(
             principal.workspace_id, service=body.service, version=body.version, transport=body.transport,
             endpoint=body.endpoint, tasks=[t.model_dump() for t in body.tasks]))
+        # The signing secret is the registering admin's to hand to the worker (the SDK keeps it);
+        # it is never listed or logged, and registering again returns the same one.
         return JSON({"service": body.service, "version": body.version, "tasks": [
-            {"name": t.name, "code_hash": t.code_hash, "new_code_version": t.new_code_version} for t in registered]})
+            {"name": t.name, "code_hash": t.code_hash, "new_code_version": t.new_code_version}
+            for t in registration.tasks], "signing_secret": registration.signing_secret})
 
     @guarded("viewer")
     async def list_workers(request: Request, principal: Principal) -> Response:

@@ -65,7 +65,6 @@ class InfoResponse(Loose):
     database: str = Field(description="`ok` or `error: <ExceptionType>`")
     storage: str = Field(description="`ok` or `error: <ExceptionType>`")
     transports: list[str]
-    dev_token_keys: bool
 
 
 class TickResponse(Loose):
@@ -459,6 +458,10 @@ class WorkerRegistered(Loose):
     service: str
     version: str
     tasks: list[RegisteredTask]
+    signing_secret: str | None = Field(
+        description="http registrations: the secret that signs this endpoint's dispatches "
+        "(X-Tickweave-Signature, HMAC-SHA256); the SDK's Worker.register keeps it. Null for lambda and sqs."
+    )
 
 
 class WorkerTask(Loose):

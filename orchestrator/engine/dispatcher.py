@@ -19,8 +19,8 @@ from orchestrator.dispatch.base import DispatchError, Transport
 from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
 from orchestrator.logs import log_context, log_event
-from orchestrator.storage.layout import node_output_key
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.storage.layout import node_attempt_prefix, node_output_key
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
@@ -90,7 +90,9 @@ class Dispatcher:
                 message = self.build_message(task, inputs.get(task["id"], {}), upstream.get(task["id"], {}))
                 route = routes.get((task["workspace_id"], task["task_name"]))
                 if route is not None:
-                    transport: Transport | None = self.routed.get(route["transport"], route["endpoint"])
+                    transport: Transport | None = self.routed.get(
+                        route["transport"], route["endpoint"], workspace=task["workspace_id"], service=route["service"]
+                    )
                     message["code_version"] = route["code_hash"]
                 else:
                     transport = self.transports.get(task["transport"])
@@ -142,11 +144,13 @@ class Dispatcher:
     ) -> dict[str, Any]:
         upstream = upstream or {}
         task_id = str(task["id"])
-        output_key = node_output_key(
-            task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"]
-        )
+        # The attempt's own key and prefix: a stale attempt keeps a valid grant for up to the
+        # credentials' lifetime, and must not be able to overwrite what a newer attempt wrote.
+        where = (task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"],
+                 int(task["attempt"]))
+        output_key = node_output_key(*where)
         grant = self._issue_grant(
-            self.settings, output_key=output_key,
+            self.settings, output_key=output_key, write_prefix=node_attempt_prefix(*where),
             read_keys=[ref["key"] for ref in (*inputs.values(), *upstream.values())],
             task_id=task_id,
         )
@@ -154,7 +158,8 @@ class Dispatcher:
         token = self.keyring.issue(
             TaskClaims(
                 task_id=task_id, attempt=int(task["attempt"]), claim_token=str(task["claim_token"]),
-                workspace=task["workspace_id"], expires_at=int(time.time()) + ttl, storage=grant,
+                workspace=task["workspace_id"], task_name=task["task_name"], params_sha256=params_digest(task["params"]),
+                expires_at=int(time.time()) + ttl, storage=grant,
             )
         )
         base = self.settings.public_url

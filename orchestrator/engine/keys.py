@@ -39,17 +39,33 @@ def new_raw_key() -> str:
 def create_api_key(
     db: Database, workspace_id: str, role: str, *, name: str = "", raw_key: str | None = None
 ) -> tuple[str, str]:
-    """Create a key (and the workspace if new); returns (raw key, key id). The raw key is not stored."""
+    """Create a key (and the workspace if new); returns (raw key, key id). The raw key is not stored.
+
+    A caller-supplied `raw_key` (the dev stack's and tests' fixed keys) that already exists is
+    accepted only as a no-op: when it is an active key of the same workspace and role, its id is
+    returned, so a restart can create it again. Any other existing key with that value (another
+    workspace's, another role's, or a revoked one) is refused with Conflict and left as it was:
+    an insert never re-activates or takes over a key.
+    """
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
     raw = raw_key or new_raw_key()
     if len(raw) < 6:
         raise InvalidInput("an API key must be at least 6 characters")
+    digest = hash_key(raw)
     with db.transaction() as conn:
         key_store.ensure_workspace(conn, workspace_id)
         row = key_store.insert_api_key(
-            conn, workspace_id=workspace_id, key_hash=hash_key(raw), prefix=raw[:6], role=role, name=name
+            conn, workspace_id=workspace_id, key_hash=digest, prefix=raw[:6], role=role, name=name
         )
+        if row is None:
+            existing = key_store.find_key_by_hash(conn, digest)
+            if (existing is not None and existing["workspace_id"] == workspace_id and existing["role"] == role
+                    and existing["revoked_at"] is None):
+                return raw, str(existing["id"])
+            # The same message whoever owns it: it must not tell a caller whether another
+            # workspace uses this value.
+            raise Conflict("this API key value is already in use or was revoked; choose another key")
     return raw, str(row["id"])
 
 

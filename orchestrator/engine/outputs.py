@@ -1,12 +1,16 @@
 """Pipeline outputs: checked against their JSON Schema when the producing task succeeds,
-persisted to `outputs/{workspace}/{pipeline}/{execution}/{version}/{output}`, indexed, listed
-and read back.
+persisted to `outputs/{workspace}/{pipeline}/{execution}/{version}/{output}/attempts/{n}.json`,
+indexed, listed and read back.
 
-The check and the write happen in the transaction that records the task's success, after the
-guarded update of the task row: only the attempt whose outcome is accepted writes (a stale
-attempt's callback is refused before it can touch the persisted object), and a failed write
-rolls the success back so the worker's callback is retried. A schema violation is not retried:
-the attempt is recorded as failed with the violation in its error, and the task dead-letters.
+The I/O (reading the node's output, up to 64 MiB, and writing the persisted copies) happens
+before the transaction that records the task's success (`prepare_task_outputs`), so that no row
+lock is held across S3 calls; the transaction only indexes what was written
+(`record_task_outputs`). Because the objects are written before the attempt is known to be
+accepted, their keys carry the attempt: a stale attempt's callback can write its own copy, but
+never over the accepted attempt's, and only the transaction whose guarded update accepts the
+attempt records the index row that readers follow. A failed write fails the callback, which the
+worker retries. A schema violation is not retried: the attempt is recorded as failed with the
+violation in its error, and the task dead-letters.
 """
 
 from __future__ import annotations
@@ -56,17 +60,23 @@ def schema_violation(schema: dict[str, Any], value: Any) -> str | None:
     return f"{error.message} (at /{where})" if where else error.message
 
 
-def persist_task_outputs(conn: Connection, settings: Settings, task: Row, node_output: dict[str, Any] | None) -> None:
-    """Check and persist the pipeline outputs a succeeded task produces (`task["output_names"]`).
+def prepare_task_outputs(
+    db: Database, settings: Settings, task: Row, node_output: dict[str, Any] | None
+) -> list[output_store.NewOutput]:
+    """Check and write the pipeline outputs a succeeded attempt produces (`task["output_names"]`),
+    outside any transaction; returns the index rows for `record_task_outputs`.
 
-    Raises OutputRejected when the value is missing, not JSON or breaks a schema.
+    `task` is the task's row as the guarded finish returned it (id, workspace_id, pipeline_id,
+    run_id, version, attempt, output_names). Raises OutputRejected when the value is missing, not
+    JSON or breaks a schema.
     """
     from orchestrator.storage.s3 import ObjectMissing, put_object_bytes, read_object_bytes, sha256_hex
 
     names: list[str] = list(task.get("output_names") or [])
     if not names:
-        return
-    spec = output_store.output_specs_of_task(conn, task["id"])
+        return []
+    with db.connection() as conn:  # a plain read: no transaction, no lock
+        spec = output_store.output_specs_of_task(conn, task["id"])
     declared: dict[str, Any] = (spec or {}).get("outputs") or {}
     key = (node_output or {}).get("key")
     if not isinstance(key, str):
@@ -109,13 +119,20 @@ def persist_task_outputs(conn: Connection, settings: Settings, task: Row, node_o
             output_store.NewOutput(
                 id=uuid.uuid4(), output=name,
                 key=pipeline_output_key(task["workspace_id"], task["pipeline_id"], str(task["run_id"]),
-                                        task["version"], name),
+                                        task["version"], name, int(task["attempt"])),
                 size=len(body), sha256=sha256_hex(body), schema_sha256=schema_sha256(schema),
             )
         )
     for row in rows:
         put_object_bytes(settings, row.key, body)
-    output_store.insert_outputs(conn, task, rows)
+    return rows
+
+
+def record_task_outputs(conn: Connection, task: Row, prepared: list[output_store.NewOutput]) -> None:
+    """Index the outputs `prepare_task_outputs` wrote, in the transaction that accepted the
+    attempt (called only after its guarded update succeeded); no S3 call here."""
+    if prepared:
+        output_store.insert_outputs(conn, task, prepared)
 
 
 def list_outputs(

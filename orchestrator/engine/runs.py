@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,14 +14,14 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
 from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
+from orchestrator.model.versions import MAX_VERSIONS, version_list_problems
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
 
 log = logging.getLogger(__name__)
 
-_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MAX_VERSIONS_PER_RUN = 1000
+MAX_VERSIONS_PER_RUN = MAX_VERSIONS
 # Tasks of one run are created in one transaction.
 MAX_TASKS_PER_RUN = 100_000
 
@@ -72,14 +72,23 @@ def build_tasks(
     return tasks, edges
 
 
-def check_versions(versions: list[str] | None) -> None:
-    if versions is not None:
-        bad = [v for v in versions if not _VERSION_PATTERN.match(v)]
-        if bad or not versions or len(set(versions)) != len(versions) or len(versions) > MAX_VERSIONS_PER_RUN:
-            raise InvalidInput(
-                "versions must be a non-empty list of distinct names of 1-128 characters [A-Za-z0-9._:-]",
-                details=[{"path": "versions", "message": f"invalid: {bad or versions}"}],
-            )
+def check_versions(versions: Sequence[object] | None, path: str = "versions") -> None:
+    """Refuse a caller's list of version names (None: the pipeline's own versions) with every
+    problem and its path, e.g. `versions[1]: '..' is not a valid version name: ...`.
+
+    The one rule for data-version names (orchestrator.model.versions), also applied to the
+    `versions` of pipeline definitions; every entry point calls this before writing anything.
+    """
+    if versions is None:
+        return
+    problems = version_list_problems(versions, path)
+    if problems:
+        # Bounded: a list of 1000 bad names must not make a megabyte of error.
+        shown = "; ".join(f"{where}: {message}" for where, message in problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise InvalidInput(
+            shown + more, details=[{"path": where, "message": message} for where, message in problems[:100]]
+        )
 
 
 def trigger_run(

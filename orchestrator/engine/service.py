@@ -154,8 +154,8 @@ class Engine:
         return cancelled
 
     # worker services
-    def register_worker(self, workspace_id: str, **registration: Any) -> list[workers.RegisteredTask]:
-        return workers.register(self.db, workspace_id, **registration)
+    def register_worker(self, workspace_id: str, **registration: Any) -> workers.Registration:
+        return workers.register(self.db, self.settings, workspace_id, **registration)
 
     def list_workers(self, workspace_id: str) -> list[Row]:
         return workers.list_workers(self.db, workspace_id)

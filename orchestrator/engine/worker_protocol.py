@@ -10,9 +10,19 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import InvalidInput, Unauthorized
-from orchestrator.engine.outputs import OutputRejected, persist_task_outputs
+from orchestrator.engine.outputs import OutputRejected, prepare_task_outputs, record_task_outputs
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
 from orchestrator.store import tasks as task_store
+from orchestrator.store.outputs import NewOutput
+
+
+class _OutputsNotPrepared(Exception):
+    """Rolls back a callback transaction that accepted a success producing pipeline outputs
+    before they were prepared: their S3 I/O happens outside the transaction, then it runs again."""
+
+    def __init__(self, task: Row) -> None:
+        super().__init__("pipeline outputs to prepare before the transaction")
+        self.task = task
 
 
 def read_token(keyring: TokenKeyring, token: str, task_id: uuid.UUID | None = None) -> TaskClaims:
@@ -31,8 +41,9 @@ def record_callback(
     claim_limit: int = 0,
 ) -> AttemptResult:
     """Record a worker's outcome. A success of a task that produces pipeline outputs is checked
-    against their schemas and persisted in the same transaction; a value that cannot become
-    the output turns the success into a failed attempt carrying the reason."""
+    against their schemas and persisted before the transaction that records it, which then only
+    indexes them; a value that cannot become the output turns the success into a failed attempt
+    carrying the reason."""
     claims = read_token(keyring, token, task_id)
     if status not in ("succeeded", "failed"):
         raise InvalidInput("status must be 'succeeded' or 'failed'")
@@ -45,9 +56,17 @@ def record_callback(
     if succeeded and output is not None and claims.storage is not None and output["key"] != claims.storage.output_key:
         raise InvalidInput("output.key must be the key the token grants", details={"expected": claims.storage.output_key})
 
+    # Whether a task produces pipeline outputs is learnt from the guarded finish itself (no read
+    # on the path of every callback): the first transaction that accepts such a success rolls
+    # back, the S3 reads and writes happen with no transaction open, and a second transaction
+    # records the success and indexes what was written. Row locks are never held across S3.
+    prepared: list[NewOutput] | None = None
+
     def persist(conn: Connection, row: Row) -> None:
         if row["output_names"] and settings is not None:
-            persist_task_outputs(conn, settings, row, output)
+            if prepared is None:
+                raise _OutputsNotPrepared(dict(row))
+            record_task_outputs(conn, row, prepared)
 
     def work(conn: Connection) -> AttemptResult:
         result = finish_attempt(
@@ -63,6 +82,16 @@ def record_callback(
         return result
 
     try:
+        return db.run_in_transaction(work)
+    except _OutputsNotPrepared as needed:
+        task = needed.task
+    assert settings is not None  # only raised when there are settings to reach the bucket
+    try:
+        # The attempt was current a moment ago but may not be by the time the next transaction
+        # runs (its lease expires, a newer attempt is accepted): the objects written here are
+        # keyed by this attempt, so they never replace the accepted attempt's, and an attempt
+        # refused below leaves them unindexed.
+        prepared = prepare_task_outputs(db, settings, task, output)
         return db.run_in_transaction(work)
     except OutputRejected as exc:
         rejected = exc

@@ -3,7 +3,6 @@
 from orchestrator.model.pipeline import (
     SLUG_PATTERN,
     TASK_NAME_PATTERN,
-    VERSION_PATTERN,
     ApprovalPolicy,
     Concurrency,
     NodeDefinition,
@@ -15,6 +14,7 @@ from orchestrator.model.pipeline import (
     is_slug,
     slugify,
 )
+from orchestrator.model.versions import VERSION_PATTERN
 
 __all__ = [
     "SLUG_PATTERN",

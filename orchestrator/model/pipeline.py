@@ -27,17 +27,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from orchestrator.model.versions import version_list_problems, version_name_problem
+
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
-VERSION_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 _SLUG_RE = re.compile(SLUG_PATTERN)
 _TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
-_VERSION_RE = re.compile(VERSION_PATTERN)
 
 SLUG_RULE = "use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
 TASK_NAME_RULE = "use 1 to 128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
-VERSION_RULE = "use 1 to 128 letters, digits, '.', '_', ':' or '-'"
 EVENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.:-]{0,127}$"
 _EVENT_NAME_RE = re.compile(EVENT_NAME_PATTERN)
 EVENT_NAME_RULE = (
@@ -331,8 +330,9 @@ def _version_input(value: Any) -> Any:
 
 
 def _check_version(value: str) -> str:
-    if _VERSION_RE.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid version: {VERSION_RULE}")
+    problem = version_name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -460,13 +460,12 @@ class PipelineDefinition(BaseModel):
     @field_validator("versions")
     @classmethod
     def _versions_valid(cls, value: list[str]) -> list[str]:
+        # Each name was checked by `Version`; what is left is the list: empty, too long, repeats.
         if not value:
             raise ValueError("at least one version is required (the default is ['default'])")
-        seen: set[str] = set()
-        for item in value:
-            if item in seen:
-                raise ValueError(f"version {item!r} is listed more than once")
-            seen.add(item)
+        problems = version_list_problems(value)
+        if problems:
+            raise ValueError("; ".join(f"{path}: {message}" for path, message in problems))
         return value
 
     @field_validator("outputs")

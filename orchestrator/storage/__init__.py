@@ -4,7 +4,13 @@ The S3 helpers live in `orchestrator.storage.s3` and are not re-exported here, s
 only needs keys or tokens does not pay for importing boto3.
 """
 
-from orchestrator.storage.layout import node_output_key, pipeline_output_key, run_prefix
+from orchestrator.storage.layout import (
+    attempt_log_key,
+    node_attempt_prefix,
+    node_output_key,
+    pipeline_output_key,
+    run_prefix,
+)
 from orchestrator.storage.tokens import StorageGrant, TaskClaims, TokenInvalid, TokenKeyring
 
 __all__ = [
@@ -12,6 +18,8 @@ __all__ = [
     "TaskClaims",
     "TokenInvalid",
     "TokenKeyring",
+    "attempt_log_key",
+    "node_attempt_prefix",
     "node_output_key",
     "pipeline_output_key",
     "run_prefix",

@@ -2,7 +2,8 @@
 
 Orchestrator-side clients use the ambient credentials (the Lambda role, or the fake keys of the
 local moto server). Workers never get those: a grant carries either STS credentials narrowed by a
-session policy to exactly the task's output key and input keys, or presigned URLs per object.
+session policy to writes under the attempt's own prefix and reads of exactly its input keys, or
+presigned URLs per object (one PUT, for the attempt's output key).
 """
 
 from __future__ import annotations
@@ -153,14 +154,22 @@ def ensure_bucket(settings: StorageSettings) -> None:
             raise
 
 
-def session_policy(bucket: str, output_key: str, read_keys: Iterable[str]) -> dict[str, Any]:
-    """Inline session policy: write exactly the output key, read exactly the input keys."""
+def session_policy(
+    bucket: str, output_key: str, read_keys: Iterable[str], *, write_prefix: str | None = None
+) -> dict[str, Any]:
+    """Inline session policy: read exactly the input keys; write the output key, or, given
+    `write_prefix` (the attempt's prefix, which holds the output key), anything under it."""
+    if write_prefix is not None:
+        _check_write_prefix(output_key, write_prefix)
+        write = f"arn:aws:s3:::{bucket}/{write_prefix}*"
+    else:
+        write = f"arn:aws:s3:::{bucket}/{output_key}"
     statements: list[dict[str, Any]] = [
         {
             "Sid": "WriteOutput",
             "Effect": "Allow",
             "Action": ["s3:PutObject"],
-            "Resource": [f"arn:aws:s3:::{bucket}/{output_key}"],
+            "Resource": [write],
         }
     ]
     reads = list(dict.fromkeys(read_keys))  # dedupe, keep order
@@ -176,6 +185,13 @@ def session_policy(bucket: str, output_key: str, read_keys: Iterable[str]) -> di
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def _check_write_prefix(output_key: str, write_prefix: str) -> None:
+    # A prefix without its trailing "/" would also match a sibling: attempts/1* covers
+    # attempts/10/..., which is another attempt's.
+    if not write_prefix.endswith("/") or not output_key.startswith(write_prefix):
+        raise ValueError(f"write prefix {write_prefix!r} must end in '/' and hold the output key")
+
+
 def role_session_name(task_id: str) -> str:
     """`tickweave-<task id>`, limited to what STS accepts (<= 64 chars of [\\w+=,.@-])."""
     cleaned = _SESSION_NAME_INVALID.sub("-", task_id) or "task"
@@ -188,9 +204,17 @@ def issue_storage_grant(
     output_key: str,
     read_keys: Sequence[str],
     task_id: str,
+    write_prefix: str | None = None,
 ) -> StorageGrant:
-    """Storage access for one task attempt: STS credentials if a role is configured, else URLs."""
+    """Storage access for one task attempt: STS credentials if a role is configured, else URLs.
+
+    `write_prefix` is the attempt's own prefix (see layout.node_attempt_prefix): the session
+    policy lets the credentials write under it (the output, and the log beside it) and nowhere
+    else; a presigned PUT is for the output key alone. Without it, exactly the output key.
+    """
     reads = tuple(dict.fromkeys(read_keys))
+    if write_prefix is not None:
+        _check_write_prefix(output_key, write_prefix)
     ttl = int(settings.storage_credentials_ttl_s)
 
     def grant(
@@ -208,13 +232,13 @@ def issue_storage_grant(
         )
 
     if settings.storage_role_arn:
-        policy = session_policy(settings.bucket, output_key, reads)
+        policy = session_policy(settings.bucket, output_key, reads, write_prefix=write_prefix)
         presigned_get: dict[str, str] = {}
         if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
             # Too many inputs to name in a session policy: keep the credentials for the write
-            # (still scoped to one key) and hand out presigned URLs for the reads, rather than
+            # (still scoped to the attempt) and hand out presigned URLs for the reads, rather than
             # widening the policy to a prefix the task has no business reading.
-            policy = session_policy(settings.bucket, output_key, ())
+            policy = session_policy(settings.bucket, output_key, (), write_prefix=write_prefix)
             presigned_get = _presign_gets(settings, reads, ttl)
         response = orchestrator_sts(settings).assume_role(
             RoleArn=settings.storage_role_arn,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "TaskClaims",
     "TokenInvalid",
     "TokenKeyring",
+    "params_digest",
 ]
 
 TokenInvalidReason = Literal[
@@ -104,6 +106,16 @@ class StorageGrant:
         )
 
 
+def params_digest(params: Any) -> str:
+    """`sha256:` of the canonical JSON of a dispatch's params (sorted keys, no spaces).
+
+    The token binds it, so a token lifted from one dispatch cannot be replayed with other
+    params: the worker recomputes it from the message it got and refuses a mismatch.
+    """
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TaskClaims:
     """What a worker token asserts about one attempt of one task."""
@@ -112,6 +124,10 @@ class TaskClaims:
     attempt: int
     claim_token: str
     workspace: str
+    # The task name and `params_digest` of the params the dispatch carries: a worker runs a
+    # dispatch only when its `task` and `params` match these.
+    task_name: str
+    params_sha256: str
     expires_at: int  # unix seconds
     storage: StorageGrant | None = None
 
@@ -147,6 +163,14 @@ class TokenKeyring:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenKeyring:
+        if settings.mode == "lambda" and settings.is_dev_keyring:
+            from orchestrator.config import ConfigurationError
+
+            # Fail closed: the development key is public, and tokens under it can be forged.
+            raise ConfigurationError(
+                "refusing to use the development token key in lambda mode; set TICKWEAVE_TOKEN_KEYS "
+                "(or TICKWEAVE_TOKEN_KEYS_FROM)"
+            )
         return cls(settings.token_keys, issuer=settings.token_issuer, audience=settings.token_audience)
 
     @property
@@ -166,6 +190,8 @@ class TokenKeyring:
             "att": claims.attempt,
             "jti": claims.claim_token,
             "ws": claims.workspace,
+            "tsk": claims.task_name,
+            "prm": claims.params_sha256,
             "exp": int(claims.expires_at),
             "iat": issued_at,
             "stg": claims.storage.to_dict() if claims.storage is not None else None,
@@ -226,11 +252,20 @@ class TokenKeyring:
                 attempt=attempt,
                 claim_token=_require_str(payload, "jti"),
                 workspace=_require_str(payload, "ws"),
+                # Tokens issued before these claims existed are refused (malformed): tokens live
+                # for an attempt's timeout, so an upgrade only sends such attempts round again.
+                task_name=_require_str(payload, "tsk"),
+                params_sha256=_require_str(payload, "prm"),
                 expires_at=exp,
                 storage=StorageGrant.from_dict(stg) if stg is not None else None,
             )
         except (KeyError, ValueError) as exc:
             raise TokenInvalid("malformed", str(exc)) from exc
+
+
+def token_key_bytes(kid: str, material: str) -> bytes:
+    """The raw 32 bytes of a configured token key, checked as the key ring checks them."""
+    return _decode_key(kid, material)
 
 
 def _decode_key(kid: str, material: str) -> bytes:

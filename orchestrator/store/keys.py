@@ -12,16 +12,23 @@ def ensure_workspace(conn: Connection, workspace_id: str) -> None:
 
 def insert_api_key(
     conn: Connection, *, workspace_id: str, key_hash: bytes, prefix: str, role: str, name: str
-) -> Row:
-    row = conn.execute(
+) -> Row | None:
+    """The new key's row, or None when a key with this hash exists (it is left untouched: it
+    may be another workspace's, or revoked, and an insert must never change either)."""
+    return conn.execute(
         """INSERT INTO api_keys (workspace_id, key_hash, prefix, role, name)
            VALUES (%s, %s, %s, %s, %s)
-           ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL
+           ON CONFLICT (key_hash) DO NOTHING
            RETURNING id, workspace_id, prefix, role, name, created_at""",
         (workspace_id, key_hash, prefix, role, name),
     ).fetchone()
-    assert row is not None
-    return row
+
+
+def find_key_by_hash(conn: Connection, key_hash: bytes) -> Row | None:
+    """Any key with this hash, revoked or not, whatever its workspace."""
+    return conn.execute(
+        "SELECT id, workspace_id, role, revoked_at FROM api_keys WHERE key_hash = %s", (key_hash,)
+    ).fetchone()
 
 
 def find_active_key(conn: Connection, key_hash: bytes) -> Row | None:

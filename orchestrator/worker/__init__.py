@@ -4,7 +4,7 @@ Imports only configuration, storage and HTTP client code, so a worker image does
 psycopg or Starlette.
 """
 
-from orchestrator.worker.sdk import Send, TaskContext, TaskFailed, TaskFunction, Worker
+from orchestrator.worker.sdk import Send, StaleAttempt, TaskContext, TaskFailed, TaskFunction, Worker
 from orchestrator.worker.service import WorkerService
 
-__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker", "WorkerService"]
+__all__ = ["Send", "StaleAttempt", "TaskContext", "TaskFailed", "TaskFunction", "Worker", "WorkerService"]

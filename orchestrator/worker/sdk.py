@@ -11,6 +11,11 @@ Protocol, per dispatch:
   3. a first heartbeat marks the task running and tells whether this attempt is still current;
   4. run the function with background heartbeats, store its JSON result at the granted key;
   5. call back with `succeeded` (output key, size, sha256) or `failed` (error, retryable).
+
+Once a heartbeat is refused (the attempt is stale: a newer attempt took over, or the task is no
+longer active), the attempt stops: the next SDK call (`ctx.input`, `ctx.upstream`,
+`ctx.heartbeat`) raises StaleAttempt, and whatever the function does, its output is not written
+and no callback is sent.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.storage.s3 import encode_json, sha256_hex
-from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
+from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, params_digest
 from orchestrator.worker.grant_io import GrantStorage
 from orchestrator.worker.http import HttpSender
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Settings
 
-__all__ = ["Send", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
+__all__ = ["Send", "StaleAttempt", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
 
 log = logging.getLogger("tickweave.worker")
 
@@ -57,6 +62,17 @@ class TaskFailed(Exception):
         self.message = message
         self.retryable = retryable
         self.code = code
+
+
+class StaleAttempt(Exception):
+    """The server refused a heartbeat of this attempt: it is no longer the current attempt, or
+    the task is no longer active. Raised by the SDK's calls so that the task stops; the attempt
+    then writes no output and sends no callback (the server would refuse it anyway, and its
+    output would only cost storage)."""
+
+    def __init__(self, task_id: str, attempt: int, reason: str) -> None:
+        super().__init__(f"task {task_id} attempt {attempt} is no longer current ({reason})")
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -102,6 +118,7 @@ class TaskContext:
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
         self._stale = threading.Event()
+        self._refusal: dict[str, Any] | None = None
 
     @property
     def task_name(self) -> str:
@@ -113,8 +130,19 @@ class TaskContext:
 
     @property
     def stale(self) -> bool:
-        """True once the server said this attempt is no longer current; long tasks may stop."""
+        """True once the server said this attempt is no longer current; long tasks may stop
+        (the SDK's calls raise StaleAttempt from then on, and nothing is stored or reported)."""
         return self._stale.is_set()
+
+    @property
+    def refusal(self) -> dict[str, Any] | None:
+        """The server's answer to the heartbeat that found this attempt stale, if one did."""
+        return self._refusal
+
+    def _check_current(self) -> None:
+        if self._stale.is_set():
+            reason = str((self._refusal or {}).get("reason") or "stale")
+            raise StaleAttempt(self.task_id, self.attempt, reason)
 
     def time_left(self) -> float | None:
         """Seconds until the dispatch deadline, if it has one."""
@@ -128,6 +156,7 @@ class TaskContext:
         if key is None:
             known = ", ".join(sorted(self._input_refs)) or "none"
             raise KeyError(f"{node_id!r} is not an input of node {self.node!r} (inputs: {known})")
+        self._check_current()
         return self._read(key)
 
     @property
@@ -165,17 +194,31 @@ class TaskContext:
             raise KeyError(
                 f"{ref!r} is not an upstream output of pipeline {self.pipeline!r} (upstream: {known})"
             )
+        self._check_current()
         return self._read(key)
 
     def heartbeat(self, progress: float | None = None, message: str | None = None) -> dict[str, Any]:
-        """Extend the lease and report progress; returns the server's answer."""
+        """Extend the lease and report progress; returns the server's answer. Raises StaleAttempt
+        when the attempt is (or turns out to be) no longer current."""
+        self._check_current()
+        answer = self._beat(progress, message)
+        self._check_current()
+        return answer
+
+    def _beat(self, progress: float | None = None, message: str | None = None) -> dict[str, Any]:
+        """Send one heartbeat; a fencing refusal marks the attempt stale (never raises for it)."""
         body: dict[str, Any] = {
             "token": self._token,
             "progress": float(progress) if progress is not None else None,
             "message": message,
         }
         answer = self._send(self._heartbeat_url, body)
-        if _refused(answer):
+        # Only the server's fencing verdict (`accepted: false`: another attempt is current, or
+        # the task is finished, cancelled or gone) makes the attempt stale. An error answer
+        # without it (a 5xx, an expired token) says nothing about the attempt: the lease is
+        # longer than the interval, and the callback is fenced anyway.
+        if answer.get("accepted") is False:
+            self._refusal = dict(answer)
             self._stale.set()
         return answer
 
@@ -214,11 +257,17 @@ class _Heartbeater:
         # Event.wait, not sleep: stopping must not wait out a whole interval.
         while not self._stop.wait(self._interval_s):
             try:
-                self._ctx.heartbeat()
+                self._ctx._beat()
             except Exception:
                 # A missed heartbeat is not fatal: the lease is longer than the interval and the
                 # next one may get through; the callback is what counts.
                 log.warning("heartbeat for task %s failed", self._ctx.task_id, exc_info=True)
+            if self._ctx.stale:
+                # Refused: a newer attempt owns the task. Further heartbeats would be refused
+                # too; the task function learns it at its next SDK call.
+                log.info("task %s attempt %s is no longer current; stopping its heartbeats",
+                         self._ctx.task_id, self._ctx.attempt)
+                return
 
 
 class Worker:
@@ -231,6 +280,9 @@ class Worker:
         self._input_schemas: dict[str, dict[str, Any] | None] = {}
         self._lock = threading.Lock()
         self._keyrings: dict[tuple[Any, ...], TokenKeyring] = {}
+        # Signing secrets from registrations, by (orchestrator URL, service): the HTTP service
+        # accepts a dispatch signed with any of them (orchestrator.storage.signatures).
+        self._dispatch_secrets: dict[tuple[str, str], str] = {}
 
     @property
     def settings(self) -> Settings:
@@ -290,7 +342,25 @@ class Worker:
         body: dict[str, Any] = response.json()
         if response.status_code != 200:
             raise RuntimeError(f"registration refused ({response.status_code}): {body.get('error', body)}")
+        secret = body.get("signing_secret")
+        if isinstance(secret, str) and secret:
+            # Kept for `asgi_app`, which refuses dispatches not signed with it from now on.
+            self.add_dispatch_secret(secret, key=(api_url.rstrip("/"), service))
         return body
+
+    def add_dispatch_secret(self, secret: str, *, key: tuple[str, str] | None = None) -> None:
+        """Trust dispatches signed with `secret` (the `signing_secret` of a registration answer;
+        `register` calls this itself). A replica that did not register can be given it here."""
+        if not secret:
+            raise ValueError("a dispatch secret must not be empty")
+        with self._lock:
+            self._dispatch_secrets[key or ("", secret)] = secret
+
+    @property
+    def dispatch_secrets(self) -> tuple[str, ...]:
+        """The secrets a dispatch's signature is checked against; empty until a registration."""
+        with self._lock:
+            return tuple(self._dispatch_secrets.values())
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -333,7 +403,7 @@ class Worker:
             return send(callback_url, {"token": token, "status": "failed", "error": error})
 
         ctx = TaskContext(dispatch=dispatch, claims=claims, token=token, send=send)
-        first = ctx.heartbeat()
+        first = ctx._beat()
         if _refused(first):
             log.info("task %s attempt %s is no longer current; not running it", ctx.task_id, ctx.attempt)
             return first
@@ -341,6 +411,12 @@ class Worker:
         started = time.monotonic()
         with _Heartbeater(ctx, ctx.heartbeat_interval_s):
             body = self._run(fn, ctx)
+        if body is None or ctx.stale:
+            # Fenced out while running: no callback (it would be refused, and must not be
+            # mistaken for the current attempt's outcome by anyone reading the logs).
+            log.info("task %s attempt %s became stale while running; no output stored, no callback",
+                     ctx.task_id, ctx.attempt)
+            return dict(ctx.refusal or {"accepted": False, "reason": "stale_attempt"})
         log.info(
             "task %s (%s) attempt %s %s in %.3fs",
             ctx.task_id,
@@ -367,18 +443,35 @@ class Worker:
             raise _Refused("mismatch")
         if "attempt" in dispatch and dispatch["attempt"] != claims.attempt:
             raise _Refused("mismatch")
+        # The token binds what to run: a token lifted from one dispatch and replayed with another
+        # task name or other params runs nothing.
+        if dispatch.get("task") != claims.task_name:
+            raise _Refused("task_mismatch")
+        if params_digest(dispatch.get("params")) != claims.params_sha256:
+            raise _Refused("params_mismatch")
         return claims, token
 
-    def _run(self, fn: TaskFunction, ctx: TaskContext) -> dict[str, Any]:
-        """Run the function and store its result; the callback body without the token."""
+    def _run(self, fn: TaskFunction, ctx: TaskContext) -> dict[str, Any] | None:
+        """Run the function and store its result; the callback body without the token, or None
+        when the attempt became stale (nothing stored, nothing to report)."""
         try:
             result = fn(ctx)
+        except StaleAttempt:
+            return None
         except TaskFailed as exc:
+            if ctx.stale:
+                return None
             ctx.log.warning("task %s attempt %s failed: %s", ctx.task_id, ctx.attempt, exc.message)
             return _failure(exc, code=exc.code, retryable=exc.retryable)
         except Exception as exc:
+            if ctx.stale:
+                return None
             ctx.log.exception("task %s attempt %s raised", ctx.task_id, ctx.attempt)
             return _failure(exc, code="task_error", retryable=True)
+        if ctx.stale:
+            # Checked again right before the write: a function that ignored StaleAttempt (or
+            # never called the SDK again) must not store an output for a fenced-out attempt.
+            return None
         try:
             if ctx.storage is None:
                 if result is None:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.storage.signatures import SIGNATURE_HEADER, verify_dispatch
 from orchestrator.worker.sdk import _Refused
 
 if TYPE_CHECKING:
@@ -46,21 +47,28 @@ _SQS_ERROR_BACKOFF_S = 2.0
 class WorkerService:
     """Accepts dispatches for a Worker and runs them on a bounded thread pool.
 
-    Admission is decided before anything runs: the token must decrypt with the worker's key
-    ring (otherwise 401, and the dispatcher records a dispatch failure), and a free slot must
-    exist (otherwise 503, and the dispatcher puts the task back to `ready` to try later). A
-    task is never queued inside the service, where its lease could run out unseen.
+    Admission is decided before anything runs: the request must be authenticated (below), the
+    token must decrypt with the worker's key ring and match the message (otherwise 401, and the
+    dispatcher records a dispatch failure), and a free slot must exist (otherwise 503, and the
+    dispatcher puts the task back to `ready` to try later). A task is never queued inside the
+    service, where its lease could run out unseen.
+
+    Authentication: a dispatch signed (X-Tickweave-Signature) with one of the worker's
+    registration secrets, or, for the platform's configured `http` transport, the bearer
+    `auth_token`. Once the worker holds a registration secret, a dispatch with neither is
+    refused; before any registration and without an `auth_token`, the token is the only check.
     """
 
     def __init__(
         self, worker: Worker, *, settings: Settings | None = None, auth_token: str | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        concurrency: int = DEFAULT_CONCURRENCY, signing_secrets: tuple[str, ...] = (),
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.worker = worker
         self.settings = settings or worker.settings
         self.auth_token = auth_token
+        self.signing_secrets = tuple(signing_secrets)
         self.concurrency = concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickweave-worker-service")
         self._lock = threading.Lock()
@@ -79,11 +87,22 @@ class WorkerService:
             return self._completed
 
     def authorized(self, header: str | None) -> bool:
+        """The bearer check of the configured (platform) transport; True when none is set."""
         if not self.auth_token:
             return True
         expected = f"Bearer {self.auth_token}".encode()
         # Constant time: the comparison must not reveal how much of a guess was right.
         return header is not None and hmac.compare_digest(header.encode(), expected)
+
+    def authenticate(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """None when the request may be read; otherwise why not (never a secret)."""
+        secrets = (*self.signing_secrets, *self.worker.dispatch_secrets)
+        if secrets and (headers.get(SIGNATURE_HEADER) is not None or not self.auth_token):
+            # Signed, or it must be: the worker registered and expects no platform secret.
+            return verify_dispatch(secrets, headers, body)
+        if self.auth_token:
+            return None if self.authorized(headers.get("authorization")) else "unauthorized"
+        return None  # neither registered nor given a secret: the token is the only check
 
     def check(self, dispatch: Mapping[str, Any]) -> str | None:
         """None when the token is good; otherwise the reason (never the token itself)."""
@@ -130,12 +149,14 @@ class WorkerService:
 
 def create_app(
     worker: Worker, *, path: str = "/dispatch", auth_token: str | None = None, settings: Settings | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int = DEFAULT_CONCURRENCY, signing_secrets: tuple[str, ...] = (),
 ) -> Starlette:
     """A Starlette app: `POST {path}` takes a dispatch message, `GET /health` reports.
 
     `auth_token` (default: the worker settings' `worker_auth_token`, from
-    TICKWEAVE_WORKER_AUTH_TOKEN) is the shared bearer secret the `http` transport sends.
+    TICKWEAVE_WORKER_AUTH_TOKEN) is the shared bearer secret the platform's configured `http`
+    transport sends. Dispatches to a registered endpoint are signed instead: with the secret
+    `Worker.register` got (kept by the worker), or one of `signing_secrets`.
     The service object is `app.state.service`.
     """
     from starlette.applications import Starlette
@@ -146,15 +167,18 @@ def create_app(
     resolved = settings or worker.settings
     service = WorkerService(
         worker, settings=resolved, auth_token=auth_token if auth_token is not None else resolved.worker_auth_token,
-        concurrency=concurrency,
+        concurrency=concurrency, signing_secrets=signing_secrets,
     )
 
     async def dispatch(request: Request) -> JSONResponse:
-        if not service.authorized(request.headers.get("authorization")):
-            return JSONResponse({"accepted": False, "error": "unauthorized"}, status_code=401)
         body = await request.body()
         if len(body) > MAX_DISPATCH_BYTES:
             return JSONResponse({"accepted": False, "error": "too_large"}, status_code=413)
+        # The signature covers the exact bytes, so the body is read before anything is parsed.
+        refused = service.authenticate(request.headers, body)
+        if refused is not None:
+            log.warning("dispatch refused: %s", refused)
+            return JSONResponse({"accepted": False, "error": "unauthorized", "reason": refused}, status_code=401)
         try:
             message = json.loads(body)
         except ValueError:

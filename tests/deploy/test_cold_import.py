@@ -35,8 +35,10 @@ print(json.dumps({{"at_import": at_import, "result": result, "after_event": load
 def probe(module: str, event: dict[str, Any] | None = None, **env: str) -> dict[str, Any]:
     # A database nobody listens on: any attempt to connect fails.
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("TICKWEAVE_", "DATABASE_URL"))}
+    # Lambda mode refuses to start without its token keys and tick secret: give it both.
     environment.update({"DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none?connect_timeout=1",
-                        "TICKWEAVE_LOCAL_WORKER": "", **env})
+                        "TICKWEAVE_LOCAL_WORKER": "", "TICKWEAVE_TICK_SECRET": "cold-import-tick-secret",
+                        "TICKWEAVE_TOKEN_KEYS": "k1:" + "A" * 43, **env})
     argv = [json.dumps(event)] if event is not None else []
     done = subprocess.run([sys.executable, "-c", PROBE.format(module=module), *argv], env=environment,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -61,7 +61,9 @@ def test_an_empty_database_to_a_finished_run(aws_stack: AwsStack, moto_server: M
     assert info["statusCode"] == 200, info
     body = json.loads(info["body"])
     assert body["database"] == "ok" and body["storage"] == "ok" and body["mode"] == "lambda"
-    assert body["transports"] == ["lambda"] and body["dev_token_keys"] is False
+    assert body["transports"] == ["lambda"]
+    # unauthenticated: nothing about keys or secrets (lambda mode has no development fallback)
+    assert not any("key" in name or "secret" in name for name in body), body
 
     created_pipeline = aws_stack.call(aws_stack.http_event("POST", "/api/pipelines", key=key, body=DIAMOND))
     assert created_pipeline["statusCode"] == 201, created_pipeline
@@ -93,11 +95,12 @@ def test_an_empty_database_to_a_finished_run(aws_stack: AwsStack, moto_server: M
     for invocation in invocations:
         grant = keyring.read(invocation.payload["token"]).storage
         assert grant is not None and grant.credentials is not None and grant.presigned_put is None
-        assert grant.output_key == f"runs/deploy/deploy-demo/{run_id}/default/nodes/{invocation.payload['node']}"
+        assert grant.output_key == (f"runs/deploy/deploy-demo/{run_id}/default/nodes/{invocation.payload['node']}"
+                                    f"/attempts/{invocation.payload['attempt']}/output.json")
 
     # 5. the outputs are in the bucket; the join read both branches
     keys = s3_keys(moto_server.endpoint_url, aws_stack.bucket, f"runs/deploy/deploy-demo/{run_id}/")
-    assert [k.rsplit("/", 1)[1] for k in keys] == ["clean", "enrich", "extract", "load"]
+    assert [k.split("/")[6] for k in keys] == ["clean", "enrich", "extract", "load"]
     s3 = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
     load = json.loads(s3.get_object(Bucket=aws_stack.bucket, Key=keys[-1])["Body"].read())
     assert sorted(load["inputs"]) == ["clean", "enrich"] and load["params"]["day"] == "2026-11-28"

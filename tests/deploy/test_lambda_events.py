@@ -18,7 +18,7 @@ from orchestrator.db.connection import Row
 from orchestrator.engine.dispatcher import Dispatcher
 from orchestrator.store import tasks as task_store
 
-from .conftest import FakeContext, Stack, load_event
+from .conftest import FakeContext, Stack, generated_token_key, load_event
 
 
 @pytest.fixture
@@ -115,6 +115,9 @@ def api_function(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """handler.api as a fresh cold start with the database set directly (no references)."""
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("TICKWEAVE_LOCAL_WORKER", "")
+    # Lambda mode starts only with its secrets (no development fallback).
+    monkeypatch.setenv("TICKWEAVE_TOKEN_KEYS", f"k1:{generated_token_key()}")
+    monkeypatch.setenv("TICKWEAVE_TICK_SECRET", "lambda-events-tick-secret")
     import handler.api
 
     module = importlib.reload(handler.api)

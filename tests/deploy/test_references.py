@@ -19,7 +19,7 @@ from orchestrator.config import (
     parse_reference,
     resolve_references,
 )
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 
 from .conftest import generated_token_key
 
@@ -64,7 +64,8 @@ def test_a_generated_token_key_is_a_working_256_bit_key() -> None:
     """GenerateSecretString gives 43 characters of [A-Za-z0-9]: valid base64url for 32 bytes."""
     for _ in range(20):
         keyring = TokenKeyring([("k1", generated_token_key())], issuer="i", audience="a")
-        claims = TaskClaims(task_id="t", attempt=1, claim_token="c", workspace="w", expires_at=2_000_000_000)
+        claims = TaskClaims(task_id="t", attempt=1, claim_token="c", workspace="w", task_name="echo",
+                            params_sha256=params_digest({}), expires_at=2_000_000_000)
         assert keyring.read(keyring.issue(claims), now=1_000_000_000).task_id == "t"
 
 

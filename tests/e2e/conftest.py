@@ -71,6 +71,7 @@ def running_stack(database_url: str, moto_server: MotoServer, **overrides: Any) 
         database_url=database_url, s3_endpoint_url=moto_server.endpoint_url,
         bucket=f"e2e-{uuid.uuid4().hex[:10]}", storage_role_arn=STORAGE_ROLE, public_url=base_url,
         local_worker="examples.tasks:worker", tick_secret="e2e-tick-secret",
+        allow_private_worker_endpoints=True,  # the worker services under test listen on loopback
     ).with_overrides(**overrides)
     ensure_bucket(settings)
     engine = Engine(settings)

@@ -4,6 +4,8 @@ the database)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
 import json
 from collections.abc import Iterator
@@ -13,9 +15,19 @@ from typing import Any
 
 import pytest
 
-from .conftest import API_KEY, STORAGE_ROLE, WORKSPACE, Stack, wait_until
+from infra.s3 import MotoServer
+
+from .conftest import API_KEY, STORAGE_ROLE, WORKSPACE, Stack, running_stack, wait_until
 
 EVENTS = Path(__file__).parent.parent / "fixtures" / "events"
+# Lambda mode refuses the development token key: the stack and the Lambda API share this one.
+TOKEN_KEYS = (("e2e-lambda", base64.urlsafe_b64encode(hashlib.sha256(b"e2e lambda entry").digest()).decode()),)
+
+
+@pytest.fixture
+def stack(database_url: str, moto_server: MotoServer) -> Iterator[Stack]:
+    with running_stack(database_url, moto_server, token_keys=TOKEN_KEYS) as running:
+        yield running
 
 
 class FakeContext:
@@ -38,6 +50,7 @@ def lambda_api(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Module
         "DATABASE_URL": settings.database_url, "S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
         "TICKWEAVE_BUCKET": settings.bucket, "TICKWEAVE_STORAGE_ROLE_ARN": STORAGE_ROLE,
         "TICKWEAVE_PUBLIC_URL": stack.base_url, "TICKWEAVE_TICK_SECRET": settings.tick_secret,
+        "TICKWEAVE_TOKEN_KEYS": ",".join(f"{kid}:{key}" for kid, key in settings.token_keys),
     }.items():
         monkeypatch.setenv(name, value)
     import handler.api

@@ -96,7 +96,7 @@ def test_orchestration_runs_upstream_first_and_the_downstream_reads_its_output(s
     assert [(o["run_id"], o["version"]) for o in listed] == [(fetch_id, "v2")]
     content = stack.client.get(f"/api/outputs/{listed[0]['id']}/content")
     assert content.status_code == 200 and content.json() == node_value(stack, only_task(fetch_run, "get", "v2"))
-    key = f"outputs/e2e/fetch/{fetch_id}/v2/archive"
+    key = f"outputs/e2e/fetch/{fetch_id}/v2/archive/attempts/1.json"  # by the attempt that produced it
     stored = orchestrator_s3(stack.settings).get_object(Bucket=stack.settings.bucket, Key=key)["Body"].read()
     assert json.loads(stored) == content.json() and listed[0]["size"] == len(stored)
     assert listed[0]["schema_sha256"] and len(listed[0]["sha256"]) == 64

@@ -45,7 +45,7 @@ def test_diamond_succeeds_join_runs_once_and_outputs_are_in_s3(stack: Stack) -> 
     assert tasks["d"]["started_at"] >= max(tasks["b"]["finished_at"], tasks["c"]["finished_at"])
 
     d_value, d_body = s3_json(stack, tasks["d"]["output"]["key"])
-    assert tasks["d"]["output"]["key"] == f"runs/e2e/diamond/{run['id']}/default/nodes/d"
+    assert tasks["d"]["output"]["key"] == f"runs/e2e/diamond/{run['id']}/default/nodes/d/attempts/1/output.json"
     assert tasks["d"]["output"]["sha256"] == hashlib.sha256(d_body).hexdigest()
     assert tasks["d"]["output"]["size"] == len(d_body)
     assert d_value["params"] == {"greeting": "hi", "who": "e2e"}
@@ -91,7 +91,7 @@ def test_stop_failure_fails_the_run_and_later_steps_never_run(stack: Stack) -> N
     assert last["attempt"] == 0 and last["output"] is None
     listing = orchestrator_s3(stack.settings).list_objects_v2(
         Bucket=stack.settings.bucket, Prefix=f"runs/e2e/seq-stop/{run_id}/")
-    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listing.get("Contents", [])) == ["first"]
+    assert sorted(o["Key"].split("/")[6] for o in listing.get("Contents", [])) == ["first"]  # runs/ws/p/run/v/nodes/N
 
 
 def test_retries_until_the_flaky_task_succeeds(stack: Stack) -> None:

@@ -13,7 +13,8 @@ WORKSPACE = "acme"
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, local_worker=None)
+    # Tests register worker services on loopback (127.0.0.1:9 and the like).
+    return Settings(database_url=database_url, local_worker=None, allow_private_worker_endpoints=True)
 
 
 @pytest.fixture

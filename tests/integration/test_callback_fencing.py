@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from orchestrator.api.app import create_app
 from orchestrator.db.connection import Row
 from orchestrator.engine.service import Engine
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 from orchestrator.store import tasks as task_store
 
 from .conftest import WORKSPACE
@@ -35,7 +35,8 @@ def token_for(engine: Engine, task: Row, *, ttl: int = 600, keyring: TokenKeyrin
               task_id: str | None = None) -> str:
     return (keyring or engine.keyring).issue(TaskClaims(
         task_id=task_id or str(task["id"]), attempt=int(task["attempt"]), claim_token=str(task["claim_token"]),
-        workspace=WORKSPACE, expires_at=int(time.time()) + ttl, storage=None))
+        workspace=WORKSPACE, task_name=str(task["task_name"]), params_sha256=params_digest(task["params"]),
+        expires_at=int(time.time()) + ttl, storage=None))
 
 
 def succeed(client: TestClient, task: Row, token: str) -> Any:

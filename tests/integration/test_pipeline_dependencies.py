@@ -17,6 +17,7 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Database
 from orchestrator.engine.errors import InvalidInput
 from orchestrator.engine.service import Engine
+from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.s3 import ensure_bucket, put_json_object
 
 WORKSPACE = "acme"
@@ -80,7 +81,8 @@ def consumer(pipeline_id: str, *upstreams: str, trigger: str = "on_success") -> 
 
 def work_as_worker(engine: Engine, message: dict[str, Any]) -> None:
     """Write the node's output where the token allows and call back, as the SDK does."""
-    key = f"runs/{message['workspace']}/{message['pipeline']}/{message['run_id']}/{message['version']}/nodes/{message['node']}"
+    key = node_output_key(message["workspace"], message["pipeline"], message["run_id"], message["version"],
+                          message["node"], message["attempt"])
     size, sha = put_json_object(engine.settings, key, {"from": message["pipeline"]})
     result = engine.record_callback(
         uuid.UUID(message["task_id"]), message["token"], status="succeeded",

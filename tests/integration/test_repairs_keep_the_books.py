@@ -6,6 +6,7 @@ points where the defect it covers broke them."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -164,10 +165,8 @@ def test_redrive_does_not_count_an_upstream_twice_for_a_failure_handler(engine: 
     finish(engine, first["a"], ok=False)
     finish(engine, first["x"], ok=False)
     assert books(engine) == []  # the run is failing, not failed: h1 and h2 are still to settle
-    try:
+    with contextlib.suppress(Conflict):  # a run that has not ended cannot be redriven
         operations.redrive_run(engine.db, WORKSPACE, run.id)
-    except Conflict:
-        pass  # a run that has not ended cannot be redriven
     assert books(engine) == []
     for _ in range(5):
         for task in claim(engine).values():
@@ -466,9 +465,8 @@ def test_lock_run_takes_the_row_lock(engine: Engine, database_url: str) -> None:
     holder = connect(database_url, autocommit=False)
     try:
         assert run_store.lock_run(holder, WORKSPACE, run.id) is not None
-        with connect(database_url) as probe:
-            with pytest.raises(psycopg.errors.LockNotAvailable):
-                probe.execute("SELECT id FROM runs WHERE id = %s FOR UPDATE NOWAIT", (run.id,))
+        with connect(database_url) as probe, pytest.raises(psycopg.errors.LockNotAvailable):
+            probe.execute("SELECT id FROM runs WHERE id = %s FOR UPDATE NOWAIT", (run.id,))
     finally:
         holder.rollback()
         holder.close()
@@ -491,7 +489,7 @@ class Accepting:
 def test_a_backfill_dispatches_only_its_own_runs(engine: Engine) -> None:
     transport = Accepting()
     engine.transports["local"] = transport
-    engine.dispatcher._issue_grant = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    engine.dispatcher._issue_grant = lambda *args, **kwargs: None  # type: ignore[method-assign]
     set_clock(engine, at("2026-03-02T12:00:00Z"))
     engine.create_api_key("other", "admin", raw_key="other-admin-key-2")
     engine.create_pipeline("other", {"id": "theirs", "nodes": [{"id": "n", "task": "echo"}]})

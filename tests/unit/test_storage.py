@@ -11,7 +11,13 @@ import pytest
 
 from infra.s3 import MotoServer
 from orchestrator.config import Settings
-from orchestrator.storage.layout import node_output_key, pipeline_output_key, run_prefix
+from orchestrator.storage.layout import (
+    attempt_log_key,
+    node_attempt_prefix,
+    node_output_key,
+    pipeline_output_key,
+    run_prefix,
+)
 from orchestrator.storage.s3 import (
     MAX_SESSION_POLICY_CHARS,
     encode_json,
@@ -37,18 +43,38 @@ def settings(moto_server: MotoServer) -> Settings:
 
 
 def test_layout() -> None:
-    assert node_output_key("ws", "pipe", "run1", "v1", "node") == "runs/ws/pipe/run1/v1/nodes/node"
+    assert node_attempt_prefix("ws", "pipe", "run1", "v1", "node", 2) == "runs/ws/pipe/run1/v1/nodes/node/attempts/2/"
+    assert (node_output_key("ws", "pipe", "run1", "v1", "node", 2)
+            == "runs/ws/pipe/run1/v1/nodes/node/attempts/2/output.json")
+    assert attempt_log_key("ws", "pipe", "run1", "v1", "node", 2) == "runs/ws/pipe/run1/v1/nodes/node/attempts/2/log.txt"
     assert run_prefix("ws", "pipe", "run1") == "runs/ws/pipe/run1/"
-    assert node_output_key("ws", "pipe", "run1", "v1", "n").startswith(run_prefix("ws", "pipe", "run1"))
-    assert pipeline_output_key("ws", "pipe", "ex1", "v1", "archive") == "outputs/ws/pipe/ex1/v1/archive"
+    assert node_output_key("ws", "pipe", "run1", "v1", "n", 1).startswith(run_prefix("ws", "pipe", "run1"))
+    assert (pipeline_output_key("ws", "pipe", "ex1", "v1", "archive", 3)
+            == "outputs/ws/pipe/ex1/v1/archive/attempts/3.json")
+
+
+def test_attempts_never_share_a_key_or_a_prefix() -> None:
+    # attempts/1/ must not be a prefix of attempts/10/ (a session policy grants `prefix*`).
+    first, tenth = (node_attempt_prefix("ws", "p", "r", "v", "n", a) for a in (1, 10))
+    assert not tenth.startswith(first) and not first.startswith(tenth)
+    assert node_output_key("ws", "p", "r", "v", "n", 1) != node_output_key("ws", "p", "r", "v", "n", 2)
+    assert pipeline_output_key("ws", "p", "e", "v", "o", 1) != pipeline_output_key("ws", "p", "e", "v", "o", 2)
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "."])
 def test_layout_rejects_segments_that_escape(bad: str) -> None:
     with pytest.raises(ValueError):
-        node_output_key("ws", "pipe", "run", bad, "node")
+        node_output_key("ws", "pipe", "run", bad, "node", 1)
     with pytest.raises(ValueError):
-        pipeline_output_key("ws", bad, "ex", "v", "out")
+        pipeline_output_key("ws", bad, "ex", "v", "out", 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True])
+def test_layout_rejects_attempts_that_are_not_positive_integers(bad: int) -> None:
+    with pytest.raises(ValueError):
+        node_output_key("ws", "pipe", "run", "v", "node", bad)
+    with pytest.raises(ValueError):
+        pipeline_output_key("ws", "pipe", "ex", "v", "out", bad)
 
 
 def test_session_policy_exact() -> None:
@@ -69,6 +95,21 @@ def test_session_policy_exact() -> None:
             },
         ],
     }
+
+
+def test_session_policy_with_a_write_prefix_grants_that_attempt_only() -> None:
+    prefix = "runs/w/p/r/v/nodes/n/attempts/1/"
+    policy = session_policy("bkt", prefix + "output.json", ["runs/w/p/r/v/nodes/a/attempts/3/output.json"],
+                            write_prefix=prefix)
+    assert policy["Statement"][0] == {
+        "Sid": "WriteOutput", "Effect": "Allow", "Action": ["s3:PutObject"],
+        "Resource": ["arn:aws:s3:::bkt/runs/w/p/r/v/nodes/n/attempts/1/*"],
+    }
+    assert policy["Statement"][1]["Resource"] == ["arn:aws:s3:::bkt/runs/w/p/r/v/nodes/a/attempts/3/output.json"]
+    with pytest.raises(ValueError):  # without the "/", attempts/1* would cover attempts/10/
+        session_policy("bkt", prefix + "output.json", [], write_prefix=prefix.rstrip("/"))
+    with pytest.raises(ValueError):  # the output must be under the prefix
+        session_policy("bkt", "runs/w/p/r/v/nodes/n/attempts/2/output.json", [], write_prefix=prefix)
 
 
 def test_session_policy_without_reads_has_no_get() -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.storage.tokens import StorageGrant, TaskClaims, TokenInvalid, TokenKeyring
+from orchestrator.storage.tokens import StorageGrant, TaskClaims, TokenInvalid, TokenKeyring, params_digest
 
 
 def new_key() -> str:
@@ -23,6 +23,8 @@ def claims(*, expires_in: int = 600, storage: StorageGrant | None = None) -> Tas
         attempt=2,
         claim_token="claim-abc",
         workspace="ws",
+        task_name="echo",
+        params_sha256=params_digest({}),
         expires_at=int(time.time()) + expires_in,
         storage=storage,
     )

@@ -14,13 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 from infra.s3 import MotoServer
 from orchestrator.config import Settings
-from orchestrator.storage.layout import node_output_key, pipeline_output_key
+from orchestrator.storage.layout import node_attempt_prefix, node_output_key, pipeline_output_key
 from orchestrator.storage.s3 import ensure_bucket, issue_storage_grant, put_json_object, read_json_object
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring
-from orchestrator.worker import TaskContext, TaskFailed, Worker
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
+from orchestrator.worker import StaleAttempt, TaskContext, TaskFailed, Worker
 from orchestrator.worker.http import HttpSender, StorageHTTPError
 
 CALLBACK = "http://orchestrator.test/api/callback/"
@@ -74,8 +75,8 @@ class Harness:
         self.keyring = TokenKeyring.from_settings(self.settings)
         self.run_id = uuid.uuid4().hex
 
-    def key(self, node: str) -> str:
-        return node_output_key("ws", "pipe", self.run_id, "v1", node)
+    def key(self, node: str, attempt: int = 1) -> str:
+        return node_output_key("ws", "pipe", self.run_id, "v1", node, attempt)
 
     def dispatch(
         self,
@@ -94,7 +95,8 @@ class Harness:
         upstream = upstream or {}
         grant = issue_storage_grant(
             self.settings,
-            output_key=self.key(node),
+            output_key=self.key(node, attempt),
+            write_prefix=node_attempt_prefix("ws", "pipe", self.run_id, "v1", node, attempt),
             read_keys=[*inputs.values(), *upstream.values()],
             task_id=task_id,
         )
@@ -104,6 +106,8 @@ class Harness:
                 attempt=attempt,
                 claim_token=uuid.uuid4().hex,
                 workspace="ws",
+                task_name=task,
+                params_sha256=params_digest(params or {}),
                 expires_at=int(time.time()) + expires_in,
                 storage=grant,
             )
@@ -188,7 +192,7 @@ def _raw_object(harness: Harness, key: str) -> bytes:
 def test_upstream_outputs_and_missing_input(harness: Harness) -> None:
     fake = FakeOrchestrator()
     worker = Worker(settings=harness.settings, send=fake)
-    archive_key = pipeline_output_key("ws", "ucd-fetch", "ex1", "v1", "archive")
+    archive_key = pipeline_output_key("ws", "ucd-fetch", "ex1", "v1", "archive", 1)
     put_json_object(harness.settings, archive_key, {"url": "s3://archive"})
     seen: dict[str, Any] = {}
 
@@ -293,6 +297,55 @@ def test_stale_heartbeat_stops_before_running(harness: Harness) -> None:
     assert len(fake.heartbeats()) == 1
 
 
+def test_a_heartbeat_refused_mid_run_stops_the_task_without_output_or_callback(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    put_json_object(harness.settings, harness.key("up"), {"rows": 3})
+    seen: dict[str, Any] = {}
+
+    @worker.task("slow")
+    def slow(ctx: TaskContext) -> dict[str, Any]:
+        # A newer attempt took the task over: from now on the server refuses this one's heartbeats.
+        fake.heartbeat_answer = {"accepted": False, "reason": "stale_attempt"}
+        deadline = time.monotonic() + 10
+        while not ctx.stale and time.monotonic() < deadline:
+            threading.Event().wait(0.005)  # the background heartbeat learns it
+        seen["stale"] = ctx.stale
+        sent = len(fake.heartbeats())
+        with pytest.raises(StaleAttempt, match="stale_attempt"):
+            ctx.input("up")
+        with pytest.raises(StaleAttempt):
+            ctx.heartbeat(progress=0.9)
+        seen["sent_after"] = len(fake.heartbeats()) - sent  # a stale context sends nothing
+        return {"late": True}  # ignored: the attempt stores and reports nothing
+
+    answer = worker.execute(harness.dispatch("slow", inputs={"up": harness.key("up")}, heartbeat_interval_s=0.01))
+
+    assert seen == {"stale": True, "sent_after": 0}
+    assert answer == {"accepted": False, "reason": "stale_attempt"}
+    assert fake.callbacks() == []
+    with pytest.raises(ClientError):
+        _raw_object(harness, harness.key("me"))
+    beats = len(fake.heartbeats())
+    threading.Event().wait(0.05)
+    assert len(fake.heartbeats()) == beats  # the heartbeat thread stopped at the refusal
+
+
+def test_an_error_answer_to_a_heartbeat_is_not_a_stale_attempt(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+
+    @worker.task("t")
+    def t(ctx: TaskContext) -> dict[str, Any]:
+        # A 5xx or an expired token says nothing about which attempt is current.
+        fake.heartbeat_answer = {"error": {"code": "internal"}, "http_status": 500}
+        return {"answer": ctx.heartbeat(), "stale": ctx.stale}
+
+    assert worker.execute(harness.dispatch("t"))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("me")) == {
+        "answer": {"error": {"code": "internal"}, "http_status": 500}, "stale": False}
+
+
 def test_background_heartbeats_while_running(harness: Harness) -> None:
     fake = FakeOrchestrator()
     worker = Worker(settings=harness.settings, send=fake)
@@ -380,7 +433,7 @@ def test_examples(harness: Harness) -> None:
     assert first["error"]["message"] == "failing on purpose (attempt 2 of 2)"
     assert first["error"]["retryable"] is True
     assert run(harness.dispatch("fail", params={"times": 2}, attempt=3))["status"] == "succeeded"
-    assert read_json_object(harness.settings, harness.key("me")) == {"attempts": 3}
+    assert read_json_object(harness.settings, harness.key("me", 3)) == {"attempts": 3}
 
     permanent = run(harness.dispatch("fail", params={"retryable": False}))
     assert permanent["error"]["retryable"] is False
