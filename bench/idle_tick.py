@@ -128,8 +128,8 @@ def _function_statements(conn: psycopg.Connection[tuple[object, ...]], text: str
                          params: object) -> list[tuple[str, object]]:
     """The statements inside a PL/pgSQL function the tick calls (its own EXPLAIN shows only a
     Function Scan): the claim's scope locks (the sub-selects locking limited workspaces and
-    pipelines, with no run given) and its plain global claim (the `p_run_id IS NULL` branch),
-    with `p_limit` bound to the call's limit."""
+    pipelines, with no run given) and the global claim's fair candidate statement, with
+    `p_limit` bound to the call's limit."""
     if "tw_claim_ready_tasks" not in text or not isinstance(params, (list, tuple)):
         return []
     row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'tw_claim_ready_tasks'").fetchone()
@@ -140,9 +140,10 @@ def _function_statements(conn: psycopg.Connection[tuple[object, ...]], text: str
         if "INTO locked_" in chunk and "FOR UPDATE" in chunk:
             inner = chunk[chunk.index("FROM (") + len("FROM ("):chunk.rindex(") x")]
             found.append((inner.replace("v_ws", "NULL::text").replace("v_p", "NULL::text"), None))
-        elif "IF p_run_id IS NULL THEN" in chunk and "RETURN QUERY" in chunk:
-            statement = chunk[chunk.index("WITH"):].replace("p_limit", "%s")
-            found.append((statement, (params[0],)))
+        elif "WITH RECURSIVE ready_runs" in chunk:
+            # the global claim's candidates (fair order), computed without locks
+            statement = chunk[chunk.index("WITH RECURSIVE"):].replace(" INTO cand", "").replace("p_limit", "%(limit)s")
+            found.append((statement, {"limit": params[0]}))
     return found
 
 
