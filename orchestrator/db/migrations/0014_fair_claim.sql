@@ -30,6 +30,8 @@ DECLARE
     locked_p_ws text[];
     locked_p text[];
     cand uuid[];
+    v_now timestamptz := tw_now();
+    v_start uuid := gen_random_uuid();
 BEGIN
     IF p_run_id IS NOT NULL THEN
         SELECT r.workspace_id, r.pipeline_id INTO v_ws, v_p FROM runs r WHERE r.id = p_run_id;
@@ -63,14 +65,31 @@ BEGIN
             LIMIT 2 * p_limit
         ) x;
     ELSE
-        WITH RECURSIVE ready_runs(run_id) AS (
-            (SELECT t.run_id FROM tasks t WHERE t.status = 'ready' ORDER BY t.run_id LIMIT 1)
+        -- The runs with ready work, by a loose index scan, at most 4 x p_limit of them from a
+        -- random point of the run ids (wrapping around): more runs than that cannot all get a
+        -- task in one batch anyway, and the random start spreads the batches over all of them.
+        WITH RECURSIVE after_start(run_id, workspace_id, n) AS (
+            (SELECT t.run_id, t.workspace_id, 1 FROM tasks t
+             WHERE t.status = 'ready' AND t.run_id >= v_start ORDER BY t.run_id LIMIT 1)
             UNION ALL
-            SELECT (SELECT t.run_id FROM tasks t WHERE t.status = 'ready' AND t.run_id > r.run_id
-                    ORDER BY t.run_id LIMIT 1)
-            FROM ready_runs r WHERE r.run_id IS NOT NULL
+            SELECT nxt.run_id, nxt.workspace_id, a.n + 1 FROM after_start a
+            CROSS JOIN LATERAL (SELECT t.run_id, t.workspace_id FROM tasks t
+                                WHERE t.status = 'ready' AND t.run_id > a.run_id
+                                ORDER BY t.run_id LIMIT 1) nxt
+            WHERE a.n < 4 * p_limit
+        ), before_start(run_id, workspace_id, n) AS (
+            (SELECT t.run_id, t.workspace_id, 1 FROM tasks t
+             WHERE t.status = 'ready' AND t.run_id < v_start ORDER BY t.run_id LIMIT 1)
+            UNION ALL
+            SELECT nxt.run_id, nxt.workspace_id, b.n + 1 FROM before_start b
+            CROSS JOIN LATERAL (SELECT t.run_id, t.workspace_id FROM tasks t
+                                WHERE t.status = 'ready' AND t.run_id > b.run_id AND t.run_id < v_start
+                                ORDER BY t.run_id LIMIT 1) nxt
+            WHERE b.n < 4 * p_limit - (SELECT count(*) FROM after_start)
         ), ready_in AS (
-            SELECT r.run_id, ru.workspace_id FROM ready_runs r JOIN runs ru ON ru.id = r.run_id
+            SELECT run_id, workspace_id FROM after_start
+            UNION ALL
+            SELECT run_id, workspace_id FROM before_start WHERE (SELECT count(*) FROM after_start) < 4 * p_limit
         ), shares AS (
             -- each workspace an equal share of the batch, each of its runs an equal part of it
             -- (twice over, so that rows other claimers hold leave the batch full)
@@ -83,13 +102,13 @@ BEGIN
             FROM shares s
             CROSS JOIN LATERAL (
                 SELECT t.id, t.run_id, t.workspace_id, t.priority, t.available_at FROM tasks t
-                WHERE t.status = 'ready' AND t.run_id = s.run_id AND t.available_at <= tw_now()
+                WHERE t.status = 'ready' AND t.run_id = s.run_id AND t.available_at <= v_now
                 ORDER BY t.priority DESC, t.available_at
                 LIMIT s.k
             ) h
         ), fill AS (
             SELECT t.id, t.run_id, t.workspace_id, t.priority, t.available_at FROM tasks t
-            WHERE t.status = 'ready' AND t.available_at <= tw_now()
+            WHERE t.status = 'ready' AND t.available_at <= v_now
             ORDER BY t.priority DESC, t.available_at
             LIMIT 2 * p_limit
         ), pool AS (
