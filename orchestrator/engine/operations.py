@@ -71,11 +71,26 @@ def redrive_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> int:
 
 
 def _redrive_locked(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> list[uuid.UUID]:
-    """Reset the run's unsuccessful tasks and resume the run (its tasks and row already locked)."""
+    """Reset the run's unsuccessful tasks and resume the run (its tasks and row already locked).
+
+    In a run still settling a stopping failure, a failure handler may already be ready, waiting
+    or out with a worker on the failures being reset: one not started goes back to pending with
+    them; one out with a worker refuses the repair until it finishes."""
     reset = task_store.reset_unsuccessful_tasks(conn, run_id)
+    _refuse_if_started(task_store.started_downstream(conn, reset))
+    task_store.reopen_downstream(conn, reset)
     dlq_store.close_for_tasks(conn, reset)
     _resume(conn, run_id, from_statuses)
     return reset
+
+
+def _refuse_if_started(started: list[Row]) -> None:
+    if started:
+        names = ", ".join(f"'{r['node_id']}' ({r['version']})" for r in started[:5])
+        raise Conflict(
+            f"downstream tasks {names} already started on the failure being retried; retry after they finish",
+            details=[{"task_id": str(r["id"]), "node": r["node_id"], "status": r["status"]} for r in started],
+        )
 
 
 def _resume(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> None:
@@ -186,16 +201,10 @@ def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> R
         if run["status"] == "failed" or run["failed_tasks"] > 0:
             _redrive_locked(conn, run_id, (str(run["status"]),))
         else:
-            started = task_store.started_downstream(conn, entry["task_id"])
-            if started:
-                names = ", ".join(f"'{r['node_id']}' ({r['version']})" for r in started[:5])
-                raise Conflict(
-                    f"downstream tasks {names} already started on this task's failure; retry it after they finish",
-                    details=[{"task_id": str(r["id"]), "node": r["node_id"], "status": r["status"]} for r in started],
-                )
+            _refuse_if_started(task_store.started_downstream(conn, [entry["task_id"]]))
             if dlq_store.revive_task(conn, entry["task_id"]) is None:
                 raise Conflict(f"task '{entry['task_id']}' is no longer dead")
-            task_store.reopen_downstream(conn, entry["task_id"])
+            task_store.reopen_downstream(conn, [entry["task_id"]])
             _resume(conn, run_id, ("running", "succeeded"))
         log_event(log, "dead_letter.retried", workspace_id=workspace_id, pipeline_id=entry["pipeline_id"],
                   run_id=run_id, task_id=entry["task_id"], dead_letter_id=entry["id"])

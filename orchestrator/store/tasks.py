@@ -309,13 +309,13 @@ def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.U
 _REOPENABLE = "('pending', 'ready', 'waiting', 'skipped')"
 
 
-def started_downstream(conn: Connection, task_id: uuid.UUID) -> list[Row]:
-    """Tasks out with workers that already consumed this task's outcome: its successors, and
-    theirs through successors not yet started or skipped. A dead letter cannot be retried under
-    them (they would have run on an upstream that is running again)."""
+def started_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
+    """Tasks out with workers that already consumed these tasks' outcomes: their successors,
+    and theirs through successors not yet started or skipped. A repair cannot take these tasks
+    back under them (they would have run on an upstream that is running again)."""
     return conn.execute(
         f"""WITH RECURSIVE down(id) AS (
-                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = %(task)s
+                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = ANY(%(tasks)s::uuid[])
                 UNION
                 SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
                 JOIN task_edges e ON e.upstream_task_id = d.id
@@ -324,17 +324,18 @@ def started_downstream(conn: Connection, task_id: uuid.UUID) -> list[Row]:
             SELECT t.id, t.node_id, t.version, t.status FROM down d JOIN tasks t ON t.id = d.id
             WHERE t.status IN ('dispatched', 'running')
             ORDER BY t.node_id, t.version""",
-        {"task": task_id},
+        {"tasks": list(task_ids)},
     ).fetchall()
 
 
-def reopen_downstream(conn: Connection, task_id: uuid.UUID) -> list[uuid.UUID]:
-    """A dead letter retried in a run that goes on: its downstream tasks that were decided on
-    its failure (skipped) or not started yet go back to pending, to be recounted. Tasks that ran
-    keep their outcome."""
+def reopen_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Tasks going back to be run again (a dead letter retried, a redrive): their downstream
+    tasks that were decided on the outcome being retried (skipped, or made ready or waiting by a
+    rule that accepted it) or not started yet go back to pending, to be recounted. Tasks that
+    ran keep their outcome."""
     rows = conn.execute(
         f"""WITH RECURSIVE down(id) AS (
-                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = %(task)s
+                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = ANY(%(tasks)s::uuid[])
                 UNION
                 SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
                 JOIN task_edges e ON e.upstream_task_id = d.id
@@ -344,7 +345,7 @@ def reopen_downstream(conn: Connection, task_id: uuid.UUID) -> list[uuid.UUID]:
             FROM (SELECT DISTINCT id FROM down) d
             WHERE t.id = d.id AND t.status IN ('ready', 'waiting', 'skipped')
             RETURNING t.id""",
-        {"task": task_id},
+        {"tasks": list(task_ids)},
     ).fetchall()
     return [r["id"] for r in rows]
 
