@@ -23,7 +23,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.errors import NotFound
+from orchestrator.engine.errors import InvalidInput, NotFound
 from orchestrator.storage.layout import pipeline_output_key
 from orchestrator.store import outputs as output_store
 
@@ -60,6 +60,40 @@ def schema_violation(schema: dict[str, Any], value: Any) -> str | None:
     return f"{error.message} (at /{where})" if where else error.message
 
 
+def check_node_output(settings: Settings, bucket: str, node_output: dict[str, Any]) -> None:
+    """Check a succeeded callback's output reference against the object, with one HeadObject
+    (the object is not read) and outside any transaction: it must exist, have the reported
+    `size`, and, where the callback reports a `sha256` and the object carries S3's own SHA-256
+    checksum (the SDK's credential PUTs do), that checksum. Raises OutputRejected (retryable:
+    the attempt fails and the task is tried again) naming the key."""
+    from orchestrator.storage.s3 import ObjectMissing, head_object_facts
+
+    key = str(node_output["key"])
+    size, sha256 = node_output.get("size"), node_output.get("sha256")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise InvalidInput("output.size must be an integer (bytes)")
+    if sha256 is not None and not isinstance(sha256, str):
+        raise InvalidInput("output.sha256 must be a hex string")
+    try:
+        facts = head_object_facts(settings, key, bucket=bucket)
+    except ObjectMissing:
+        raise _rejected("output_missing", f"the output object {key!r} the callback names is not in the bucket",
+                        key) from None
+    if size is not None and size != facts.size:
+        raise _rejected("output_size_mismatch",
+                        f"the output object {key!r} has {facts.size} bytes, the callback reported {size}", key,
+                        expected=size, actual=facts.size)
+    if sha256 is not None and facts.sha256 is not None and sha256.lower() != facts.sha256:
+        raise _rejected("output_checksum_mismatch",
+                        f"the output object {key!r} has sha256 {facts.sha256}, the callback reported {sha256}",
+                        key, expected=sha256, actual=facts.sha256)
+
+
+def _rejected(code: str, message: str, key: str, **details: Any) -> OutputRejected:
+    return OutputRejected({"code": code, "message": message, "key": key, **details, "retryable": True},
+                          retryable=True)
+
+
 def prepare_task_outputs(
     db: Database, settings: Settings, task: Row, node_output: dict[str, Any] | None
 ) -> list[output_store.NewOutput]:
@@ -94,6 +128,13 @@ def prepare_task_outputs(
         ) from None
     except ValueError as exc:
         raise OutputRejected({"code": "output_too_large", "message": str(exc), "retryable": False}, retryable=False) from None
+    # The bytes are at hand: the callback's sha256 is checked here too, for objects that carry no
+    # checksum of S3's own (a presigned PUT), which the HEAD before could not compare.
+    claimed, actual = (node_output or {}).get("sha256"), sha256_hex(body)
+    if isinstance(claimed, str) and claimed.lower() != actual:
+        raise _rejected("output_checksum_mismatch",
+                        f"the output object {key!r} has sha256 {actual}, the callback reported {claimed}",
+                        key, expected=claimed, actual=actual)
     try:
         value = json.loads(body)
     except ValueError:
@@ -120,7 +161,7 @@ def prepare_task_outputs(
                 id=uuid.uuid4(), output=name,
                 key=pipeline_output_key(task["workspace_id"], task["pipeline_id"], str(task["run_id"]),
                                         task["version"], name, int(task["attempt"])),
-                size=len(body), sha256=sha256_hex(body), schema_sha256=schema_sha256(schema),
+                size=len(body), sha256=actual, schema_sha256=schema_sha256(schema),
             )
         )
     for row in rows:

@@ -10,7 +10,12 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import InvalidInput, Unauthorized
-from orchestrator.engine.outputs import OutputRejected, prepare_task_outputs, record_task_outputs
+from orchestrator.engine.outputs import (
+    OutputRejected,
+    check_node_output,
+    prepare_task_outputs,
+    record_task_outputs,
+)
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
 from orchestrator.store import tasks as task_store
 from orchestrator.store.outputs import NewOutput
@@ -40,9 +45,11 @@ def record_callback(
     output: dict[str, Any] | None, error: dict[str, Any] | None, settings: Settings | None = None,
     claim_limit: int = 0,
 ) -> AttemptResult:
-    """Record a worker's outcome. A success of a task that produces pipeline outputs is checked
-    against their schemas and persisted before the transaction that records it, which then only
-    indexes them; a value that cannot become the output turns the success into a failed attempt
+    """Record a worker's outcome. A success's output reference is checked against the object
+    (exists, size, sha256: one HEAD) before any transaction; a success of a task that produces
+    pipeline outputs is checked against their schemas and persisted before the transaction that
+    records it, which then only indexes them; an output that is not there, differs from what the
+    callback reports or cannot become the output turns the success into a failed attempt
     carrying the reason."""
     claims = read_token(keyring, token, task_id)
     if status not in ("succeeded", "failed"):
@@ -55,6 +62,13 @@ def record_callback(
         raise InvalidInput("a succeeded callback needs output.key (the object the worker wrote)")
     if succeeded and output is not None and claims.storage is not None and output["key"] != claims.storage.output_key:
         raise InvalidInput("output.key must be the key the token grants", details={"expected": claims.storage.output_key})
+    if succeeded and output is not None and claims.storage is not None and settings is not None:
+        # No transaction is open yet: a success is only recorded for an object that is there
+        # and is what the callback says (downstream would otherwise die on its NoSuchKey).
+        try:
+            check_node_output(settings, claims.storage.bucket, output)
+        except OutputRejected as exc:
+            return _reject(db, task_id, claims, exc)
 
     # Whether a task produces pipeline outputs is learnt from the guarded finish itself (no read
     # on the path of every callback): the first transaction that accepts such a success rolls
@@ -94,7 +108,12 @@ def record_callback(
         prepared = prepare_task_outputs(db, settings, task, output)
         return db.run_in_transaction(work)
     except OutputRejected as exc:
-        rejected = exc
+        return _reject(db, task_id, claims, exc)
+
+
+def _reject(db: Database, task_id: uuid.UUID, claims: TaskClaims, rejected: OutputRejected) -> AttemptResult:
+    """The success a callback reported, recorded as a failed attempt with the reason (fenced like
+    any outcome: refused for an attempt that is no longer current)."""
 
     def reject(conn: Connection) -> AttemptResult:
         return finish_attempt(

@@ -8,12 +8,14 @@ presigned URLs per object (one PUT, for the attempt's output key).
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
@@ -282,8 +284,44 @@ def sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def sha256_b64(body: bytes) -> str:
+    """The sha256 of `body` as S3 takes and returns it (`ChecksumSHA256`: base64 of the digest)."""
+    return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+
+
 class ObjectMissing(LookupError):
     """The object is not in the bucket (NoSuchKey)."""
+
+
+@dataclass(frozen=True)
+class ObjectFacts:
+    """What one HEAD says about a stored object: its size and, when it was written with S3's
+    own SHA-256 checksum in one PUT, that checksum as hex (None otherwise: written without one,
+    or a multipart object whose checksum is a checksum of part checksums)."""
+
+    size: int
+    sha256: str | None
+
+
+def head_object_facts(settings: StorageSettings, key: str, *, bucket: str | None = None) -> ObjectFacts:
+    """Size and stored SHA-256 checksum of an object, from one HeadObject (the object is not
+    read); ObjectMissing when absent."""
+    try:
+        response = orchestrator_s3(settings).head_object(
+            Bucket=bucket or settings.bucket, Key=key, ChecksumMode="ENABLED"
+        )
+    except ClientError as exc:
+        if _error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+            raise ObjectMissing(key) from exc
+        raise
+    checksum = response.get("ChecksumSHA256")
+    sha256: str | None = None
+    if checksum and "-" not in checksum and response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        try:
+            sha256 = base64.b64decode(checksum, validate=True).hex()
+        except ValueError:  # binascii.Error included: not a checksum this code can compare
+            sha256 = None
+    return ObjectFacts(size=int(response.get("ContentLength") or 0), sha256=sha256)
 
 
 def read_object_bytes(settings: StorageSettings, key: str, *, max_bytes: int | None = None) -> bytes:

@@ -6,18 +6,36 @@ import json
 import threading
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.storage.s3 import JSON_CONTENT_TYPE, s3_client
+from botocore.exceptions import ClientError
+
+from orchestrator.storage.s3 import JSON_CONTENT_TYPE, s3_client, sha256_b64
 from orchestrator.storage.tokens import StorageGrant
-from orchestrator.worker.http import get_bytes, put_bytes
+from orchestrator.worker.http import StorageHTTPError, get_bytes, put_bytes
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["GrantStorage", "StorageAccessDenied"]
+__all__ = ["GrantStorage", "ObjectUnavailable", "StorageAccessDenied"]
+
+# What the store answers for an object that is not there: NoSuchKey (404) to a client allowed
+# to list the bucket, AccessDenied (403) to one that is not, as a task's scoped grant is not.
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
 
 
 class StorageAccessDenied(PermissionError):
     """The grant does not cover this key (checked locally so the error names the key)."""
+
+
+class ObjectUnavailable(LookupError):
+    """The store would not return the object: `missing` (NoSuchKey) or `denied` (AccessDenied,
+    which is also how S3 answers a missing key to credentials that may not list the bucket)."""
+
+    def __init__(self, key: str, reason: str, detail: str) -> None:
+        super().__init__(f"{key!r}: {detail}")
+        self.key = key
+        self.reason = reason
+        self.detail = detail
 
 
 class GrantStorage:
@@ -42,22 +60,43 @@ class GrantStorage:
     def read_bytes(self, key: str) -> bytes:
         url = self.grant.presigned_get.get(key)
         if url is not None:
-            return get_bytes(url)
+            try:
+                return get_bytes(url)
+            except StorageHTTPError as exc:
+                if exc.status in (403, 404):
+                    reason = "missing" if exc.status == 404 else "denied"
+                    raise ObjectUnavailable(key, reason, f"HTTP {exc.status} from a presigned GET") from None
+                raise
         # The session policy enforces this on AWS; checking here too gives a clear error and
         # keeps local runs (where moto does not enforce policies) honest.
         if self.grant.credentials is None or key not in self.grant.read_keys:
             raise StorageAccessDenied(f"the storage grant does not allow reading {key!r}")
-        response = self._s3().get_object(Bucket=self.grant.bucket, Key=key)
+        try:
+            response = self._s3().get_object(Bucket=self.grant.bucket, Key=key)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING_CODES or code in _DENIED_CODES:
+                reason = "missing" if code in _MISSING_CODES else "denied"
+                raise ObjectUnavailable(key, reason, f"{code} from GetObject") from None
+            raise
         return response["Body"].read()
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
     def write_output(self, body: bytes, *, content_type: str = JSON_CONTENT_TYPE) -> None:
-        """Write the task's output object (the only key the grant lets it write)."""
+        """Write the task's output object (the only key the grant lets it write).
+
+        With credentials, the PUT carries the body's SHA-256 as S3's own checksum: S3 refuses a
+        body that does not match it (BadDigest) and keeps it, so the orchestrator checks the
+        callback's sha256 with one HEAD. A presigned PUT cannot carry it: the URL is signed at
+        dispatch, before the output exists, and S3 refuses x-amz-* headers a presigned request
+        did not sign; the callback's sha256 is then the worker's word, and its size is checked.
+        """
         if self.grant.credentials is not None:
             self._s3().put_object(
-                Bucket=self.grant.bucket, Key=self.grant.output_key, Body=body, ContentType=content_type
+                Bucket=self.grant.bucket, Key=self.grant.output_key, Body=body, ContentType=content_type,
+                ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256_b64(body),
             )
         elif self.grant.presigned_put is not None:
             put_bytes(self.grant.presigned_put, body, content_type=content_type)

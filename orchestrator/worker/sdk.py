@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.storage.s3 import encode_json, sha256_hex
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, params_digest
-from orchestrator.worker.grant_io import GrantStorage
+from orchestrator.worker.grant_io import GrantStorage, ObjectUnavailable
 from orchestrator.worker.http import HttpSender
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class TaskContext:
             known = ", ".join(sorted(self._input_refs)) or "none"
             raise KeyError(f"{node_id!r} is not an input of node {self.node!r} (inputs: {known})")
         self._check_current()
-        return self._read(key)
+        return self._read(key, f"the output of upstream node {node_id!r}")
 
     @property
     def input_ids(self) -> tuple[str, ...]:
@@ -195,7 +195,7 @@ class TaskContext:
                 f"{ref!r} is not an upstream output of pipeline {self.pipeline!r} (upstream: {known})"
             )
         self._check_current()
-        return self._read(key)
+        return self._read(key, f"the output {output!r} of upstream pipeline {pipeline!r}")
 
     def heartbeat(self, progress: float | None = None, message: str | None = None) -> dict[str, Any]:
         """Extend the lease and report progress; returns the server's answer. Raises StaleAttempt
@@ -222,13 +222,22 @@ class TaskContext:
             self._stale.set()
         return answer
 
-    def _read(self, key: str) -> Any:
+    def _read(self, key: str, what: str) -> Any:
         with self._cache_lock:
             if key in self._cache:
                 return self._cache[key]
         if self._storage is None:
             raise PermissionError("this task's token carries no storage grant")
-        value = self._storage.read_json(key)
+        try:
+            value = self._storage.read_json(key)
+        except ObjectUnavailable as exc:
+            # A failure of this attempt that names what is missing, not a botocore trace.
+            if exc.reason == "missing":
+                message, code = f"{what} is not in the bucket (key {key!r}; {exc.detail})", "input_missing"
+            else:
+                message, code = (f"{what} could not be read with this task's storage grant (key {key!r}; "
+                                 f"{exc.detail}): it is missing, or the grant does not cover it"), "input_unreadable"
+            raise TaskFailed(f"node {self.node!r}: {message}", code=code, retryable=True) from None
         with self._cache_lock:
             self._cache[key] = value
         return value

@@ -520,3 +520,70 @@ def test_storage_http_error_hides_signature() -> None:
         b"<Error><Code>AccessDenied</Code><StringToSign>...</StringToSign></Error>",
     )
     assert str(error) == "GET http://s3.test/b/k: HTTP 403 (AccessDenied)"
+
+
+@pytest.mark.parametrize("via", ["input", "upstream"])
+def test_a_missing_input_fails_the_task_naming_the_upstream_and_the_key(harness: Harness, via: str) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    never_written = harness.key("download")
+
+    @worker.task("parse")
+    def parse(ctx: TaskContext) -> Any:
+        return ctx.input("download") if via == "input" else ctx.upstream("ucd-fetch", "archive")
+
+    refs = {"inputs": {"download": never_written}} if via == "input" else {
+        "upstream": {"ucd-fetch/archive": never_written}}
+    answer = worker.execute(harness.dispatch("parse", node="parse", **refs))
+
+    assert answer["status"] == "failed"
+    (callback,) = fake.callbacks()
+    error = callback["error"]
+    assert (error["code"], error["type"], error["retryable"]) == ("input_missing", "TaskFailed", True)
+    named = "of upstream node 'download'" if via == "input" else "'archive' of upstream pipeline 'ucd-fetch'"
+    assert error["message"].startswith(f"node 'parse': the output {named} is not in the bucket (key '{never_written}'")
+    assert "botocore" not in error["traceback"] and "ClientError" not in error["traceback"]
+    assert "output" not in callback
+
+
+def test_an_input_the_store_refuses_fails_the_task_naming_the_node_and_the_key(moto_server: MotoServer) -> None:
+    """On AWS a scoped grant (no s3:ListBucket) gets AccessDenied, not NoSuchKey, for a missing
+    key; moto does not enforce that, so the store's answer is stubbed."""
+    from botocore.stub import Stubber
+
+    harness = Harness(moto_server, role=True)
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    key = harness.key("download")
+
+    @worker.task("parse")
+    def parse(ctx: TaskContext) -> Any:
+        assert ctx.storage is not None
+        with Stubber(ctx.storage._s3()) as stub:
+            stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+            return ctx.input("download")
+
+    worker.execute(harness.dispatch("parse", node="parse", inputs={"download": key}))
+    (callback,) = fake.callbacks()
+    assert callback["error"]["code"] == "input_unreadable"
+    assert callback["error"]["message"].startswith(
+        f"node 'parse': the output of upstream node 'download' could not be read with this task's storage grant "
+        f"(key '{key}'; AccessDenied from GetObject)")
+
+
+def test_the_output_put_carries_s3s_own_sha256_checksum_with_credentials(harness: Harness) -> None:
+    from orchestrator.storage.s3 import orchestrator_s3
+
+    fake = FakeOrchestrator()
+    assert make_worker(harness, fake).execute(harness.dispatch("echo"))["status"] == "succeeded"
+    (callback,) = fake.callbacks()
+    head = orchestrator_s3(harness.settings).head_object(
+        Bucket=harness.settings.bucket, Key=harness.key("me"), ChecksumMode="ENABLED")
+    stored = head.get("ChecksumSHA256")
+    if harness.settings.storage_role_arn:
+        assert stored is not None and base64.b64decode(stored).hex() == callback["output"]["sha256"]
+    else:
+        # A presigned PUT is signed before the output exists and cannot carry it; the server
+        # checks the size (and the sha256 where it reads the object).
+        assert stored is None
+    assert head["ContentLength"] == callback["output"]["size"]
