@@ -338,7 +338,7 @@ def _server_validation(
 def _local_validation(
     documents: list[Document], results: list[dict[str, Any]], sendable: list[int], client: TickweaveClient | None
 ) -> Validation:
-    from orchestrator.graph import DefinitionInvalid, pipeline_level_errors, validate_pipeline
+    from orchestrator.graph import DefinitionInvalid, end_at_problem, pipeline_level_errors, validate_pipeline
 
     definitions: dict[str, PipelineDefinition] = {}
     for i in sendable:
@@ -372,6 +372,14 @@ def _local_validation(
         pending.extend(dep.pipeline for dep in context[name].depends)
 
     warnings: list[dict[str, str]] = []
+    # Whether end_at being past is an error depends on the pipeline being new (the server
+    # refuses it on create): here it is only said.
+    now = datetime.now(UTC)
+    for pipeline_id, definition in sorted(definitions.items()):
+        ended = end_at_problem(definition, now)
+        if ended is not None:
+            warnings.append({"path": f"{pipeline_id}.{ended.path}",
+                             "message": f"{ended.message}; the server refuses it for a new pipeline"})
     skip_paths: set[str] = set()
     if client is None:
         for pipeline_id, definition in sorted(definitions.items()):
@@ -588,7 +596,38 @@ def _task_label(task: dict[str, Any], many_versions: bool) -> str:
 
 
 def _many_versions(run: dict[str, Any]) -> bool:
+    if isinstance(run.get("versions"), list):
+        return len(run["versions"]) > 1
     return len({t.get("version") for t in run.get("tasks") or []}) > 1
+
+
+TASK_STATUSES = ("running", "dispatched", "ready", "waiting", "pending", "succeeded", "failed", "dead", "skipped",
+                 "cancelled")
+_TERMINAL_TASK_STATUSES = ("succeeded", "failed", "dead", "skipped", "cancelled")
+
+
+def _task_total(run: dict[str, Any]) -> int:
+    """The run's number of tasks: `task_count` of a run answer (its `tasks` are a first page)."""
+    return int(run.get("task_count", len(run.get("tasks") or [])))
+
+
+def _every_task_listed(run: dict[str, Any]) -> bool:
+    return _task_total(run) <= len(run.get("tasks") or [])
+
+
+def _status_counts(run: dict[str, Any]) -> dict[str, int]:
+    if isinstance(run.get("counts"), dict):
+        return {str(k): int(v) for k, v in run["counts"].items()}
+    counts: dict[str, int] = {}
+    for task in run.get("tasks") or []:
+        counts[str(task.get("status"))] = counts.get(str(task.get("status")), 0) + 1
+    return counts
+
+
+def _counts_text(counts: dict[str, int], color: bool = False) -> str:
+    order = {status: i for i, status in enumerate(TASK_STATUSES)}
+    return ", ".join(f"{_paint(status, _STATUS_COLORS.get(status), color)} {n}"
+                     for status, n in sorted(counts.items(), key=lambda item: order.get(item[0], 99)) if n)
 
 
 class ProgressView:
@@ -603,6 +642,7 @@ class ProgressView:
         self._drawn = 0
         self._seen: dict[str, tuple[Any, Any]] = {}
         self._run_status: str | None = None
+        self._counts: str | None = None
 
     def update(self, run: dict[str, Any]) -> None:
         if self.tty:
@@ -629,10 +669,22 @@ class ProgressView:
         width = max([len(_task_label(t, many)) for t in tasks] + [4])
         elapsed = _duration(run.get("started_at") or run.get("created_at"), run.get("finished_at"), until_now=True)
         status = str(run.get("status"))
-        done = sum(1 for t in tasks if t.get("status") in ("succeeded", "failed", "dead", "skipped", "cancelled"))
+        counts = _status_counts(run)
+        done = sum(n for s, n in counts.items() if s in _TERMINAL_TASK_STATUSES)
         header = (f"run {run.get('id')}  {run.get('pipeline_id')} v{run.get('pipeline_version')}  "
-                  f"{_paint(status, _STATUS_COLORS.get(status), color)}  {done}/{len(tasks)} tasks  {elapsed}")
+                  f"{_paint(status, _STATUS_COLORS.get(status), color)}  {done}/{_task_total(run)} tasks  {elapsed}")
         out = [header]
+        if not _every_task_listed(run):
+            # A big run: a line per node (the first page of them) with its tasks counted by status.
+            out.append(f"  {_counts_text(counts, color)}")
+            nodes = run.get("nodes") or []
+            width = max([len(str(n.get("node"))) for n in nodes] + [4])
+            for node in nodes:
+                out.append(f"  {str(node.get('node')).ljust(width)}  {str(node.get('tasks')).rjust(6)} tasks  "
+                           f"{_counts_text(node.get('counts') or {}, color)}")
+            if run.get("nodes_next_cursor"):
+                out.append(f"  ... {int(run.get('node_count') or 0) - len(nodes)} more nodes")
+            return out
         for task in tasks:
             task_status = str(task.get("status"))
             attempt = f"attempt {task.get('attempt')}/{task.get('max_attempts')}" if task.get("attempt") else ""
@@ -654,7 +706,7 @@ class ProgressView:
         if len(lines) > max(rows - 1, 3):
             # The cursor cannot move back above the top of the screen: show what fits.
             keep = max(rows - 2, 2)
-            more = f"  ... {len(lines) - keep} more tasks (`tickweave run {run.get('id')}` lists all)"
+            more = f"  ... {len(lines) - keep} more lines (`tickweave run {run.get('id')}` pages through the tasks)"
             plain, lines = [*plain[:keep], more], [*lines[:keep], more]
         if self._drawn:
             self.stream.write(f"\x1b[{self._drawn}F")  # back to the first line drawn
@@ -669,12 +721,17 @@ class ProgressView:
         now = self.clock().strftime("%H:%M:%S")
         status = str(run.get("status"))
         if self._run_status is None:
-            tasks = run.get("tasks") or []
             print(f"{now} run {run.get('id')}: {run.get('pipeline_id')} v{run.get('pipeline_version')}, "
-                  f"{len(tasks)} tasks, {status}", file=self.stream)
+                  f"{_task_total(run)} tasks, {status}", file=self.stream)
             self._run_status = status
         many = _many_versions(run)
-        for task in run.get("tasks") or []:
+        if not _every_task_listed(run):
+            # A big run: a line each time its counts change, not one per task.
+            counts = _counts_text(_status_counts(run))
+            if counts != self._counts:
+                self._counts = counts
+                print(f"{now}   tasks: {counts}", file=self.stream)
+        for task in (run.get("tasks") or []) if _every_task_listed(run) else []:
             key = str(task.get("id"))
             state = (task.get("status"), task.get("attempt"))
             if self._seen.get(key) == state:
@@ -761,7 +818,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
             else:
                 replay = "" if run.get("created", True) else " (already triggered with this idempotency key)"
                 print(f"run {run['id']} {run.get('status')}{replay}: {args.pipeline} v{run.get('pipeline_version')}, "
-                      f"{len(run.get('tasks') or [])} tasks")
+                      f"{_task_total(run)} tasks")
             return EXIT_OK
         return watch_run(client, run, args)
 
@@ -802,6 +859,16 @@ def print_run(run: dict[str, Any], stream: TextIO) -> None:
           f"finished {_show_time(run.get('finished_at'))}" + (f"  ({took})" if took != "-" else ""), file=stream)
     if run.get("error"):
         print(f"  error     {_error_text(run['error'])}", file=stream)
+    print(f"  tasks     {_task_total(run)}: {_counts_text(_status_counts(run), color) or 'none'}", file=stream)
+    nodes = run.get("nodes") or []
+    if nodes and not _every_task_listed(run):
+        # A big run: its nodes (a first page) with their tasks counted by status.
+        print(file=stream)
+        rows = [[str(n.get("node")), str(n.get("tasks")), _counts_text(n.get("counts") or {})] for n in nodes]
+        print(_table(["NODE", "TASKS", "BY STATUS"], rows), file=stream)
+        if run.get("nodes_next_cursor"):
+            print(f"  ... {int(run.get('node_count') or 0) - len(nodes)} more nodes; "
+                  f"`--node NODE` lists one node's tasks", file=stream)
     tasks = run.get("tasks") or []
     if tasks:
         print(file=stream)
@@ -810,13 +877,21 @@ def print_run(run: dict[str, Any], stream: TextIO) -> None:
                  _duration(t.get("started_at") or t.get("dispatched_at"), t.get("finished_at")),
                  _one_line(_error_text(t.get("error")) or str(t.get("message") or ""), 70)] for t in tasks]
         print(_table(["NODE", "VERSION", "STATUS", "ATTEMPT", "DURATION", "MESSAGE"], rows), file=stream)
+    if run.get("tasks_next_cursor"):
+        print(f"more: --cursor {run['tasks_next_cursor']}", file=stream)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    paging = any(v is not None for v in (args.status, args.node, args.cursor))
     with api_client(args) as client:
-        run = client.get_run(args.run_id)
+        run = client.get_run(args.run_id, limit=0 if paging else args.limit)
         if args.wait:
             return watch_run(client, run, args)
+        if paging:
+            # One page of the run's tasks, filtered: the next page is `--cursor` with the same filters.
+            page = client.list_run_tasks(args.run_id, status=args.status, node=args.node, limit=args.limit,
+                                         cursor=args.cursor)
+            run = {**run, "tasks": page.get("items") or [], "tasks_next_cursor": page.get("next_cursor")}
     if args.json:
         emit_json(run)
     else:
@@ -1003,6 +1078,12 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _task_page_size(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 200:
+        raise argparse.ArgumentTypeError("must be an integer from 1 to 200")
+    return int(value)
+
+
 def _page_size(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 500:
         raise argparse.ArgumentTypeError("must be an integer from 1 to 500")
@@ -1082,8 +1163,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--cursor", help="next page: the cursor the previous page printed")
     runs.set_defaults(func=cmd_runs)
 
-    run = sub.add_parser("run", parents=api, help="show a run with its tasks")
+    run = sub.add_parser("run", parents=api, help="show a run: its tasks counted by status, and a page of them")
     run.add_argument("run_id", metavar="RUN_ID")
+    run.add_argument("--status", choices=TASK_STATUSES, help="list only the tasks in this status")
+    run.add_argument("--node", help="list only this node's tasks")
+    run.add_argument("--limit", type=_task_page_size, help="tasks per page, 1 to 200 (default 100)")
+    run.add_argument("--cursor", help="next page of tasks: the cursor the previous page printed")
     wait_options(run)
     run.set_defaults(func=cmd_run)
 

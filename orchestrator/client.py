@@ -216,8 +216,22 @@ class TickweaveClient:
         return dict(self.request("GET", "/api/runs", params=_query(pipeline=pipeline, status=status, limit=limit,
                                                                    cursor=cursor)))
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/api/runs/{_seg(run_id)}"))
+    def get_run(self, run_id: str, *, limit: int | None = None) -> dict[str, Any]:
+        """The run with its tasks counted by status (`counts`) and by node (`nodes`, a first page),
+        and a first page of `limit` tasks (default 100): `tasks`, `tasks_next_cursor`."""
+        return dict(self.request("GET", f"/api/runs/{_seg(run_id)}", params=_query(limit=limit)))
+
+    def list_run_tasks(
+        self, run_id: str, *, status: str | None = None, node: str | None = None, limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """A page of the run's tasks (`items`, `next_cursor`), in (node, version) order."""
+        return dict(self.request("GET", f"/api/runs/{_seg(run_id)}/tasks", params=_query(
+            status=status, node=node, limit=limit, cursor=cursor)))
+
+    def list_run_nodes(self, run_id: str, *, limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """A page of the run's nodes with their tasks counted by status (`items`, `next_cursor`)."""
+        return dict(self.request("GET", f"/api/runs/{_seg(run_id)}/nodes", params=_query(limit=limit, cursor=cursor)))
 
     def cancel_run(self, run_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/api/runs/{_seg(run_id)}/cancel"))

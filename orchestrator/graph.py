@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import difflib
 import heapq
-import json
 import types
 import typing
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from orchestrator import safe_json
 from orchestrator.model.pipeline import ERROR_FIELD_KEY, PipelineDefinition, PipelineDependency
 
 # A definition is a small document; these bounds only stop hostile input. YAML aliases can
@@ -78,11 +79,10 @@ def parse_definition_text(text: str | bytes, content_type: str | None = None) ->
 
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DefinitionInvalid(
-            [DefinitionError("", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")]
-        ) from None
+        return safe_json.loads(text)
+    except safe_json.UnsafeJson as exc:
+        message = str(exc) if str(exc).startswith("invalid JSON") else f"invalid JSON: {exc}"
+        raise DefinitionInvalid([DefinitionError("", message)]) from None
 
 
 def _parse_yaml(text: str) -> Any:
@@ -95,26 +95,24 @@ def _parse_yaml(text: str) -> Any:
         raise DefinitionInvalid([DefinitionError("", f"invalid YAML{where}: {detail}")]) from None
     except yaml.YAMLError as exc:
         raise DefinitionInvalid([DefinitionError("", f"invalid YAML: {exc}")]) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for values they recognise but cannot build: an
+        # integer past Python's int-string limit, a date like 2024-02-30 or year 0, a
+        # `!!timestamp` it cannot split.
+        if "integer string conversion" in str(exc):
+            detail = f"an integer has more than {safe_json.MAX_INT_DIGITS} digits"
+        else:
+            detail = f"a value could not be read ({exc})"
+        raise DefinitionInvalid([DefinitionError("", f"invalid YAML: {detail}")]) from None
 
 
 def _shape_problem(data: Any) -> str | None:
-    """Why `data` is too big or too deep to handle safely, or None if it is fine."""
+    """Why `data` is too big, too deep or not storable (a lone surrogate), or None if it is fine."""
     # Counts values as they will be once serialized, so a shared (aliased) subtree counts once
     # per reference; the walk stops at the limit, so its cost is bounded too.
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    count = 0
-    while stack:
-        value, depth = stack.pop()
-        count += 1
-        if count > MAX_EXPANDED_VALUES:
-            return f"the definition is too large (more than {MAX_EXPANDED_VALUES} values once expanded)"
-        if depth > MAX_NESTING_DEPTH:
-            return f"the definition is nested too deeply (more than {MAX_NESTING_DEPTH} levels)"
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list | tuple | set | frozenset):
-            stack.extend((item, depth + 1) for item in value)
-    return None
+    return safe_json.shape_problem(
+        data, "the definition", max_depth=MAX_NESTING_DEPTH, max_values=MAX_EXPANDED_VALUES
+    )
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -131,7 +129,7 @@ def validate_pipeline(raw: Any) -> PipelineDefinition:
     except ValidationError as exc:
         errors = [_from_pydantic(error) for error in exc.errors(include_url=False)]
         raise DefinitionInvalid([_rename_list(error, list_name) for error in errors]) from None
-    graph_errors = _node_errors(definition, list_name)
+    graph_errors = [*schedule_errors(definition), *_node_errors(definition, list_name)]
     if graph_errors:
         raise DefinitionInvalid(graph_errors)
     return definition
@@ -235,6 +233,70 @@ def _rename_list(error: DefinitionError, list_name: str) -> DefinitionError:
     if path == "nodes" or path.startswith("nodes["):
         path = list_name + path.removeprefix("nodes")
     return DefinitionError(path, error.message.replace("nodes[", f"{list_name}["))
+
+
+# --- schedules -----------------------------------------------------------------------------
+
+# start_at and end_at must lie in this window: cron arithmetic near datetime's limits (year 1,
+# year 9999) overflows, and a time outside it is a typo or a sentinel, not a schedule.
+EARLIEST_SCHEDULE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_SCHEDULE_TIME = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def schedule_errors(defn: PipelineDefinition) -> list[DefinitionError]:
+    """What the schedule part of a definition being accepted must not hold, each with its path.
+
+    The model (which also reads stored definitions back) only checks that a cron parses and a
+    timezone loads; a definition being created, updated or validated is also held to what the
+    tick needs: a cron that fires at all, with no reversed range or step past its field's range
+    (`cron.expression_problem`), an IANA timezone that does not depend on the host, and start_at /
+    end_at within [EARLIEST_SCHEDULE_TIME, LATEST_SCHEDULE_TIME).
+    """
+    from orchestrator.engine import cron  # pure (croniter and zoneinfo only), no database
+
+    errors: list[DefinitionError] = []
+    for i, expression in enumerate(defn.schedule):
+        problem = cron.expression_problem(expression)
+        if problem is not None:
+            errors.append(DefinitionError(f"schedule[{i}]", problem))
+    options = defn.schedule_options
+    problem = cron.timezone_problem(options.timezone)
+    if problem is not None:
+        errors.append(DefinitionError("schedule_options.timezone", problem))
+    for name, value in (("start_at", options.start_at), ("end_at", options.end_at)):
+        if value is None:
+            continue
+        if not EARLIEST_SCHEDULE_TIME <= value < LATEST_SCHEDULE_TIME:
+            hint = "; leave end_at out for a schedule that never ends" if name == "end_at" else ""
+            errors.append(DefinitionError(
+                f"schedule_options.{name}",
+                f"{name} ({_iso(value)}) must be from {_iso(EARLIEST_SCHEDULE_TIME)} to before "
+                f"{_iso(LATEST_SCHEDULE_TIME)}{hint}",
+            ))
+    return errors
+
+
+def end_at_problem(defn: PipelineDefinition, now: datetime) -> DefinitionError | None:
+    """A new pipeline whose schedule ended before `now` (database time) would never fire.
+
+    Not part of `validate_pipeline`, which does not know the time nor whether the pipeline is
+    new: a pipeline whose schedule has ended can still be updated unchanged. Applied on create
+    (and by validate to ids not stored yet); the offline CLI reports it as a warning.
+    """
+    end_at = defn.schedule_options.end_at
+    if not defn.schedule or end_at is None or end_at > now:
+        return None
+    return DefinitionError(
+        "schedule_options.end_at",
+        f"end_at ({_iso(end_at)}) is already past (now {_iso(now)}): the schedule would never fire",
+    )
+
+
+def _iso(value: datetime) -> str:
+    try:
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:  # near year 1 or 9999 in a zone east or west of UTC
+        return value.isoformat()
 
 
 # --- node-level graph ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from orchestrator.api import run_views
 from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
 from orchestrator.api.responses import JSON, error
 from orchestrator.api.schemas import (
@@ -37,10 +38,12 @@ from orchestrator.api.schemas import (
     TriggerRequest,
 )
 from orchestrator.config import Settings
+from orchestrator.engine import runs as run_reads
 from orchestrator.engine.errors import (
     Conflict,
     EngineError,
     Forbidden,
+    IdempotencyKeyReused,
     InvalidInput,
     NotFound,
     TooLarge,
@@ -55,7 +58,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_PAGE_SIZE = 500
 _STATUS_BY_ERROR: dict[type[EngineError], int] = {
     NotFound: 404, Conflict: 409, InvalidInput: 422, Unauthorized: 401, Forbidden: 403, PayloadTooLarge: 413,
-    TooLarge: 413,
+    TooLarge: 413, IdempotencyKeyReused: 422,
 }
 _RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 
@@ -109,7 +112,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, run_id = json.loads(base64.urlsafe_b64decode(padded))
         return datetime.fromisoformat(created), uuid.UUID(run_id)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+    except (ValueError, TypeError, binascii.Error, RecursionError):  # RecursionError: "[[[[..." encoded
         raise InvalidInput("cursor is not one this API returned; pass next_cursor from the previous page") from None
 
 
@@ -125,7 +128,7 @@ def _decode_event_cursor(cursor: str) -> tuple[datetime, str]:
         if not isinstance(event_id, str):
             raise TypeError(event_id)
         return datetime.fromisoformat(received), event_id
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+    except (ValueError, TypeError, binascii.Error, RecursionError):  # RecursionError: "[[[[..." encoded
         raise InvalidInput("cursor is not one this API returned; pass next_cursor from the previous page") from None
 
 
@@ -147,7 +150,8 @@ def _limit(request: Request, default: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE_SIZE:  # "²".isdigit()
+    # "²".isdigit(); and int() of 5,000 digits raises (the int-string limit)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= MAX_PAGE_SIZE:
         raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
     return int(raw)
 
@@ -186,17 +190,6 @@ def _pipeline_view(row: dict[str, Any]) -> dict[str, Any]:
         },
         "next_fire_times": _merged_fire_times(row.get("schedules", [])),
         "schedules": [_schedule_view(s) for s in row.get("schedules", [])],
-    }
-
-
-def _task_view(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"], "node": row["node_id"], "version": row["version"], "kind": row["kind"],
-        "task": row["task_name"], "status": row["status"], "attempt": row["attempt"],
-        "max_attempts": row["max_attempts"], "depends": row.get("depends", []),
-        "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
-        "finished_at": row["finished_at"], "progress": row["progress"], "message": row["message"],
-        "output": row["output"], "error": row["error"],
     }
 
 
@@ -353,10 +346,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                     f"the Idempotency-Key was used for orchestration {orchestration.id}, which has no run of "
                     f"'{pipeline_id}'; use a new key"
                 )
-            run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, root["id"])
+            run = await run_in_threadpool(get_engine().run_summary, principal.workspace_id, root["id"])
             return JSON(
-                {**run, "tasks": [_task_view(t) for t in tasks], "created": orchestration.created,
-                 "orchestration": {"id": orchestration.id, "runs": orchestration.runs}},
+                {**run_views.run_view(run), "created": orchestration.created,
+                 "orchestration": {"id": orchestration.id,
+                                   "runs": [run_views.run_list_item(r) for r in orchestration.runs]}},
                 status_code=201 if orchestration.created else 200,
             )
         result = await run_in_threadpool(
@@ -365,9 +359,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                 trigger="manual", triggered_by=principal.key_prefix, idempotency_key=key,
             )
         )
-        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, result.id)
+        run = await run_in_threadpool(get_engine().run_summary, principal.workspace_id, result.id)
         return JSON(
-            {**run, "tasks": [_task_view(t) for t in tasks], "created": result.created},
+            {**run_views.run_view(run), "created": result.created},
             status_code=201 if result.created else 200,
         )
 
@@ -382,13 +376,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             )
         )
         row, runs = await run_in_threadpool(get_engine().get_orchestration, principal.workspace_id, result.id)
-        return JSON({**row, "runs": runs, "created": result.created}, status_code=201 if result.created else 200)
+        return JSON({**row, "runs": [run_views.run_list_item(r) for r in runs], "created": result.created},
+                    status_code=201 if result.created else 200)
 
     @guarded("viewer")
     async def get_orchestration(request: Request, principal: Principal) -> Response:
         orchestration_id = _parse_uuid(request.path_params["orchestration_id"], "orchestration")
         row, runs = await run_in_threadpool(get_engine().get_orchestration, principal.workspace_id, orchestration_id)
-        return JSON({**row, "runs": runs})
+        return JSON({**row, "runs": [run_views.run_list_item(r) for r in runs]})
 
     @guarded("viewer")
     async def validate_pipelines(request: Request, principal: Principal) -> Response:
@@ -451,7 +446,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             )
         )
         next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
-        return JSON({"items": rows, "next_cursor": next_cursor})
+        return JSON({"items": [run_views.run_list_item(r) for r in rows], "next_cursor": next_cursor})
 
     @guarded("operator")
     async def post_event(request: Request, principal: Principal) -> Response:
@@ -485,8 +480,33 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     @guarded("viewer")
     async def get_run(request: Request, principal: Principal) -> Response:
         run_id = _parse_uuid(request.path_params["run_id"], "run")
-        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
-        return JSON({**run, "tasks": [_task_view(t) for t in tasks]})
+        limit = run_views.query_limit(request, run_reads.FIRST_TASK_PAGE, run_reads.MAX_TASK_PAGE, minimum=0)
+        attempts = run_views.include_attempts(request)
+        run = await run_in_threadpool(lambda: get_engine().run_summary(
+            principal.workspace_id, run_id, tasks_limit=limit, include_attempts=attempts))
+        return JSON(run_views.run_view(run))
+
+    @guarded("viewer")
+    async def run_tasks(request: Request, principal: Principal) -> Response:
+        run_id = _parse_uuid(request.path_params["run_id"], "run")
+        status, node = run_views.task_filters(request)
+        limit = run_views.query_limit(request, run_reads.FIRST_TASK_PAGE, run_reads.MAX_TASK_PAGE)
+        after = run_views.decode_task_cursor(request.query_params.get("cursor"))
+        attempts = run_views.include_attempts(request)
+        page = await run_in_threadpool(lambda: get_engine().list_run_tasks(
+            principal.workspace_id, run_id, status=status, node=node, after=after, limit=limit,
+            include_attempts=attempts))
+        return JSON({"items": [run_views.task_view(t) for t in page.items],
+                     "next_cursor": run_views.encode_task_cursor(page.next_after)})
+
+    @guarded("viewer")
+    async def run_nodes(request: Request, principal: Principal) -> Response:
+        run_id = _parse_uuid(request.path_params["run_id"], "run")
+        limit = run_views.query_limit(request, run_reads.FIRST_NODE_PAGE, run_reads.MAX_NODE_PAGE)
+        after = run_views.decode_node_cursor(request.query_params.get("cursor"))
+        page = await run_in_threadpool(lambda: get_engine().list_run_nodes(
+            principal.workspace_id, run_id, after=after, limit=limit))
+        return JSON({"items": page.items, "next_cursor": run_views.encode_node_cursor(page.next_after)})
 
     @guarded("viewer")
     async def get_task(request: Request, principal: Principal) -> Response:
@@ -498,15 +518,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     async def cancel_run(request: Request, principal: Principal) -> Response:
         run_id = _parse_uuid(request.path_params["run_id"], "run")
         await run_in_threadpool(lambda: get_engine().cancel_run(principal.workspace_id, run_id, actor=principal.key_prefix))
-        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
-        return JSON({**run, "tasks": [_task_view(t) for t in tasks]})
+        run = await run_in_threadpool(get_engine().run_summary, principal.workspace_id, run_id)
+        return JSON(run_views.run_view(run))
 
     @guarded("operator")
     async def retry_run(request: Request, principal: Principal) -> Response:
         run_id = _parse_uuid(request.path_params["run_id"], "run")
         count = await run_in_threadpool(get_engine().redrive_run, principal.workspace_id, run_id)
-        run, tasks = await run_in_threadpool(get_engine().get_run, principal.workspace_id, run_id)
-        return JSON({**run, "tasks": [_task_view(t) for t in tasks], "retried_tasks": count})
+        run = await run_in_threadpool(get_engine().run_summary, principal.workspace_id, run_id)
+        return JSON({**run_views.run_view(run), "retried_tasks": count})
 
     def decision_payload(result: Any) -> dict[str, Any]:
         return {"task_status": result.task_status, "run_id": result.run_id, "run_status": result.run_status,
@@ -546,7 +566,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     async def retry_dlq(request: Request, principal: Principal) -> Response:
         entry_id = _parse_uuid(request.path_params["entry_id"], "dead letter")
         entry = await run_in_threadpool(get_engine().retry_dead_letter, principal.workspace_id, entry_id)
-        run, _ = await run_in_threadpool(get_engine().get_run, principal.workspace_id, entry["run_id"])
+        run = await run_in_threadpool(
+            lambda: get_engine().run_summary(principal.workspace_id, entry["run_id"], tasks_limit=0))
         return JSON({"dead_letter": entry, "run_id": run["id"], "run_status": run["status"]})
 
     @guarded("operator")
@@ -773,6 +794,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/events", list_events, methods=["GET"]),
         Route("/api/events/{event_id:path}", get_event, methods=["GET"]),  # ids may hold "/"
         Route("/api/runs/{run_id}", get_run, methods=["GET"]),
+        Route("/api/runs/{run_id}/tasks", run_tasks, methods=["GET"]),
+        Route("/api/runs/{run_id}/nodes", run_nodes, methods=["GET"]),
         Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/api/runs/{run_id}/retry", retry_run, methods=["POST"]),
         Route("/api/tasks/{task_id}", get_task, methods=["GET"]),

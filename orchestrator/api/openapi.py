@@ -100,8 +100,14 @@ _LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MA
 _CURSOR = Param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page.")
 _PIPELINE_FILTER = Param("pipeline", "query", {"type": "string"}, "Only this pipeline's.")
 _PAGE = (_LIMIT, _CURSOR)
+MAX_TASK_PAGE = 200  # keep in step with orchestrator.engine.runs.MAX_TASK_PAGE
+MAX_NODE_PAGE = 500  # and MAX_NODE_PAGE
+_INCLUDE = Param("include", "query", {"type": "string", "enum": ["attempts"]},
+                 "`attempts`: each task of the page with its last 10 attempts.")
 _IDEMPOTENCY_KEY = Param("Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": 255},
-                         "A retry with the same key answers the same result (200) instead of starting again.")
+                         "A retry with the same key and the same body answers the same result (200) instead "
+                         "of starting again; the same key with a different body is refused (422, "
+                         "`idempotency_key_reused`).")
 
 _UUID = {"type": "string", "format": "uuid"}
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
@@ -184,7 +190,25 @@ OPERATIONS: tuple[Operation, ...] = (
         params=(_PIPELINE_FILTER,
                 Param("status", "query", {"type": "string", "enum": list(get_args(r.RunStatus))}),
                 *_PAGE)),
-    _op("GET", "/api/runs/{run_id}", "A run with its tasks", "runs", "viewer", {200: r.Run}),
+    _op("GET", "/api/runs/{run_id}", "A run: its tasks counted by status and node, and a first page of them",
+        "runs", "viewer", {200: r.Run},
+        params=(Param("limit", "query", {"type": "integer", "minimum": 0, "maximum": MAX_TASK_PAGE},
+                      "Size of the first page of tasks (default 100)."), _INCLUDE),
+        description="Bounded whatever the size of the run: `counts` and `nodes` count its tasks, `tasks` is "
+                    "the first page; GET /api/runs/{run_id}/tasks and /nodes page through the rest."),
+    _op("GET", "/api/runs/{run_id}/tasks", "A page of a run's tasks", "runs", "viewer", {200: r.TaskPage},
+        params=(Param("status", "query", {"type": "string", "enum": list(get_args(r.TaskStatus))}, "Only tasks in this status."),
+                Param("node", "query", {"type": "string", "maxLength": 255}, "Only this node's tasks."),
+                Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_TASK_PAGE},
+                      "Page size (default 100)."),
+                _CURSOR, _INCLUDE),
+        description="In (node, version) order, keyset-paginated: pass `next_cursor` (or a run answer's "
+                    "`tasks_next_cursor`) as `cursor` with the same filters."),
+    _op("GET", "/api/runs/{run_id}/nodes", "A page of a run's nodes with their tasks counted by status", "runs",
+        "viewer", {200: r.NodePage},
+        params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_NODE_PAGE},
+                      "Page size (default 100)."), _CURSOR),
+        description="In definition order; pass `next_cursor` (or a run answer's `nodes_next_cursor`) as `cursor`."),
     _op("POST", "/api/runs/{run_id}/cancel", "Cancel a run", "runs", "operator", {200: r.Run}, errors=(409,)),
     _op("POST", "/api/runs/{run_id}/retry", "Redrive a failed run from its failed tasks", "runs", "operator",
         {200: r.RetriedRun}, errors=(409,)),

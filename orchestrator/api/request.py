@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from orchestrator import safe_json
 from orchestrator.engine.errors import InvalidInput, TooLarge
 
 M = TypeVar("M", bound=BaseModel)
+
+# Request bodies are small documents; deeper nesting is refused before it reaches pydantic,
+# the database (jsonb) or a worker. Pipeline definitions have their own limits (graph.py).
+MAX_BODY_DEPTH = 64
 
 
 class PayloadTooLarge(TooLarge):
@@ -38,9 +42,13 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
             return {}
         raise InvalidInput("the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from exc
+        data = safe_json.loads(body)
+    except safe_json.UnsafeJson as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    problem = safe_json.shape_problem(data, "the request body", max_depth=MAX_BODY_DEPTH)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return data
 
 
 async def read_definition(request: Request, limit: int, what: str = "pipeline definition") -> Any:

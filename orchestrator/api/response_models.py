@@ -167,7 +167,8 @@ class RunSummary(Loose):
     scheduled_at: datetime | None
     triggered_by: str | None
     schedule_id: uuid.UUID | None
-    versions: list[str]
+    versions: list[str] = Field(description="The run's first 20 versions; `version_count` has the number.")
+    version_count: int
     unfinished_tasks: int
     failed_tasks: int
     error: str | None
@@ -181,27 +182,68 @@ class RunList(Loose):
     next_cursor: str | None
 
 
+class AttemptOfTask(Loose):
+    attempt: int
+    status: str
+    dispatched_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: Any = Field(description="Cut to a few hundred characters; GET /api/tasks/{id} has it whole.")
+    code_version: str | None
+
+
 class TaskOfRun(Loose):
+    """A task of a run in a page: bounded (`GET /api/tasks/{id}` has every detail)."""
+
     id: uuid.UUID
     node: str
     version: str
+    position: int = Field(description="The node's index in the pipeline definition.")
     kind: TaskKind
     task: str | None
     status: TaskStatus
     attempt: int
     max_attempts: int
-    depends: list[str]
+    depends: list[str] = Field(description="Upstream nodes, the first 50 by id; `depends_count` has the number.")
+    depends_count: int
     created_at: datetime
     dispatched_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
     progress: float | None
     message: str | None
-    output: Any
-    error: Any
+    output: Any = Field(description="Whole when small; else its scalar fields and `truncated: true`.")
+    error: Any = Field(description="Whole when small; else its scalar fields and `truncated: true`.")
+    attempts: list[AttemptOfTask] | None = Field(
+        default=None, description="With `include=attempts`: the task's last 10 attempts, oldest first.")
+
+
+class TaskPage(Loose):
+    """A page of a run's tasks, in (node, version) order."""
+
+    items: list[TaskOfRun]
+    next_cursor: str | None
+
+
+class NodeCounts(Loose):
+    node: str
+    position: int = Field(description="The node's index in the pipeline definition.")
+    kind: TaskKind
+    task: str | None
+    tasks: int = Field(description="The node's tasks: one per version of the run.")
+    counts: dict[str, int] = Field(description="The node's tasks by status (statuses with none are left out).")
+
+
+class NodePage(Loose):
+    """A page of a run's nodes with their tasks counted by status, in definition order."""
+
+    items: list[NodeCounts]
+    next_cursor: str | None
 
 
 class Run(Loose):
+    """A run: its tasks counted by status and by node, and the first page of each."""
+
     id: uuid.UUID
     workspace_id: str
     pipeline_id: str
@@ -223,7 +265,14 @@ class Run(Loose):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    tasks: list[TaskOfRun]
+    task_count: int
+    node_count: int
+    counts: dict[str, int] = Field(description="Tasks by status (statuses with none are left out).")
+    nodes: list[NodeCounts] = Field(description="The first page of nodes; GET /api/runs/{id}/nodes has the rest.")
+    nodes_next_cursor: str | None
+    tasks: list[TaskOfRun] = Field(description="The first page of tasks; GET /api/runs/{id}/tasks has the rest.")
+    tasks_next_cursor: str | None
+    outputs_truncated: bool
 
 
 class TriggeredRun(Run):

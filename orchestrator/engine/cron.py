@@ -67,7 +67,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
-__all__ = ["CronSchedule", "jitter_offset_s"]
+__all__ = ["CronSchedule", "expression_problem", "jitter_offset_s", "timezone_problem"]
 
 _FIELD_NAMES = "minute hour day-of-month month day-of-week"
 _RANDOM_FIELD = re.compile(r"(?<![A-Za-z])[Rr](?![A-Za-z])")
@@ -256,6 +256,72 @@ def _validate_expression(expression: str) -> None:
         raise ValueError(
             f"cron expression {expression!r} never fires (no such date, e.g. February 30)"
         ) from None
+
+
+# For the checks of a new schedule: (lowest, highest) value of each field, and the names
+# croniter reads in the month and day-of-week fields. Day-of-week 7 is Sunday again, so a step
+# there is measured against 0-6.
+_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 6))
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_NAMES: dict[str, dict[str, int]] = {
+    "month": {m: i for i, m in enumerate(_MONTHS, 1)},
+    "day-of-week": {d: i for i, d in enumerate(_WEEKDAYS)},
+}
+
+
+def expression_problem(expression: str) -> str | None:
+    """Why a NEW schedule must not use `expression`, or None when it may.
+
+    Everything `CronSchedule.parse` refuses (including an expression that never fires, such as
+    `0 0 31 2 *`), and two forms croniter accepts that are almost surely mistakes:
+    a reversed range (croniter wraps it around, so `1-0 * * * *` fires every minute) and a step
+    larger than the field's range (`*/1000000` matches only the field's first value).
+    Only definitions being accepted are held to the last two; stored schedules keep firing.
+    """
+    if not isinstance(expression, str):
+        return f"cron expression must be a string, got {type(expression).__name__}"
+    normalised = " ".join(expression.split())
+    try:
+        _validate_expression(normalised)
+    except ValueError as exc:
+        return str(exc)
+    if normalised.startswith("@"):
+        return None
+    for (name, low, high), text in zip(_FIELDS, normalised.split(), strict=True):
+        for item in text.split(","):
+            base, _, step = item.partition("/")
+            if step.isascii() and step.isdigit() and (len(step) > 6 or int(step) > high - low):
+                return (
+                    f"cron expression {normalised!r}: the step /{step} in the {name} field is larger than "
+                    f"the field's range ({low}-{high}), so it matches only the first value; write that value"
+                )
+            first, dash, last = base.partition("-")
+            start, end = _field_value(first, name), _field_value(last, name)
+            if dash and start is not None and end is not None and start > end:
+                wrapped = ",".join(f"{a}-{b}" if a < b else f"{a}" for a, b in ((start, high), (low, end)))
+                return (
+                    f"cron expression {normalised!r}: the range {base} in the {name} field is reversed "
+                    f"({start} > {end}); croniter would wrap it around. Write the values in order, "
+                    f"e.g. {wrapped} if a wrap-around is meant"
+                )
+    return None
+
+
+def _field_value(text: str, name: str) -> int | None:
+    """The number a range end stands for (digits or a month/day name), or None (`L`, `*`, ...)."""
+    if text.isascii() and text.isdigit():
+        return int(text) if len(text) <= 6 else None
+    return _NAMES.get(name, {}).get(text.lower())
+
+
+def timezone_problem(timezone: str) -> str | None:
+    """Why a schedule cannot use `timezone`, or None (the rule `CronSchedule.parse` applies)."""
+    try:
+        _load_zone(timezone)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _load_zone(timezone: str) -> ZoneInfo:

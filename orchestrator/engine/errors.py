@@ -36,3 +36,11 @@ class Forbidden(EngineError):
 
 class TooLarge(EngineError):
     code = "payload_too_large"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """An Idempotency-Key sent again with a different request (422, as the IETF
+    Idempotency-Key draft and payment APIs answer): answering the first result would silently
+    drop what the caller asked for this time."""
+
+    code = "idempotency_key_reused"

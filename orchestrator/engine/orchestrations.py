@@ -89,9 +89,13 @@ def trigger_orchestration(
     triggered_by: str | None, idempotency_key: str | None,
 ) -> Orchestration:
     """Create the runs of an orchestration (all of them, in one transaction)."""
-    from orchestrator.engine.runs import check_versions, create_run
+    from orchestrator.engine.runs import check_same_request, check_versions, create_run, request_fingerprint
 
     check_versions(versions)
+    fingerprint = None if idempotency_key is None else request_fingerprint({
+        "root": root, "include": include if pipeline_ids is None else "list",
+        "pipelines": None if pipeline_ids is None else list(pipeline_ids), "versions": versions, "params": params,
+    })
     if pipeline_ids is not None:
         if not pipeline_ids:
             raise InvalidInput("pipelines must list at least one pipeline id")
@@ -106,6 +110,7 @@ def trigger_orchestration(
             )
             earlier = orchestration_store.find_orchestration_by_key(conn, workspace_id, idempotency_key)
             if earlier is not None:
+                check_same_request(earlier, fingerprint, idempotency_key, "orchestration")
                 return Orchestration(earlier["id"], False, orchestration_store.runs_of_orchestration(conn, earlier["id"]))
         pipelines, edges = orchestration_store.workspace_graph(conn, workspace_id)
         known = {str(p["id"]) for p in pipelines}
@@ -134,7 +139,7 @@ def trigger_orchestration(
         if not orchestration_store.insert_orchestration(
             conn, orchestration_id=orchestration_id, workspace_id=workspace_id, root_pipeline_id=root,
             include=mode, pipelines=order, versions=versions, params=params, idempotency_key=idempotency_key,
-            triggered_by=triggered_by,
+            triggered_by=triggered_by, request_sha256=fingerprint,
         ):
             raise _IdempotencyRace()
         run_ids: dict[str, uuid.UUID] = {}
@@ -175,6 +180,7 @@ def trigger_orchestration(
             earlier = orchestration_store.find_orchestration_by_key(conn, workspace_id, idempotency_key)
             if earlier is None:
                 raise Conflict("a concurrent request with the same Idempotency-Key failed; retry") from None
+            check_same_request(earlier, fingerprint, idempotency_key, "orchestration")
             return Orchestration(earlier["id"], False, orchestration_store.runs_of_orchestration(conn, earlier["id"]))
 
 

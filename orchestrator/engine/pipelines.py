@@ -15,6 +15,7 @@ from orchestrator.graph import (
     DefinitionInvalid,
     LinkSummary,
     PipelineLinks,
+    end_at_problem,
     pipeline_level_errors,
     validate_pipeline,
 )
@@ -41,7 +42,8 @@ MAX_NODES_PER_PIPELINE = 10_000
 
 def parse_definition(raw: Any) -> PipelineDefinition:
     if isinstance(raw, dict):
-        count = len(raw.get("nodes") or []) + len(raw.get("steps") or [])
+        # Only lists are counted: any other type is the model's to refuse (with its path).
+        count = sum(len(v) for v in (raw.get("nodes"), raw.get("steps")) if isinstance(v, list))
         if count > MAX_NODES_PER_PIPELINE:
             raise TooLarge(
                 f"the definition has {count} nodes; the limit is {MAX_NODES_PER_PIPELINE} per pipeline",
@@ -68,6 +70,7 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
         # registrations that only close a cycle together cannot both pass.
         check_trigger_cycles(conn, workspace_id, definition)
         check_pipeline_graph(conn, workspace_id, definition)
+        _refuse_ended_schedule(conn, definition)
         if not pipeline_store.insert_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=definition.id, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
@@ -109,6 +112,7 @@ def update_pipeline(
         if current is None:
             if not create_missing:
                 raise NotFound(f"pipeline '{pipeline_id}' not found")
+            _refuse_ended_schedule(conn, definition)
             pipeline_store.insert_pipeline(
                 conn, workspace_id=workspace_id, pipeline_id=pipeline_id, sha256=sha,
                 definition=definition.canonical_dict(), created_by=actor,
@@ -133,6 +137,14 @@ def update_pipeline(
         return SavedPipeline(pipeline_id, version, sha, created=False, changed=True)
 
     return db.run_in_transaction(work)
+
+
+def _refuse_ended_schedule(conn: Connection, definition: PipelineDefinition) -> None:
+    """A new pipeline whose end_at is already past would never fire: refused (database time).
+    An existing pipeline whose schedule has ended may still be updated, so only creation checks."""
+    problem = end_at_problem(definition, schedule_store.db_now(conn))
+    if problem is not None:
+        raise InvalidInput(f"the pipeline definition is invalid: {problem}", details=[problem.to_dict()])
 
 
 def _sync_graph(conn: Connection, workspace_id: str, definition: PipelineDefinition) -> None:
@@ -200,6 +212,10 @@ def validate_pipelines(db: Database, workspace_id: str, raws: list[Any]) -> dict
             try:
                 written = parse_definition(raw)
                 definition = templates.resolve(conn, workspace_id, written).definition
+                if definition.schedule_options.end_at is not None and (
+                    pipeline_store.get_current(conn, workspace_id, definition.id) is None
+                ):
+                    _refuse_ended_schedule(conn, definition)  # a dry run of a create
             except (InvalidInput, TooLarge, NotFound) as exc:
                 details = exc.details if isinstance(exc.details, list) else []
                 entry.update(valid=False, errors=details or [{"path": "", "message": exc.message}])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -11,7 +13,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
+from orchestrator.engine.errors import Conflict, IdempotencyKeyReused, InvalidInput, NotFound, TooLarge
 from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
 from orchestrator.model.versions import MAX_VERSIONS, version_list_problems
@@ -91,12 +93,35 @@ def check_versions(versions: Sequence[object] | None, path: str = "versions") ->
         )
 
 
+def request_fingerprint(request: dict[str, Any]) -> str:
+    """sha256 of a request's canonical JSON (sorted keys, no spaces): what an Idempotency-Key
+    is bound to. Built from the validated request, so `{}` and `{"params": {}}` are the same."""
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def check_same_request(earlier: Row, fingerprint: str | None, key: str, what: str) -> None:
+    """Refuse (422) an Idempotency-Key sent again with another request than the one it created
+    `what` for. A row from before fingerprints were kept (none stored) is taken as a match."""
+    stored = earlier.get("request_sha256")
+    if stored is None or fingerprint is None or stored == fingerprint:
+        return
+    raise IdempotencyKeyReused(
+        f"the Idempotency-Key {key!r} was already used for {what} {earlier['id']} with a different request "
+        "body; send the same body to get that result again, or use a new key for a new request",
+        details={"idempotency_key": key, "id": earlier["id"]},
+    )
+
+
 def trigger_run(
     db: Database, settings: Settings, workspace_id: str, pipeline_id: str, *,
     versions: list[str] | None, params: dict[str, Any], trigger: str, triggered_by: str | None,
     idempotency_key: str | None, scheduled_at: datetime | None = None,
 ) -> TriggeredRun:
     check_versions(versions)
+    fingerprint = (
+        None if idempotency_key is None else request_fingerprint({"versions": versions, "params": params})
+    )
 
     def work(conn: Connection) -> TriggeredRun:
         current = pipeline_store.get_current(conn, workspace_id, pipeline_id)
@@ -108,10 +133,12 @@ def trigger_run(
             )
             earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
             if earlier is not None:
+                check_same_request(earlier, fingerprint, idempotency_key, "run")
                 return TriggeredRun(earlier["id"], created=False)
         run_id = create_run(
             conn, settings, workspace_id, current, versions=versions, params=params, trigger=trigger,
             triggered_by=triggered_by, idempotency_key=idempotency_key, scheduled_at=scheduled_at,
+            request_sha256=fingerprint,
         )
         if run_id is None:
             # The same key committed by a concurrent request between our check and insert.
@@ -126,6 +153,7 @@ def trigger_run(
             earlier = run_store.find_by_idempotency_key(conn, workspace_id, pipeline_id, idempotency_key)
         if earlier is None:
             raise Conflict("a concurrent request with the same Idempotency-Key failed; retry") from None
+        check_same_request(earlier, fingerprint, idempotency_key, "run")
         return TriggeredRun(earlier["id"], created=False)
 
 
@@ -139,6 +167,7 @@ def create_run(
     scheduled_at: datetime | None = None, schedule_id: uuid.UUID | None = None, queue_limit: int | None = None,
     orchestration_id: uuid.UUID | None = None, blocked_upstreams: int = 0,
     trigger_source_execution_id: uuid.UUID | None = None, trigger_source_pipeline_id: str | None = None,
+    request_sha256: str | None = None,
 ) -> uuid.UUID | None:
     """Insert a run of the pipeline version in `current` with its tasks and edges.
 
@@ -179,7 +208,7 @@ def create_run(
         idempotency_key=idempotency_key, params=params, versions=run_versions, scheduled_at=scheduled_at,
         schedule_id=schedule_id, status=status, max_active_runs=limit, orchestration_id=orchestration_id,
         blocked_upstreams=blocked_upstreams, trigger_source_execution_id=trigger_source_execution_id,
-        trigger_source_pipeline_id=trigger_source_pipeline_id,
+        trigger_source_pipeline_id=trigger_source_pipeline_id, request_sha256=request_sha256,
     )
     if run_store.insert_run(conn, new_run, len(tasks)) is None:
         return None
@@ -243,3 +272,125 @@ def get_task(db: Database, workspace_id: str, task_id: uuid.UUID) -> tuple[Row, 
         if task is None:
             raise NotFound(f"task '{task_id}' not found")
         return task, task_store.list_attempts(conn, [task_id])
+
+
+# --- bounded reads (issue 17): what the API answers about a run, whatever its size ----------
+
+FIRST_TASK_PAGE = 100  # tasks in a run answer
+MAX_TASK_PAGE = 200
+FIRST_NODE_PAGE = 100  # nodes (with their counts) in a run answer
+MAX_NODE_PAGE = 500
+ATTEMPTS_PER_TASK = 10  # with include_attempts: the last ones of each task of a page
+MAX_LINKED = 500  # outputs, and upstream and downstream lineage entries, in a run answer
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    items: list[Row]
+    next_after: tuple[str, str] | None  # (node_id, version) of the last task, when more follow
+
+
+@dataclass(frozen=True)
+class NodePage:
+    items: list[dict[str, Any]]
+    next_after: int | None  # the position of the last node, when more follow
+
+
+def run_summary(
+    db: Database, workspace_id: str, run_id: uuid.UUID, *, tasks_limit: int = FIRST_TASK_PAGE,
+    include_attempts: bool = False,
+) -> Row:
+    """A run as the API shows it, bounded whatever the number of its tasks: lineage and outputs
+    (at most MAX_LINKED of each, with a `*_truncated` flag), its tasks counted by status
+    (`counts`, `task_count`, `node_count`), the first page of its nodes with their counts
+    (`nodes`, `nodes_next_after`) and the first page of its tasks (`tasks`, `tasks_next_after`)."""
+    from orchestrator.engine.orchestrations import lineage
+    from orchestrator.store import outputs as output_store
+
+    with db.connection() as conn:
+        run = run_store.get_run(conn, workspace_id, run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        links = lineage(conn, run_id)
+        run["lineage"] = {
+            "upstream": links["upstream"][:MAX_LINKED], "downstream": links["downstream"][:MAX_LINKED],
+            "truncated": len(links["upstream"]) > MAX_LINKED or len(links["downstream"]) > MAX_LINKED,
+        }
+        outputs = output_store.outputs_of_run(conn, run_id)
+        run["outputs"] = outputs[:MAX_LINKED]
+        run["outputs_truncated"] = len(outputs) > MAX_LINKED
+        counts = task_store.count_tasks_of_run(conn, run_id)
+        run["counts"] = counts
+        run["task_count"] = sum(counts.values())
+        # Every node has one task per version of the run.
+        run["node_count"] = run["task_count"] // max(1, len(run["versions"]))
+        nodes = _node_page(conn, run_id, after=None, limit=FIRST_NODE_PAGE, node_count=run["node_count"])
+        run["nodes"], run["nodes_next_after"] = nodes.items, nodes.next_after
+        tasks = _task_page(conn, workspace_id, run_id, status=None, node=None, after=None, limit=tasks_limit,
+                           include_attempts=include_attempts)
+        run["tasks"], run["tasks_next_after"] = tasks.items, tasks.next_after
+        return run
+
+
+def list_run_tasks(
+    db: Database, workspace_id: str, run_id: uuid.UUID, *, status: str | None, node: str | None,
+    after: tuple[str, str] | None, limit: int, include_attempts: bool = False,
+) -> TaskPage:
+    """A page of a run's tasks in (node, version) order, optionally of one status and/or one node."""
+    with db.connection() as conn:
+        if run_store.run_state(conn, workspace_id, run_id) is None:
+            raise NotFound(f"run '{run_id}' not found")
+        return _task_page(conn, workspace_id, run_id, status=status, node=node, after=after, limit=limit,
+                          include_attempts=include_attempts)
+
+
+def list_run_nodes(db: Database, workspace_id: str, run_id: uuid.UUID, *, after: int | None, limit: int) -> NodePage:
+    """A page of a run's nodes in definition order, each with its tasks counted by status."""
+    with db.connection() as conn:
+        run = run_store.run_state(conn, workspace_id, run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        return _node_page(conn, run_id, after=after, limit=limit, node_count=None)
+
+
+def _task_page(
+    conn: Connection, workspace_id: str, run_id: uuid.UUID, *, status: str | None, node: str | None,
+    after: tuple[str, str] | None, limit: int, include_attempts: bool,
+) -> TaskPage:
+    if limit <= 0:
+        return TaskPage([], None)
+    rows = task_store.page_tasks_of_run(
+        conn, workspace_id, run_id, status=status, node=node, after=after, limit=limit + 1, max_depends=50
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if include_attempts:
+        by_task: dict[Any, list[Row]] = {}
+        for attempt in task_store.latest_attempts(conn, [r["id"] for r in rows if r["attempt"]], ATTEMPTS_PER_TASK):
+            by_task.setdefault(attempt["task_id"], []).append(attempt)
+        for row in rows:
+            row["attempts"] = by_task.get(row["id"], [])
+    last = rows[-1] if rows else None
+    return TaskPage(rows, (str(last["node_id"]), str(last["version"])) if more and last else None)
+
+
+def _node_page(
+    conn: Connection, run_id: uuid.UUID, *, after: int | None, limit: int, node_count: int | None
+) -> NodePage:
+    start = -1 if after is None else after
+    # One more node than asked for tells whether another page follows.
+    rows = task_store.node_counts_of_run(conn, run_id, after_position=start, limit=limit + 1)
+    nodes: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        node = nodes.setdefault(int(row["position"]), {
+            "node": row["node_id"], "position": row["position"], "kind": row["kind"], "task": row["task_name"],
+            "tasks": 0, "counts": {},
+        })
+        node["tasks"] += row["n"]
+        node["counts"][row["status"]] = row["n"]
+    items = list(nodes.values())
+    more = len(items) > limit
+    items = items[:limit]
+    if node_count is not None:
+        more = bool(items) and items[-1]["position"] < node_count - 1
+    return NodePage(items, items[-1]["position"] if more and items else None)

@@ -212,7 +212,28 @@ class Engine:
         return result
 
     def get_run(self, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        """A run with every one of its tasks: for in-process callers and tests. The API answers
+        with `run_summary` and pages (`list_run_tasks`, `list_run_nodes`): a run may have 100,000 tasks."""
         return runs.get_run(self.db, workspace_id, run_id)
+
+    def run_summary(
+        self, workspace_id: str, run_id: uuid.UUID, *, tasks_limit: int = runs.FIRST_TASK_PAGE,
+        include_attempts: bool = False,
+    ) -> Row:
+        return runs.run_summary(self.db, workspace_id, run_id, tasks_limit=tasks_limit,
+                                include_attempts=include_attempts)
+
+    def list_run_tasks(
+        self, workspace_id: str, run_id: uuid.UUID, *, status: str | None = None, node: str | None = None,
+        after: tuple[str, str] | None = None, limit: int = runs.FIRST_TASK_PAGE, include_attempts: bool = False,
+    ) -> runs.TaskPage:
+        return runs.list_run_tasks(self.db, workspace_id, run_id, status=status, node=node, after=after,
+                                   limit=limit, include_attempts=include_attempts)
+
+    def list_run_nodes(
+        self, workspace_id: str, run_id: uuid.UUID, *, after: int | None = None, limit: int = runs.FIRST_NODE_PAGE,
+    ) -> runs.NodePage:
+        return runs.list_run_nodes(self.db, workspace_id, run_id, after=after, limit=limit)
 
     # orchestrations and outputs
     def trigger_orchestration(

@@ -255,8 +255,9 @@ class ScheduleOptions(BaseModel):
     def _known_timezone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            # ValueError covers keys ZoneInfo refuses outright, such as absolute paths.
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            # ValueError covers keys ZoneInfo refuses outright, such as absolute paths; OSError
+            # a key the file system refuses (a name of 300 characters: ENAMETOOLONG).
             raise ValueError(
                 f"unknown timezone {value!r}: use an IANA name such as 'UTC' or 'Europe/Berlin'"
             ) from None

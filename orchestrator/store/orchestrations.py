@@ -85,23 +85,24 @@ def dependencies_of(conn: Connection, workspace_id: str, pipeline_id: str) -> li
 def insert_orchestration(
     conn: Connection, *, orchestration_id: uuid.UUID, workspace_id: str, root_pipeline_id: str | None,
     include: str, pipelines: Sequence[str], versions: Sequence[str] | None, params: dict[str, Any],
-    idempotency_key: str | None, triggered_by: str | None,
+    idempotency_key: str | None, triggered_by: str | None, request_sha256: str | None = None,
 ) -> bool:
     """False when the workspace already used the idempotency key."""
     row = conn.execute(
         """INSERT INTO orchestrations (id, workspace_id, root_pipeline_id, include, pipelines, versions, params,
-                                       idempotency_key, triggered_by)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                       idempotency_key, triggered_by, request_sha256)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT DO NOTHING RETURNING id""",
         (orchestration_id, workspace_id, root_pipeline_id, include, list(pipelines),
-         None if versions is None else list(versions), Jsonb(params), idempotency_key, triggered_by),
+         None if versions is None else list(versions), Jsonb(params), idempotency_key, triggered_by,
+         request_sha256),
     ).fetchone()
     return row is not None
 
 
 def find_orchestration_by_key(conn: Connection, workspace_id: str, key: str) -> Row | None:
     return conn.execute(
-        "SELECT id, created_at FROM orchestrations WHERE workspace_id = %s AND idempotency_key = %s",
+        "SELECT id, created_at, request_sha256 FROM orchestrations WHERE workspace_id = %s AND idempotency_key = %s",
         (workspace_id, key),
     ).fetchone()
 

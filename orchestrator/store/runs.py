@@ -54,6 +54,7 @@ class NewRun:
     max_active_runs: int | None = None
     orchestration_id: uuid.UUID | None = None
     blocked_upstreams: int = 0  # upstream runs of its orchestration still to complete
+    request_sha256: str | None = None  # fingerprint of the request its idempotency key names
 
 
 def insert_run(conn: Connection, run: NewRun, task_count: int) -> uuid.UUID | None:
@@ -66,22 +67,23 @@ def insert_run(conn: Connection, run: NewRun, task_count: int) -> uuid.UUID | No
         """INSERT INTO runs (id, workspace_id, pipeline_id, pipeline_version, status, trigger,
                              trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at,
                              triggered_by, idempotency_key, params, versions, unfinished_tasks, started_at,
-                             schedule_id, max_active_runs, orchestration_id, blocked_upstreams)
+                             schedule_id, max_active_runs, orchestration_id, blocked_upstreams, request_sha256)
            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                   CASE WHEN %s = 'running' THEN tw_now() END, %s, %s, %s, %s)
+                   CASE WHEN %s = 'running' THEN tw_now() END, %s, %s, %s, %s, %s)
            ON CONFLICT DO NOTHING
            RETURNING id""",
         (run.id, run.workspace_id, run.pipeline_id, run.pipeline_version, run.status, run.trigger,
          run.trigger_source_execution_id, run.trigger_source_pipeline_id, run.scheduled_at,
          run.triggered_by, run.idempotency_key, Jsonb(run.params), run.versions, task_count,
-         run.status, run.schedule_id, run.max_active_runs, run.orchestration_id, run.blocked_upstreams),
+         run.status, run.schedule_id, run.max_active_runs, run.orchestration_id, run.blocked_upstreams,
+         run.request_sha256),
     ).fetchone()
     return None if row is None else row["id"]
 
 
 def find_by_idempotency_key(conn: Connection, workspace_id: str, pipeline_id: str, key: str) -> Row | None:
     return conn.execute(
-        "SELECT id FROM runs WHERE workspace_id = %s AND pipeline_id = %s AND idempotency_key = %s",
+        "SELECT id, request_sha256 FROM runs WHERE workspace_id = %s AND pipeline_id = %s AND idempotency_key = %s",
         (workspace_id, pipeline_id, key),
     ).fetchone()
 

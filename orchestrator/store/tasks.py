@@ -433,3 +433,79 @@ def list_attempts(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
            FROM task_attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt""",
         (list(task_ids),),
     ).fetchall()
+
+
+# --- bounded reads of a run's tasks (issue 17): counts, and pages keyset-paginated on the
+# unique index (run_id, node_id, version), so a page costs O(page) however big the run.
+
+_PAGE_COLUMNS = """t.id, t.node_id, t.version, t.position, t.kind, t.task_name, t.status, t.attempt, t.max_attempts,
+                  t.created_at, t.dispatched_at, t.started_at, t.finished_at, t.lease_expires_at,
+                  t.progress, t.message, t.output, t.error"""
+
+
+def count_tasks_of_run(conn: Connection, run_id: uuid.UUID) -> dict[str, int]:
+    """The run's tasks by status (one aggregate over the run's tasks)."""
+    rows = conn.execute(
+        "SELECT status, count(*)::int AS n FROM tasks WHERE run_id = %s GROUP BY status", (run_id,)
+    ).fetchall()
+    return {str(r["status"]): int(r["n"]) for r in rows}
+
+
+def node_counts_of_run(conn: Connection, run_id: uuid.UUID, *, after_position: int, limit: int) -> list[Row]:
+    """Tasks by node and status for the nodes at positions after `after_position`, at most `limit`
+    nodes, in definition order. Every node of a run has a task for each of its versions, so the
+    positions are 0..n-1 and a page of nodes is a range of them."""
+    return conn.execute(
+        """SELECT t.position, t.node_id, t.kind, t.task_name, t.status, count(*)::int AS n
+           FROM tasks t
+           WHERE t.run_id = %s AND t.position > %s AND t.position <= %s
+           GROUP BY t.position, t.node_id, t.kind, t.task_name, t.status
+           ORDER BY t.position, t.status""",
+        (run_id, after_position, after_position + limit),
+    ).fetchall()
+
+
+def page_tasks_of_run(
+    conn: Connection, workspace_id: str, run_id: uuid.UUID, *, status: str | None = None, node: str | None = None,
+    after: tuple[str, str] | None = None, limit: int, max_depends: int = 100,
+) -> list[Row]:
+    """A page of the run's tasks in (node_id, version) order, after the key `after`: an index range
+    of tasks_run_id_node_id_version_key (with `node`, a range within that node). Each task lists at
+    most `max_depends` of its upstream nodes (`depends_count` has them all)."""
+    where = ["t.workspace_id = %(ws)s", "t.run_id = %(run)s"]
+    if status is not None:
+        where.append("t.status = %(status)s")
+    if node is not None:
+        where.append("t.node_id = %(node)s")
+    if after is not None:
+        where.append("(t.node_id, t.version) > (%(after_node)s, %(after_version)s)")
+    return conn.execute(
+        f"""SELECT {_PAGE_COLUMNS},
+                   COALESCE((SELECT array_agg(d.node_id ORDER BY d.node_id) FROM (
+                                SELECT u.node_id FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+                                WHERE e.downstream_task_id = t.id ORDER BY u.node_id LIMIT %(max_depends)s) d),
+                            '{{}}') AS depends,
+                   (SELECT count(*)::int FROM task_edges e WHERE e.downstream_task_id = t.id) AS depends_count
+            FROM tasks t
+            WHERE {" AND ".join(where)}
+            ORDER BY t.node_id, t.version
+            LIMIT %(limit)s""",
+        {"ws": workspace_id, "run": run_id, "status": status, "node": node,
+         "after_node": after[0] if after else None, "after_version": after[1] if after else None,
+         "limit": limit, "max_depends": max_depends},
+    ).fetchall()
+
+
+def latest_attempts(conn: Connection, task_ids: Sequence[uuid.UUID], per_task: int) -> list[Row]:
+    """The last `per_task` attempts of each task (for a page of tasks), oldest first."""
+    if not task_ids:
+        return []
+    return conn.execute(
+        """SELECT a.task_id, a.attempt, a.status, a.dispatched_at, a.started_at, a.finished_at, a.error, a.code_version
+           FROM unnest(%s::uuid[]) AS p(task_id)
+           CROSS JOIN LATERAL (
+               SELECT * FROM task_attempts x WHERE x.task_id = p.task_id ORDER BY x.attempt DESC LIMIT %s
+           ) a
+           ORDER BY a.task_id, a.attempt""",
+        (list(task_ids), per_task),
+    ).fetchall()

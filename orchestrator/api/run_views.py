@@ -1,0 +1,176 @@
+"""How runs and their tasks are answered: bounded, whatever the size of the run (issue 17).
+
+A run answer carries its tasks counted by status (`counts`, overall) and by node (`nodes`, a
+first page), and a first page of its tasks (`tasks`), each with the cursor of the next page
+(`nodes_next_cursor`, `tasks_next_cursor`). `GET /api/runs/{id}/tasks` and
+`GET /api/runs/{id}/nodes` page through the rest. A task in a page is bounded too: its error and
+output are cut to a few kilobytes (`GET /api/tasks/{id}` has them whole), its `depends` to the
+first 50 (`depends_count` has the number).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from orchestrator.engine import runs
+from orchestrator.engine.errors import InvalidInput
+
+TASK_STATUSES = ("pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped",
+                 "cancelled", "dead")
+LIST_VERSIONS = 20  # versions of each run in a list of runs (`version_count` has the number)
+_VALUE_BUDGET = 2000  # characters of JSON for a task's error or output in a page
+_ATTEMPT_ERROR_BUDGET = 500
+_TEXT = 300
+_BAD_CURSOR = "cursor is not one this API returned; pass the next cursor of the previous page"
+
+
+def bounded(value: Any, budget: int = _VALUE_BUDGET) -> Any:
+    """`value` when its JSON is within `budget` characters; otherwise its scalar fields (strings
+    cut to a few hundred characters) while they fit, marked `"truncated": true`."""
+    if value is None:
+        return None
+    text = json.dumps(value, default=str)
+    if len(text) <= budget:
+        return value
+    if isinstance(value, str):
+        return value[: budget - 1] + "…"
+    out: dict[str, Any] = {}
+    used = 20
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str) and len(item) > _TEXT:
+                item = item[: _TEXT - 1] + "…"
+            elif not (item is None or isinstance(item, (str, int, float, bool))):
+                continue
+            cost = len(json.dumps({str(key)[:100]: item}, default=str))
+            if used + cost > budget:
+                break
+            out[str(key)[:100]] = item
+            used += cost
+    out["truncated"] = True
+    return out
+
+
+def _short_text(value: Any, limit: int = 2000) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - 1] + "…"
+    return value
+
+
+def attempt_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "attempt": row["attempt"], "status": row["status"], "dispatched_at": row["dispatched_at"],
+        "started_at": row["started_at"], "finished_at": row["finished_at"],
+        "error": bounded(row["error"], _ATTEMPT_ERROR_BUDGET), "code_version": row["code_version"],
+    }
+
+
+def task_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A task of a run, as pages and run answers list it (bounded)."""
+    view = {
+        "id": row["id"], "node": row["node_id"], "version": row["version"], "position": row.get("position"),
+        "kind": row["kind"], "task": row["task_name"], "status": row["status"], "attempt": row["attempt"],
+        "max_attempts": row["max_attempts"], "depends": list(row.get("depends") or []),
+        "depends_count": row.get("depends_count", len(row.get("depends") or [])),
+        "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
+        "finished_at": row["finished_at"], "progress": row["progress"], "message": _short_text(row["message"]),
+        "output": bounded(row["output"]), "error": bounded(row["error"]),
+    }
+    if "attempts" in row:
+        view["attempts"] = [attempt_view(a) for a in row["attempts"]]
+    return view
+
+
+def run_view(run: dict[str, Any]) -> dict[str, Any]:
+    """A run answer from `Engine.run_summary`: the run, its counts, its first pages and their cursors."""
+    view = {k: v for k, v in run.items() if k not in ("tasks", "tasks_next_after", "nodes_next_after")}
+    view["tasks"] = [task_view(t) for t in run["tasks"]]
+    view["tasks_next_cursor"] = encode_task_cursor(run["tasks_next_after"])
+    view["nodes_next_cursor"] = encode_node_cursor(run["nodes_next_after"])
+    return view
+
+
+def run_list_item(row: dict[str, Any]) -> dict[str, Any]:
+    """A run in a list (runs, an orchestration's runs): its first versions and their number."""
+    versions = list(row.get("versions") or [])
+    return {**row, "versions": versions[:LIST_VERSIONS], "version_count": len(versions)}
+
+
+# --- cursors ---------------------------------------------------------------------------------
+
+
+def _encode(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode(cursor: str) -> Any:
+    if len(cursor) > 1024:  # a node id and a version name make a few hundred characters at most
+        raise InvalidInput(_BAD_CURSOR)
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise InvalidInput(_BAD_CURSOR) from None
+
+
+def encode_task_cursor(after: tuple[str, str] | None) -> str | None:
+    return None if after is None else _encode(["t", after[0], after[1]])
+
+
+def decode_task_cursor(cursor: str | None) -> tuple[str, str] | None:
+    if not cursor:
+        return None
+    value = _decode(cursor)
+    if (not isinstance(value, list) or len(value) != 3 or value[0] != "t"
+            or not all(isinstance(v, str) and "\x00" not in v for v in value[1:])):
+        raise InvalidInput(_BAD_CURSOR)
+    return value[1], value[2]
+
+
+def encode_node_cursor(after: int | None) -> str | None:
+    return None if after is None else _encode(["n", after])
+
+
+def decode_node_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    value = _decode(cursor)
+    if (not isinstance(value, list) or len(value) != 2 or value[0] != "n" or type(value[1]) is not int
+            or not 0 <= value[1] < runs.MAX_TASKS_PER_RUN):
+        raise InvalidInput(_BAD_CURSOR)
+    return int(value[1])
+
+
+# --- query parameters --------------------------------------------------------------------------
+
+
+def query_limit(request: Request, default: int, maximum: int, minimum: int = 1) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not minimum <= int(raw) <= maximum:
+        raise InvalidInput(f"limit must be an integer from {minimum} to {maximum}")
+    return int(raw)
+
+
+def include_attempts(request: Request) -> bool:
+    """`include=attempts`: each task of the page with its last attempts (for a timeline)."""
+    values = [v.strip() for raw in request.query_params.getlist("include") for v in raw.split(",") if v.strip()]
+    unknown = [v for v in values if v != "attempts"]
+    if unknown:
+        raise InvalidInput(f"include takes 'attempts'; got {unknown[0]!r}")
+    return "attempts" in values
+
+
+def task_filters(request: Request) -> tuple[str | None, str | None]:
+    status = request.query_params.get("status") or None
+    if status is not None and status not in TASK_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(TASK_STATUSES)}")
+    node = request.query_params.get("node") or None
+    if node is not None and (len(node) > 255 or "\x00" in node):
+        raise InvalidInput("node must be a node id")
+    return status, node
