@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 _SLOW_AND_STATEFUL = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 settings.register_profile(
-    "lifecycle", max_examples=15, stateful_step_count=25, deadline=None,
+    "lifecycle", max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=_SLOW_AND_STATEFUL,
 )
 settings.register_profile(

@@ -1,0 +1,917 @@
+"""The run lifecycle as a Hypothesis state machine on the real Postgres.
+
+Random DAGs (fan-out, joins, `on_failure`, the four trigger rules, approval and manual steps,
+retries, pipeline and workspace `max_active_tasks`, `max_active_runs`, and optionally an
+orchestration of two pipelines where `b` depends on `a`'s declared output) are driven by rules
+interleaved at random: triggers (with and without an idempotency key), orchestrations, ticks,
+claims, worker callbacks (success, retryable and final failure), heartbeats, duplicate, stale
+and forged callbacks, lease expiry and other moves of the database clock, flaky dispatches,
+cancel, redrive, dead-letter retry, approvals, manual steps, new pipeline versions and
+pause/resume.
+
+After every step:
+- the invariant checker (orchestrator/store/invariants.py) finds nothing;
+- no task was claimed while an upstream its trigger rule needs was unfinished or unsatisfied
+  (recorded inside the claiming transaction, for every claim whoever made it);
+- every run still has the pipeline version it pinned, and exactly that version's tasks;
+- a refused callback (stale, duplicate, forged) was refused and changed nothing at all, and an
+  accepted one had the outcome the retry policy says.
+At the end the machine drives everything to quiescence (ticks, successful callbacks, every
+human step approved), and every run must be terminal with clean books.
+
+One fresh database (cloned from the migrated template) per example. Bounded by default (about
+a minute on two cores); `--hypothesis-profile=long` for a soak (see conftest_hypothesis.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import event, note
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from infra.postgres import create_database, drop_database, with_database
+from infra.s3 import MotoServer
+from orchestrator.config import Settings
+from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.dispatch.base import DispatchError
+from orchestrator.engine.completion import AttemptResult, finish_attempt
+from orchestrator.engine.errors import Conflict, InvalidInput
+from orchestrator.engine.keys import set_workspace_task_limit
+from orchestrator.engine.service import Engine
+from orchestrator.storage.s3 import ensure_bucket, put_json_object
+from orchestrator.store import tasks as task_store
+from orchestrator.store.invariants import check_books
+from tests.db_fixtures import TEMPLATE_DB
+
+from .conftest_hypothesis import is_long, lifecycle_settings
+
+WORKSPACE = "acme"
+TERMINAL = frozenset({"succeeded", "failed", "dead", "skipped", "cancelled"})
+FAILED = frozenset({"failed", "dead"})
+ACTIVE = frozenset({"dispatched", "running"})
+RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TRIGGER_RULES = ("all_success", "all_done", "none_failed", "one_failed")
+PICK = st.integers(min_value=0, max_value=1_000)
+REFUSED_OUTCOMES = {"duplicate", "stale_attempt", "already_finished", "not_active"}
+
+
+# --- definitions -----------------------------------------------------------------------------
+
+
+@st.composite
+def node_lists(draw: st.DrawFn, max_nodes: int, need_task: bool = False) -> list[dict[str, Any]]:
+    """A random DAG: each node depends on up to three earlier ones (fan-out and joins)."""
+    count = draw(st.integers(min_value=1, max_value=max_nodes))
+    nodes: list[dict[str, Any]] = []
+    for i in range(count):
+        node: dict[str, Any] = {"id": f"n{i}"}
+        if i:
+            node["depends"] = draw(st.lists(st.sampled_from([f"n{j}" for j in range(i)]), unique=True,
+                                            max_size=min(i, 3)))
+        kind = draw(st.sampled_from(["task", "task", "task", "task", "approval", "manual"]))
+        if need_task and i == 0:
+            kind = "task"
+        if kind == "task":
+            node["task"] = "echo"
+            node["retry"] = {"max_attempts": draw(st.integers(1, 3)), "backoff": "fixed",
+                             "base_delay_s": draw(st.sampled_from([0, 5]))}
+            node["heartbeat_s"] = draw(st.sampled_from([5, 30]))
+            if draw(st.booleans()):
+                node["timeout_s"] = 20
+        else:
+            node["kind"] = kind
+            if kind == "approval" and draw(st.booleans()):
+                node["approval"] = {"timeout_s": 60, "on_timeout": draw(st.sampled_from(["reject", "escalate"]))}
+        node["on_failure"] = draw(st.sampled_from(["stop", "continue"]))
+        node["trigger_rule"] = draw(st.sampled_from(TRIGGER_RULES))
+        nodes.append(node)
+    return nodes
+
+
+@dataclass(frozen=True)
+class World:
+    definitions: dict[str, dict[str, Any]]  # in creation order (an upstream before its dependant)
+    workspace_limit: int | None
+
+
+def _concurrency(draw: st.DrawFn) -> dict[str, int]:
+    concurrency: dict[str, int] = {}
+    tasks = draw(st.sampled_from([None, None, 1, 2, 3]))
+    runs = draw(st.sampled_from([None, None, 1, 2]))
+    if tasks is not None:
+        concurrency["max_active_tasks"] = tasks
+    if runs is not None:
+        concurrency["max_active_runs"] = runs
+    return concurrency
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> World:
+    versions = draw(st.sampled_from([["v1"], ["v1", "v2"]]))
+    definitions: dict[str, dict[str, Any]] = {
+        "p": {"id": "p", "versions": versions, "nodes": draw(node_lists(5)), "concurrency": _concurrency(draw)},
+    }
+    if draw(st.booleans()):
+        # a declares `out` from a task node; b reads it (orchestrations, later triggers, hydration)
+        definitions["a"] = {"id": "a", "versions": versions, "nodes": draw(node_lists(3, need_task=True)),
+                            "outputs": {"out": {"from": "n0"}}, "concurrency": _concurrency(draw)}
+        definitions["b"] = {"id": "b", "versions": versions, "nodes": draw(node_lists(3)),
+                            "depends": [{"pipeline": "a", "outputs": ["out"],
+                                         "trigger": draw(st.sampled_from(["on_success", "on_complete", "none"]))}],
+                            "concurrency": _concurrency(draw)}
+    return World(definitions, draw(st.sampled_from([None, None, 2, 4])))
+
+
+# --- the worker side -------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    """One claim of one task: what a worker (or a test playing one) holds."""
+
+    task_id: uuid.UUID
+    attempt: int
+    claim_token: uuid.UUID
+    label: str
+    token: str | None = None  # set when the dispatch reached the transport
+    outcome: str | None = None  # the callback we sent and had accepted: succeeded | retryable | final
+
+
+class Transport:
+    """Keeps every dispatch (the test plays the worker). While `down`, every send fails: a whole
+    step's dispatches fail together, so which ones fail does not depend on the order in which the
+    dispatcher's threads send them (examples must replay exactly for Hypothesis to shrink them)."""
+
+    name = "local"
+
+    def __init__(self, machine: LifecycleMachine) -> None:
+        self.machine = machine
+        self.down = False
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            if self.down:
+                raise DispatchError("connection refused (transport down)")
+            self.machine.delivered(message)
+
+    def close(self) -> None:
+        pass
+
+
+def _no_grant(settings: Any, **kwargs: Any) -> None:
+    return None
+
+
+# --- the machine -----------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    admin_url: str
+    moto: MotoServer
+    bucket: str
+
+
+# Database time moves only when the machine says: a second per step and the rules' explicit
+# moves, however long a step takes for real. (Real time flowing under leases of seconds and retry
+# delays would make an example behave differently when Hypothesis replays it to shrink it.)
+STEP_SECONDS = 1
+
+
+def step(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A rule: the clock moves a second, the transport is down if a rule said so. The machine
+    counts as healthy only when every step completed, so that teardown does not pile a
+    quiescence failure on top of the step that failed."""
+
+    @functools.wraps(method)
+    def wrapper(self: LifecycleMachine, *args: Any, **kwargs: Any) -> Any:
+        self.healthy = False
+        self.transport.down = self.down_steps > 0
+        self.down_steps = max(0, self.down_steps - 1)
+        self.shift_clock(STEP_SECONDS)
+        result = method(self, *args, **kwargs)
+        self.healthy = True
+        return result
+
+    return wrapper
+
+
+def checked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An invariant (reads only; the clock stands still)."""
+
+    @functools.wraps(method)
+    def wrapper(self: LifecycleMachine, *args: Any, **kwargs: Any) -> Any:
+        self.healthy = False
+        result = method(self, *args, **kwargs)
+        self.healthy = True
+        return result
+
+    return wrapper
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    ctx: Context  # set by the test before running
+    current: LifecycleMachine | None = None  # the machine the claim hook reports to
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.healthy = True
+        self.db_name = f"tickweave_sm_{uuid.uuid4().hex[:12]}"
+        create_database(self.ctx.admin_url, self.db_name, template=TEMPLATE_DB)
+        self.url = with_database(self.ctx.admin_url, self.db_name)
+        self.settings = Settings(database_url=self.url, local_worker=None,
+                                 s3_endpoint_url=self.ctx.moto.endpoint_url, bucket=self.ctx.bucket)
+        self.transport = Transport(self)
+        self.engine = Engine(self.settings, Database(self.url, max_size=4), transports={"local": self.transport})
+        self.engine.dispatcher._issue_grant = _no_grant  # no storage grants: the test writes outputs itself
+        self.engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+        self.down_steps = 0
+        with self.engine.db.connection() as conn:
+            self.clock: datetime = conn.execute("SELECT date_trunc('second', now()) AS t").fetchone()["t"]
+        self.shift_clock(0)
+        self.definitions: dict[str, dict[str, Any]] = {}
+        self.versions: dict[tuple[str, int], set[str]] = {}  # (pipeline, version) -> node ids
+        self.concurrency: dict[str, dict[str, int]] = {}
+        self.deliveries: dict[tuple[uuid.UUID, int], Delivery] = {}
+        self.claim_problems: list[str] = []
+        self.runs: dict[uuid.UUID, tuple[str, int, str]] = {}  # run -> (pipeline, pinned version, label)
+        self.idempotent: dict[tuple[str, str], tuple[uuid.UUID, list[str] | None]] = {}
+        self.orchestrations: dict[str, uuid.UUID] = {}
+        self.paused: set[str] = set()  # the pause state is constant during any other step
+        self.paused_triggered: list[uuid.UUID] = []
+        LifecycleMachine.current = self
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        note(message)
+        if ": refused" not in message and any(message.startswith(w) for w in (
+                "redrive", "retry dead letter", "cancel", "decide", "orchestration", "callback", "update")):
+            event(message.split(" ")[0] + (" ok" if "refused" not in message else " refused"))
+
+    def run_label(self, run_id: uuid.UUID) -> str:
+        known = self.runs.get(run_id)
+        return known[2] if known else f"run {str(run_id)[:8]}"
+
+    def label_runs(self, conn: Connection) -> None:
+        """Name runs r0, r1, ... in the order they appear (deterministic, unlike their ids)."""
+        for row in conn.execute("SELECT id, pipeline_id, pipeline_version, trigger FROM runs "
+                                "ORDER BY created_at, pipeline_id, id").fetchall():
+            if row["id"] not in self.runs:
+                self.runs[row["id"]] = (row["pipeline_id"], int(row["pipeline_version"]),
+                                        f"r{len(self.runs)}:{row['pipeline_id']}")
+                if row["trigger"] == "pipeline" and row["pipeline_id"] in self.paused:
+                    # (raised by sync_runs, not inside the engine transaction this may run in)
+                    self.paused_triggered.append(row["id"])
+
+    def sync_runs(self) -> None:
+        """Learn runs created by the engine itself (later triggers) and check the pinned versions."""
+        with self.engine.db.connection() as conn:
+            self.label_runs(conn)
+            rows = conn.execute(
+                """SELECT r.id, r.pipeline_id, r.pipeline_version, r.versions,
+                          COALESCE(array_agg(DISTINCT t.node_id) FILTER (WHERE t.id IS NOT NULL), '{}') AS nodes,
+                          count(t.id) AS tasks
+                   FROM runs r LEFT JOIN tasks t ON t.run_id = r.id GROUP BY r.id
+                   ORDER BY r.created_at, r.pipeline_id, r.id"""
+            ).fetchall()
+        if self.paused_triggered:
+            raise broken("paused_pipeline_triggered")("later triggers started runs of paused pipelines: " + ", ".join(
+                self.run_label(r) for r in self.paused_triggered))
+        for row in rows:
+            known = self.runs[row["id"]]
+            assert (row["pipeline_id"], int(row["pipeline_version"])) == known[:2], (
+                f"{known[2]} pinned version {known[1]} of {known[0]}, now says {row['pipeline_version']}")
+            want = self.versions[(row["pipeline_id"], int(row["pipeline_version"]))]
+            assert set(row["nodes"]) == want and row["tasks"] == len(want) * len(row["versions"]), (
+                f"{known[2]} has tasks of nodes {sorted(row['nodes'])}; its version {known[1]} has {sorted(want)}")
+
+    def shift_clock(self, seconds: float) -> None:
+        """Database time (tw_now(), for every connection) becomes the machine's clock plus
+        `seconds`, from now on flowing only by the milliseconds a step takes."""
+        self.clock += timedelta(seconds=seconds)
+        with self.engine.db.connection() as conn:
+            conn.execute(
+                """INSERT INTO tw_clock (singleton, "offset") VALUES (true, %s::timestamptz - now())
+                   ON CONFLICT (singleton) DO UPDATE SET "offset" = EXCLUDED."offset" """,
+                (self.clock,),
+            )
+
+    def query(self, statement: str, *params: Any) -> list[Row]:
+        with self.engine.db.connection() as conn:
+            return conn.execute(statement, params).fetchall()
+
+    def snapshot(self) -> dict[str, str]:
+        """A digest of every table: a refused callback must leave all of them as they were."""
+        with self.engine.db.connection() as conn:
+            tables = [r["tablename"] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename").fetchall()]
+            digests = {}
+            for table in tables:
+                digests[table] = conn.execute(
+                    f"SELECT md5(COALESCE(string_agg(x::text, '|' ORDER BY x::text), '')) AS h FROM {table} x"
+                ).fetchone()["h"]
+        return digests
+
+    # -- the claim hook ---------------------------------------------------------------------------
+
+    def claimed(self, conn: Connection, rows: list[Row]) -> None:
+        """Inside the claiming transaction: every claimed task's upstreams, as they are now."""
+        if not rows:
+            return
+        self.label_runs(conn)
+        ids = [r["id"] for r in rows]
+        found = conn.execute(
+            """SELECT t.id, t.attempt, t.claim_token, t.node_id, t.version, t.kind, t.trigger_rule, t.run_id,
+                      r.status AS run_status,
+                      COALESCE(jsonb_agg(jsonb_build_object('node', u.node_id, 'status', u.status,
+                                                            'on_failure', u.on_failure))
+                               FILTER (WHERE u.id IS NOT NULL), '[]'::jsonb) AS ups
+               FROM tasks t JOIN runs r ON r.id = t.run_id
+               LEFT JOIN task_edges e ON e.downstream_task_id = t.id
+               LEFT JOIN tasks u ON u.id = e.upstream_task_id
+               WHERE t.id = ANY(%s) GROUP BY t.id, r.status""",
+            (ids,),
+        ).fetchall()
+        for row in found:
+            label = f"{self.run_label(row['run_id'])}.{row['node_id']}@{row['version']}#{row['attempt']}"
+            self.deliveries[(row["id"], int(row["attempt"]))] = Delivery(
+                row["id"], int(row["attempt"]), row["claim_token"], label)
+            problem = claim_problem(row["kind"], row["trigger_rule"], row["run_status"], row["ups"])
+            if problem is not None:
+                self.claim_problems.append(
+                    f"{label} ({row['trigger_rule']}) was claimed while {problem}; upstreams: "
+                    + ", ".join(f"{u['node']}={u['status']}/{u['on_failure']}" for u in row["ups"]))
+
+    def delivered(self, message: dict[str, Any]) -> None:
+        key = (uuid.UUID(message["task_id"]), int(message["attempt"]))
+        delivery = self.deliveries.get(key)
+        if delivery is None:  # a claim that did not go through claim_ready_tasks: learn it from the token
+            claims = self.engine.keyring.read(message["token"])
+            delivery = Delivery(key[0], key[1], uuid.UUID(claims.claim_token),
+                                f"{message.get('node')}@{message.get('version')}#{key[1]}")
+            self.deliveries[key] = delivery
+        delivery.token = message["token"]
+
+    # -- calling back -----------------------------------------------------------------------------
+
+    def fence(self, task_id: uuid.UUID) -> Row:
+        (row,) = self.query(
+            "SELECT id, status, attempt, claim_token, max_attempts, output_names FROM tasks WHERE id = %s", task_id)
+        return row
+
+    def current_deliveries(self) -> list[Delivery]:
+        """Deliveries whose attempt is the task's current, active one."""
+        rows = self.query("SELECT id, attempt, claim_token FROM tasks WHERE status IN ('dispatched', 'running')")
+        current = []
+        for row in rows:
+            delivery = self.deliveries.get((row["id"], int(row["attempt"])))
+            if delivery is not None and delivery.claim_token == row["claim_token"]:
+                current.append(delivery)
+        return sorted(current, key=lambda d: d.label)
+
+    def callback(self, delivery: Delivery, outcome: str, *, claim_token: uuid.UUID | None = None) -> AttemptResult:
+        """What a worker sends: through the worker protocol with the dispatch's token, or (a
+        delivery claimed by the test itself, or a forged claim token) finish_attempt directly."""
+        fence = self.fence(delivery.task_id)
+        ok = outcome == "succeeded"
+        output: dict[str, Any] | None = None
+        if ok:
+            key = f"test/{delivery.task_id}/{delivery.attempt}/output.json"
+            if fence["output_names"]:  # the server reads and checks what a pipeline output comes from
+                size, sha = put_json_object(self.settings, key, {"rows": 1})
+                output = {"key": key, "size": size, "sha256": sha}
+            else:
+                output = {"key": key}
+        error = None if ok else {"message": "boom", "code": "e1", "retryable": outcome == "retryable"}
+        if delivery.token is not None and claim_token is None:
+            return self.engine.record_callback(delivery.task_id, delivery.token, status="succeeded" if ok else "failed",
+                                               output=output, error=error)
+
+        # Only the worker protocol persists pipeline outputs: a success of a task that produces
+        # them is only ever sent with a token (see can_succeed_directly).
+        def work(conn: Connection) -> AttemptResult:
+            return finish_attempt(conn, delivery.task_id, delivery.attempt, claim_token or delivery.claim_token,
+                                  succeeded=ok, output=output, error=error, retryable=outcome != "final")
+
+        return self.engine.db.run_in_transaction(work)
+
+    def can_call_back(self, delivery: Delivery, outcome: str) -> bool:
+        """A delivery claimed by the test (no token) is finished through finish_attempt, which does
+        not persist pipeline outputs: it may fail, but only succeed when it produces none."""
+        return delivery.token is not None or outcome != "succeeded" or not self.fence(delivery.task_id)["output_names"]
+
+    def expect_refused(self, delivery: Delivery, outcome: str, why: str, *, claim_token: uuid.UUID | None = None) -> None:
+        before = self.snapshot()
+        result = self.callback(delivery, outcome, claim_token=claim_token)
+        self.log(f"{why} callback {outcome} of {delivery.label}: {result.outcome}")
+        assert not result.accepted, f"{why} callback of {delivery.label} was accepted: {result}"
+        assert result.outcome in REFUSED_OUTCOMES, result
+        after = self.snapshot()
+        changed = sorted(t for t in before if before[t] != after.get(t))
+        assert not changed, f"a refused ({result.outcome}) {why} callback of {delivery.label} changed {changed}"
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    @initialize(world=worlds())
+    @step
+    def create_world(self, world: World) -> None:
+        if world.workspace_limit is not None:
+            set_workspace_task_limit(self.engine.db, WORKSPACE, world.workspace_limit)
+        for pipeline_id, definition in world.definitions.items():
+            saved = self.engine.create_pipeline(WORKSPACE, definition)
+            self.definitions[pipeline_id] = definition
+            self.concurrency[pipeline_id] = definition.get("concurrency", {})
+            self.versions[(pipeline_id, saved.version)] = {n["id"] for n in definition["nodes"]}
+        self.log(f"workspace limit {world.workspace_limit}; pipelines {world.definitions}")
+        first = self.engine.trigger_run(WORKSPACE, "p")  # something to work on from the first step
+        self.sync_runs()
+        self.log(f"trigger p: {self.run_label(first.id)}")
+
+    def pipeline(self, pick: int) -> str:
+        names = list(self.definitions)
+        return names[pick % len(names)]
+
+    def run_id(self, pick: int, statuses: tuple[str, ...] | None = None) -> uuid.UUID | None:
+        rows = self.query("SELECT id, status FROM runs ORDER BY created_at, pipeline_id, id")
+        chosen = [r["id"] for r in rows if statuses is None or r["status"] in statuses] or [r["id"] for r in rows]
+        return chosen[pick % len(chosen)] if chosen else None
+
+    # -- rules: starting work ---------------------------------------------------------------------
+
+    def _trigger(self, pick: int, key: str | None, versions: list[str] | None, now: bool) -> None:
+        pipeline_id = self.pipeline(pick)
+        earlier = None if key is None else self.idempotent.get((pipeline_id, key))
+        try:
+            result = self.engine.trigger_run(WORKSPACE, pipeline_id, versions=versions, idempotency_key=key,
+                                             dispatch_now=now)
+        except InvalidInput as exc:
+            # The key was first sent with other versions: refused as another request
+            self.log(f"trigger {pipeline_id} versions={versions} key={key}: refused ({exc.message})")
+            assert earlier is not None and earlier[1] != versions, f"refused: {exc.message}"
+            return
+        self.sync_runs()
+        self.log(f"trigger {pipeline_id} versions={versions} key={key} dispatch_now={now}: "
+                 f"{self.run_label(result.id)} created={result.created}")
+        if earlier is None:
+            assert result.created, result
+            if key is not None:
+                self.idempotent[(pipeline_id, key)] = (result.id, versions)
+        else:  # within the key's time to live (the clock never moves a day here)
+            assert (result.id, result.created) == (earlier[0], False), result
+
+    _trigger_args = {"pick": PICK, "key": st.sampled_from([None, None, "k1", "k2"]),
+                     "versions": st.sampled_from([None, None, ["v1"], ["v2"], ["v1", "v2"]]), "now": st.booleans()}
+    # Rules are picked uniformly: the common moves are listed twice.
+    trigger = rule(**_trigger_args)(step(_trigger))
+    trigger_another = rule(**_trigger_args)(step(_trigger))
+
+    @precondition(lambda self: "b" in self.definitions)
+    @rule(key=st.sampled_from([None, "o1"]), now=st.booleans())
+    @step
+    def trigger_orchestration(self, key: str | None, now: bool) -> None:
+        result = self.engine.trigger_orchestration(WORKSPACE, root="b", include="upstream", idempotency_key=key,
+                                                   dispatch_now=now)
+        self.sync_runs()
+        self.log(f"orchestration a -> b key={key} dispatch_now={now}: created={result.created}, runs "
+                 + ", ".join(f"{self.run_label(r['id'])}={r['status']}" for r in result.runs))
+        if key is not None:
+            assert self.orchestrations.setdefault(key, result.id) == result.id
+        assert sorted(r["pipeline_id"] for r in result.runs) == ["a", "b"]
+
+    def _tick(self) -> None:
+        summary = self.engine.tick()
+        self.sync_runs()
+        self.log(f"tick: {summary.to_dict()}")
+
+    tick = rule()(step(_tick))
+    tick_again = rule()(step(_tick))
+
+    @rule(pick=PICK, whole=st.booleans())
+    @step
+    def dispatch_ready(self, pick: int, whole: bool) -> None:
+        run_id = None if whole else self.run_id(pick, ("running",))
+        summary = self.engine.dispatch_ready(run_id)
+        self.log(f"dispatch_ready {'all' if run_id is None else self.run_label(run_id)}: {summary}")
+
+    @rule(limit=st.integers(1, 3))
+    @step
+    def claim_without_dispatch(self, limit: int) -> None:
+        """A claim whose dispatch never happens (a tick that died after its commit)."""
+        with self.engine.db.transaction() as conn:
+            rows = task_store.claim_ready_tasks(conn, limit)
+        self.log(f"claim {limit} without dispatch: {[self.deliveries[(r['id'], int(r['attempt']))].label for r in rows]}")
+
+    @rule(steps=st.integers(1, 4))
+    @step
+    def transport_down(self, steps: int) -> None:
+        self.down_steps = steps
+        self.log(f"every dispatch of the next {steps} steps fails")
+
+    # -- rules: workers ---------------------------------------------------------------------------
+
+    def _worker_callback(self, pick: int, outcome: str) -> None:
+        current = [d for d in self.current_deliveries() if self.can_call_back(d, outcome)]
+        if not current:
+            return
+        delivery = current[pick % len(current)]
+        fence = self.fence(delivery.task_id)
+        result = self.callback(delivery, outcome)
+        self.log(f"callback {outcome} of {delivery.label}: {result.outcome} (run {result.run_status})")
+        assert result.accepted, f"the current attempt's callback was refused: {result}"
+        if outcome == "succeeded":
+            assert result.outcome == "succeeded", result
+        elif outcome == "retryable" and delivery.attempt < fence["max_attempts"]:
+            assert result.outcome == "retrying", (result, dict(fence))
+        else:
+            assert result.outcome in FAILED, (result, dict(fence))
+        delivery.outcome = outcome
+        self.sync_runs()
+
+    _callback_args = {"pick": PICK, "outcome": st.sampled_from(["succeeded", "succeeded", "retryable", "final"])}
+    worker_callback = rule(**_callback_args)(step(_worker_callback))
+    another_worker_callback = rule(**_callback_args)(step(_worker_callback))
+
+    @rule(pick=PICK)
+    @step
+    def heartbeat(self, pick: int) -> None:
+        current = self.current_deliveries()
+        if not current:
+            return
+        delivery = current[pick % len(current)]
+        if delivery.token is not None:
+            accepted, status, _ = self.engine.record_heartbeat(delivery.token, progress=0.5, message="working")
+        else:
+            with self.engine.db.transaction() as conn:
+                row = task_store.mark_running(conn, delivery.task_id, delivery.attempt, delivery.claim_token, 0.5, None)
+            accepted, status = row is not None, None if row is None else row["status"]
+        self.log(f"heartbeat of {delivery.label}: {accepted} {status}")
+        assert accepted and status == "running", (accepted, status)
+
+    @rule(pick=PICK, outcome=st.sampled_from(["succeeded", "retryable", "final"]))
+    @step
+    def stale_callback(self, pick: int, outcome: str) -> None:
+        """A callback of an attempt that is no longer the task's current one."""
+        current = {(d.task_id, d.attempt) for d in self.current_deliveries()}
+        stale = sorted((d for key, d in self.deliveries.items() if key not in current), key=lambda d: d.label)
+        if not stale:
+            return
+        self.expect_refused(stale[pick % len(stale)], outcome, "stale")
+
+    @rule(pick=PICK)
+    @step
+    def duplicate_callback(self, pick: int) -> None:
+        """The same callback again, as a worker retrying after a lost answer."""
+        sent = sorted((d for d in self.deliveries.values() if d.outcome is not None), key=lambda d: d.label)
+        if not sent:
+            return
+        delivery = sent[pick % len(sent)]
+        self.expect_refused(delivery, delivery.outcome or "succeeded", "duplicate")
+
+    @rule(pick=PICK)
+    @step
+    def stale_heartbeat(self, pick: int) -> None:
+        """A heartbeat of an attempt that is no longer current: refused, nothing changes."""
+        current = {(d.task_id, d.attempt) for d in self.current_deliveries()}
+        stale = sorted((d for key, d in self.deliveries.items() if key not in current and d.token is not None),
+                       key=lambda d: d.label)
+        if not stale:
+            return
+        delivery = stale[pick % len(stale)]
+        before = self.snapshot()
+        accepted, status, _ = self.engine.record_heartbeat(delivery.token or "", progress=0.9, message="late")
+        self.log(f"stale heartbeat of {delivery.label}: {accepted} {status}")
+        assert not accepted, f"a stale heartbeat of {delivery.label} was accepted ({status})"
+        changed = sorted(t for t, h in self.snapshot().items() if before.get(t) != h)
+        assert not changed, f"a refused heartbeat of {delivery.label} changed {changed}"
+
+    @rule(pick=PICK, outcome=st.sampled_from(["succeeded", "final"]))
+    @step
+    def forged_callback(self, pick: int, outcome: str) -> None:
+        """The current attempt's number with another claim token."""
+        current = self.current_deliveries()
+        if not current:
+            return
+        self.expect_refused(current[pick % len(current)], outcome, "forged", claim_token=uuid.uuid4())
+
+    @rule(extra=st.sampled_from([1, 30]))
+    @step
+    def expire_leases(self, extra: int) -> None:
+        """Every worker goes silent: the clock moves past every lease, and a tick expires them."""
+        (row,) = self.query("SELECT EXTRACT(EPOCH FROM max(lease_expires_at) - tw_now()) AS s FROM tasks "
+                            "WHERE status IN ('dispatched', 'running')")
+        if row["s"] is None:
+            return
+        self.shift_clock(max(0.0, float(row["s"])) + extra)
+        summary = self.engine.tick()
+        self.sync_runs()
+        self.log(f"leases expired (+{float(row['s']) + extra:.0f}s), tick: {summary.to_dict()}")
+
+    @rule(seconds=st.sampled_from([3, 11, 31, 65, 310]))
+    @step
+    def advance_clock(self, seconds: int) -> None:
+        self.shift_clock(seconds)
+        self.log(f"clock +{seconds}s")
+
+    # -- rules: operators -------------------------------------------------------------------------
+
+    @rule(pick=PICK)
+    @step
+    def cancel(self, pick: int) -> None:
+        run_id = self.run_id(pick, ("pending", "running"))
+        if run_id is None:
+            return
+        try:
+            self.engine.cancel_run(WORKSPACE, run_id, actor="test")
+            self.log(f"cancel {self.run_label(run_id)}: cancelled")
+        except Conflict as exc:
+            self.log(f"cancel {self.run_label(run_id)}: refused ({exc.message})")
+        self.sync_runs()
+
+    @rule(pick=PICK)
+    @step
+    def redrive(self, pick: int) -> None:
+        run_id = self.run_id(pick, ("failed",))
+        if run_id is None:
+            return
+        try:
+            count = self.engine.redrive_run(WORKSPACE, run_id)
+            self.log(f"redrive {self.run_label(run_id)}: {count} tasks reset")
+        except Conflict as exc:
+            self.log(f"redrive {self.run_label(run_id)}: refused ({exc.message})")
+        self.sync_runs()
+
+    @rule(pick=PICK, retried=st.booleans())
+    @step
+    def retry_dead_letter(self, pick: int, retried: bool) -> None:
+        entries = sorted(self.engine.list_dead_letters(WORKSPACE, include_retried=retried, limit=200),
+                         key=lambda e: (self.run_label(e["run_id"]), e["node_id"], e["version"], e["created_at"]))
+        if not entries:
+            return
+        entry = entries[pick % len(entries)]
+        what = f"dead letter of {self.run_label(entry['run_id'])}.{entry['node_id']}@{entry['version']}"
+        try:
+            self.engine.retry_dead_letter(WORKSPACE, entry["id"])
+            self.log(f"retry {what}: retried")
+            assert entry["retried_at"] is None, f"{what} was retried twice"
+        except Conflict as exc:
+            self.log(f"retry {what}: refused ({exc.message})")
+        self.sync_runs()
+
+    @rule(pick=PICK, approve=st.sampled_from([True, True, False]), wrong_kind=st.booleans())
+    @step
+    def decide(self, pick: int, approve: bool, wrong_kind: bool) -> None:
+        """Approve or reject an approval, complete a manual step; the wrong kind is refused."""
+        waiting = self.query(
+            """SELECT t.id, t.kind, t.node_id, t.version, t.run_id FROM tasks t JOIN runs r ON r.id = t.run_id
+               WHERE t.status = 'waiting' ORDER BY r.created_at, r.pipeline_id, t.version, t.position""")
+        if not waiting:
+            return
+        task = waiting[pick % len(waiting)]
+        label = f"{self.run_label(task['run_id'])}.{task['node_id']}@{task['version']}"
+        self.decide_refused_elsewhere(pick)
+        if wrong_kind:
+            other = "manual" if task["kind"] == "approval" else "approval"
+            before = self.snapshot()
+            with pytest.raises(Conflict):
+                self.engine.decide(WORKSPACE, task["id"], kind=other, succeeded=True, actor="test")
+            assert self.snapshot() == before, f"a refused decision on {label} changed the database"
+            self.log(f"decide {label} as {other}: refused")
+            return
+        result = self.engine.decide(WORKSPACE, task["id"], kind=task["kind"], succeeded=approve, actor="test")
+        self.log(f"decide {label} ({task['kind']}) {'yes' if approve else 'no'}: {result.outcome} "
+                 f"(run {result.run_status})")
+        assert result.accepted
+        self.sync_runs()
+
+    def decide_refused_elsewhere(self, pick: int) -> None:
+        """A decision on a human step that is not waiting (decided, skipped, cancelled, or still
+        pending) is refused and changes nothing."""
+        others = self.query(
+            """SELECT t.id, t.kind, t.node_id, t.version, t.run_id, t.status FROM tasks t JOIN runs r ON r.id = t.run_id
+               WHERE t.kind <> 'task' AND t.status <> 'waiting'
+               ORDER BY r.created_at, r.pipeline_id, t.version, t.position""")
+        if not others:
+            return
+        task = others[pick % len(others)]
+        before = self.snapshot()
+        with pytest.raises(Conflict):
+            self.engine.decide(WORKSPACE, task["id"], kind=task["kind"], succeeded=True, actor="late")
+        changed = sorted(t for t, h in self.snapshot().items() if before.get(t) != h)
+        assert not changed, f"a refused decision on a {task['status']} {task['kind']} step changed {changed}"
+
+    @rule(pick=PICK, nodes=st.data())
+    @step
+    def new_pipeline_version(self, pick: int, nodes: st.DataObject) -> None:
+        """A new definition; runs in flight keep the version they pinned. Its concurrency limits
+        stay (lowering a limit below what is out with workers is not what this machine tests)."""
+        pipeline_id = self.pipeline(pick)
+        definition = dict(self.definitions[pipeline_id])
+        definition["nodes"] = nodes.draw(node_lists(5 if pipeline_id == "p" else 3, need_task=pipeline_id == "a"))
+        if pipeline_id == "b":
+            definition["depends"] = [{**definition["depends"][0],
+                                      "trigger": nodes.draw(st.sampled_from(["on_success", "on_complete", "none"]))}]
+        saved = self.engine.update_pipeline(WORKSPACE, pipeline_id, definition)
+        self.definitions[pipeline_id] = definition
+        self.versions[(pipeline_id, saved.version)] = {n["id"] for n in definition["nodes"]}
+        self.log(f"update {pipeline_id}: version {saved.version} changed={saved.changed} nodes={definition['nodes']}")
+
+    @rule(pick=PICK, paused=st.booleans())
+    @step
+    def pause(self, pick: int, paused: bool) -> None:
+        pipeline_id = self.pipeline(pick)
+        self.engine.set_paused(WORKSPACE, pipeline_id, paused)
+        (self.paused.add if paused else self.paused.discard)(pipeline_id)
+        self.log(f"{'pause' if paused else 'resume'} {pipeline_id}")
+
+    # -- after every step -------------------------------------------------------------------------
+
+    @invariant()
+    @checked
+    def books_are_clean(self) -> None:
+        with self.engine.db.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            violations = check_books(conn)  # one snapshot, as find_violations reads it
+        if violations:
+            first = violations[0].check
+            raise broken(first)("the books are broken:\n" + "\n".join(
+                f"  [{v.check}] {self.run_label(uuid.UUID(v.run_id)) if v.run_id else ''} {v.message}"
+                for v in violations))
+        if self.claim_problems:
+            raise broken("claimed_too_early")("claimed too early:\n" + "\n".join(self.claim_problems))
+
+    @invariant()
+    @checked
+    def attempts_outputs_and_triggers_hold(self) -> None:
+        """Beyond the checker: every attempt is recorded once and closed once; a succeeded task
+        that produces pipeline outputs has them indexed, and only an accepted attempt's are; a run
+        ending starts each dependant at most once (later triggers), after it ended."""
+        attempts = self.query(
+            """SELECT t.run_id, t.node_id, t.version, t.status, t.attempt,
+                      COALESCE(max(a.attempt), 0) AS last_attempt,
+                      count(a.attempt) FILTER (WHERE a.status IN ('dispatched', 'running')) AS open_attempts,
+                      COALESCE(bool_or(a.attempt = t.attempt AND a.claim_token = t.claim_token
+                                       AND a.status = t.status), false) AS current_open
+               FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id
+               GROUP BY t.id
+               HAVING COALESCE(max(a.attempt), 0) <> t.attempt
+                   OR count(a.attempt) FILTER (WHERE a.status IN ('dispatched', 'running'))
+                      <> CASE WHEN t.status IN ('dispatched', 'running') THEN 1 ELSE 0 END
+                   OR (t.status IN ('dispatched', 'running') AND NOT COALESCE(bool_or(
+                          a.attempt = t.attempt AND a.claim_token = t.claim_token AND a.status = t.status), false))""")
+        if attempts:
+            raise broken("attempt_history")("the attempt history disagrees with the task:\n" + "\n".join(
+                f"  {self.run_label(r['run_id'])}.{r['node_id']}@{r['version']} {r['status']} attempt {r['attempt']}: "
+                f"last attempt row {r['last_attempt']}, {r['open_attempts']} open, current one open={r['current_open']}"
+                for r in attempts))
+        outputs = self.query(
+            """SELECT t.run_id, t.node_id, t.version, t.status, n AS output, 'missing' AS problem
+               FROM tasks t CROSS JOIN LATERAL unnest(t.output_names) AS n
+               WHERE t.status = 'succeeded' AND NOT EXISTS (
+                   SELECT 1 FROM pipeline_outputs o WHERE o.task_id = t.id AND o.version = t.version AND o.output = n)
+               UNION ALL
+               SELECT t.run_id, t.node_id, t.version, t.status, o.output, 'indexed for a task not succeeded'
+               FROM pipeline_outputs o JOIN tasks t ON t.id = o.task_id WHERE t.status <> 'succeeded'""")
+        if outputs:
+            raise broken("pipeline_outputs")("pipeline outputs disagree with their tasks:\n" + "\n".join(
+                f"  {self.run_label(r['run_id'])}.{r['node_id']}@{r['version']} ({r['status']}) output {r['output']}: "
+                f"{r['problem']}" for r in outputs))
+        triggered = self.query(
+            """SELECT r.trigger_source_execution_id AS source, r.pipeline_id, count(*) AS runs,
+                      min(s.status) AS source_status
+               FROM runs r LEFT JOIN runs s ON s.id = r.trigger_source_execution_id
+               WHERE r.trigger = 'pipeline'
+               GROUP BY r.trigger_source_execution_id, r.pipeline_id
+               HAVING count(*) > 1 OR r.trigger_source_execution_id IS NULL""")
+        if triggered:
+            raise broken("later_triggers")("later triggers fired more than once:\n" + "\n".join(
+                f"  {self.run_label(r['source']) if r['source'] else 'no source'} -> {r['pipeline_id']}: "
+                f"{r['runs']} runs (source {r['source_status']})" for r in triggered))
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def drive_to_quiescence(self) -> None:
+        """Resume everything, approve every human step, move the clock past every delay, tick and
+        let every worker succeed, until no run is pending or running (bounded)."""
+        for pipeline_id in self.definitions:
+            self.engine.set_paused(WORKSPACE, pipeline_id, False)
+        self.transport.down = False
+        self.down_steps = 0
+        for round_ in range(60):
+            for task in self.query("SELECT id, kind FROM tasks WHERE status = 'waiting'"):
+                with contextlib.suppress(Conflict):  # decided meanwhile (a decision made another one moot)
+                    self.engine.decide(WORKSPACE, task["id"], kind=task["kind"], succeeded=True, actor="drain")
+            self.shift_clock(400)
+            self.engine.tick()
+            for delivery in self.current_deliveries():
+                if not self.can_call_back(delivery, "succeeded"):
+                    continue  # claimed by the test, never dispatched: its lease expires next round
+                result = self.callback(delivery, "succeeded")
+                assert result.accepted, f"draining: the current attempt of {delivery.label} was refused: {result}"
+            self.sync_runs()
+            self.books_are_clean()
+            open_runs = self.query("SELECT id, status FROM runs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')")
+            if not open_runs:
+                self.log(f"quiescent after {round_ + 1} rounds")
+                return
+        stuck = self.query(
+            """SELECT r.id AS run_id, r.status AS run_status, r.unfinished_tasks, r.blocked_upstreams,
+                      t.node_id, t.version, t.status, t.available_at - tw_now() AS due_in
+               FROM runs r LEFT JOIN tasks t ON t.run_id = r.id
+               WHERE r.status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY r.created_at, t.position""")
+        raise AssertionError("runs never finished:\n" + "\n".join(
+            f"  {self.run_label(s['run_id'])} {s['run_status']} unfinished={s['unfinished_tasks']} "
+            f"blocked={s['blocked_upstreams']}: {s['node_id']}@{s['version']} {s['status']} due in {s['due_in']}"
+            for s in stuck))
+
+    def teardown(self) -> None:
+        try:
+            if self.healthy and self.definitions:
+                self.drive_to_quiescence()
+        finally:
+            LifecycleMachine.current = None
+            self.engine.close()
+            drop_database(self.ctx.admin_url, self.db_name)
+
+
+def claim_problem(kind: str, trigger_rule: str, run_status: str, ups: list[dict[str, Any]]) -> str | None:
+    """Why a task must not have been claimed now, or None. (docs/reliability.md: a task is decided
+    when its last dependency finishes; `all_success` needs no upstream skipped and counts only a
+    tolerated failure as done, `none_failed` no upstream failed, `one_failed` one failed,
+    `all_done` anything; after a stopping failure only `one_failed`/`all_done` handlers start.)"""
+    if kind != "task":
+        return f"it is a {kind} step (never dispatched)"
+    if run_status not in ("running", "failed"):
+        return f"its run is {run_status}"
+    if run_status == "failed" and trigger_rule not in ("all_done", "one_failed"):
+        return "its run had failed (only one_failed and all_done steps start after a stopping failure)"
+    if not ups:
+        return None  # a root: trigger rules apply to upstreams, and it has none
+    open_ups = [u["node"] for u in ups if u["status"] not in TERMINAL]
+    if open_ups:
+        return f"upstreams {open_ups} had not finished"
+    failed = [u for u in ups if u["status"] in FAILED]
+    skipped = [u["node"] for u in ups if u["status"] in ("skipped", "cancelled")]
+    if trigger_rule == "all_success":
+        if skipped:
+            return f"upstreams {skipped} were skipped or cancelled"
+        stopping = [u["node"] for u in failed if u["on_failure"] == "stop"]
+        if stopping:
+            return f"upstreams {stopping} failed with on_failure: stop"
+    elif trigger_rule == "none_failed" and failed:
+        return f"upstreams {[u['node'] for u in failed]} failed"
+    elif trigger_rule == "one_failed" and not failed:
+        return "no upstream failed"
+    return None
+
+
+_BROKEN: dict[str, type[AssertionError]] = {}
+
+
+def broken(check: str) -> type[AssertionError]:
+    """An AssertionError subclass per broken invariant: Hypothesis tells failures apart by
+    exception type and place, so each invariant gets its own minimal example instead of the
+    first one found hiding the others."""
+    if check not in _BROKEN:
+        _BROKEN[check] = type(f"Broken_{check}", (AssertionError,), {})
+    return _BROKEN[check]
+
+
+# --- the test --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(0 if is_long() else 1200)
+def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, moto_server: MotoServer,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = f"lifecycle-{uuid.uuid4().hex[:10]}"
+    ensure_bucket(Settings(database_url="", s3_endpoint_url=moto_server.endpoint_url, bucket=bucket))
+    LifecycleMachine.ctx = Context(admin_url=pg_admin_url, moto=moto_server, bucket=bucket)
+
+    original = task_store.claim_ready_tasks
+
+    def observed_claim(conn: Connection, *args: Any, **kwargs: Any) -> list[Row]:
+        rows = original(conn, *args, **kwargs)
+        if LifecycleMachine.current is not None:
+            LifecycleMachine.current.claimed(conn, rows)
+        return rows
+
+    monkeypatch.setattr(task_store, "claim_ready_tasks", observed_claim)
+    run_state_machine_as_test(LifecycleMachine, settings=lifecycle_settings())
