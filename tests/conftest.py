@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import tests.integration.conftest_hypothesis  # noqa: F401  (registers the "lifecycle" and "long" profiles)
 from infra.s3 import FAKE_AWS_ENV, MotoServer, start_moto_server
 
 for _name, _value in FAKE_AWS_ENV.items():
