@@ -20,7 +20,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator import safe_json
-from orchestrator.model.pipeline import ERROR_FIELD_KEY, PipelineDefinition, PipelineDependency
+from orchestrator.model.pipeline import (
+    ERROR_FIELD_KEY,
+    MAP_PARAMS_SOURCE,
+    PipelineDefinition,
+    PipelineDependency,
+)
 
 # A definition is a small document; these bounds only stop hostile input. YAML aliases can
 # make a few hundred bytes expand into billions of values once serialized ("billion laughs"),
@@ -347,6 +352,8 @@ def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionErr
                 # and a cycle made only by merging two copies would be noise.
                 edges[node.id].add(dep)
 
+    errors.extend(_map_errors(defn, list_name, first_index))
+
     cycle = find_cycle(edges)
     if cycle is not None:
         errors.append(DefinitionError(list_name, "cycle: " + " -> ".join(cycle)))
@@ -369,10 +376,78 @@ def _node_errors(defn: PipelineDefinition, list_name: str) -> list[DefinitionErr
                     "an output must come from a task node (it persists what the task returns)",
                 )
             )
+        elif defn.nodes[first_index[output.from_]].map is not None:
+            # A mapped node's result is a manifest of its children's outputs, not one object
+            # an output schema could describe; a reducer downstream makes that object.
+            errors.append(
+                DefinitionError(
+                    f"outputs.{name}.from",
+                    f"output {name!r} comes from {output.from_!r}, which is mapped: an output cannot come "
+                    "from a mapped node; take it from a node that reduces its items",
+                )
+            )
         if output.schema_ is not None:
             problem = json_schema_problem(output.schema_)
             if problem is not None:
                 errors.append(DefinitionError(f"outputs.{name}.schema", f"not a valid JSON Schema: {problem}"))
+    return errors
+
+
+def _map_errors(defn: PipelineDefinition, list_name: str, first_index: Mapping[str, int]) -> list[DefinitionError]:
+    """Problems of each node's `map.over` that need the graph: what it names must be a data
+    upstream of the node. The syntax of `over` was checked by the model."""
+    errors: list[DefinitionError] = []
+    # A duplicate id is reported on its own; its first occurrence stands for it here, as in
+    # the edges of _node_errors.
+    by_id = {node_id: defn.nodes[i] for node_id, i in first_index.items()}
+    for i, node in enumerate(defn.nodes):
+        if node.map is None:
+            continue
+        path = f"{list_name}[{i}].map.over"
+        source = node.map.source_node()
+        if source is None:
+            # A params path is not checked against the definition's params: a trigger or a
+            # backfill may supply params the definition does not name.
+            if MAP_PARAMS_SOURCE in node.depends and MAP_PARAMS_SOURCE in by_id:
+                # `params.` always means the params, so an upstream node called `params`
+                # cannot be mapped over; say so rather than silently read the params.
+                errors.append(
+                    DefinitionError(
+                        path,
+                        f"{node.map.over!r} reads the params, not the output of node "
+                        f"{MAP_PARAMS_SOURCE!r}; rename that node to map over its output",
+                    )
+                )
+            continue
+        upstream = by_id.get(source)
+        if source not in node.depends or source == node.id:
+            usable = [
+                dep for dep in dict.fromkeys(node.depends)
+                if dep in by_id and dep != node.id and by_id[dep].kind == "task" and by_id[dep].map is None
+            ]
+            hint = (
+                f"map over one of: {', '.join(usable)} (or add it to depends)"
+                if usable
+                else "add it to depends, or map over params.<name>"
+            )
+            errors.append(DefinitionError(path, f"{source!r} is not an upstream of {node.id!r}; {hint}"))
+        elif upstream is None:
+            continue  # a dependency on a missing node is already reported at its depends entry
+        elif upstream.kind != "task":
+            errors.append(
+                DefinitionError(
+                    path,
+                    f"{source!r} is a {upstream.kind} step: its output is a decision, not data; "
+                    "map over a task node's output",
+                )
+            )
+        elif upstream.map is not None:
+            errors.append(
+                DefinitionError(
+                    path,
+                    f"nested maps are not supported: {source!r} is itself mapped; map over a node that reduces it",
+                )
+            )
     return errors
 
 

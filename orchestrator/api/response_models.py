@@ -74,6 +74,7 @@ class TickResponse(Loose):
     queued_runs_started: int
     expired: int
     waits_expired: int
+    maps_resolved: int = Field(default=0, description="map nodes the tick expanded or settled (a safety net)")
     claimed: int
     dispatched: int
     dispatch_failed: int

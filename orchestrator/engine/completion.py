@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.db.connection import Connection, Row
+from orchestrator.engine import mapping
 from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.logs import log_event
 from orchestrator.store import runs as run_store
@@ -121,7 +122,8 @@ def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tupl
     """Advance the successors of tasks that finished with one `outcome`; successors skipped by
     their trigger rule propagate in turn. One statement per wave, whatever its width (a stopping
     failure in a 100,000-task run skips its tasks in one statement and advances their
-    successors in another). Returns (tasks skipped, tasks made ready)."""
+    successors in another). Map nodes made ready are expanded or settled here (see
+    resolve_ready_maps). Returns (tasks skipped, tasks made ready)."""
     skipped = ready = 0
     frontier, result = task_ids, outcome
     while frontier:
@@ -129,8 +131,38 @@ def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tupl
         frontier = [r["id"] for r in advanced if r["status"] == "skipped"]
         result = "skipped"
         skipped += len(frontier)
-        ready += sum(1 for r in advanced if r["status"] == "ready")
+        ready += sum(1 for r in advanced if r["status"] == "ready" and r["kind"] != "map")
+        ready += resolve_ready_maps(conn, [r["id"] for r in advanced if r["status"] == "ready" and r["kind"] == "map"])
     return skipped, ready
+
+
+def resolve_ready_maps(conn: Connection, ids: list[uuid.UUID]) -> int:
+    """Map nodes that became ready, resolved in the transaction that made them ready: expanded
+    into their children, or, once their children are done, settled; what follows a settle (its
+    successors, the run's counters, the run's end) is settle_terminal's, as for any task.
+    Returns the tasks made ready (children, and successors of settled map nodes)."""
+    ready = 0
+    for resolution in mapping.resolve(conn, ids):
+        ready += resolution.made_ready
+        if resolution.settled is not None:
+            ready += settle_terminal(conn, resolution.settled).newly_ready
+        elif resolution.skipped is not None:
+            row = resolution.skipped
+            more_skipped, more_ready = propagate(conn, [row["id"]], "skipped")
+            ready += more_ready
+            _count_finished(conn, row, 1 + more_skipped)
+    return ready
+
+
+def _count_finished(conn: Connection, row: Row, finished: int) -> None:
+    """Tasks that ended without a failure of their own (a skipped map node and what it skipped)
+    counted against the run, which may end here."""
+    run = run_store.finish_tasks_of_run(conn, row["run_id"], finished=finished, failed=0, error=None)
+    if run is not None and run["previous_status"] == "running" and run["status"] in ("succeeded", "failed"):
+        log_event(log, "run.finished", level=logging.INFO if run["status"] == "succeeded" else logging.WARNING,
+                  workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=row["run_id"],
+                  status=run["status"], by_task=row["id"])
+        on_run_finished(conn, row["run_id"])
 
 
 def _refusal(

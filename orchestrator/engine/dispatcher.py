@@ -18,8 +18,14 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.base import DispatchError, Transport
 from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
+from orchestrator.engine.mapping import ensure_manifest
 from orchestrator.logs import log_context, log_event
-from orchestrator.storage.layout import node_attempt_prefix, node_output_key
+from orchestrator.storage.layout import (
+    map_item_attempt_prefix,
+    map_item_output_key,
+    node_attempt_prefix,
+    node_output_key,
+)
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import tasks as task_store
@@ -73,7 +79,15 @@ class Dispatcher:
                 conn, [t["id"] for t in claimed],
                 sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]}),
             )
-            inputs, upstream, routes = context.inputs, context.upstream, context.routes
+            inputs, upstream, routes, maps = context.inputs, context.upstream, context.routes, context.maps
+            # A task reading a map node's output reads its manifest: written here, before the
+            # task is sent, from the settled children (once; later dispatches find it).
+            unwritten: dict[str, str] = {}
+            for key, parent_id in context.manifests.items():
+                try:
+                    ensure_manifest(self.settings, conn, parent_id, key)
+                except Exception as exc:  # the readers' dispatch fails, and is retried like any
+                    unwritten[key] = f"the manifest {key} could not be written: {type(exc).__name__}: {exc}"
             worker_store.record_dispatched_code(conn, [
                 (t["id"], int(t["attempt"]), routes[(t["workspace_id"], t["task_name"])]["code_hash"])
                 for t in claimed if (t["workspace_id"], t["task_name"]) in routes
@@ -87,7 +101,12 @@ class Dispatcher:
         def _send_one(task: Row) -> None:
             log_event(log, "task.claimed", level=logging.DEBUG, task=task["task_name"])
             try:
-                message = self.build_message(task, inputs.get(task["id"], {}), upstream.get(task["id"], {}))
+                for ref in inputs.get(task["id"], {}).values():
+                    if ref["key"] in unwritten:
+                        raise DispatchError(unwritten[ref["key"]])
+                message = self.build_message(
+                    task, inputs.get(task["id"], {}), upstream.get(task["id"], {}), maps.get(task["id"])
+                )
                 route = routes.get((task["workspace_id"], task["task_name"]))
                 if route is not None:
                     transport: Transport | None = self.routed.get(
@@ -140,19 +159,29 @@ class Dispatcher:
         return self._grant_issuer(settings, **kwargs)
 
     def build_message(
-        self, task: Row, inputs: dict[str, dict[str, Any]], upstream: dict[str, dict[str, Any]] | None = None
+        self, task: Row, inputs: dict[str, dict[str, Any]], upstream: dict[str, dict[str, Any]] | None = None,
+        item: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         upstream = upstream or {}
         task_id = str(task["id"])
         # The attempt's own key and prefix: a stale attempt keeps a valid grant for up to the
         # credentials' lifetime, and must not be able to overwrite what a newer attempt wrote.
-        where = (task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"],
-                 int(task["attempt"]))
-        output_key = node_output_key(*where)
+        # A map node's child writes under its item's own prefix.
+        node = (task["workspace_id"], task["pipeline_id"], str(task["run_id"]), task["version"], task["node_id"])
+        if item is not None:
+            index = int(item["index"])
+            output_key = map_item_output_key(*node, index, int(task["attempt"]))
+            write_prefix = map_item_attempt_prefix(*node, index, int(task["attempt"]))
+        else:
+            output_key = node_output_key(*node, int(task["attempt"]))
+            write_prefix = node_attempt_prefix(*node, int(task["attempt"]))
+        # A reader of a map node's manifest reads the children's outputs it lists.
+        read_prefixes = [str(ref["items_prefix"]) for ref in inputs.values()
+                         if ref.get("manifest") and ref.get("items_prefix")]
         grant = self._issue_grant(
-            self.settings, output_key=output_key, write_prefix=node_attempt_prefix(*where),
+            self.settings, output_key=output_key, write_prefix=write_prefix,
             read_keys=[ref["key"] for ref in (*inputs.values(), *upstream.values())],
-            task_id=task_id,
+            task_id=task_id, **({"read_prefixes": read_prefixes} if read_prefixes else {}),
         )
         ttl = (task["timeout_s"] or _DEFAULT_TOKEN_TTL_S) + _TOKEN_SLACK_S
         token = self.keyring.issue(
@@ -166,7 +195,7 @@ class Dispatcher:
         deadline = None
         if task["timeout_s"]:
             deadline = (task["dispatched_at"].timestamp() + task["timeout_s"])
-        return {
+        message: dict[str, Any] = {
             "task_id": task_id,
             "run_id": str(task["run_id"]),
             "workspace": task["workspace_id"],
@@ -184,6 +213,9 @@ class Dispatcher:
             "heartbeat_interval_s": int(task["heartbeat_s"]),
             "deadline": None if deadline is None else _iso(deadline),
         }
+        if item is not None:
+            message["map"] = {"index": int(item["index"]), "item": item["item"], "count": item["count"]}
+        return message
 
 
 def _ids(task: Row) -> dict[str, Any]:

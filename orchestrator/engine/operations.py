@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.completion import AttemptResult, propagate, settle_terminal
+from orchestrator.engine.completion import AttemptResult, propagate, resolve_ready_maps, settle_terminal
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
 from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.logs import log_event
@@ -103,6 +103,12 @@ def _resume(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...])
     decided = task_store.decide_pending_tasks(conn, run_id)
     propagate(conn, [r["id"] for r in decided if r["status"] == "skipped"], "skipped")
     reopened = run_store.reopen_run(conn, run_id, from_statuses)
+    maps = [r["id"] for r in decided if r["status"] == "ready" and r["kind"] == "map"]
+    if reopened is not None and maps:
+        # Map nodes with nothing left to wait for expand (or settle) against the reopened run's
+        # counters, which the expansion and the settle count on.
+        resolve_ready_maps(conn, maps)
+        reopened = run_store.run_counters(conn, run_id)
     if reopened is not None and reopened["unfinished_tasks"] == 0:
         ended = run_store.finish_tasks_of_run(conn, run_id, finished=0, failed=0, error=None)
         if ended is not None and ended["status"] in ("succeeded", "failed"):

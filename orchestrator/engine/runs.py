@@ -13,10 +13,12 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine.completion import resolve_ready_maps
 from orchestrator.engine.errors import Conflict, IdempotencyKeyReused, InvalidInput, NotFound, TooLarge
 from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
 from orchestrator.model.versions import MAX_VERSIONS, version_list_problems
+from orchestrator.store import maps as map_store
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
@@ -49,6 +51,16 @@ def build_tasks(
         produces.setdefault(output.from_, []).append(name)
     for version in versions:
         ids = {node.id: uuid.uuid4() for node in definition.nodes}
+        # The map nodes that map over each node's output, and the path each reads (its items are
+        # read when that node succeeds: orchestrator.engine.mapping).
+        map_targets: dict[str, list[dict[str, Any]]] = {}
+        for node in definition.nodes:
+            if node.map is not None:
+                source, path = node.map.source()
+                if source != "params":
+                    map_targets.setdefault(source, []).append(
+                        {"parent": str(ids[node.id]), "node": node.id, "over": node.map.over, "path": path}
+                    )
         for position, node in enumerate(definition.nodes):
             # A human step's timeout is its wait for a decision (approval.timeout_s for approvals).
             timeout_s = node.timeout_s
@@ -61,13 +73,17 @@ def build_tasks(
                 on_timeout = "reject"
             tasks.append(
                 run_store.NewTask(
-                    id=ids[node.id], node_id=node.id, version=version, position=position, kind=node.kind,
+                    id=ids[node.id], node_id=node.id, version=version, position=position,
+                    kind="map" if node.map is not None else node.kind,
                     task_name=node.task, params={**definition.params, **node.params, **run_params},
                     transport=settings.transport_for(node.task or ""), priority=node.priority,
                     max_attempts=node.retry.max_attempts, retry=node.retry.model_dump(mode="json"),
                     timeout_s=timeout_s, heartbeat_s=node.heartbeat_s, on_failure=node.on_failure,
                     trigger_rule=node.trigger_rule, unfinished_deps=len(node.depends), on_timeout=on_timeout,
                     output_names=produces.get(node.id),
+                    map_spec=None if node.map is None else node.map.normalized(),
+                    map_max_concurrency=None if node.map is None else node.map.max_concurrency,
+                    map_targets=map_targets.get(node.id),
                 )
             )
             edges.extend((ids[dep], ids[node.id]) for dep in node.depends)
@@ -214,6 +230,9 @@ def create_run(
         return None
     run_store.insert_tasks(conn, new_run, tasks)
     run_store.insert_edges(conn, edges)
+    if status == "running" and any(t.kind == "map" and t.unfinished_deps == 0 for t in tasks):
+        # A map over params at the root: expanded as the run starts.
+        resolve_ready_maps(conn, map_store.ready_map_nodes_of_run(conn, new_run.id))
     log_event(log, "run.created", workspace_id=workspace_id, pipeline_id=pipeline_id, run_id=new_run.id,
               trigger=trigger, status=status, tasks=len(tasks), scheduled_at=scheduled_at)
     if not blocked_upstreams and definition.depends:
@@ -237,6 +256,7 @@ def start_queued_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> 
         if run["max_active_runs"] is not None and running >= run["max_active_runs"]:
             break  # FIFO: a later run does not overtake the head of the queue
         if run_store.start_queued_run(conn, run["id"]):
+            resolve_ready_maps(conn, map_store.ready_map_nodes_of_run(conn, run["id"]))
             started.append(run["id"])
             running += 1
     return started

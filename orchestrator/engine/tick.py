@@ -12,12 +12,13 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
-from orchestrator.engine.completion import finish_attempt, settle_terminal
+from orchestrator.engine.completion import finish_attempt, resolve_ready_maps, settle_terminal
 from orchestrator.engine.dispatcher import Dispatcher
 from orchestrator.engine.operations import expire_waits
 from orchestrator.engine.orchestrations import process_pipeline_triggers
 from orchestrator.engine.scheduling import fire_due_schedules, start_queued
 from orchestrator.logs import log_event
+from orchestrator.store import maps as map_store
 from orchestrator.store import tasks as task_store
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class TickSummary:
     pipeline_triggered_runs: int = 0
     expired: int = 0
     waits_expired: int = 0
+    maps_resolved: int = 0
     claimed: int = 0
     dispatched: int = 0
     dispatch_failed: int = 0
@@ -43,7 +45,8 @@ class TickSummary:
             "schedules_fired": self.schedules_fired, "scheduled_runs": self.scheduled_runs,
             "slots_skipped": self.slots_skipped, "queued_runs_started": self.queued_runs_started,
             "pipeline_triggered_runs": self.pipeline_triggered_runs,
-            "expired": self.expired, "waits_expired": self.waits_expired, "claimed": self.claimed, "dispatched": self.dispatched,
+            "expired": self.expired, "waits_expired": self.waits_expired, "maps_resolved": self.maps_resolved,
+            "claimed": self.claimed, "dispatched": self.dispatched,
             "dispatch_failed": self.dispatch_failed, "batches": self.batches,
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
         }
@@ -85,6 +88,18 @@ def expire_leases(db: Database, settings: Settings, limit: int) -> int:
     return db.run_in_transaction(work)
 
 
+def resolve_stranded_maps(db: Database, limit: int) -> int:
+    """Map nodes left ready by a path that did not resolve them (every path that makes one ready
+    resolves it in its own transaction; this is the safety net, like the later triggers')."""
+
+    def work(conn: Connection) -> int:
+        ids = map_store.lock_stranded_map_nodes(conn, limit)
+        resolve_ready_maps(conn, ids)
+        return len(ids)
+
+    return db.run_in_transaction(work)
+
+
 def run_tick(
     db: Database, settings: Settings, dispatcher: Dispatcher, *, batch_size: int,
     remaining_s: Callable[[], float] | None = None,
@@ -109,6 +124,7 @@ def run_tick(
     # 2. lapsed leases and human-step timeouts, then queued runs that now have room
     summary.expired = expire_leases(db, settings, batch_size)
     summary.waits_expired = expire_waits(db, batch_size)
+    summary.maps_resolved = resolve_stranded_maps(db, batch_size)
     summary.queued_runs_started = len(start_queued(db, batch_size))
     # Later triggers decided by upstream runs that ended; normally created right after the
     # upstream's callback, this is the safety net (an engine that stopped in between).

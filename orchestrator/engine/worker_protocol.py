@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.engine import mapping
 from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import InvalidInput, Unauthorized
 from orchestrator.engine.outputs import (
@@ -22,8 +23,9 @@ from orchestrator.store.outputs import NewOutput
 
 
 class _OutputsNotPrepared(Exception):
-    """Rolls back a callback transaction that accepted a success producing pipeline outputs
-    before they were prepared: their S3 I/O happens outside the transaction, then it runs again."""
+    """Rolls back a callback transaction that accepted a success producing pipeline outputs, or
+    feeding map nodes their items, before they were prepared: their S3 I/O happens outside the
+    transaction, then it runs again."""
 
     def __init__(self, task: Row) -> None:
         super().__init__("pipeline outputs to prepare before the transaction")
@@ -75,12 +77,19 @@ def record_callback(
     # back, the S3 reads and writes happen with no transaction open, and a second transaction
     # records the success and indexes what was written. Row locks are never held across S3.
     prepared: list[NewOutput] | None = None
+    # The same for a task that map nodes map over: its output is read and each map node's list
+    # taken from it with no transaction open; the transaction keeps the lists (mapping).
+    items: list[mapping.StagedItems] | None = None
 
     def persist(conn: Connection, row: Row) -> None:
-        if row["output_names"] and settings is not None:
-            if prepared is None:
-                raise _OutputsNotPrepared(dict(row))
+        needs_outputs = bool(row["output_names"]) and settings is not None
+        needs_items = bool(row.get("map_targets"))
+        if (needs_outputs and prepared is None) or (needs_items and items is None and settings is not None):
+            raise _OutputsNotPrepared(dict(row))
+        if needs_outputs and prepared is not None:
             record_task_outputs(conn, row, prepared)
+        if needs_items:
+            mapping.stage_items(conn, row["id"], items if items is not None else mapping.missing_items(row))
 
     def work(conn: Connection) -> AttemptResult:
         result = finish_attempt(
@@ -106,6 +115,7 @@ def record_callback(
         # keyed by this attempt, so they never replace the accepted attempt's, and an attempt
         # refused below leaves them unindexed.
         prepared = prepare_task_outputs(db, settings, task, output)
+        items = mapping.prepare_items(settings, task, output)
         return db.run_in_transaction(work)
     except OutputRejected as exc:
         return _reject(db, task_id, claims, exc)

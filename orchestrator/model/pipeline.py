@@ -12,6 +12,7 @@ import json
 import math
 import re
 from datetime import date, datetime
+from fractions import Fraction
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,7 +23,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -170,6 +173,151 @@ class ApprovalPolicy(BaseModel):
     on_timeout: Literal["reject", "escalate"] = "reject"
 
 
+# The run's task limit (issue 19): a map never has more children than this, so neither a
+# concurrency bound nor a count of tolerated failures above it can mean anything.
+MAX_MAP_WIDTH = 100_000
+# The name `map.over` starts with to read the node's merged params instead of an upstream's output.
+MAP_PARAMS_SOURCE = "params"
+
+MAP_OVER_RULE = (
+    "use <upstream node id>.<path into its output> (e.g. list.files, or just list when the "
+    "whole output is the list) or params.<name>"
+)
+TOLERATED_FAILURES_RULE = "use a count such as 3 or a percentage such as '10%'"
+# 0 to 100 with at most 6 decimals. Bounding the decimals keeps MapSpec.tolerated exact and
+# equal to floor(p / 100 * width + 1e-9) for every width up to MAX_MAP_WIDTH: p * width / 100
+# is then a multiple of 1e-8, so it is never within 1e-9 below an integer it does not equal.
+TOLERATED_PERCENT_PATTERN = r"^(?:100(?:\.0{1,6})?|\d{1,2}(?:\.\d{1,6})?)%$"
+_TOLERATED_PERCENT_RE = re.compile(TOLERATED_PERCENT_PATTERN)
+# For the exported JSON Schema only: `over` is checked by MapSpec._check_over, whose messages
+# say what is wrong, which a pattern mismatch would not.
+MAP_OVER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(?:\.[^.]+)*$"
+
+
+def split_map_over(value: str) -> tuple[str, list[str]]:
+    """`list.files` -> ("list", ["files"]); `params.a.0` -> ("params", ["a", "0"]).
+
+    ValueError with a message a person can act on when `value` is not a valid `map.over`.
+    """
+    if not value:
+        raise ValueError(f"map.over is empty: {MAP_OVER_RULE}")
+    head, *path = value.split(".")
+    if head == "" or any(segment == "" for segment in path):
+        raise ValueError(
+            f"{value!r} has an empty segment (a leading or trailing dot, or two dots in a row): "
+            f"{MAP_OVER_RULE}"
+        )
+    if head == MAP_PARAMS_SOURCE:
+        if not path:
+            raise ValueError(f"{value!r} names no param: use params.<name>, e.g. params.files")
+        return head, path
+    if not is_slug(head):
+        raise ValueError(f"{value!r} does not start with a node id ({head!r}: {SLUG_RULE}); {MAP_OVER_RULE}")
+    return head, path
+
+
+def _tolerated_failures_input(value: Any) -> Any:
+    """Refuse anything but a count 0..MAX_MAP_WIDTH or a percentage string 0%..100%.
+
+    Runs before pydantic's own checks so that each refusal says what to write instead; bool is
+    refused explicitly because pydantic (and Python) would otherwise read `true` as 1.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is not a number of failures: {TOLERATED_FAILURES_RULE}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative: {TOLERATED_FAILURES_RULE}")
+        if value > MAX_MAP_WIDTH:
+            raise ValueError(
+                f"{value} is more than a map can have items ({MAX_MAP_WIDTH}); "
+                "use '100%' to tolerate every failure"
+            )
+        return value
+    if isinstance(value, str):
+        if _TOLERATED_PERCENT_RE.fullmatch(value) is not None:
+            return value
+        if re.fullmatch(r"\d+", value):
+            raise ValueError(
+                f"{value!r} is a string: write the count without quotes ({value}) or as a percentage ('{value}%')"
+            )
+        number = value.removesuffix("%")
+        if value.endswith("%") and re.fullmatch(r"\d+(?:\.\d+)?", number):
+            if Fraction(number) > 100:
+                raise ValueError(f"{value!r} is more than 100%: {TOLERATED_FAILURES_RULE}")
+            raise ValueError(f"{value!r} has more than 6 decimals: {TOLERATED_FAILURES_RULE}")
+    raise ValueError(f"{value!r} is not a count or a percentage: {TOLERATED_FAILURES_RULE}")
+
+
+class MapSpec(BaseModel):
+    """`map:` on a task node: run the node once per item of a list found at run time.
+
+    `over` names where the list is: `<upstream node id>.<path>` into that upstream's output
+    (a path segment of only digits indexes a list; an empty path means the whole output is
+    the list) or `params.<name>[.<more>]` into the node's merged params. Whether the node is
+    an upstream of the mapped node is a graph question, checked by orchestrator.graph.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    over: str = Field(json_schema_extra={"pattern": MAP_OVER_PATTERN})
+    # At most this many children out with workers at once; None: only the run's limits apply.
+    max_concurrency: int | None = Field(default=None, ge=1, le=MAX_MAP_WIDTH)
+    # How many children may fail for good while the node still succeeds: a count, or a
+    # percentage of the map's width (Step Functions' tolerated failure threshold).
+    tolerated_failures: (
+        Annotated[int, Field(ge=0, le=MAX_MAP_WIDTH)] | Annotated[str, Field(pattern=TOLERATED_PERCENT_PATTERN)]
+    ) = 0
+
+    _tolerated_input = field_validator("tolerated_failures", mode="before")(_tolerated_failures_input)
+
+    @field_validator("over")
+    @classmethod
+    def _check_over(cls, value: str) -> str:
+        split_map_over(value)
+        return value
+
+    @field_validator("max_concurrency", mode="before")
+    @classmethod
+    def _no_bool_concurrency(cls, value: Any) -> Any:
+        # pydantic reads `true` as 1; a boolean here is a mistake, not a limit of one.
+        if isinstance(value, bool):
+            raise ValueError(f"{str(value).lower()} is not a number of children: use a whole number >= 1")
+        return value
+
+    def source(self) -> tuple[str, list[str]]:
+        """("params", [name, ...]) or (upstream node id, [path segments]); segments as written."""
+        return split_map_over(self.over)
+
+    def source_node(self) -> str | None:
+        """The upstream node mapped over, or None when the list comes from params."""
+        head, _ = self.source()
+        return None if head == MAP_PARAMS_SOURCE else head
+
+    def tolerated(self, width: int) -> int:
+        """The most children that may fail for good with the node still succeeding.
+
+        A count is taken as is (it may exceed `width`); a percentage p gives
+        floor(p / 100 * width), computed exactly (see TOLERATED_PERCENT_PATTERN).
+        """
+        if width < 0:
+            raise ValueError(f"a map's width is at least 0, got {width}")
+        if isinstance(self.tolerated_failures, int):
+            return self.tolerated_failures
+        percent = Fraction(self.tolerated_failures.removesuffix("%"))
+        return math.floor(percent * width / 100)
+
+    def normalized(self) -> dict[str, Any]:
+        """The spec as stored with a map node (jsonb): `over` split, the threshold as written."""
+        head, path = self.source()
+        return {
+            "over": self.over,
+            "source": head,
+            "path": path,
+            "max_concurrency": self.max_concurrency,
+            "tolerated_failures": self.tolerated_failures,
+        }
+
+
 class NodeDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -187,6 +335,8 @@ class NodeDefinition(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000)
     approval: ApprovalPolicy | None = None
     description: str = ""
+    # Dynamic fan-out (issue 19): one task per item of a list found at run time.
+    map: MapSpec | None = None
 
     _depends_list = field_validator("depends", mode="before")(_coerce_str_list)
     _params_none = field_validator("params", mode="before")(_none_as(dict))
@@ -217,7 +367,25 @@ class NodeDefinition(BaseModel):
                     raise field_error(name, f"a {self.kind} node does not run a task; remove {name}")
         if self.approval is not None and self.kind != "approval":
             raise field_error("approval", "approval settings are only allowed on nodes of kind approval")
+        if self.map is not None and self.kind != "task":
+            # A person completes an approval or manual step once; there is no task to repeat.
+            raise field_error(
+                "map", f"a {self.kind} node cannot be mapped: map runs a task once per item, so it is only "
+                "allowed on task nodes"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_map(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # `map` came after definitions were first stored: a node without one dumps exactly as
+        # it did before, so the sha256 of an unchanged older definition stays what it was (see
+        # PipelineDefinition.canonical_dict) and no other dump of a node gains `"map": null`.
+        # No return annotation on purpose: pydantic would take it as the node's serialization
+        # JSON Schema, replacing the fields' schema with a bare object.
+        data: dict[str, Any] = handler(self)
+        if self.map is None:
+            data.pop("map", None)
+        return data
 
 
 class PipelineDependency(BaseModel):
@@ -513,6 +681,8 @@ class PipelineDefinition(BaseModel):
         # Fields added after definitions were first stored are left out while empty, so the
         # sha256 of an unchanged older definition stays what it was: re-saving it must not
         # create a new version just because the model learned a new field.
+        # (A node's `map` is left out while None by NodeDefinition's serializer, for the same
+        # reason.)
         for name in _OMITTED_WHEN_EMPTY:
             if not dumped.get(name):
                 dumped.pop(name, None)

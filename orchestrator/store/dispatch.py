@@ -22,6 +22,8 @@ class DispatchContext:
     inputs: dict[uuid.UUID, dict[str, dict[str, Any]]] = field(default_factory=dict)  # task -> node -> ref
     upstream: dict[uuid.UUID, dict[str, dict[str, Any]]] = field(default_factory=dict)  # task -> "p/o" -> ref
     routes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (workspace, task name) -> route
+    maps: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)  # child task -> {index, item, count}
+    manifests: dict[str, uuid.UUID] = field(default_factory=dict)  # manifest key read -> its map node
 
 
 def dispatch_context(
@@ -39,7 +41,15 @@ def dispatch_context(
     ).fetchone()
     assert row is not None
     for ref in row["inputs"]:
-        context.inputs.setdefault(uuid.UUID(ref["task_id"]), {})[ref["node_id"]] = {"key": ref["key"]}
+        entry: dict[str, Any] = {"key": ref["key"]}
+        manifest = ref.get("manifest")
+        if isinstance(manifest, dict):
+            # An input from a map node: the manifest of its children's outputs, and the prefix
+            # under which the reader may read them.
+            entry.update({"manifest": True, "items_prefix": manifest.get("items_prefix"),
+                          "count": manifest.get("count")})
+            context.manifests[str(ref["key"])] = uuid.UUID(str(manifest["task_id"]))
+        context.inputs.setdefault(uuid.UUID(ref["task_id"]), {})[ref["node_id"]] = entry
     for ref in row["upstream"]:
         context.upstream.setdefault(uuid.UUID(ref["task_id"]), {})[f"{ref['pipeline']}/{ref['output']}"] = {
             "key": ref["key"], "sha256": ref["sha256"], "size": ref["size"], "run_id": ref["run_id"],
@@ -47,4 +57,7 @@ def dispatch_context(
         }
     for route in row["routes"]:
         context.routes[(route["workspace_id"], route["task_name"])] = route
+    for child in row["maps"]:
+        context.maps[uuid.UUID(child["task_id"])] = {"index": child["index"], "item": child["item"],
+                                                     "count": child["count"]}
     return context

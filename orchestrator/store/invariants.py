@@ -176,6 +176,57 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
+# Map nodes (migration 0016): a map node is never left ready (it is expanded or settled in the
+# transaction that made it ready) nor out with a worker; an expanded one has exactly its width of
+# children, of its run, node and version; it is pending while any child is open and settles only
+# when they are all done; and no more of its children are out with workers than max_concurrency.
+_MAP_CHECKS: tuple[tuple[str, str, str], ...] = (
+    (
+        "map_node_unresolved",
+        """SELECT workspace_id, run_id, id AS task_id, node_id, version, status FROM tasks
+           WHERE kind = 'map' AND status IN ('ready', 'dispatched', 'running', 'waiting')""",
+        "map node {node_id} ({version}) is {status}: it should have been expanded or settled where it became ready",
+    ),
+    (
+        "map_width",
+        """SELECT p.workspace_id, p.run_id, p.id AS task_id, p.node_id, p.version, p.map_width,
+                  count(c.id) AS children,
+                  count(c.id) FILTER (WHERE c.run_id <> p.run_id OR c.node_id <> p.node_id
+                                       OR c.version <> p.version OR c.kind <> 'task') AS foreign,
+                  count(DISTINCT c.map_index) FILTER (WHERE c.map_index BETWEEN 0 AND p.map_width - 1) AS indexes
+           FROM tasks p LEFT JOIN tasks c ON c.map_parent_id = p.id
+           WHERE p.kind = 'map'
+           GROUP BY p.id
+           HAVING count(c.id) <> COALESCE(p.map_width, 0)
+               OR count(c.id) FILTER (WHERE c.run_id <> p.run_id OR c.node_id <> p.node_id
+                                       OR c.version <> p.version OR c.kind <> 'task') > 0
+               OR count(DISTINCT c.map_index) FILTER (WHERE c.map_index BETWEEN 0 AND p.map_width - 1)
+                  <> COALESCE(p.map_width, 0)""",
+        "map node {node_id} ({version}) has width {map_width} but {children} children "
+        "({indexes} distinct indexes in range, {foreign} not of its run, node and version)",
+    ),
+    (
+        "map_child_of_settled_node",
+        f"""SELECT c.workspace_id, c.run_id, c.id AS task_id, c.node_id, c.version, c.map_index, c.status,
+                   p.status AS node_status
+            FROM tasks c JOIN tasks p ON p.id = c.map_parent_id
+            WHERE c.status NOT IN {_TERMINAL} AND p.status <> 'pending'""",
+        "item {map_index} of map node {node_id} ({version}) is {status} but the map node is {node_status}",
+    ),
+    (
+        "map_concurrency_limit",
+        f"""SELECT p.workspace_id, p.run_id, p.id AS task_id, p.node_id, p.version, p.map_max_concurrency,
+                   count(*) AS active
+            FROM tasks p JOIN tasks c ON c.map_parent_id = p.id
+            WHERE p.map_max_concurrency IS NOT NULL AND c.status IN {_ACTIVE}
+            GROUP BY p.id HAVING count(*) > p.map_max_concurrency""",
+        "map node {node_id} ({version}) has {active} items out with workers, over its max_concurrency "
+        "{map_max_concurrency}",
+    ),
+)
+
+_CHECKS = _CHECKS + _MAP_CHECKS
+
 CHECK_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _CHECKS)
 
 

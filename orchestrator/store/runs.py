@@ -33,6 +33,9 @@ class NewTask:
     unfinished_deps: int
     on_timeout: str | None = None
     output_names: list[str] | None = None  # the pipeline outputs this node produces
+    map_spec: dict[str, Any] | None = None  # a map node's `map:` (kind 'map')
+    map_max_concurrency: int | None = None
+    map_targets: list[dict[str, Any]] | None = None  # map nodes mapping over this task: [{parent, path, over}]
 
 
 @dataclass(frozen=True)
@@ -106,23 +109,27 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
         """INSERT INTO tasks (id, run_id, workspace_id, pipeline_id, node_id, version, position, kind, task_name,
                               params, transport, status, priority, max_attempts, retry, timeout_s,
                               heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, wait_expires_at,
-                              output_names)
+                              output_names, map_spec, map_max_concurrency, map_targets)
            SELECT t.id, %(run_id)s, %(workspace_id)s, %(pipeline_id)s, t.node_id, t.version, t.position, t.kind, t.task_name, t.params, t.transport,
                   CASE WHEN t.unfinished_deps > 0 OR NOT %(start)s THEN 'pending'
-                       WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END,
+                       WHEN t.kind IN ('approval', 'manual') THEN 'waiting' ELSE 'ready' END,
                   t.priority, t.max_attempts, t.retry, t.timeout_s, t.heartbeat_s, t.on_failure,
                   t.trigger_rule, t.unfinished_deps, t.on_timeout,
-                  CASE WHEN t.unfinished_deps = 0 AND %(start)s AND t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                  CASE WHEN t.unfinished_deps = 0 AND %(start)s AND t.kind IN ('approval', 'manual')
+                            AND t.timeout_s IS NOT NULL
                        THEN tw_now() + make_interval(secs => t.timeout_s) END,
                   CASE WHEN t.output_names IS NULL THEN NULL
-                       ELSE ARRAY(SELECT jsonb_array_elements_text(t.output_names)) END
+                       ELSE ARRAY(SELECT jsonb_array_elements_text(t.output_names)) END,
+                  t.map_spec, t.map_max_concurrency, t.map_targets
            FROM unnest(%(id)s::uuid[], %(node_id)s::text[], %(version)s::text[], %(position)s::int[],
                        %(kind)s::text[], %(task_name)s::text[], %(params)s::jsonb[], %(transport)s::text[],
                        %(priority)s::int[], %(max_attempts)s::int[], %(retry)s::jsonb[], %(timeout_s)s::int[],
                        %(heartbeat_s)s::int[], %(on_failure)s::text[], %(trigger_rule)s::text[],
-                       %(unfinished_deps)s::int[], %(on_timeout)s::text[], %(output_names)s::jsonb[])
+                       %(unfinished_deps)s::int[], %(on_timeout)s::text[], %(output_names)s::jsonb[],
+                       %(map_spec)s::jsonb[], %(map_max_concurrency)s::int[], %(map_targets)s::jsonb[])
              AS t(id, node_id, version, position, kind, task_name, params, transport, priority, max_attempts, retry,
-                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, output_names)""",
+                  timeout_s, heartbeat_s, on_failure, trigger_rule, unfinished_deps, on_timeout, output_names,
+                  map_spec, map_max_concurrency, map_targets)""",
         {
             "run_id": run.id, "workspace_id": run.workspace_id, "pipeline_id": run.pipeline_id,
             "start": run.status == "running",
@@ -136,6 +143,9 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
             "trigger_rule": [t.trigger_rule for t in tasks], "unfinished_deps": [t.unfinished_deps for t in tasks],
             "on_timeout": [t.on_timeout for t in tasks],
             "output_names": [None if t.output_names is None else Jsonb(t.output_names) for t in tasks],
+            "map_spec": [None if t.map_spec is None else Jsonb(t.map_spec) for t in tasks],
+            "map_max_concurrency": [t.map_max_concurrency for t in tasks],
+            "map_targets": [None if t.map_targets is None else Jsonb(t.map_targets) for t in tasks],
         },
     )
 
@@ -243,9 +253,9 @@ def start_queued_run(conn: Connection, run_id: uuid.UUID) -> bool:
     if row is None:
         return False
     conn.execute(
-        """UPDATE tasks SET status = CASE WHEN kind = 'task' THEN 'ready' ELSE 'waiting' END,
+        """UPDATE tasks SET status = CASE WHEN kind IN ('approval', 'manual') THEN 'waiting' ELSE 'ready' END,
                   available_at = tw_now(),
-                  wait_expires_at = CASE WHEN kind <> 'task' AND timeout_s IS NOT NULL
+                  wait_expires_at = CASE WHEN kind IN ('approval', 'manual') AND timeout_s IS NOT NULL
                                          THEN tw_now() + make_interval(secs => timeout_s) END
            WHERE run_id = %s AND status = 'pending' AND unfinished_deps = 0""",
         (run_id,),
@@ -271,6 +281,13 @@ def reopen_run(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ..
            WHERE r.id = %(run)s AND r.status = ANY(%(from)s)
            RETURNING r.id, r.status, r.unfinished_tasks, r.failed_tasks""",
         {"run": run_id, "from": list(from_statuses)},
+    ).fetchone()
+
+
+def run_counters(conn: Connection, run_id: uuid.UUID) -> Row | None:
+    """A running run's counters as this transaction left them (None once it ended)."""
+    return conn.execute(
+        "SELECT id, status, unfinished_tasks, failed_tasks FROM runs WHERE id = %s AND status = 'running'", (run_id,)
     ).fetchone()
 
 

@@ -123,12 +123,18 @@ def attempt_outcome(conn: Connection, task_id: uuid.UUID, attempt: int, claim_to
 
 # A pending task whose last dependency just finished: its trigger rule, given its failed and
 # skipped dependency counts after this transition ({failed} and {skipped} are SQL expressions).
-_RULE_HOLDS = """CASE t.trigger_rule
+# An expanded map node's last open children finished: it settles, whatever they did (its
+# tolerated_failures decides, in orchestrator.engine.mapping), so its rule is not asked again.
+_RULE_HOLDS = """(t.map_width IS NOT NULL OR CASE t.trigger_rule
                      WHEN 'all_done' THEN true
                      WHEN 'none_failed' THEN {failed} = 0
                      WHEN 'one_failed' THEN {failed} > 0
                      ELSE {skipped} = 0
-                 END"""
+                 END)"""
+# What a task whose rule holds becomes: a human step waits for its person, a task is ready for
+# a worker, a map node is ready to be expanded or settled (in the same transaction).
+_READY_STATUS = "CASE WHEN t.kind IN ('approval', 'manual') THEN 'waiting' ELSE 'ready' END"
+_HUMAN = "t.kind IN ('approval', 'manual')"
 
 
 def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID], outcome: str) -> list[Row]:
@@ -165,15 +171,15 @@ def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID],
                 failed_deps = t.failed_deps + l.n * %(failed)s,
                 skipped_deps = t.skipped_deps + l.n * %(skipped)s,
                 status = CASE WHEN t.unfinished_deps - l.n > 0 THEN 'pending'
-                              WHEN {holds} THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
+                              WHEN {holds} THEN {_READY_STATUS}
                               ELSE 'skipped' END,
                 available_at = tw_now(),
-                wait_expires_at = CASE WHEN t.unfinished_deps - l.n = 0 AND {holds} AND t.kind <> 'task'
+                wait_expires_at = CASE WHEN t.unfinished_deps - l.n = 0 AND {holds} AND {_HUMAN}
                                             AND t.timeout_s IS NOT NULL
                                        THEN tw_now() + make_interval(secs => t.timeout_s) END,
                 finished_at = CASE WHEN t.unfinished_deps - l.n = 0 AND NOT {holds} THEN tw_now() END
             FROM locked l WHERE t.id = l.id AND t.status = 'pending'
-            RETURNING t.id, t.node_id, t.status""",
+            RETURNING t.id, t.node_id, t.status, t.kind""",
         {"ups": list(upstream_task_ids), "failed": failed, "skipped": skipped},
     ).fetchall()
 
@@ -181,11 +187,13 @@ def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID],
 def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
     """A stopping failure: every task of the run not yet started is skipped (in id order), except
     tasks whose trigger rule reacts to failures (`all_done`, `one_failed`): those are left to
-    their dependency counts, so a cleanup or alert step still runs."""
+    their dependency counts, so a cleanup or alert step still runs. An expanded map node is left
+    too: its children not yet started are skipped here, and it settles (skipped) when the ones
+    out with workers are done, so it never ends before its children."""
     rows = conn.execute(
         """WITH locked AS (
                SELECT id FROM tasks WHERE run_id = %s AND status IN ('pending', 'ready', 'waiting')
-                 AND trigger_rule NOT IN ('all_done', 'one_failed')
+                 AND trigger_rule NOT IN ('all_done', 'one_failed') AND map_width IS NULL
                ORDER BY id FOR UPDATE
            )
            UPDATE tasks t SET status = 'skipped', finished_at = tw_now(), wait_expires_at = NULL
@@ -310,8 +318,9 @@ def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.U
 
 
 # A downstream task a retried upstream takes back to pending: not started yet, or decided
-# (skipped) on the outcome that is being retried.
-_REOPENABLE = "('pending', 'ready', 'waiting', 'skipped')"
+# (skipped) on the outcome that is being retried; a map node settled on its children's outcomes
+# (no worker ran it: it settles again, with a new manifest, once they are done).
+_REOPENABLE = "(t.status IN ('pending', 'ready', 'waiting', 'skipped') OR (t.kind = 'map' AND t.map_width IS NOT NULL AND t.status IN ('succeeded', 'failed')))"
 
 
 def started_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
@@ -324,7 +333,7 @@ def started_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[
                 UNION
                 SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
                 JOIN task_edges e ON e.upstream_task_id = d.id
-                WHERE t.status IN {_REOPENABLE}
+                WHERE {_REOPENABLE}
             )
             SELECT t.id, t.node_id, t.version, t.status FROM down d JOIN tasks t ON t.id = d.id
             WHERE t.status IN ('dispatched', 'running')
@@ -344,11 +353,13 @@ def reopen_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[u
                 UNION
                 SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
                 JOIN task_edges e ON e.upstream_task_id = d.id
-                WHERE t.status IN {_REOPENABLE}
+                WHERE {_REOPENABLE}
             )
             UPDATE tasks t SET status = 'pending', finished_at = NULL, wait_expires_at = NULL, escalated_at = NULL
             FROM (SELECT DISTINCT id FROM down) d
-            WHERE t.id = d.id AND t.status IN ('ready', 'waiting', 'skipped')
+            WHERE t.id = d.id AND (t.status IN ('ready', 'waiting', 'skipped')
+                                   OR (t.kind = 'map' AND t.map_width IS NOT NULL
+                                       AND t.status IN ('succeeded', 'failed')))
             RETURNING t.id""",
         {"tasks": list(task_ids)},
     ).fetchall()
@@ -381,14 +392,14 @@ def decide_pending_tasks(conn: Connection, run_id: uuid.UUID) -> list[Row]:
     holds = _RULE_HOLDS.format(failed="t.failed_deps", skipped="t.skipped_deps")
     return conn.execute(
         f"""UPDATE tasks t SET
-                status = CASE WHEN {holds} THEN CASE WHEN t.kind = 'task' THEN 'ready' ELSE 'waiting' END
+                status = CASE WHEN {holds} THEN {_READY_STATUS}
                               ELSE 'skipped' END,
                 available_at = tw_now(),
-                wait_expires_at = CASE WHEN {holds} AND t.kind <> 'task' AND t.timeout_s IS NOT NULL
+                wait_expires_at = CASE WHEN {holds} AND {_HUMAN} AND t.timeout_s IS NOT NULL
                                        THEN tw_now() + make_interval(secs => t.timeout_s) END,
                 finished_at = CASE WHEN {holds} THEN NULL ELSE tw_now() END
             WHERE t.run_id = %s AND t.status = 'pending' AND t.unfinished_deps = 0
-            RETURNING t.id, t.status""",
+            RETURNING t.id, t.status, t.kind""",
         (run_id,),
     ).fetchall()
 

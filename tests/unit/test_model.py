@@ -429,6 +429,7 @@ def test_sha256_ignores_spelling_of_defaults() -> None:
         lambda d: d["schedule"].pop(),
         lambda d: d.update(description="other"),
         lambda d: d["outputs"]["report"].update(schema=None),
+        lambda d: d["nodes"][1].update(map={"over": "download.files"}),
     ],
 )
 def test_sha256_changes_with_content(change: Any) -> None:
