@@ -26,7 +26,7 @@ from orchestrator.storage.layout import (
     node_attempt_prefix,
     node_output_key,
 )
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, map_digest, params_digest
 from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
@@ -189,6 +189,8 @@ class Dispatcher:
                 task_id=task_id, attempt=int(task["attempt"]), claim_token=str(task["claim_token"]),
                 workspace=task["workspace_id"], task_name=task["task_name"], params_sha256=params_digest(task["params"]),
                 expires_at=int(time.time()) + ttl, storage=grant,
+                # A child's item and index are bound to its token like its params.
+                map_sha256=None if item is None else map_digest(_map_slot(item)),
             )
         )
         base = self.settings.public_url
@@ -214,8 +216,13 @@ class Dispatcher:
             "deadline": None if deadline is None else _iso(deadline),
         }
         if item is not None:
-            message["map"] = {"index": int(item["index"]), "item": item["item"], "count": item["count"]}
+            message["map"] = _map_slot(item)
         return message
+
+
+def _map_slot(item: dict[str, Any]) -> dict[str, Any]:
+    """A child's `map` field: its index, its item and the map's width."""
+    return {"index": int(item["index"]), "item": item["item"], "count": item["count"]}
 
 
 def _ids(task: Row) -> dict[str, Any]:

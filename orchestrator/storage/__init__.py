@@ -6,6 +6,11 @@ only needs keys or tokens does not pay for importing boto3.
 
 from orchestrator.storage.layout import (
     attempt_log_key,
+    map_item_attempt_prefix,
+    map_item_log_key,
+    map_item_output_key,
+    map_items_prefix,
+    map_manifest_key,
     node_attempt_prefix,
     node_output_key,
     pipeline_output_key,
@@ -19,6 +24,11 @@ __all__ = [
     "TokenInvalid",
     "TokenKeyring",
     "attempt_log_key",
+    "map_item_attempt_prefix",
+    "map_item_log_key",
+    "map_item_output_key",
+    "map_items_prefix",
+    "map_manifest_key",
     "node_attempt_prefix",
     "node_output_key",
     "pipeline_output_key",

@@ -2,8 +2,10 @@
 
 Orchestrator-side clients use the ambient credentials (the Lambda role, or the fake keys of the
 local moto server). Workers never get those: a grant carries either STS credentials narrowed by a
-session policy to writes under the attempt's own prefix and reads of exactly its input keys, or
-presigned URLs per object (one PUT, for the attempt's output key).
+session policy to writes under the attempt's own prefix and reads of exactly its input keys (and,
+for a reducer of a mapped node, of what is under that node's items prefix), or presigned URLs per
+object (one PUT, for the attempt's output key; GETs of the items under a read prefix are presigned
+on demand by the API, `presign_get_urls`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from orchestrator.storage.tokens import StorageGrant
+from orchestrator.storage.tokens import StorageGrant, check_read_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -37,6 +39,7 @@ __all__ = [
     "issue_storage_grant",
     "orchestrator_s3",
     "orchestrator_sts",
+    "presign_get_urls",
     "put_json_object",
     "read_json_object",
     "role_session_name",
@@ -157,10 +160,14 @@ def ensure_bucket(settings: StorageSettings) -> None:
 
 
 def session_policy(
-    bucket: str, output_key: str, read_keys: Iterable[str], *, write_prefix: str | None = None
+    bucket: str, output_key: str, read_keys: Iterable[str], *, write_prefix: str | None = None,
+    read_prefixes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Inline session policy: read exactly the input keys; write the output key, or, given
-    `write_prefix` (the attempt's prefix, which holds the output key), anything under it."""
+    `write_prefix` (the attempt's prefix, which holds the output key), anything under it; and
+    read anything under each of `read_prefixes` (a mapped node's items prefix: its children's
+    outputs, which a reducer reads by the manifest and which are too many to name)."""
+    prefixes = [check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes)]
     if write_prefix is not None:
         _check_write_prefix(output_key, write_prefix)
         write = f"arn:aws:s3:::{bucket}/{write_prefix}*"
@@ -182,6 +189,15 @@ def session_policy(
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
                 "Resource": [f"arn:aws:s3:::{bucket}/{key}" for key in reads],
+            }
+        )
+    if prefixes:
+        statements.append(
+            {
+                "Sid": "ReadMappedItems",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}*" for prefix in prefixes],
             }
         )
     return {"Version": "2012-10-17", "Statement": statements}
@@ -207,14 +223,21 @@ def issue_storage_grant(
     read_keys: Sequence[str],
     task_id: str,
     write_prefix: str | None = None,
+    read_prefixes: Sequence[str] = (),
 ) -> StorageGrant:
     """Storage access for one task attempt: STS credentials if a role is configured, else URLs.
 
     `write_prefix` is the attempt's own prefix (see layout.node_attempt_prefix): the session
     policy lets the credentials write under it (the output, and the log beside it) and nowhere
     else; a presigned PUT is for the output key alone. Without it, exactly the output key.
+
+    `read_prefixes` (each ending in "/": layout.map_items_prefix of a mapped upstream) let the
+    task read anything under them. With a role the session policy says so; without one nothing
+    is presigned for them (the keys are in the manifest, not known here): the grant carries
+    them and the worker asks `POST /api/worker/read-urls`, which checks each key against them.
     """
     reads = tuple(dict.fromkeys(read_keys))
+    prefixes = tuple(check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes))
     if write_prefix is not None:
         _check_write_prefix(output_key, write_prefix)
     ttl = int(settings.storage_credentials_ttl_s)
@@ -231,16 +254,28 @@ def issue_storage_grant(
             credentials=credentials,
             presigned_put=put_url,
             presigned_get=get_urls,
+            read_prefixes=prefixes,
         )
 
     if settings.storage_role_arn:
-        policy = session_policy(settings.bucket, output_key, reads, write_prefix=write_prefix)
+        policy = session_policy(settings.bucket, output_key, reads, write_prefix=write_prefix,
+                                read_prefixes=prefixes)
         presigned_get: dict[str, str] = {}
         if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
             # Too many inputs to name in a session policy: keep the credentials for the write
             # (still scoped to the attempt) and hand out presigned URLs for the reads, rather than
-            # widening the policy to a prefix the task has no business reading.
-            policy = session_policy(settings.bucket, output_key, (), write_prefix=write_prefix)
+            # widening the policy to a prefix the task has no business reading. The read
+            # prefixes stay in the policy: what is under them cannot be presigned here.
+            policy = session_policy(settings.bucket, output_key, (), write_prefix=write_prefix,
+                                    read_prefixes=prefixes)
+            if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
+                # Only a reducer of dozens of mapped nodes at once gets here; failing the
+                # dispatch with the reason beats credentials that cannot read its inputs.
+                raise ValueError(
+                    f"a session policy for {len(prefixes)} read prefixes is over the "
+                    f"{MAX_SESSION_POLICY_CHARS}-character limit of STS; a task can read the items "
+                    "of that many mapped nodes only without a storage role (presigned URLs)"
+                )
             presigned_get = _presign_gets(settings, reads, ttl)
         response = orchestrator_sts(settings).assume_role(
             RoleArn=settings.storage_role_arn,
@@ -265,14 +300,27 @@ def issue_storage_grant(
     return grant(None, put_url, _presign_gets(settings, reads, ttl))
 
 
-def _presign_gets(settings: Settings, keys: Iterable[str], ttl: int) -> dict[str, str]:
+def _presign_gets(
+    settings: StorageSettings, keys: Iterable[str], ttl: int, *, bucket: str | None = None
+) -> dict[str, str]:
     client = orchestrator_s3(settings)
     return {
         key: client.generate_presigned_url(
-            "get_object", Params={"Bucket": settings.bucket, "Key": key}, ExpiresIn=ttl
+            "get_object", Params={"Bucket": bucket or settings.bucket, "Key": key}, ExpiresIn=ttl
         )
         for key in keys
     }
+
+
+def presign_get_urls(
+    settings: StorageSettings, keys: Iterable[str], ttl_s: int, *, bucket: str | None = None
+) -> dict[str, str]:
+    """Presigned GET URLs, by key, valid for `ttl_s` seconds, signed with the orchestrator's own
+    credentials (no request is made: SigV4 presigning is local). The caller decides which keys
+    a worker may have; this only signs (see orchestrator.engine.worker_reads)."""
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1:
+        raise ValueError(f"a presigned URL needs a positive lifetime in seconds, not {ttl_s!r}")
+    return _presign_gets(settings, keys, ttl_s, bucket=bucket)
 
 
 def encode_json(value: Any) -> bytes:

@@ -29,6 +29,9 @@ __all__ = [
     "TaskClaims",
     "TokenInvalid",
     "TokenKeyring",
+    "check_read_prefix",
+    "is_plain_key",
+    "map_digest",
     "params_digest",
 ]
 
@@ -51,6 +54,13 @@ class StorageGrant:
     Exactly one access mechanism is expected to be in use for writing: STS `credentials` (scoped
     by a session policy) or a `presigned_put` URL. `presigned_get` may be present in both cases
     (a session policy has a size limit, so reads can fall back to presigned URLs).
+
+    `read_prefixes` are folders (each ending in "/") the task may read anything under: the
+    outputs of a mapped node's children, whose keys are too many to name one by one. With
+    credentials the session policy allows GetObject under them; without, nothing can be
+    presigned ahead (the keys are only known from the manifest), so the worker asks the API
+    for URLs of the keys it needs (`POST /api/worker/read-urls`), which checks them against
+    these prefixes.
     """
 
     endpoint_url: str | None
@@ -61,6 +71,7 @@ class StorageGrant:
     credentials: dict[str, str] | None = None
     presigned_put: str | None = None
     presigned_get: dict[str, str] = field(default_factory=dict)
+    read_prefixes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,7 +83,21 @@ class StorageGrant:
             "credentials": dict(self.credentials) if self.credentials is not None else None,
             "presigned_put": self.presigned_put,
             "presigned_get": dict(self.presigned_get),
+            "read_prefixes": list(self.read_prefixes),
         }
+
+    def may_read(self, key: str) -> bool:
+        """Whether this grant covers reading `key`: one of its input keys, or a key under one of
+        its read prefixes."""
+        return key in self.read_keys or self.under_read_prefix(key)
+
+    def under_read_prefix(self, key: str) -> bool:
+        """Whether `key` is an object under one of the read prefixes (not the prefix itself). A
+        key with a "." or ".." segment or an empty one ("//") never is: S3 takes keys literally,
+        but an HTTP client resolves `items/../x` in a URL's path to `x`, outside the prefix."""
+        if not isinstance(key, str) or not is_plain_key(key):
+            return False
+        return any(key.startswith(prefix) and len(key) > len(prefix) for prefix in self.read_prefixes)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StorageGrant:
@@ -84,6 +109,8 @@ class StorageGrant:
         credentials = data.get("credentials")
         read_keys = data.get("read_keys", [])
         presigned_get = data.get("presigned_get") or {}
+        # Absent in tokens issued before mapped nodes existed: those read no prefix.
+        read_prefixes = data.get("read_prefixes", [])
         if endpoint_url is not None and not isinstance(endpoint_url, str):
             raise ValueError("storage grant: endpoint_url must be a string or null")
         if presigned_put is not None and not isinstance(presigned_put, str):
@@ -94,6 +121,10 @@ class StorageGrant:
             raise ValueError("storage grant: read_keys must be a list of strings")
         if not _is_str_map(presigned_get):
             raise ValueError("storage grant: presigned_get must be an object of strings")
+        if not isinstance(read_prefixes, list | tuple) or not all(isinstance(p, str) for p in read_prefixes):
+            raise ValueError("storage grant: read_prefixes must be a list of strings")
+        for prefix in read_prefixes:
+            check_read_prefix(prefix)
         return cls(
             endpoint_url=endpoint_url,
             region=_require_str(data, "region"),
@@ -103,7 +134,26 @@ class StorageGrant:
             credentials=dict(credentials) if credentials is not None else None,
             presigned_put=presigned_put,
             presigned_get=dict(presigned_get),
+            read_prefixes=tuple(read_prefixes),
         )
+
+
+def is_plain_key(key: str) -> bool:
+    """No segment of `key` is empty ("//", a leading "/"), "." or "..": segments an HTTP client
+    or proxy may resolve or collapse, so that a presigned URL's path would name another object
+    than the key checked against a prefix. (".." inside a segment, as in a data version
+    "1..2", is an ordinary character run, and the layout writes such keys.)"""
+    return not any(segment in ("", ".", "..") for segment in key.split("/"))
+
+
+def check_read_prefix(prefix: str) -> str:
+    """A prefix a grant may read under, or ValueError. It must end in "/" (without it,
+    `items/1` would also cover `items/10/...`, another child's), must not be empty or start
+    with "/" (that would be the whole bucket) and must have no "", "." or ".." segment."""
+    if not isinstance(prefix, str) or not prefix.endswith("/") or not is_plain_key(prefix[:-1]):
+        raise ValueError(f"read prefix {prefix!r} must be a folder: ending in '/', with no empty, "
+                         "'.' or '..' segment")
+    return prefix
 
 
 def params_digest(params: Any) -> str:
@@ -114,6 +164,15 @@ def params_digest(params: Any) -> str:
     """
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def map_digest(map_slot: Any) -> str:
+    """`sha256:` of the canonical JSON of a dispatch's `map` field (index, item, count).
+
+    For a mapped child the item is what its params are for any other task, so the token binds
+    it the same way: a token lifted from one child's dispatch cannot run another item.
+    """
+    return params_digest(map_slot)
 
 
 @dataclass(frozen=True)
@@ -130,6 +189,8 @@ class TaskClaims:
     params_sha256: str
     expires_at: int  # unix seconds
     storage: StorageGrant | None = None
+    # `map_digest` of the dispatch's `map` field, for a child of a mapped node; None otherwise.
+    map_sha256: str | None = None
 
 
 class TokenInvalid(Exception):
@@ -196,6 +257,8 @@ class TokenKeyring:
             "iat": issued_at,
             "stg": claims.storage.to_dict() if claims.storage is not None else None,
         }
+        if claims.map_sha256 is not None:
+            payload["map"] = claims.map_sha256
         header = {"alg": _ALG, "enc": _ENC, "kid": self._active_kid}
         plaintext = json.dumps(payload, separators=(",", ":")).encode()
         return jwe.encrypt_compact(header, plaintext, self._keys[self._active_kid], registry=self._registry)
@@ -247,6 +310,9 @@ class TokenKeyring:
             if not isinstance(attempt, int) or isinstance(attempt, bool):
                 raise ValueError("att must be an integer")
             stg = payload.get("stg")
+            map_sha256 = payload.get("map")
+            if map_sha256 is not None and not isinstance(map_sha256, str):
+                raise ValueError("map must be a string")
             return TaskClaims(
                 task_id=_require_str(payload, "sub"),
                 attempt=attempt,
@@ -258,6 +324,7 @@ class TokenKeyring:
                 params_sha256=_require_str(payload, "prm"),
                 expires_at=exp,
                 storage=StorageGrant.from_dict(stg) if stg is not None else None,
+                map_sha256=map_sha256,
             )
         except (KeyError, ValueError) as exc:
             raise TokenInvalid("malformed", str(exc)) from exc

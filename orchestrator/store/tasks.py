@@ -241,7 +241,14 @@ def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
            SELECT t.workspace_id, t.pipeline_id, t.run_id, t.id, t.node_id, t.version, t.task_name,
                   COALESCE((SELECT jsonb_object_agg(u.node_id, u.output)
                             FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-                            WHERE e.downstream_task_id = t.id AND u.output IS NOT NULL), '{}'::jsonb),
+                            WHERE e.downstream_task_id = t.id AND u.output IS NOT NULL), '{}'::jsonb)
+                  -- a map node's child: its map node's inputs, and its item
+                  || CASE WHEN t.map_parent_id IS NULL THEN '{}'::jsonb ELSE
+                         COALESCE((SELECT jsonb_object_agg(i->>'node_id', jsonb_build_object('key', i->>'key'))
+                                   FROM tasks p CROSS JOIN LATERAL jsonb_array_elements(COALESCE(p.map_inputs, '[]')) i
+                                   WHERE p.id = t.map_parent_id), '{}'::jsonb)
+                         || jsonb_build_object('map', jsonb_build_object('index', t.map_index, 'item', t.map_item))
+                     END,
                   COALESCE((SELECT jsonb_agg(jsonb_build_object(
                                 'attempt', a.attempt, 'status', a.status, 'dispatched_at', a.dispatched_at,
                                 'finished_at', a.finished_at, 'error', a.error) ORDER BY a.attempt)

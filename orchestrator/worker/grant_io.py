@@ -57,9 +57,23 @@ class GrantStorage:
                 self._client = s3_client(self.grant.endpoint_url, self.grant.region, self.grant.credentials)
             return self._client
 
-    def read_bytes(self, key: str) -> bytes:
-        url = self.grant.presigned_get.get(key)
+    def may_read(self, key: str) -> bool:
+        """Whether the grant covers `key`: an input key, or a key under a read prefix."""
+        return self.grant.may_read(key)
+
+    def needs_read_url(self, key: str) -> bool:
+        """Whether reading `key` needs a URL from the orchestrator first: a key under a read
+        prefix, in a grant without credentials (nothing under a prefix is presigned ahead)."""
+        return (self.grant.credentials is None and key not in self.grant.presigned_get
+                and self.grant.under_read_prefix(key))
+
+    def read_bytes(self, key: str, *, url: str | None = None) -> bytes:
+        """The object's bytes, by the grant's presigned URL for it, the `url` given (one the
+        orchestrator presigned on request, for a key under a read prefix) or its credentials."""
+        url = url or self.grant.presigned_get.get(key)
         if url is not None:
+            if not self.grant.may_read(key):
+                raise StorageAccessDenied(f"the storage grant does not allow reading {key!r}")
             try:
                 return get_bytes(url)
             except StorageHTTPError as exc:
@@ -69,7 +83,7 @@ class GrantStorage:
                 raise
         # The session policy enforces this on AWS; checking here too gives a clear error and
         # keeps local runs (where moto does not enforce policies) honest.
-        if self.grant.credentials is None or key not in self.grant.read_keys:
+        if self.grant.credentials is None or not self.grant.may_read(key):
             raise StorageAccessDenied(f"the storage grant does not allow reading {key!r}")
         try:
             response = self._s3().get_object(Bucket=self.grant.bucket, Key=key)

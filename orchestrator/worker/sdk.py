@@ -14,8 +14,14 @@ Protocol, per dispatch:
 
 Once a heartbeat is refused (the attempt is stale: a newer attempt took over, or the task is no
 longer active), the attempt stops: the next SDK call (`ctx.input`, `ctx.upstream`,
-`ctx.heartbeat`) raises StaleAttempt, and whatever the function does, its output is not written
-and no callback is sent.
+`ctx.heartbeat`, the next item of `ctx.map_results`) raises StaleAttempt, and whatever the
+function does, its output is not written and no callback is sent.
+
+Mapped nodes: a child of a mapped node is dispatched with `"map": {"index", "item", "count"}`
+(`ctx.item`, `ctx.index`, `ctx.map_count`) and writes its output like any task, at the
+item-scoped key its grant names. A task downstream of a mapped node (a reducer) gets a
+manifest as that input; `ctx.map_results(node)` and `ctx.map_outputs(node)` walk it in index
+order, reading each child's output only when the iteration reaches it.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.storage.s3 import encode_json, sha256_hex
-from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, params_digest
+from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, map_digest, params_digest
 from orchestrator.worker.grant_io import GrantStorage, ObjectUnavailable
 from orchestrator.worker.http import HttpSender
 
@@ -41,7 +48,17 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Settings
 
-__all__ = ["Send", "StaleAttempt", "TaskContext", "TaskFailed", "TaskFunction", "Worker"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MalformedDispatch",
+    "MapResult",
+    "Send",
+    "StaleAttempt",
+    "TaskContext",
+    "TaskFailed",
+    "TaskFunction",
+    "Worker",
+]
 
 log = logging.getLogger("tickweave.worker")
 
@@ -52,6 +69,13 @@ F = TypeVar("F", bound=TaskFunction)
 MAX_TRACEBACK_CHARS = 4000
 MAX_MESSAGE_CHARS = 4000
 _HEARTBEAT_JOIN_TIMEOUT_S = 5.0
+# The manifest a mapped node's reducer gets as that node's input (written by the server).
+MANIFEST_FORMAT = "tickweave.map-manifest/1"
+_MANIFEST_FAMILY = "tickweave.map-manifest/"
+# Keys whose URLs a presigned-mode reducer asks for at once: one round trip per 100 items, and
+# never more than 100 URLs (~1 KB each) held, whatever the width of the map.
+READ_URL_BATCH = 100
+_MAP_STATUSES = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 
 
 class TaskFailed(Exception):
@@ -73,6 +97,24 @@ class StaleAttempt(Exception):
     def __init__(self, task_id: str, attempt: int, reason: str) -> None:
         super().__init__(f"task {task_id} attempt {attempt} is no longer current ({reason})")
         self.reason = reason
+
+
+class MalformedDispatch(ValueError):
+    """A dispatch whose token is valid but whose fields cannot be run as given (a `map` field
+    that is not {index, item, count}); the attempt fails, not retryable: the same message would
+    fail the same way."""
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """One child of a mapped node, as a reducer sees it: its position in the mapped list, its
+    final status (succeeded, failed, skipped or cancelled), its output (None unless it
+    succeeded) and its error (None if it succeeded)."""
+
+    index: int
+    status: str
+    value: Any
+    error: dict[str, Any] | None
 
 
 class _Refused(Exception):
@@ -108,10 +150,17 @@ class TaskContext:
         self.heartbeat_interval_s: float = float(dispatch.get("heartbeat_interval_s") or 0)
         self.deadline: datetime | None = _parse_deadline(dispatch.get("deadline"))
         self.log: logging.Logger = logging.getLogger(f"tickweave.task.{self.task or 'unknown'}")
+        # For a child of a mapped node: its item, its index in the list and the list's length;
+        # None for any other task (an item may itself be null: check `index`, not `item`).
+        map_slot = _parse_map(dispatch.get("map"))
+        self.item: Any = map_slot["item"] if map_slot is not None else None
+        self.index: int | None = map_slot["index"] if map_slot is not None else None
+        self.map_count: int | None = map_slot["count"] if map_slot is not None else None
         self.claims = claims
         self._token = token
         self._send = send
         self._heartbeat_url = str(dispatch["heartbeat_url"])
+        self._read_urls_url = _read_urls_url(self._heartbeat_url, str(dispatch.get("callback_url") or ""))
         self._input_refs = _refs(dispatch.get("inputs"))
         self._upstream_refs = _refs(dispatch.get("upstream"))
         self._storage = GrantStorage(claims.storage) if claims.storage is not None else None
@@ -197,6 +246,38 @@ class TaskContext:
         self._check_current()
         return self._read(key, f"the output {output!r} of upstream pipeline {pipeline!r}")
 
+    def manifest(self, node_id: str) -> dict[str, Any]:
+        """The manifest of mapped upstream node `node_id`: its children's statuses and output
+        keys in index order, with counts (format `tickweave.map-manifest/1`). Read once and kept;
+        do not change it. Raises TaskFailed (not retryable) if that input is not a manifest."""
+        value = self.input(node_id)
+        if not isinstance(value, Mapping) or value.get("format") != MANIFEST_FORMAT:
+            fmt = value.get("format") if isinstance(value, Mapping) else None
+            if isinstance(fmt, str) and fmt.startswith(_MANIFEST_FAMILY):
+                message = (f"input {node_id!r} is a map manifest of format {fmt!r}, which this worker "
+                           f"does not read (it reads {MANIFEST_FORMAT!r}); upgrade the worker")
+            else:
+                message = f"input {node_id!r} is not the output of a mapped node"
+            raise TaskFailed(f"node {self.node!r}: {message}", retryable=False, code="not_a_manifest")
+        if not isinstance(value.get("items"), list):
+            raise TaskFailed(f"node {self.node!r}: the manifest of mapped node {node_id!r} has no items list",
+                             retryable=False, code="manifest_invalid")
+        # A shallow copy (a dozen keys; the items list is shared): typed as what JSON gives.
+        return dict(value)
+
+    def map_results(self, node_id: str) -> Iterator[MapResult]:
+        """Every child of mapped upstream node `node_id`, in index order, lazily: a succeeded
+        child's output is read when the iteration reaches it, so a reducer of 100,000 items
+        holds the manifest and one item (plus at most READ_URL_BATCH URLs), never every output.
+        A failed, skipped or cancelled child comes with value None and its error."""
+        manifest = self.manifest(node_id)
+        return _MapReader(self, node_id, manifest["items"]).results()
+
+    def map_outputs(self, node_id: str) -> Iterator[Any]:
+        """The outputs of the children of mapped upstream node `node_id` that succeeded, in index
+        order, each read when the iteration reaches it (see `map_results`)."""
+        return (result.value for result in self.map_results(node_id) if result.status == "succeeded")
+
     def heartbeat(self, progress: float | None = None, message: str | None = None) -> dict[str, Any]:
         """Extend the lease and report progress; returns the server's answer. Raises StaleAttempt
         when the attempt is (or turns out to be) no longer current."""
@@ -231,16 +312,152 @@ class TaskContext:
         try:
             value = self._storage.read_json(key)
         except ObjectUnavailable as exc:
-            # A failure of this attempt that names what is missing, not a botocore trace.
-            if exc.reason == "missing":
-                message, code = f"{what} is not in the bucket (key {key!r}; {exc.detail})", "input_missing"
-            else:
-                message, code = (f"{what} could not be read with this task's storage grant (key {key!r}; "
-                                 f"{exc.detail}): it is missing, or the grant does not cover it"), "input_unreadable"
-            raise TaskFailed(f"node {self.node!r}: {message}", code=code, retryable=True) from None
+            raise self._unavailable(exc, what) from None
         with self._cache_lock:
             self._cache[key] = value
         return value
+
+    def _unavailable(self, exc: ObjectUnavailable, what: str) -> TaskFailed:
+        """A failure of this attempt that names what is missing, not a botocore trace."""
+        if exc.reason == "missing":
+            message, code = f"{what} is not in the bucket (key {exc.key!r}; {exc.detail})", "input_missing"
+        else:
+            message, code = (f"{what} could not be read with this task's storage grant (key {exc.key!r}; "
+                             f"{exc.detail}): it is missing, or the grant does not cover it"), "input_unreadable"
+        return TaskFailed(f"node {self.node!r}: {message}", code=code, retryable=True)
+
+    def _request_read_urls(self, keys: Sequence[str], what: str) -> dict[str, str]:
+        """Presigned GET URLs for keys under the grant's read prefixes, from the orchestrator
+        (`POST /api/worker/read-urls`, authenticated by this attempt's token), through the same
+        `send` as heartbeats and callbacks."""
+        if self._read_urls_url is None:
+            raise TaskFailed(
+                f"node {self.node!r}: {what} needs read URLs from the orchestrator, and the dispatch "
+                "names no orchestrator API to ask (its heartbeat_url does not end in /api/heartbeat)",
+                retryable=False, code="input_unreadable")
+        answer = self._send(self._read_urls_url, {"token": self._token, "keys": list(keys)})
+        urls = answer.get("urls")
+        if isinstance(urls, Mapping) and all(isinstance(urls.get(key), str) for key in keys):
+            return {key: str(urls[key]) for key in keys}
+        problem = answer.get("error")
+        detail = (f"{problem.get('code')}: {problem.get('message')}" if isinstance(problem, Mapping)
+                  else "the answer has no URL for every key")
+        # Retryable: the orchestrator was reachable but refused or failed (an expired token, a
+        # deployment in progress); a new attempt gets a new token and asks again.
+        raise TaskFailed(f"node {self.node!r}: the orchestrator gave no read URLs for {what} ({detail})",
+                         retryable=True, code="input_unreadable")
+
+
+class _MapReader:
+    """Walks a manifest's items for `TaskContext.map_results`: validates each item as it comes,
+    reads a succeeded child's output when the iteration reaches it, and in presigned mode asks
+    for URLs READ_URL_BATCH keys ahead (a URL is used within one batch of its issue, long
+    before its expiry, unless the task dawdles: then a refused one is asked for again)."""
+
+    def __init__(self, ctx: TaskContext, node_id: str, items: list[Any]) -> None:
+        self._ctx = ctx
+        self._node_id = node_id
+        self._items = items
+        # URLs of the current batch, consumed (popped) as items are read.
+        self._urls: dict[str, str] = {}
+
+    def results(self) -> Iterator[MapResult]:
+        previous = -1
+        for position, raw in enumerate(self._items):
+            index, status, key, error = self._item(position, raw)
+            if index <= previous:
+                raise self._invalid(position, "items are not in increasing index order")
+            previous = index
+            if status != "succeeded" or key is None:
+                # A child that succeeded without storing anything (no grant) returned None.
+                self._ctx._check_current()
+                yield MapResult(index=index, status=status, value=None, error=error)
+                continue
+            yield MapResult(index=index, status=status, value=self._value(position, index, key, raw), error=None)
+
+    def _item(self, position: int, raw: Any) -> tuple[int, str, str | None, dict[str, Any] | None]:
+        if not isinstance(raw, Mapping):
+            raise self._invalid(position, "an item is not an object")
+        index, status, key, error = raw.get("index"), raw.get("status"), raw.get("key"), raw.get("error")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise self._invalid(position, "an item's index is not an integer >= 0")
+        if status not in _MAP_STATUSES:
+            raise self._invalid(position, f"item {index} has status {status!r}")
+        if status == "succeeded":
+            if key is not None and (not isinstance(key, str) or not key):
+                raise self._invalid(position, f"succeeded item {index} has an output key that is not a string")
+            return index, status, key, None
+        return index, status, None, dict(error) if isinstance(error, Mapping) else None
+
+    def _invalid(self, position: int, problem: str) -> TaskFailed:
+        return TaskFailed(
+            f"node {self._ctx.node!r}: the manifest of mapped node {self._node_id!r} is invalid at "
+            f"items[{position}]: {problem}", retryable=False, code="manifest_invalid")
+
+    def _value(self, position: int, index: int, key: str, raw: Mapping[str, Any]) -> Any:
+        ctx = self._ctx
+        ctx._check_current()
+        storage = ctx.storage
+        what = f"the output of item {index} of mapped node {self._node_id!r}"
+        if storage is None:
+            raise PermissionError("this task's token carries no storage grant")
+        if not storage.may_read(key):
+            # The server wrote both the manifest and the grant; a key outside the grant is its
+            # bug (or tampering), and trying again gets the same manifest and the same grant.
+            raise TaskFailed(f"node {ctx.node!r}: {what} (key {key!r}) is not under a read prefix of this "
+                             "task's storage grant", retryable=False, code="input_not_granted")
+        url: str | None = None
+        if storage.needs_read_url(key):
+            if key not in self._urls:
+                self._urls = ctx._request_read_urls(self._batch(position, storage), what)
+            url = self._urls.pop(key)
+        try:
+            try:
+                body = storage.read_bytes(key, url=url)
+            except ObjectUnavailable as exc:
+                if url is None or exc.reason != "denied":
+                    raise
+                # Most likely the URL expired while the task worked on earlier items: one fresh
+                # URL for this key, then the read's answer stands.
+                body = storage.read_bytes(key, url=ctx._request_read_urls([key], what)[key])
+        except ObjectUnavailable as exc:
+            raise ctx._unavailable(exc, what) from None
+        self._check_digest(position, index, key, body, raw)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise TaskFailed(f"node {ctx.node!r}: {what} (key {key!r}) is not JSON", retryable=False,
+                             code="input_invalid") from None
+
+    def _batch(self, position: int, storage: GrantStorage) -> list[str]:
+        """The keys of the next READ_URL_BATCH succeeded items from `position` that need a URL
+        (the one at `position` first). Keys the grant does not cover are left out: the
+        orchestrator would refuse the whole batch for one, and the iteration fails on it by
+        itself when it gets there."""
+        keys: dict[str, None] = {}
+        # By position, not a slice: slicing would copy the rest of a 100,000-item list per batch.
+        for ahead in range(position, len(self._items)):
+            if len(keys) == READ_URL_BATCH:
+                break
+            raw = self._items[ahead]
+            if not isinstance(raw, Mapping) or raw.get("status") != "succeeded":
+                continue
+            key = raw.get("key")
+            if isinstance(key, str) and storage.needs_read_url(key):
+                keys[key] = None
+        return list(keys)
+
+    def _check_digest(self, position: int, index: int, key: str, body: bytes, raw: Mapping[str, Any]) -> None:
+        # The manifest records what the server accepted from the child. The child's grant can
+        # still write its key until it expires; what is read now must be what was accepted.
+        size, sha256 = raw.get("size"), raw.get("sha256")
+        changed = (isinstance(size, int) and not isinstance(size, bool) and size != len(body)) or (
+            isinstance(sha256, str) and sha256 != "" and sha256.lower() != sha256_hex(body))
+        if changed:
+            raise TaskFailed(
+                f"node {self._ctx.node!r}: the output of item {index} of mapped node {self._node_id!r} "
+                f"(key {key!r}) is not what was accepted (size or sha256 differs from the manifest)",
+                retryable=False, code="input_changed")
 
 
 class _Heartbeater:
@@ -411,7 +628,14 @@ class Worker:
             }
             return send(callback_url, {"token": token, "status": "failed", "error": error})
 
-        ctx = TaskContext(dispatch=dispatch, claims=claims, token=token, send=send)
+        try:
+            ctx = TaskContext(dispatch=dispatch, claims=claims, token=token, send=send)
+        except MalformedDispatch as exc:
+            # The token is good, so the attempt is reported (unlike a refusal): the server
+            # otherwise waits for a lease to expire and sends the same message again.
+            error = {"message": str(exc)[:MAX_MESSAGE_CHARS], "type": "MalformedDispatch",
+                     "code": "malformed_dispatch", "retryable": False}
+            return send(callback_url, {"token": token, "status": "failed", "error": error})
         first = ctx._beat()
         if _refused(first):
             log.info("task %s attempt %s is no longer current; not running it", ctx.task_id, ctx.attempt)
@@ -458,6 +682,11 @@ class Worker:
             raise _Refused("task_mismatch")
         if params_digest(dispatch.get("params")) != claims.params_sha256:
             raise _Refused("params_mismatch")
+        # A mapped child's token binds its item as it binds params: a token lifted from one
+        # child's dispatch and replayed with another item runs nothing. (A token that binds no
+        # map, as one from a dispatcher that does not bind items, is not checked.)
+        if claims.map_sha256 is not None and map_digest(dispatch.get("map")) != claims.map_sha256:
+            raise _Refused("map_mismatch")
         return claims, token
 
     def _run(self, fn: TaskFunction, ctx: TaskContext) -> dict[str, Any] | None:
@@ -566,6 +795,40 @@ def _refs(value: Any) -> dict[str, str]:
         if isinstance(ref, Mapping) and isinstance(ref.get("key"), str):
             refs[str(name)] = ref["key"]
     return refs
+
+
+def _parse_map(value: Any) -> dict[str, Any] | None:
+    """The dispatch's `map` field ({"index", "item", "count"}) checked, or None when absent."""
+    if value is None:
+        return None
+    shape = "the dispatch's map field must be {\"index\": int >= 0, \"item\": any, \"count\": int > index}"
+    if not isinstance(value, Mapping) or "item" not in value:
+        raise MalformedDispatch(f"{shape}; got {_preview(value)}")
+    index, count = value.get("index"), value.get("count")
+    for name, number in (("index", index), ("count", count)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise MalformedDispatch(f"{shape}; its {name} is {_preview(number)}")
+    assert isinstance(index, int) and isinstance(count, int)
+    if index >= count:
+        raise MalformedDispatch(f"{shape}; its index {index} is not below its count {count}")
+    return {"index": index, "item": value["item"], "count": count}
+
+
+def _preview(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_urls_url(heartbeat_url: str, callback_url: str) -> str | None:
+    """`{api}/worker/read-urls` of the orchestrator that sent the dispatch: derived from its
+    heartbeat URL (`{api}/heartbeat`) or callback URL (`{api}/callback/{task_id}`), which keeps
+    any path prefix in front of `/api` (an API Gateway stage)."""
+    if heartbeat_url.endswith("/api/heartbeat"):
+        return heartbeat_url[: -len("heartbeat")] + "worker/read-urls"
+    head, found, _ = callback_url.rpartition("/api/callback/")
+    if found:
+        return head + "/api/worker/read-urls"
+    return None
 
 
 def _parse_deadline(value: Any) -> datetime | None:

@@ -225,6 +225,57 @@ def corrupt_dead_task_without_dead_letter(engine: Engine) -> tuple[uuid.UUID | N
     return run, x["id"]
 
 
+def _mapped_run(engine: Engine, items: list[Any], **options: Any) -> tuple[uuid.UUID, uuid.UUID]:
+    """A run whose root map node over params is expanded as it starts (nothing claimed); `x` keeps
+    the run a way forward. Returns (run id, map node id)."""
+    run = trigger(engine, {"id": "m", "params": {"xs": items}, "nodes": [
+        {"id": "each", "task": "echo", "map": {"over": "params.xs", **options}},
+        {"id": "after", "task": "echo", "depends": ["each"]},
+        {"id": "x", "task": "echo", "priority": -1}]})
+    with engine.db.connection() as conn:
+        node = conn.execute("SELECT id FROM tasks WHERE run_id = %s AND kind = 'map'", (run,)).fetchone()
+    assert node is not None
+    return run, node["id"]
+
+
+def corrupt_map_node_unresolved(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    # An empty map settles at once; put back to ready (and counted open again), it would wait
+    # for a claim that never takes map nodes.
+    run, node = _mapped_run(engine, [])
+    sql(engine, "UPDATE tasks SET status = 'ready', finished_at = NULL WHERE id = %s AND status = 'succeeded'", node)
+    # ...and its successor back to waiting for it, as it would be
+    sql(engine, "UPDATE tasks SET status = 'pending', unfinished_deps = 1 WHERE run_id = %s AND node_id = 'after'", run)
+    sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks + 1 WHERE id = %s", run)
+    return run, node
+
+
+def corrupt_map_width(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    run, node = _mapped_run(engine, ["a", "b", "c"])
+    sql(engine, "UPDATE tasks SET map_width = 4 WHERE id = %s", node)
+    return run, node
+
+
+def corrupt_map_child_of_settled_node(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    # The map node skipped (with its successor, both counted off) while its three items are
+    # still ready.
+    run, node = _mapped_run(engine, ["a", "b", "c"])
+    sql(engine, "UPDATE tasks SET status = 'skipped', finished_at = tw_now() WHERE id = %s", node)
+    sql(engine, "UPDATE tasks SET status = 'skipped', finished_at = tw_now() WHERE run_id = %s AND node_id = 'after'",
+        run)
+    sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks - 2 WHERE id = %s", run)
+    return run, None
+
+
+def corrupt_map_concurrency_limit(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    run, node = _mapped_run(engine, ["a", "b", "c"], max_concurrency=1)
+    with engine.db.connection() as conn:
+        children = conn.execute("SELECT id FROM tasks WHERE map_parent_id = %s ORDER BY map_index LIMIT 2",
+                                (node,)).fetchall()
+    for child in children:
+        _force_dispatch(engine, child["id"])
+    return run, node
+
+
 CORRUPTIONS: dict[str, Corruption] = {
     "pending_task_counters": corrupt_pending_task_counters,
     "pending_task_undecided": corrupt_pending_task_undecided,
@@ -239,6 +290,10 @@ CORRUPTIONS: dict[str, Corruption] = {
     "orchestration_run_blocked_on_finished_upstream": corrupt_orchestration_run_blocked_on_finished_upstream,
     "run_failed_counter": corrupt_run_failed_counter,
     "dead_task_without_dead_letter": corrupt_dead_task_without_dead_letter,
+    "map_node_unresolved": corrupt_map_node_unresolved,
+    "map_width": corrupt_map_width,
+    "map_child_of_settled_node": corrupt_map_child_of_settled_node,
+    "map_concurrency_limit": corrupt_map_concurrency_limit,
 }
 
 

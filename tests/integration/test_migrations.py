@@ -16,7 +16,7 @@ EXPECTED_TABLES = {
     "task_attempts", "schema_migrations", "schedules", "schedule_skips", "tw_clock", "dead_letters",
     "workers", "worker_tasks", "task_code_versions", "templates", "template_versions",
     "pipeline_template_refs", "events", "backfills", "pipeline_dependencies", "orchestrations",
-    "run_dependencies", "pipeline_outputs", "run_inputs", "pipeline_triggers",
+    "run_dependencies", "pipeline_outputs", "run_inputs", "pipeline_triggers", "map_items",
 }
 
 

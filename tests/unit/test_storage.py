@@ -252,3 +252,89 @@ def test_sts_grant_falls_back_to_presigned_reads_when_policy_too_big(settings: S
     assert grant.credentials is not None
     assert set(grant.presigned_get) == set(reads)
     assert grant.read_keys == tuple(reads)
+
+
+# --- read prefixes: a reducer reads the children of a mapped node ---------------------------------
+
+ITEMS = "runs/ws/p/r/v/nodes/parse/items/"
+MANIFEST = "runs/ws/p/r/v/nodes/parse/attempts/1/manifest.json"
+REDUCER_OUT = "runs/ws/p/r/v/nodes/load/attempts/1/output.json"
+
+
+def test_session_policy_with_read_prefixes_allows_gets_under_each_folder_only() -> None:
+    policy = session_policy("bkt", REDUCER_OUT, [MANIFEST], write_prefix=REDUCER_OUT.removesuffix("output.json"),
+                            read_prefixes=[ITEMS, ITEMS, "runs/ws/p/r/v/nodes/other/items/"])
+    assert [s["Sid"] for s in policy["Statement"]] == ["WriteOutput", "ReadInputs", "ReadMappedItems"]
+    assert policy["Statement"][2] == {
+        "Sid": "ReadMappedItems", "Effect": "Allow", "Action": ["s3:GetObject"],
+        "Resource": [f"arn:aws:s3:::bkt/{ITEMS}*", "arn:aws:s3:::bkt/runs/ws/p/r/v/nodes/other/items/*"],
+    }
+    # Without prefixes the policy is what it always was.
+    assert session_policy("bkt", "out", ["in"]) == session_policy("bkt", "out", ["in"], read_prefixes=())
+
+
+@pytest.mark.parametrize("bad", [ITEMS.rstrip("/"), "", "/", "runs/../", "runs//x/"])
+def test_session_policy_refuses_a_read_prefix_that_is_not_a_folder(bad: str) -> None:
+    # Without the "/", items/1* would also grant items/10/...; "" or "/" would grant the bucket.
+    with pytest.raises(ValueError, match="read prefix"):
+        session_policy("bkt", "out", [], read_prefixes=[bad])
+
+
+def test_presigned_grant_carries_read_prefixes_and_presigns_nothing_under_them(settings: Settings) -> None:
+    grant = issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[MANIFEST], task_id="t",
+                                read_prefixes=[ITEMS])
+    assert grant.credentials is None
+    assert grant.read_prefixes == (ITEMS,)
+    assert set(grant.presigned_get) == {MANIFEST}  # the prefix's keys come from the API on demand
+    with pytest.raises(ValueError, match="read prefix"):
+        issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[], task_id="t",
+                            read_prefixes=[ITEMS.rstrip("/")])
+
+
+def test_sts_grant_with_read_prefixes_puts_them_in_the_session_policy(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings.with_overrides(storage_role_arn=ROLE_ARN)
+    from orchestrator.storage import s3 as s3_module
+
+    sts = s3_module.orchestrator_sts(settings)
+    real_assume_role = sts.assume_role
+    policies: list[dict[str, Any]] = []
+
+    def recording_assume_role(**kwargs: Any) -> Any:
+        policies.append(json.loads(kwargs["Policy"]))
+        return real_assume_role(**kwargs)
+
+    monkeypatch.setattr(sts, "assume_role", recording_assume_role)
+    grant = issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[MANIFEST], task_id="t",
+                                read_prefixes=[ITEMS])
+    assert grant.credentials is not None and grant.presigned_get == {}
+    assert grant.read_prefixes == (ITEMS,)
+    assert policies == [session_policy(settings.bucket, REDUCER_OUT, [MANIFEST], read_prefixes=[ITEMS])]
+
+    # Too many inputs to name: the reads fall back to presigned URLs, the prefix stays in the
+    # policy (nothing under it can be presigned at dispatch).
+    reads = [f"runs/ws/pipeline/{uuid.uuid4()}/v1/nodes/node-{i}" for i in range(40)]
+    grant = issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=reads, task_id="t",
+                                read_prefixes=[ITEMS])
+    assert set(grant.presigned_get) == set(reads)
+    assert policies[-1] == session_policy(settings.bucket, REDUCER_OUT, [], read_prefixes=[ITEMS])
+    assert len(json.dumps(policies[-1], separators=(",", ":"))) <= MAX_SESSION_POLICY_CHARS
+
+    # So many prefixes that even they do not fit: refused with the reason, not a useless grant.
+    many = [f"runs/ws/pipeline/{uuid.uuid4()}/v1/nodes/map-{i}/items/" for i in range(40)]
+    with pytest.raises(ValueError, match="read prefixes is over"):
+        issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[], task_id="t", read_prefixes=many)
+
+
+def test_presign_get_urls_signs_for_the_given_lifetime(settings: Settings) -> None:
+    from orchestrator.storage.s3 import presign_get_urls
+
+    put_json_object(settings, ITEMS + "0/attempts/1/output.json", {"i": 0})
+    urls = presign_get_urls(settings, [ITEMS + "0/attempts/1/output.json"], 42)
+    url = urls[ITEMS + "0/attempts/1/output.json"]
+    assert httpx.URL(url).params["X-Amz-Expires"] == "42"
+    assert httpx.get(url).json() == {"i": 0}
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError):
+            presign_get_urls(settings, ["k"], bad)

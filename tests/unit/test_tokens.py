@@ -188,3 +188,75 @@ def test_unpadded_key_accepted() -> None:
     material = new_key().rstrip("=")
     ring = TokenKeyring([("k", material)], issuer="i", audience="a")
     assert ring.read(ring.issue(claims())).workspace == "ws"
+
+
+# --- read prefixes (reducers of mapped nodes) and the map binding ---------------------------------
+
+ITEMS = "runs/ws/p/r/v1/nodes/parse/items/"
+REDUCER_GRANT = StorageGrant(
+    endpoint_url=None,
+    region="us-east-1",
+    bucket="b",
+    output_key="runs/ws/p/r/v1/nodes/load/attempts/1/output.json",
+    read_keys=("runs/ws/p/r/v1/nodes/parse/attempts/1/manifest.json",),
+    presigned_put="http://example/put?sig",
+    read_prefixes=(ITEMS,),
+)
+
+
+def test_a_grant_with_read_prefixes_round_trips_as_a_dict_and_in_a_token(keyring: TokenKeyring) -> None:
+    as_dict = REDUCER_GRANT.to_dict()
+    assert as_dict["read_prefixes"] == [ITEMS]
+    assert StorageGrant.from_dict(json.loads(json.dumps(as_dict))) == REDUCER_GRANT
+    original = claims(storage=REDUCER_GRANT)
+    assert keyring.read(keyring.issue(original)) == original
+
+
+def test_a_grant_from_before_read_prefixes_still_parses() -> None:
+    old = GRANT.to_dict()
+    del old["read_prefixes"]
+    parsed = StorageGrant.from_dict(old)
+    assert parsed == GRANT
+    assert parsed.read_prefixes == ()
+
+
+@pytest.mark.parametrize("bad", [ITEMS.rstrip("/"), "", "/", "/runs/", "runs/../x/", "runs//x/", 7, None])
+def test_a_grant_refuses_read_prefixes_that_are_not_folders(bad: object) -> None:
+    data = REDUCER_GRANT.to_dict()
+    data["read_prefixes"] = [bad]
+    with pytest.raises(ValueError, match=r"read_prefixes|read prefix"):
+        StorageGrant.from_dict(data)
+    data["read_prefixes"] = ITEMS  # a string is not a list of them
+    with pytest.raises(ValueError, match="read_prefixes"):
+        StorageGrant.from_dict(data)
+
+
+def test_what_a_grant_may_read() -> None:
+    grant = REDUCER_GRANT
+    assert grant.may_read("runs/ws/p/r/v1/nodes/parse/attempts/1/manifest.json")  # an input key
+    assert grant.may_read(ITEMS + "0/attempts/1/output.json")
+    assert grant.under_read_prefix(ITEMS + "10/attempts/2/output.json")
+    assert not grant.under_read_prefix(ITEMS)  # the folder itself is no object
+    assert not grant.may_read("runs/ws/p/r/v1/nodes/parse-other/items/0/attempts/1/output.json")
+    assert not grant.may_read("runs/ws/p/r/v1/nodes/par/items/0/attempts/1/output.json")
+    assert not grant.may_read(ITEMS + "../../secret/output.json")
+    assert not grant.may_read(ITEMS + "0//output.json")
+    assert not grant.may_read(grant.output_key)  # its own output is written, not read
+    assert not grant.may_read(ITEMS + "./0/attempts/1/output.json")
+    # ".." inside a segment is no traversal: a data version may be "1..2".
+    dotted = StorageGrant(endpoint_url=None, region="r", bucket="b", output_key="o",
+                          read_prefixes=("runs/ws/p/r/1..2/nodes/parse/items/",))
+    assert dotted.may_read("runs/ws/p/r/1..2/nodes/parse/items/0/attempts/1/output.json")
+
+
+def test_the_map_binding_round_trips_and_is_absent_for_other_tasks(keyring: TokenKeyring) -> None:
+    from dataclasses import replace
+
+    from orchestrator.storage.tokens import map_digest
+
+    slot = {"index": 3, "item": {"file": "c.csv"}, "count": 10}
+    bound = replace(claims(), map_sha256=map_digest(slot))
+    assert keyring.read(keyring.issue(bound)) == bound
+    assert map_digest(dict(reversed(list(slot.items())))) == bound.map_sha256  # canonical: key order
+    assert map_digest({**slot, "index": 4}) != bound.map_sha256
+    assert keyring.read(keyring.issue(claims())).map_sha256 is None

@@ -18,9 +18,17 @@ from botocore.exceptions import ClientError
 
 from infra.s3 import MotoServer
 from orchestrator.config import Settings
-from orchestrator.storage.layout import node_attempt_prefix, node_output_key, pipeline_output_key
+from orchestrator.storage.layout import (
+    map_item_attempt_prefix,
+    map_item_output_key,
+    map_items_prefix,
+    map_manifest_key,
+    node_attempt_prefix,
+    node_output_key,
+    pipeline_output_key,
+)
 from orchestrator.storage.s3 import ensure_bucket, issue_storage_grant, put_json_object, read_json_object
-from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
+from orchestrator.storage.tokens import TaskClaims, TokenKeyring, map_digest, params_digest
 from orchestrator.worker import StaleAttempt, TaskContext, TaskFailed, Worker
 from orchestrator.worker.http import HttpSender, StorageHTTPError
 
@@ -89,16 +97,40 @@ class Harness:
         attempt: int = 1,
         heartbeat_interval_s: float = 30,
         expires_in: int = 600,
+        manifests: dict[str, str] | None = None,
+        read_prefixes: tuple[str, ...] | None = None,
+        map_slot: Any = None,
+        bind_map: bool = True,
     ) -> dict[str, Any]:
+        """`manifests` names mapped upstream nodes (input name -> mapped node id): each input is
+        that node's manifest, and the grant reads under its items prefix (or `read_prefixes`).
+        `map_slot` makes this a mapped child's dispatch, its item bound by the token unless
+        `bind_map` is False."""
         task_id = str(uuid.uuid4())
-        inputs = inputs or {}
+        inputs = dict(inputs or {})
         upstream = upstream or {}
+        manifests = manifests or {}
+        refs: dict[str, dict[str, Any]] = {name: {"key": key} for name, key in inputs.items()}
+        for name, mapped in manifests.items():
+            refs[name] = {"key": self.manifest_key(mapped), "manifest": True, "items_prefix": self.items(mapped)}
+        if read_prefixes is None:
+            read_prefixes = tuple(self.items(mapped) for mapped in manifests.values())
+        if map_slot is not None:
+            # A malformed slot (tests of refusals) still gets a grant: item 0's.
+            raw_index = map_slot.get("index") if isinstance(map_slot, dict) else None
+            index = raw_index if type(raw_index) is int and raw_index >= 0 else 0
+            output_key = map_item_output_key("ws", "pipe", self.run_id, "v1", node, index, attempt)
+            write_prefix = map_item_attempt_prefix("ws", "pipe", self.run_id, "v1", node, index, attempt)
+        else:
+            output_key = self.key(node, attempt)
+            write_prefix = node_attempt_prefix("ws", "pipe", self.run_id, "v1", node, attempt)
         grant = issue_storage_grant(
             self.settings,
-            output_key=self.key(node, attempt),
-            write_prefix=node_attempt_prefix("ws", "pipe", self.run_id, "v1", node, attempt),
-            read_keys=[*inputs.values(), *upstream.values()],
+            output_key=output_key,
+            write_prefix=write_prefix,
+            read_keys=[*(ref["key"] for ref in refs.values()), *upstream.values()],
             task_id=task_id,
+            read_prefixes=read_prefixes,
         )
         token = self.keyring.issue(
             TaskClaims(
@@ -110,9 +142,10 @@ class Harness:
                 params_sha256=params_digest(params or {}),
                 expires_at=int(time.time()) + expires_in,
                 storage=grant,
+                map_sha256=map_digest(map_slot) if map_slot is not None and bind_map else None,
             )
         )
-        return {
+        message: dict[str, Any] = {
             "task_id": task_id,
             "run_id": self.run_id,
             "workspace": "ws",
@@ -122,7 +155,7 @@ class Harness:
             "task": task,
             "params": params or {},
             "version": "v1",
-            "inputs": {name: {"key": key} for name, key in inputs.items()},
+            "inputs": refs,
             "upstream": {name: {"key": key} for name, key in upstream.items()},
             "token": token,
             "callback_url": CALLBACK + task_id,
@@ -130,6 +163,18 @@ class Harness:
             "heartbeat_interval_s": heartbeat_interval_s,
             "deadline": None,
         }
+        if map_slot is not None:
+            message["map"] = map_slot
+        return message
+
+    def items(self, node: str) -> str:
+        return map_items_prefix("ws", "pipe", self.run_id, "v1", node)
+
+    def manifest_key(self, node: str) -> str:
+        return map_manifest_key("ws", "pipe", self.run_id, "v1", node, 1)
+
+    def item_key(self, node: str, index: int, attempt: int = 1) -> str:
+        return map_item_output_key("ws", "pipe", self.run_id, "v1", node, index, attempt)
 
 
 @pytest.fixture(params=["presigned", "sts"])
@@ -587,3 +632,374 @@ def test_the_output_put_carries_s3s_own_sha256_checksum_with_credentials(harness
         # checks the size (and the sha256 where it reads the object).
         assert stored is None
     assert head["ContentLength"] == callback["output"]["size"]
+
+
+# --- mapped nodes: children see their item, reducers walk the manifest -----------------------------
+
+READ_URLS = "http://orchestrator.test/api/worker/read-urls"
+
+
+class ReadUrlsEndpoint:
+    """A sender for the SDK: `POST /api/worker/read-urls` goes to the real endpoint
+    (orchestrator.api.worker_reads, so the real presign_reads with the harness's key ring),
+    mounted alone in an app and reached through the SDK's own HttpSender; anything else
+    (heartbeats, callbacks) goes to the fake orchestrator."""
+
+    def __init__(self, harness: Harness, fake: FakeOrchestrator,
+                 tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        from types import SimpleNamespace
+
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+        from starlette.testclient import TestClient
+
+        from orchestrator.api.worker_reads import read_urls
+
+        app = Starlette(routes=[Route("/api/worker/read-urls", read_urls, methods=["POST"])])
+        engine = SimpleNamespace(settings=harness.settings, keyring=harness.keyring)
+        app.state.get_engine = lambda: engine
+        self._http = HttpSender(client=TestClient(app), backoff_s=0)
+        self._fake = fake
+        self._tamper = tamper
+        self.requests: list[list[str]] = []
+
+    def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if url != READ_URLS:
+            return self._fake(url, body)
+        self.requests.append(list(body["keys"]))
+        answer = self._http(url, body)
+        return self._tamper(answer) if self._tamper is not None else answer
+
+
+def write_map(harness: Harness, node: str, statuses: list[str], *, value: Callable[[int], Any] = lambda i: {"i": i},
+              keys: dict[int, str] | None = None) -> dict[str, Any]:
+    """Store a mapped node's children's outputs and its manifest, as the server would have."""
+    items: list[dict[str, Any]] = []
+    for index, status in enumerate(statuses):
+        if status == "succeeded":
+            key = (keys or {}).get(index) or harness.item_key(node, index)
+            size, sha256 = put_json_object(harness.settings, key, value(index))
+            items.append({"index": index, "status": status, "key": key, "size": size, "sha256": sha256})
+        elif status == "failed":
+            items.append({"index": index, "status": status, "error": {"code": "task_error", "message": f"bad {index}"}})
+        else:
+            items.append({"index": index, "status": status})
+    manifest = {
+        "format": "tickweave.map-manifest/1", "node": node, "version": "v1", "run_id": harness.run_id,
+        "count": len(statuses), "succeeded": statuses.count("succeeded"), "failed": statuses.count("failed"),
+        "skipped": statuses.count("skipped"), "items_prefix": harness.items(node), "items": items,
+    }
+    put_json_object(harness.settings, harness.manifest_key(node), manifest)
+    return manifest
+
+
+def test_a_mapped_child_sees_its_item_and_writes_its_own_item_key(harness: Harness) -> None:
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+
+    @worker.task("parse-file")
+    def parse_file(ctx: TaskContext) -> dict[str, Any]:
+        return {"item": ctx.item, "index": ctx.index, "count": ctx.map_count}
+
+    slot = {"index": 2, "item": {"file": "c.csv"}, "count": 5}
+    answer = worker.execute(harness.dispatch("parse-file", node="parse", map_slot=slot))
+
+    assert answer["status"] == "succeeded"
+    (callback,) = fake.callbacks()
+    assert callback["output"]["key"] == harness.item_key("parse", 2)
+    assert read_json_object(harness.settings, harness.item_key("parse", 2)) == {
+        "item": {"file": "c.csv"}, "index": 2, "count": 5}
+
+    # A null item is an item (index says so); a task that is no child has neither.
+    worker.execute(harness.dispatch("parse-file", node="parse", map_slot={"index": 0, "item": None, "count": 1}))
+    assert read_json_object(harness.settings, harness.item_key("parse", 0)) == {"item": None, "index": 0, "count": 1}
+    worker.execute(harness.dispatch("parse-file", node="plain"))
+    assert read_json_object(harness.settings, harness.key("plain")) == {"item": None, "index": None, "count": None}
+
+
+@pytest.mark.parametrize("slot", [
+    {"index": -1, "item": 1, "count": 3}, {"index": True, "item": 1, "count": 3}, {"index": "0", "item": 1, "count": 3},
+    {"index": 3, "item": 1, "count": 3}, {"index": 0, "item": 1, "count": -1}, {"index": 0, "item": 1},
+    {"index": 0, "count": 1}, "a.csv", [0, "a.csv", 1],
+])
+def test_a_malformed_map_field_fails_the_attempt_for_good(moto_server: MotoServer, slot: Any) -> None:
+    harness = Harness(moto_server, role=False)
+    fake = FakeOrchestrator()
+    ran: list[bool] = []
+    worker = Worker(settings=harness.settings, send=fake)
+    worker.task("parse-file")(lambda ctx: ran.append(True))
+
+    dispatch = harness.dispatch("parse-file", node="parse", map_slot=slot)
+    answer = worker.execute(dispatch)
+
+    assert answer["status"] == "failed" and ran == [] and fake.heartbeats() == []
+    (callback,) = fake.callbacks()
+    assert callback["token"] == dispatch["token"]
+    error = callback["error"]
+    assert (error["code"], error["type"], error["retryable"]) == ("malformed_dispatch", "MalformedDispatch", False)
+    assert error["message"].startswith("the dispatch's map field must be")
+
+
+def test_a_map_field_other_than_the_one_the_token_binds_runs_nothing(moto_server: MotoServer) -> None:
+    harness = Harness(moto_server, role=False)
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    worker.task("parse-file")(lambda ctx: ctx.item)
+
+    swapped = harness.dispatch("parse-file", node="parse", map_slot={"index": 1, "item": "b.csv", "count": 2})
+    swapped["map"] = {"index": 1, "item": "/etc/passwd", "count": 2}
+    assert worker.execute(swapped) == {"status": "rejected", "reason": "map_mismatch"}
+    dropped = harness.dispatch("parse-file", node="parse", map_slot={"index": 1, "item": "b.csv", "count": 2})
+    del dropped["map"]
+    assert worker.execute(dropped) == {"status": "rejected", "reason": "map_mismatch"}
+    assert fake.calls == []
+    # A token from a dispatcher that binds no map: the field is taken as given.
+    unbound = harness.dispatch("parse-file", node="parse", map_slot={"index": 0, "item": "a.csv", "count": 2},
+                               bind_map=False)
+    assert worker.execute(unbound)["status"] == "succeeded"
+
+
+def _reducer(harness: Harness, fake: FakeOrchestrator) -> tuple[Worker, ReadUrlsEndpoint, dict[str, Any]]:
+    endpoint = ReadUrlsEndpoint(harness, fake)
+    worker = Worker(settings=harness.settings, send=endpoint)
+    seen: dict[str, Any] = {}
+
+    @worker.task("load-all")
+    def load_all(ctx: TaskContext) -> dict[str, Any]:
+        manifest = ctx.manifest("parse")
+        seen["results"] = [(r.index, r.status, r.value, r.error) for r in ctx.map_results("parse")]
+        seen["outputs"] = list(ctx.map_outputs("parse"))
+        return {"count": manifest["count"], "total": sum(v["i"] for v in seen["outputs"])}
+
+    return worker, endpoint, seen
+
+
+def test_a_reducer_reads_every_child_in_index_order(harness: Harness) -> None:
+    statuses = ["succeeded"] * 250
+    statuses[7], statuses[100], statuses[249] = "failed", "skipped", "cancelled"
+    write_map(harness, "parse", statuses)
+    fake = FakeOrchestrator()
+    worker, endpoint, seen = _reducer(harness, fake)
+
+    answer = worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))
+
+    assert answer["status"] == "succeeded", fake.callbacks()
+    succeeded = [i for i, s in enumerate(statuses) if s == "succeeded"]
+    assert seen["outputs"] == [{"i": i} for i in succeeded]
+    results = seen["results"]
+    assert [r[0] for r in results] == list(range(250))
+    assert results[7] == (7, "failed", None, {"code": "task_error", "message": "bad 7"})
+    assert results[100] == (100, "skipped", None, None)
+    assert results[249] == (249, "cancelled", None, None)
+    assert results[8] == (8, "succeeded", {"i": 8}, None)
+    assert read_json_object(harness.settings, harness.key("load")) == {"count": 250, "total": sum(succeeded)}
+    if harness.settings.storage_role_arn:
+        # STS: the session policy lets the credentials read under the items prefix directly.
+        assert endpoint.requests == []
+    else:
+        # Presigned: URLs asked for 100 keys ahead, three times per walk (247 succeeded items).
+        walks = [endpoint.requests[i:i + 3] for i in range(0, 6, 3)]
+        assert len(endpoint.requests) == 6
+        for walk in walks:
+            assert [len(batch) for batch in walk] == [100, 100, 47]
+            assert [key for batch in walk for key in batch] == [harness.item_key("parse", i) for i in succeeded]
+
+
+def test_the_walk_is_lazy_at_the_width_of_the_task_limit(harness: Harness) -> None:
+    """A manifest of 100,000 children of which only the first 150 outputs exist: taking 150
+    values reads those and nothing further (a reducer never holds every output at once)."""
+    import itertools
+
+    width, written = 100_000, 150
+    items: list[dict[str, Any]] = []
+    for index in range(width):
+        key = harness.item_key("parse", index)
+        if index < written:
+            size, sha256 = put_json_object(harness.settings, key, {"i": index})
+            items.append({"index": index, "status": "succeeded", "key": key, "size": size, "sha256": sha256})
+        else:
+            items.append({"index": index, "status": "succeeded", "key": key, "size": 9, "sha256": "0" * 64})
+    put_json_object(harness.settings, harness.manifest_key("parse"), {
+        "format": "tickweave.map-manifest/1", "node": "parse", "version": "v1", "run_id": harness.run_id,
+        "count": width, "succeeded": width, "failed": 0, "skipped": 0, "items_prefix": harness.items("parse"),
+        "items": items})
+    fake = FakeOrchestrator()
+    endpoint = ReadUrlsEndpoint(harness, fake)
+    worker = Worker(settings=harness.settings, send=endpoint)
+
+    @worker.task("head")
+    def head(ctx: TaskContext) -> list[int]:
+        return [value["i"] for value in itertools.islice(ctx.map_outputs("parse"), written)]
+
+    assert worker.execute(harness.dispatch("head", node="load", manifests={"parse": "parse"}))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("load")) == list(range(written))
+    if not harness.settings.storage_role_arn:
+        assert [len(batch) for batch in endpoint.requests] == [100, 100]
+
+
+def test_a_child_output_outside_the_grants_prefix_is_refused(harness: Harness) -> None:
+    # Item 2's key is under another map node's items (its name starts the same): the grant's
+    # prefix does not cover it, so the walk stops there, having yielded what came before.
+    stray = harness.item_key("parse2", 2)
+    write_map(harness, "parse", ["succeeded"] * 4, keys={2: stray})
+    fake = FakeOrchestrator()
+    endpoint = ReadUrlsEndpoint(harness, fake)
+    worker = Worker(settings=harness.settings, send=endpoint)
+    seen: list[Any] = []
+
+    @worker.task("load-all")
+    def load_all(ctx: TaskContext) -> None:
+        for value in ctx.map_outputs("parse"):
+            seen.append(value)
+
+    assert worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))["status"] == "failed"
+    assert seen == [{"i": 0}, {"i": 1}]
+    (callback,) = fake.callbacks()
+    error = callback["error"]
+    assert (error["code"], error["retryable"]) == ("input_not_granted", False)
+    assert error["message"] == (f"node 'load': the output of item 2 of mapped node 'parse' (key '{stray}') is not "
+                                "under a read prefix of this task's storage grant")
+    # The stray key was never asked for: the server would have refused the whole batch.
+    assert all(stray not in batch for batch in endpoint.requests)
+
+    # A grant without the prefix at all (a dispatcher that did not grant it) reads no item.
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=ReadUrlsEndpoint(harness, fake))
+    worker.task("load-all")(lambda ctx: list(ctx.map_outputs("parse")))
+    worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}, read_prefixes=()))
+    (callback,) = fake.callbacks()
+    assert callback["error"]["code"] == "input_not_granted"
+
+
+def test_a_refusal_of_the_read_urls_endpoint_fails_the_attempt_with_its_reason(moto_server: MotoServer) -> None:
+    harness = Harness(moto_server, role=False)
+    write_map(harness, "parse", ["succeeded"] * 2)
+    fake = FakeOrchestrator()
+
+    def refuse(answer: dict[str, Any]) -> dict[str, Any]:
+        return {"error": {"code": "unauthorized", "message": "the worker token was refused (expired)"},
+                "http_status": 401}
+
+    worker = Worker(settings=harness.settings, send=ReadUrlsEndpoint(harness, fake, tamper=refuse))
+    worker.task("load-all")(lambda ctx: list(ctx.map_outputs("parse")))
+    worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))
+    (callback,) = fake.callbacks()
+    error = callback["error"]
+    assert (error["code"], error["retryable"]) == ("input_unreadable", True)
+    assert error["message"] == ("node 'load': the orchestrator gave no read URLs for the output of item 0 of mapped "
+                                "node 'parse' (unauthorized: the worker token was refused (expired))")
+
+
+def test_an_expired_read_url_is_asked_for_again(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 answers an expired presigned URL with 403; moto does not check expiry, so the store's
+    answer to the first batch's URLs is stubbed (the URLs themselves come from the endpoint)."""
+    from orchestrator.worker import grant_io
+
+    harness = Harness(moto_server, role=False)
+    write_map(harness, "parse", ["succeeded"] * 3)
+    fake = FakeOrchestrator()
+    answers: list[int] = []
+    real_get_bytes = grant_io.get_bytes
+
+    def spoil_the_first(answer: dict[str, Any]) -> dict[str, Any]:
+        answers.append(1)
+        if len(answers) > 1:
+            return answer
+        return {"urls": {key: url + "&expired=1" for key, url in answer["urls"].items()}}
+
+    def store(url: str) -> bytes:
+        if url.endswith("&expired=1"):
+            raise StorageHTTPError("GET", url, 403, b"<Error><Code>AccessDenied</Code></Error>")
+        return real_get_bytes(url)
+
+    monkeypatch.setattr(grant_io, "get_bytes", store)
+    endpoint = ReadUrlsEndpoint(harness, fake, tamper=spoil_the_first)
+    worker = Worker(settings=harness.settings, send=endpoint)
+    worker.task("load-all")(lambda ctx: list(ctx.map_outputs("parse")))
+    assert worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))["status"] == "succeeded"
+    assert read_json_object(harness.settings, harness.key("load")) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    keys = [harness.item_key("parse", i) for i in range(3)]
+    assert endpoint.requests == [keys, [keys[0]], [keys[1]], [keys[2]]]
+
+
+def test_an_input_that_is_no_manifest_is_refused_by_name(harness: Harness) -> None:
+    put_json_object(harness.settings, harness.key("up"), {"rows": 3})
+    put_json_object(harness.settings, harness.key("future"), {"format": "tickweave.map-manifest/2", "items": []})
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    worker.task("reduce-up")(lambda ctx: list(ctx.map_results("up")))
+    worker.task("reduce-future")(lambda ctx: ctx.manifest("future"))
+    worker.task("reduce-nothing")(lambda ctx: ctx.manifest("nope"))
+
+    worker.execute(harness.dispatch("reduce-up", node="load", inputs={"up": harness.key("up")}))
+    worker.execute(harness.dispatch("reduce-future", node="load", inputs={"future": harness.key("future")}))
+    worker.execute(harness.dispatch("reduce-nothing", node="load"))
+    up, future, nothing = (c["error"] for c in fake.callbacks())
+    assert (up["code"], up["retryable"]) == ("not_a_manifest", False)
+    assert up["message"] == "node 'load': input 'up' is not the output of a mapped node"
+    assert "format 'tickweave.map-manifest/2'" in future["message"] and "upgrade the worker" in future["message"]
+    assert nothing["code"] == "task_error" and "'nope' is not an input of node 'load'" in nothing["message"]
+
+
+def test_a_child_output_changed_since_it_was_accepted_is_refused(harness: Harness) -> None:
+    write_map(harness, "parse", ["succeeded"] * 3)
+    put_json_object(harness.settings, harness.item_key("parse", 1), {"i": 1, "evil": True})  # rewritten later
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=ReadUrlsEndpoint(harness, fake))
+    worker.task("load-all")(lambda ctx: list(ctx.map_outputs("parse")))
+    worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))
+    (callback,) = fake.callbacks()
+    assert (callback["error"]["code"], callback["error"]["retryable"]) == ("input_changed", False)
+    assert "item 1 of mapped node 'parse'" in callback["error"]["message"]
+
+
+@pytest.mark.parametrize(("items", "problem"), [
+    ([{"index": 0, "status": "succeeded", "key": 5}], "output key that is not a string"),
+    ([{"index": 0, "status": "running"}], "status 'running'"),
+    ([{"index": 1, "status": "failed"}, {"index": 0, "status": "failed"}], "increasing index order"),
+    ([{"index": -1, "status": "failed"}], "integer >= 0"),
+    (["x"], "not an object"),
+])
+def test_an_invalid_manifest_item_is_named(moto_server: MotoServer, items: list[Any], problem: str) -> None:
+    harness = Harness(moto_server, role=True)
+    put_json_object(harness.settings, harness.manifest_key("parse"), {
+        "format": "tickweave.map-manifest/1", "count": len(items), "items": items})
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    worker.task("load-all")(lambda ctx: list(ctx.map_results("parse")))
+    worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"}))
+    (callback,) = fake.callbacks()
+    assert (callback["error"]["code"], callback["error"]["retryable"]) == ("manifest_invalid", False)
+    assert problem in callback["error"]["message"]
+
+
+def test_a_stale_attempt_stops_walking_the_manifest(moto_server: MotoServer) -> None:
+    harness = Harness(moto_server, role=True)
+    write_map(harness, "parse", ["succeeded", "failed", "succeeded"])
+    fake = FakeOrchestrator()
+    worker = Worker(settings=harness.settings, send=fake)
+    seen: list[Any] = []
+
+    @worker.task("load-all")
+    def load_all(ctx: TaskContext) -> None:
+        walk = ctx.map_results("parse")
+        seen.append(next(walk).value)
+        fake.heartbeat_answer = {"accepted": False, "reason": "stale_attempt"}
+        with pytest.raises(StaleAttempt):
+            ctx.heartbeat()
+        with pytest.raises(StaleAttempt):
+            next(walk)
+
+    assert worker.execute(harness.dispatch("load-all", node="load", manifests={"parse": "parse"})) == {
+        "accepted": False, "reason": "stale_attempt"}
+    assert seen == [{"i": 0}]
+    assert fake.callbacks() == []
+
+
+def test_the_read_urls_address_comes_from_the_dispatch() -> None:
+    from orchestrator.worker.sdk import _read_urls_url
+
+    assert _read_urls_url("https://api.example/prod/api/heartbeat", "") == "https://api.example/prod/api/worker/read-urls"
+    assert (_read_urls_url("https://other/hb", "https://api.example/api/callback/123")
+            == "https://api.example/api/worker/read-urls")
+    assert _read_urls_url("https://other/hb", "https://other/cb") is None
