@@ -12,6 +12,9 @@ Parts (each on databases of its own, copies of one migrated template):
   idle       idle tick latency with 0 / 10,000 / 100,000 schedules and 1,000,000 finished tasks, plans
   scale      a 10,000-node pipeline validated, registered, triggered and completed; 1,000 pipelines' depends
   memory     peak RSS and Python allocations of a tick claiming 1,000 tasks, in a fresh process
+  map        dynamic fan-out: a map's expansion at 10,000 and 99,997 items (the callback that
+             expands it, transaction by transaction; settle and manifest), and its lifecycle
+             beside the static wide DAG of the same width, 1/2/4 tick callers
 
 Peers are optional (`pip install pgqueuer asyncpg procrastinate`); a missing one is reported as
 skipped. Nothing here asserts timings. `--quick` shrinks every size (a smoke run, seconds).
@@ -32,7 +35,7 @@ from bench import report
 from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
-PARTS = ("claim", "lifecycle", "whatif", "peers", "ceiling", "profile", "idle", "scale", "memory")
+PARTS = ("claim", "lifecycle", "whatif", "peers", "ceiling", "profile", "idle", "scale", "memory", "map")
 
 # name: (full, quick, help)
 SIZES: dict[str, tuple[Any, Any, str]] = {
@@ -54,6 +57,10 @@ SIZES: dict[str, tuple[Any, Any, str]] = {
     "big_nodes": (10_000, 200, "nodes of the scale part's pipeline"),
     "workspace_pipelines": (1000, 50, "pipelines of the scale part's workspace"),
     "memory_tasks": (1000, 100, "ready tasks the memory part's tick claims"),
+    "map_widths": ("10000,99997", "1000", "items of the map part's expansions (99,997: the widest map of a "
+                   "3-node pipeline under the run's 100,000 tasks)"),
+    "map_settle_max": (10_000, 1000, "the widest expansion whose items are then finished, settling the map"),
+    "map_concurrency": (50, 5, "max_concurrency of the map part's capped lifecycle case (0: leave it out)"),
 }
 
 
@@ -234,9 +241,35 @@ def part_memory(run: Run, suite: Any) -> None:
     run.sections.append("## Memory of one tick\n\n" + report.memory(memory))
 
 
+def part_map(run: Run, suite: Any) -> None:
+    from bench.lifecycle import LifecycleCase
+    from bench.map_fanout import MapLifecycleCase, run_expansion
+
+    a = run.args
+    expansions = []
+    for width in _ints(a.map_widths):
+        progress(f"  tickweave map expansion of {width:,} items...")
+        expansions.append(run_expansion(run.server, suite, width=width, settle=width <= a.map_settle_max))
+    run.facts["map_expansions"] = expansions
+    cases: list[Case] = []
+    for callers in _ints(a.callers):
+        static = LifecycleCase(run.server, suite, clients=callers, shape="wide", runs=a.fan_runs,
+                               nodes=a.fan_width + 2, batch=a.lifecycle_batch)
+        static.name = f"static wide ({a.fan_runs}x(2+{a.fan_width}))"
+        cases.append(static)
+        cases.append(MapLifecycleCase(run.server, suite, clients=callers, runs=a.fan_runs, width=a.fan_width,
+                                      batch=a.lifecycle_batch))
+        if a.map_concurrency:
+            cases.append(MapLifecycleCase(run.server, suite, clients=callers, runs=a.fan_runs, width=a.fan_width,
+                                          batch=a.lifecycle_batch, max_concurrency=a.map_concurrency))
+    results = run.measure(cases)
+    run.sections.append("## Dynamic fan-out (map)\n\n" + report.map_expansion(expansions) + "\n\n"
+                        + report.suite_table(results) + "\n\n" + report.map_beside_static(results))
+
+
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
     "claim": part_claim, "lifecycle": part_lifecycle, "whatif": part_whatif, "peers": part_peers, "ceiling": part_ceiling,
-    "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory,
+    "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory, "map": part_map,
 }
 
 

@@ -139,7 +139,9 @@ def _function_statements(conn: psycopg.Connection[tuple[object, ...]], text: str
     for chunk in str(row[0]).split(";"):
         if "INTO locked_" in chunk and "FOR UPDATE" in chunk:
             inner = chunk[chunk.index("FROM (") + len("FROM ("):chunk.rindex(") x")]
-            found.append((inner.replace("v_ws", "NULL::text").replace("v_p", "NULL::text"), None))
+            # the tick's claim is for no particular run
+            found.append((inner.replace("v_ws", "NULL::text").replace("v_p", "NULL::text")
+                          .replace("p_run_id", "NULL::uuid"), None))
         elif "WITH RECURSIVE ready_runs" in chunk:
             # the global claim's candidates (fair order), computed without locks
             statement = chunk[chunk.index("WITH RECURSIVE"):].replace(" INTO cand", "").replace("p_limit", "%(limit)s")

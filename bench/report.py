@@ -309,3 +309,44 @@ def _targets(results: Sequence[Result], facts: dict[str, Any], callers: Sequence
         rows.append([f"trigger of a {big.nodes:,}-node pipeline < 2 s", f"{big.trigger_s:.2f} s",
                      "yes" if big.trigger_s < 2 else "no"])
     return rows
+
+
+def map_expansion(expansions: Sequence[Any]) -> str:
+    """The map part's expansions: the callback of the mapped-over task, transaction by transaction,
+    then (where done) the settle and the manifest."""
+    rows = []
+    for e in expansions:
+        expanding = e.expanding
+        steps = "; ".join(f"{t.seconds * 1000:,.1f} ms / {t.statements} stmts"
+                          f"{'' if t.committed else ' (rolled back)'}" for t in e.transactions)
+        rows.append([f"{e.width:,}", _num(e.listing_bytes / 1024, 0), _num(e.read_items_s, 3),
+                     _num(expanding.seconds, 3), str(expanding.statements),
+                     _num(expanding.seconds / e.width * 1e6, 1) if e.width else "-", str(e.claimed),
+                     _num(e.callback_s, 3), str(e.callback_statements), str(e.callback_round_trips), steps])
+    out = [_render(["items", "listing KiB", "read items s", "record+expand txn s", "its stmts", "µs/item",
+                    "children claimed", "whole callback s", "stmts", "round trips", "transactions"], rows)]
+    settled = [e for e in expansions if e.settle is not None]
+    if settled:
+        rows = [[f"{e.width:,}", _num(e.settle.finish_s, 2), _num(e.width / e.settle.finish_s, 0),
+                 _num(e.settle.last_s * 1000, 1), str(e.settle.last_statements), _num(e.settle.manifest_s, 3),
+                 _num(e.settle.manifest_bytes / 1024, 0)] for e in settled]
+        out += ["", _render(["items", "every item finished s", "items/s", "last finish (settles) ms", "its stmts",
+                             "manifest built s", "manifest KiB"], rows)]
+    return "\n".join(out)
+
+
+def map_beside_static(results: Sequence[Result]) -> str:
+    """Each map lifecycle case beside the static wide DAG of the same width and connections."""
+    rows = []
+    for r in results:
+        if not r.case.startswith("map lifecycle"):
+            continue
+        static = next((s for s in results if s.case.startswith("static wide") and s.clients == r.clients), None)
+        rows.append([r.case, str(r.clients), _num(r.rate, 0), _num(static.rate, 0) if static else "-",
+                     f"{r.rate / static.rate:.2f}" if static and static.rate else "-",
+                     _count(r.per_item(r.statements)), _count(static.per_item(static.statements)) if static else "-",
+                     _count(r.per_item(r.round_trips)), _count(static.per_item(static.round_trips)) if static else "-",
+                     _count(commits(r)), _count(commits(static)) if static else "-"])
+    return _render(["map case", "conns", "tasks/s", "static tasks/s", "map ÷ static", "stmts/task",
+                    "static stmts/task", "trips/task", "static trips/task", "commits/task", "static commits/task"],
+                   rows)

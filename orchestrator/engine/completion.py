@@ -9,6 +9,7 @@ order. Two paths that still meet in opposite orders deadlock; Postgres then abor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -39,6 +40,9 @@ class AttemptResult:
     # Successors claimed in the finishing transaction (one commit per callback, not two); the
     # caller dispatches them after commit.
     claimed: list[Row] = field(default_factory=list)
+    # An item of a map node with max_concurrency left the workers: a place under that limit is
+    # free, though nothing became newly ready (its siblings were ready all along).
+    frees_map_slot: bool = False
 
 
 def finish_attempt(
@@ -70,9 +74,11 @@ def finish_attempt(
               task_id=task_id, attempt=attempt, status=row["status"],
               attempt_status=attempt_status or ("succeeded" if succeeded else "failed"),
               error_code=None if error is None else (error.get("code") or error.get("type")))
+    frees = row.get("map_max_concurrency") is not None
     if row["status"] == "ready":  # a retry was scheduled; the run is unaffected
-        return AttemptResult(True, "retrying", "ready", row["run_id"])
-    return settle_terminal(conn, row)
+        return AttemptResult(True, "retrying", "ready", row["run_id"], frees_map_slot=frees)
+    result = settle_terminal(conn, row)
+    return dataclasses.replace(result, frees_map_slot=frees) if frees else result
 
 
 def settle_terminal(conn: Connection, row: Row) -> AttemptResult:

@@ -197,7 +197,7 @@ def _expand(conn: Connection, node: Row) -> Resolution:
         upstream = map_store.source_task(conn, node["id"], source)
         if upstream is None or upstream["status"] != "succeeded":
             # Its rule let it run (all_done, none_failed...) but there is nothing to map over.
-            status = "missing" if upstream is None else upstream["status"]
+            status = "missing" if upstream is None else str(upstream["status"]).replace("dead", "failed")
             return Resolution(skipped=_finish(conn, node, "skipped", width=None, message=(
                 f"nothing to map over: '{source}' is {status}")))
     staged = map_store.staged_items(conn, node["id"])
@@ -218,6 +218,9 @@ def _expand(conn: Connection, node: Row) -> Resolution:
                   run_id=node["run_id"], task_id=node["id"], width=0)
         return Resolution(settled=_finish(conn, node, "succeeded", width=0, counts={
             "total": 0, "succeeded": 0, "failed": 0, "skipped": 0}))
+    # The node's inputs are kept for its children before they exist (after, the map node's
+    # edges would include every one of them).
+    map_store.keep_node_inputs(conn, node["id"])
     inserted = 0
     for first in range(0, width, EXPANSION_BATCH):
         inserted += map_store.insert_children(conn, node["id"], first, min(width, first + EXPANSION_BATCH))

@@ -329,7 +329,7 @@ class Engine:
         queued behind its run if that one ended. The tick is only the safety net."""
         if result.claimed:
             self.dispatcher.dispatch(result.claimed)
-        elif result.accepted and result.newly_ready and result.run_id is not None:
+        elif result.accepted and (result.newly_ready or result.frees_map_slot) and result.run_id is not None:
             self.dispatch_ready(result.run_id)
         for run_id in result.started_runs:  # downstream runs of its orchestration, released
             self.dispatch_ready(run_id)

@@ -96,7 +96,8 @@ def record_callback(
             conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=succeeded,
             output=output, error=error, retryable=retryable, on_succeeded=persist,
         )
-        if claim_limit and result.accepted and result.newly_ready and result.run_id is not None:
+        if (claim_limit and result.accepted and (result.newly_ready or result.frees_map_slot)
+                and result.run_id is not None):
             # Eager continuation inside this transaction: the successors it made ready are
             # claimed before commit and dispatched after it (a crash in between is healed by
             # lease expiry, as for the tick's claim).

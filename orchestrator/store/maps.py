@@ -106,7 +106,12 @@ def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: in
                                   heartbeat_s, on_failure, trigger_rule, unfinished_deps, map_index, map_parent_id,
                                   map_item, map_max_concurrency, available_at)
                SELECT gen_random_uuid(), p.run_id, p.workspace_id, p.pipeline_id, p.node_id, p.version, p.position,
-                      'task', p.task_name, p.params, p.transport, 'ready', p.priority,
+                      -- a map over params.<name>: that list is the children's items, not their
+                      -- params (100,000 children must not each carry the whole list)
+                      'task', p.task_name,
+                      CASE WHEN p.map_spec->>'source' = 'params' THEN p.params - (p.map_spec->'path'->>0)
+                           ELSE p.params END,
+                      p.transport, 'ready', p.priority,
                       COALESCE((p.retry->>'max_attempts')::int, 1), p.retry, p.timeout_s, p.heartbeat_s,
                       -- a child's failure is the map node's to judge (tolerated_failures), never a
                       -- stop of the run by itself
@@ -124,17 +129,27 @@ def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: in
     return 0 if row is None else int(row["n"])
 
 
+def keep_node_inputs(conn: Connection, parent_id: uuid.UUID) -> None:
+    """A map node's node inputs (its succeeded upstreams' output references), kept on it for its
+    children's dispatch. Taken before the children are inserted: its edges are then only its
+    upstreams'."""
+    conn.execute(
+        """UPDATE tasks t SET map_inputs = (
+               SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                          'node_id', u.node_id, 'key', u.output->>'key',
+                          'manifest', CASE WHEN u.kind = 'map' THEN u.output END)), '[]')
+               FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+               WHERE e.downstream_task_id = t.id AND u.status = 'succeeded' AND u.output ? 'key')
+           WHERE t.id = %s AND t.kind = 'map' AND t.status = 'ready' AND t.map_width IS NULL""",
+        (parent_id,),
+    )
+
+
 def mark_expanded(conn: Connection, parent_id: uuid.UUID, width: int) -> bool:
     """The map node waits for its `width` children (width > 0): pending again, its unfinished
-    count the children. Its node inputs are kept for the children's dispatch."""
+    count the children."""
     row = conn.execute(
         """UPDATE tasks t SET status = 'pending', map_width = %(width)s, unfinished_deps = %(width)s,
-                  map_inputs = (SELECT COALESCE(jsonb_agg(jsonb_build_object(
-                                       'node_id', u.node_id, 'key', u.output->>'key',
-                                       'manifest', CASE WHEN u.kind = 'map' THEN u.output END)), '[]')
-                                FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-                                WHERE e.downstream_task_id = t.id AND u.map_parent_id IS NULL
-                                  AND u.status = 'succeeded' AND u.output ? 'key'),
                   message = NULL
            WHERE t.id = %(parent)s AND t.kind = 'map' AND t.status = 'ready' AND t.map_width IS NULL
            RETURNING t.id""",

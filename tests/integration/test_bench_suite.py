@@ -11,7 +11,7 @@ TINY = [
     "--quick", "--claim-tasks", "20", "--claim-batches", "1,10", "--callers", "1,2", "--fan-width", "5",
     "--chain-length", "4", "--chain-runs", "2", "--profile-callbacks", "5", "--schedules", "0,50",
     "--finished-tasks", "500", "--idle-ticks", "2", "--big-nodes", "50", "--workspace-pipelines", "20",
-    "--memory-tasks", "20",
+    "--memory-tasks", "20", "--map-widths", "30", "--map-settle-max", "30", "--map-concurrency", "3",
 ]
 
 
@@ -29,11 +29,15 @@ def test_bench_quick_parts_produce_a_report(
     pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", pg_admin_url)
-    assert main([*TINY, "--only", "claim,lifecycle,profile,idle,scale,memory"]) == 0
+    assert main([*TINY, "--only", "claim,lifecycle,profile,idle,scale,memory,map"]) == 0
     out = capsys.readouterr().out
     for heading in ("## Claim and dispatch", "## Full lifecycle", "## One callback taken apart",
-                    "## Idle tick latency", "## Scale", "## Memory of one tick", "## Targets"):
+                    "## Idle tick latency", "## Scale", "## Memory of one tick", "## Dynamic fan-out (map)",
+                    "## Targets"):
         assert heading in out
     assert "tick claim+dispatch (batch 10)" in out and "lifecycle deep (2x4)" in out
     assert "tasks.finish_attempt" in out and "Index Scan" in out  # the profile's statements, the tick's plans
     assert "trigger of a 50-node pipeline" in out
+    # The map part: the expansion's transactions, the settle, and the map beside the static DAG.
+    assert "rolled back" in out and "manifest built s" in out
+    assert "static wide (1x(2+5))" in out and "map lifecycle (1x(2+5), max_concurrency 3)" in out

@@ -420,3 +420,44 @@ def test_a_bad_map_definition_is_refused_with_its_path(engine: Engine) -> None:
     answer = client.post("/api/pipelines", json=mapped(tolerated_failures="150%"), headers=headers)
     assert answer.status_code == 422 and "more than 100%" in answer.text
     assert client.get("/api/pipelines/fan", headers=headers).status_code == 404  # nothing was saved
+
+
+def test_an_item_that_finishes_under_max_concurrency_starts_the_next_at_once(engine: Engine) -> None:
+    # No tick in this test: each callback that frees a place claims the next item itself.
+    pipeline = mapped(max_concurrency=2)
+    pipeline["nodes"][1]["retry"] = {"max_attempts": 2, "base_delay_s": 60}
+    run_id = start(engine, ["a", "b", "c", "d", "e"], pipeline)
+    first = take_all(engine, "parse")
+    assert sorted(m["map"]["index"] for m in first) == [0, 1]
+    sent: list[int] = [m["map"]["index"] for m in first]
+    queue = list(first)
+    while queue:
+        message = queue.pop(0)
+        if message["map"]["index"] == 2:
+            # a failed attempt with a retry frees its place too: a sibling starts
+            engine.record_callback(uuid.UUID(message["task_id"]), message["token"], status="failed", output=None,
+                                   error={"code": "flaky", "message": "again", "retryable": True})
+        else:
+            succeed(engine, message, message["map"]["index"])
+        more = take_all(engine, "parse")
+        assert len(more) <= 1
+        sent += [m["map"]["index"] for m in more]
+        queue += more
+        with engine.db.connection() as conn:
+            active = conn.execute(
+                "SELECT count(*) AS n FROM tasks WHERE map_parent_id IS NOT NULL AND run_id = %s "
+                "AND status IN ('dispatched', 'running')", (run_id,)).fetchone()
+        assert active is not None and active["n"] <= 2
+    assert sorted(sent) == [0, 1, 2, 3, 4]  # item 2 waits for its retry delay: the tick sends it
+    assert map_node(engine, run_id)["status"] == "pending"
+    assert books(engine) == []
+
+
+def test_a_map_over_a_param_does_not_hand_each_item_the_whole_list(engine: Engine) -> None:
+    pipeline = {"id": "fan", "params": {"mode": "fast"},
+                "nodes": [{"id": "each", "task": "sync", "map": {"over": "params.regions"}}]}
+    engine.create_pipeline(WORKSPACE, pipeline)
+    engine.trigger_run(WORKSPACE, "fan", params={"regions": [f"r{i}" for i in range(50)]})
+    children = take_all(engine, "each")
+    assert len(children) == 50
+    assert all(m["params"] == {"mode": "fast"} for m in children)  # the list itself is each one's item
