@@ -94,8 +94,12 @@ def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: in
     a ready task of the map node's task, params, retry and limits, carrying its item and index,
     and each an upstream of the map node (task_edges), so the map node counts them."""
     row = conn.execute(
-        """WITH p AS (
-               SELECT * FROM tasks WHERE id = %(parent)s AND kind = 'map' AND status = 'ready'
+        """WITH p AS MATERIALIZED (
+               -- the children's params, computed once (not once per child): a map over
+               -- params.<name> leaves that list out, it is their items
+               SELECT t.*, CASE WHEN t.map_spec->>'source' = 'params' THEN t.params - (t.map_spec->'path'->>0)
+                                ELSE t.params END AS child_params
+               FROM tasks t WHERE t.id = %(parent)s AND t.kind = 'map' AND t.status = 'ready'
            ), items AS (
                SELECT i.item, i.ord - 1 AS idx
                FROM map_items m CROSS JOIN LATERAL jsonb_array_elements(m.items) WITH ORDINALITY AS i(item, ord)
@@ -106,12 +110,7 @@ def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: in
                                   heartbeat_s, on_failure, trigger_rule, unfinished_deps, map_index, map_parent_id,
                                   map_item, map_max_concurrency, available_at)
                SELECT gen_random_uuid(), p.run_id, p.workspace_id, p.pipeline_id, p.node_id, p.version, p.position,
-                      -- a map over params.<name>: that list is the children's items, not their
-                      -- params (100,000 children must not each carry the whole list)
-                      'task', p.task_name,
-                      CASE WHEN p.map_spec->>'source' = 'params' THEN p.params - (p.map_spec->'path'->>0)
-                           ELSE p.params END,
-                      p.transport, 'ready', p.priority,
+                      'task', p.task_name, p.child_params, p.transport, 'ready', p.priority,
                       COALESCE((p.retry->>'max_attempts')::int, 1), p.retry, p.timeout_s, p.heartbeat_s,
                       -- a child's failure is the map node's to judge (tolerated_failures), never a
                       -- stop of the run by itself
