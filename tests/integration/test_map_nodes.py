@@ -461,3 +461,35 @@ def test_a_map_over_a_param_does_not_hand_each_item_the_whole_list(engine: Engin
     children = take_all(engine, "each")
     assert len(children) == 50
     assert all(m["params"] == {"mode": "fast"} for m in children)  # the list itself is each one's item
+
+
+def test_read_urls_serve_only_the_items_a_reducers_token_grants(engine: Engine) -> None:
+    from starlette.testclient import TestClient
+
+    from orchestrator.api.app import create_app
+
+    run_id = start(engine, ["a", "b"])
+    for message in take_all(engine, "parse"):
+        succeed(engine, message, message["map"]["item"])
+    (load,) = take_all(engine, "load")
+    keys = [item["key"] for item in manifest_of(engine, load)["items"]]
+    client = TestClient(create_app(engine.settings, engine=engine))
+
+    answer = client.post("/api/worker/read-urls", json={"token": load["token"], "keys": keys})
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()["urls"]) == set(keys)
+    # Another node's output of the same run, and another run's item, are not under the grant.
+    outside = [keys[0].replace("/nodes/parse/", "/nodes/list/"), keys[0].replace(str(run_id), str(uuid.uuid4()))]
+    for key in outside:
+        answer = client.post("/api/worker/read-urls", json={"token": load["token"], "keys": [key]})
+        assert answer.status_code == 403, answer.text
+        assert "read prefix" in answer.json()["error"]["message"] or "not" in answer.json()["error"]["message"]
+    # A forged token, a traversal and too many keys are refused, never a 500.
+    assert client.post("/api/worker/read-urls", json={"token": "x.y.z.w.v", "keys": keys}).status_code == 401
+    sneaky = keys[0].rsplit("/items/", 1)[0] + "/items/../../list/attempts/1/output.json"
+    assert client.post("/api/worker/read-urls", json={"token": load["token"], "keys": [sneaky]}).status_code in (
+        403, 422)
+    assert client.post("/api/worker/read-urls",
+                       json={"token": load["token"], "keys": keys * 300}).status_code == 422
+    succeed(engine, load, None)
+    assert run_row(engine, run_id)["status"] == "succeeded"
