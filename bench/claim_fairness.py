@@ -4,7 +4,7 @@
 For each backlog shape (runs x ready tasks per run, all in one workspace, plus one small run
 queued last and one run of another workspace), on a database of its own: the median time of
 one claim of `--batch` tasks (rolled back, so every sample sees the same backlog) with the fair
-function (migration 0014) and with the arrival-order function of migration 0012, loaded into
+function (migration 0014, as the claim of migration 0017 keeps it with map limits) and with the arrival-order function of migration 0012, loaded into
 the same database in turn; and where the small run and the other workspace's run land in the
 first batch.
 """
@@ -63,7 +63,7 @@ def _shape(server: Server, runs: int, per_run: int, batch: int, samples: int) ->
         medians: dict[str, float] = {}
         placed: dict[str, str] = {}
         with connect(url) as admin:
-            for label, migration in (("arrival order", "0012_books.sql"), ("fair", "0014_fair_claim.sql")):
+            for label, migration in (("arrival order", "0012_books.sql"), ("fair", "0017_map_concurrency.sql")):
                 admin.execute(_SPLIT)
                 admin.execute(_function(migration))  # type: ignore[call-overload]
                 conn = connect(url, autocommit=False)

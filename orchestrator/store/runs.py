@@ -186,7 +186,7 @@ def finish_tasks_of_run(
                    WHEN r.finished_at IS NULL AND r.unfinished_tasks - %(finished)s = 0
                    THEN tw_now() ELSE r.finished_at END,
                error = COALESCE(r.error, %(error)s)
-           FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR UPDATE) AS before
+           FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR NO KEY UPDATE) AS before
            WHERE r.id = before.id
            RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
         {"finished": finished, "failed": failed, "error": error, "run_id": run_id},

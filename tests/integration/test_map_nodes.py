@@ -493,3 +493,45 @@ def test_read_urls_serve_only_the_items_a_reducers_token_grants(engine: Engine) 
                        json={"token": load["token"], "keys": keys * 300}).status_code == 422
     succeed(engine, load, None)
     assert run_row(engine, run_id)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_two_map_nodes_settling_into_one_reducer_at_once_do_not_deadlock(
+    engine: Engine, database_url: str, round_: int
+) -> None:
+    # Each transaction updates its map node twice (counted down, then settled); without replay:
+    # a deadlock here is an error, not a retry.
+    import psycopg
+
+    pipeline = {"id": "two", "params": {"xs": [1], "ys": [2]}, "nodes": [
+        {"id": "mx", "task": "t", "map": {"over": "params.xs"}},
+        {"id": "my", "task": "t", "map": {"over": "params.ys"}},
+        {"id": "join", "task": "t", "depends": ["mx", "my"]}]}
+    engine.create_pipeline(WORKSPACE, pipeline)
+    run = engine.trigger_run(WORKSPACE, "two", dispatch_now=False)
+    with engine.db.transaction() as conn:
+        claimed = task_store.claim_ready_tasks(conn, 10)
+    assert len(claimed) == 2
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def finish_one(task: Any) -> None:
+        try:
+            with connect(database_url) as conn:
+                barrier.wait()
+                finish_attempt(conn, task["id"], task["attempt"], task["claim_token"], succeeded=True,
+                               output={"key": f"k/{task['id']}"})
+                conn.commit()
+        except psycopg.errors.DeadlockDetected as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish_one, args=(t,)) for t in claimed]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with engine.db.connection() as conn:
+        join = conn.execute("SELECT status FROM tasks WHERE run_id = %s AND node_id = 'join'", (run.id,)).fetchone()
+    assert join is not None and join["status"] == "ready"
+    assert books(engine) == []
