@@ -592,7 +592,42 @@ def _apply_one(client: TickweaveClient, document: Document, args: argparse.Names
 
 
 def _task_label(task: dict[str, Any], many_versions: bool) -> str:
-    return f"{task.get('node')}[{task.get('version')}]" if many_versions else str(task.get("node"))
+    label = f"{task.get('node')}[{task.get('version')}]" if many_versions else str(task.get("node"))
+    if isinstance(task.get("map_index"), int):
+        label += f" #{task['map_index']}"  # an item of a mapped node
+    return label
+
+
+def _is_item(task: dict[str, Any]) -> bool:
+    """A map item: one task of a mapped node for one item of its list."""
+    return isinstance(task.get("map_index"), int)
+
+
+# A mapped node's items in a line: each status group and what it counts.
+_ITEM_GROUPS = (("succeeded", ("succeeded",)), ("failed", ("failed", "dead")), ("running", ("running", "dispatched")),
+                ("queued", ("ready", "pending", "waiting")), ("skipped", ("skipped",)), ("cancelled", ("cancelled",)))
+
+
+def _items_text(items: dict[str, int], color: bool = False) -> str:
+    """A mapped node's items by status: "980 succeeded, 3 failed, 17 running"."""
+    parts = []
+    known: set[str] = set()
+    for word, statuses in _ITEM_GROUPS:
+        known.update(statuses)
+        n = sum(int(items.get(status, 0)) for status in statuses)
+        if n:
+            parts.append(f"{n:,} {_paint(word, _STATUS_COLORS.get(statuses[0]), color)}")
+    parts += [f"{int(n):,} {status}" for status, n in items.items() if status not in known and n]
+    return ", ".join(parts) or "none yet"
+
+
+def _map_text(node: str, summary: dict[str, Any] | None, color: bool = False) -> str:
+    """`parse  map  1,000 items: 980 succeeded, 3 failed, 17 running` (the node name padded by the caller)."""
+    summary = summary or {}
+    width = summary.get("width")
+    if width is None:
+        return f"{node}  map  items not listed yet (over {summary.get('over') or '?'})"
+    return f"{node}  map  {int(width):,} items: {_items_text(summary.get('items') or {}, color)}"
 
 
 def _many_versions(run: dict[str, Any]) -> bool:
@@ -607,8 +642,19 @@ _TERMINAL_TASK_STATUSES = ("succeeded", "failed", "dead", "skipped", "cancelled"
 
 
 def _task_total(run: dict[str, Any]) -> int:
-    """The run's number of tasks: `task_count` of a run answer (its `tasks` are a first page)."""
+    """The run's number of tasks: `task_count` of a run answer (its `tasks` are a first page),
+    map items included."""
     return int(run.get("task_count", len(run.get("tasks") or [])))
+
+
+def _items_note(run: dict[str, Any]) -> str:
+    count = int(run.get("item_count") or 0)
+    return f" ({count:,} map items)" if count else ""
+
+
+def _map_nodes(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The mapped nodes of the run answer's first page of nodes."""
+    return [n for n in run.get("nodes") or [] if isinstance(n.get("map"), dict)]
 
 
 def _every_task_listed(run: dict[str, Any]) -> bool:
@@ -672,21 +718,34 @@ class ProgressView:
         counts = _status_counts(run)
         done = sum(n for s, n in counts.items() if s in _TERMINAL_TASK_STATUSES)
         header = (f"run {run.get('id')}  {run.get('pipeline_id')} v{run.get('pipeline_version')}  "
-                  f"{_paint(status, _STATUS_COLORS.get(status), color)}  {done}/{_task_total(run)} tasks  {elapsed}")
+                  f"{_paint(status, _STATUS_COLORS.get(status), color)}  {done}/{_task_total(run)} tasks"
+                  f"{_items_note(run)}  {elapsed}")
         out = [header]
         if not _every_task_listed(run):
-            # A big run: a line per node (the first page of them) with its tasks counted by status.
+            # A big run: a line per node (the first page of them) with its tasks counted by status;
+            # a mapped node's line counts its items.
             out.append(f"  {_counts_text(counts, color)}")
             nodes = run.get("nodes") or []
             width = max([len(str(n.get("node"))) for n in nodes] + [4])
             for node in nodes:
+                if isinstance(node.get("map"), dict):
+                    out.append(f"  {_map_text(str(node.get('node')).ljust(width), node['map'], color)}")
+                    continue
                 out.append(f"  {str(node.get('node')).ljust(width)}  {str(node.get('tasks')).rjust(6)} tasks  "
                            f"{_counts_text(node.get('counts') or {}, color)}")
             if run.get("nodes_next_cursor"):
                 out.append(f"  ... {int(run.get('node_count') or 0) - len(nodes)} more nodes")
             return out
+        # Every task is listed: a line per task, a mapped node's items counted on its line.
+        tasks = [t for t in tasks if not _is_item(t)]
+        width = max([len(_task_label(t, many)) for t in tasks] + [4])
         for task in tasks:
             task_status = str(task.get("status"))
+            if task.get("kind") == "map":
+                out.append(f"  {_task_label(task, many).ljust(width)}  "
+                           f"{_paint(task_status.ljust(10), _STATUS_COLORS.get(task_status), color)}  "
+                           f"{_map_text('', task.get('map'), color).strip()}")
+                continue
             attempt = f"attempt {task.get('attempt')}/{task.get('max_attempts')}" if task.get("attempt") else ""
             took = _duration(task.get("started_at") or task.get("dispatched_at"), task.get("finished_at"),
                              until_now=task_status in ("running", "dispatched"))
@@ -732,7 +791,16 @@ class ProgressView:
                 self._counts = counts
                 print(f"{now}   tasks: {counts}", file=self.stream)
         for task in (run.get("tasks") or []) if _every_task_listed(run) else []:
+            if _is_item(task):
+                continue  # counted on its map node's line
             key = str(task.get("id"))
+            if task.get("kind") == "map":
+                state: tuple[Any, ...] = (task.get("status"), json.dumps(task.get("map"), sort_keys=True))
+                if self._seen.get(key) != state:
+                    self._seen[key] = state
+                    print(f"{now}   {_task_label(task, many)} {task.get('status')}: "
+                          f"{_map_text('', task.get('map')).strip()}", file=self.stream)
+                continue
             state = (task.get("status"), task.get("attempt"))
             if self._seen.get(key) == state:
                 continue
@@ -859,12 +927,22 @@ def print_run(run: dict[str, Any], stream: TextIO) -> None:
           f"finished {_show_time(run.get('finished_at'))}" + (f"  ({took})" if took != "-" else ""), file=stream)
     if run.get("error"):
         print(f"  error     {_error_text(run['error'])}", file=stream)
-    print(f"  tasks     {_task_total(run)}: {_counts_text(_status_counts(run), color) or 'none'}", file=stream)
+    print(f"  tasks     {_task_total(run)}{_items_note(run)}: {_counts_text(_status_counts(run), color) or 'none'}",
+          file=stream)
     nodes = run.get("nodes") or []
+    if _map_nodes(run) and _every_task_listed(run):
+        # Mapped nodes count their items (a big run has them in its table of nodes below).
+        width = max(len(str(n.get("node"))) for n in _map_nodes(run))
+        for node in _map_nodes(run):
+            print(f"  {_map_text(str(node.get('node')).ljust(width), node['map'], color)}", file=stream)
     if nodes and not _every_task_listed(run):
-        # A big run: its nodes (a first page) with their tasks counted by status.
+        # A big run: its nodes (a first page) with their tasks counted by status; a mapped node
+        # with its items.
         print(file=stream)
-        rows = [[str(n.get("node")), str(n.get("tasks")), _counts_text(n.get("counts") or {})] for n in nodes]
+        rows = [[str(n.get("node")), f"{int(n['map']['width']):,} items" if isinstance(n.get("map"), dict)
+                 and n["map"].get("width") is not None else str(n.get("tasks")),
+                 "map: " + _items_text(n["map"].get("items") or {}) if isinstance(n.get("map"), dict)
+                 else _counts_text(n.get("counts") or {})] for n in nodes]
         print(_table(["NODE", "TASKS", "BY STATUS"], rows), file=stream)
         if run.get("nodes_next_cursor"):
             print(f"  ... {int(run.get('node_count') or 0) - len(nodes)} more nodes; "
@@ -872,8 +950,8 @@ def print_run(run: dict[str, Any], stream: TextIO) -> None:
     tasks = run.get("tasks") or []
     if tasks:
         print(file=stream)
-        rows = [[str(t.get("node")), str(t.get("version")), str(t.get("status")),
-                 f"{t.get('attempt')}/{t.get('max_attempts')}",
+        rows = [[_task_label(t, False), str(t.get("version")), str(t.get("status")),
+                 "-" if t.get("kind") == "map" else f"{t.get('attempt')}/{t.get('max_attempts')}",
                  _duration(t.get("started_at") or t.get("dispatched_at"), t.get("finished_at")),
                  _one_line(_error_text(t.get("error")) or str(t.get("message") or ""), 70)] for t in tasks]
         print(_table(["NODE", "VERSION", "STATUS", "ATTEMPT", "DURATION", "MESSAGE"], rows), file=stream)

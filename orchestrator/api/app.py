@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from orchestrator.api import run_views
+from orchestrator.api import run_views, worker_reads
 from orchestrator.api.request import PayloadTooLarge, read_definition, read_json, validate
 from orchestrator.api.responses import JSON, error
 from orchestrator.api.schemas import (
@@ -482,8 +482,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         run_id = _parse_uuid(request.path_params["run_id"], "run")
         limit = run_views.query_limit(request, run_reads.FIRST_TASK_PAGE, run_reads.MAX_TASK_PAGE, minimum=0)
         attempts = run_views.include_attempts(request)
-        run = await run_in_threadpool(lambda: get_engine().run_summary(
-            principal.workspace_id, run_id, tasks_limit=limit, include_attempts=attempts))
+        items = run_views.include_items(request)
+        run = await run_in_threadpool(lambda: run_reads.run_summary(
+            get_engine().db, principal.workspace_id, run_id, tasks_limit=limit, include_attempts=attempts,
+            items=items))
         return JSON(run_views.run_view(run))
 
     @guarded("viewer")
@@ -493,9 +495,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         limit = run_views.query_limit(request, run_reads.FIRST_TASK_PAGE, run_reads.MAX_TASK_PAGE)
         after = run_views.decode_task_cursor(request.query_params.get("cursor"))
         attempts = run_views.include_attempts(request)
-        page = await run_in_threadpool(lambda: get_engine().list_run_tasks(
-            principal.workspace_id, run_id, status=status, node=node, after=after, limit=limit,
-            include_attempts=attempts))
+        items = run_views.include_items(request)
+        page = await run_in_threadpool(lambda: run_reads.list_run_tasks(
+            get_engine().db, principal.workspace_id, run_id, status=status, node=node, after=after, limit=limit,
+            include_attempts=attempts, items=items))
         return JSON({"items": [run_views.task_view(t) for t in page.items],
                      "next_cursor": run_views.encode_task_cursor(page.next_after)})
 
@@ -512,7 +515,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     async def get_task(request: Request, principal: Principal) -> Response:
         task_id = _parse_uuid(request.path_params["task_id"], "task")
         task, attempts = await run_in_threadpool(get_engine().get_task, principal.workspace_id, task_id)
-        return JSON({**task, "attempts": attempts})
+        return JSON(run_views.task_detail(task, attempts))
 
     @guarded("operator")
     async def cancel_run(request: Request, principal: Principal) -> Response:
@@ -819,6 +822,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/api/keys/{key_id}", revoke_key, methods=["DELETE"]),
         Route("/api/callback/{task_id}", callback, methods=["POST"]),
         Route("/api/heartbeat", heartbeat, methods=["POST"]),
+        Route("/api/worker/read-urls", worker_reads.read_urls, methods=["POST"]),
         Route("/api/metrics", metrics, methods=["GET"]),
         Route("/api/openapi.json", openapi, methods=["GET"]),
     ]

@@ -38,6 +38,7 @@ from orchestrator.api.schemas import (
     RegisterRequest,
     TriggerRequest,
 )
+from orchestrator.api.worker_reads import ReadUrls, ReadUrlsRequest
 from orchestrator.engine.templates import TemplateDefinition
 from orchestrator.model import PipelineDefinition
 from orchestrator.model.pipeline import EVENT_NAME_PATTERN, SLUG_PATTERN, TASK_NAME_PATTERN
@@ -104,6 +105,8 @@ MAX_TASK_PAGE = 200  # keep in step with orchestrator.engine.runs.MAX_TASK_PAGE
 MAX_NODE_PAGE = 500  # and MAX_NODE_PAGE
 _INCLUDE = Param("include", "query", {"type": "string", "enum": ["attempts"]},
                  "`attempts`: each task of the page with its last 10 attempts.")
+_ITEMS = Param("items", "query", {"type": "boolean", "default": True},
+               "`false`: leave map items (the tasks of a mapped node, one per item) out of the page.")
 _IDEMPOTENCY_KEY = Param("Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": 255},
                          "A retry with the same key and the same body answers the same result (200) instead "
                          "of starting again; the same key with a different body is refused (422, "
@@ -193,26 +196,32 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("GET", "/api/runs/{run_id}", "A run: its tasks counted by status and node, and a first page of them",
         "runs", "viewer", {200: r.Run},
         params=(Param("limit", "query", {"type": "integer", "minimum": 0, "maximum": MAX_TASK_PAGE},
-                      "Size of the first page of tasks (default 100)."), _INCLUDE),
+                      "Size of the first page of tasks (default 100)."), _INCLUDE, _ITEMS),
         description="Bounded whatever the size of the run: `counts` and `nodes` count its tasks, `tasks` is "
-                    "the first page; GET /api/runs/{run_id}/tasks and /nodes page through the rest."),
+                    "the first page; GET /api/runs/{run_id}/tasks and /nodes page through the rest. A mapped "
+                    "node is one entry of `nodes` (`kind: map`, its items counted in `map.items`); `counts` "
+                    "counts every task, map items included, and `map_items` the items alone."),
     _op("GET", "/api/runs/{run_id}/tasks", "A page of a run's tasks", "runs", "viewer", {200: r.TaskPage},
         params=(Param("status", "query", {"type": "string", "enum": list(get_args(r.TaskStatus))}, "Only tasks in this status."),
                 Param("node", "query", {"type": "string", "maxLength": 255}, "Only this node's tasks."),
                 Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_TASK_PAGE},
                       "Page size (default 100)."),
-                _CURSOR, _INCLUDE),
-        description="In (node, version) order, keyset-paginated: pass `next_cursor` (or a run answer's "
-                    "`tasks_next_cursor`) as `cursor` with the same filters."),
+                _CURSOR, _INCLUDE, _ITEMS),
+        description="In (node, version, map_index) order, keyset-paginated: pass `next_cursor` (or a run "
+                    "answer's `tasks_next_cursor`) as `cursor` with the same filters. With `node` naming a "
+                    "mapped node: its map node, then its items in index order (`map_index`, `map_item`)."),
     _op("GET", "/api/runs/{run_id}/nodes", "A page of a run's nodes with their tasks counted by status", "runs",
         "viewer", {200: r.NodePage},
         params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_NODE_PAGE},
                       "Page size (default 100)."), _CURSOR),
-        description="In definition order; pass `next_cursor` (or a run answer's `nodes_next_cursor`) as `cursor`."),
+        description="In definition order; pass `next_cursor` (or a run answer's `nodes_next_cursor`) as `cursor`. "
+                    "A mapped node is one entry with `map`: what it maps over, its width and its items by status."),
     _op("POST", "/api/runs/{run_id}/cancel", "Cancel a run", "runs", "operator", {200: r.Run}, errors=(409,)),
     _op("POST", "/api/runs/{run_id}/retry", "Redrive a failed run from its failed tasks", "runs", "operator",
         {200: r.RetriedRun}, errors=(409,)),
-    _op("GET", "/api/tasks/{task_id}", "A task with its attempts", "runs", "viewer", {200: r.Task}),
+    _op("GET", "/api/tasks/{task_id}", "A task with its attempts", "runs", "viewer", {200: r.Task},
+        description="A map node has `map` (spec, width, items by status) and, once settled, its manifest "
+                    "reference as `output`; a map item has `map_index`, `map_item` and `map_parent_id`."),
     _op("POST", "/api/tasks/{task_id}/complete", "Advance a manual step", "runs", "operator", {200: r.Decision},
         body=CompleteRequest, errors=(409,)),
     _op("POST", "/api/approvals/{task_id}", "Approve or reject an approval step", "runs", "operator",
@@ -263,6 +272,10 @@ OPERATIONS: tuple[Operation, ...] = (
         auth="none", errors=(401, 403, 503),
         description="Authenticated by the task token in the body. A duplicate callback answers 200 and "
                     "changes nothing; one for a stale attempt or a finished task answers 409."),
+    _op("POST", "/api/worker/read-urls", "Presigned GET URLs of mapped items for a reducer", "worker protocol", None,
+        {200: ReadUrls}, body=ReadUrlsRequest, auth="none", errors=(401, 403, 503),
+        description="Authenticated by the task token in the body; each key must be under a read prefix of the "
+                    "token's storage grant (the children's outputs of a map node the task reads); at most 500 keys."),
     _op("POST", "/api/heartbeat", "Worker heartbeat", "worker protocol", None,
         {200: r.HeartbeatAccepted, 409: r.HeartbeatFailure}, body=HeartbeatRequest, auth="none",
         errors=(401, 403, 503), description="Authenticated by the task token in the body."),

@@ -21,7 +21,7 @@ RunTrigger = Literal["manual", "schedule", "pipeline", "event", "api"]
 TaskStatus = Literal[
     "pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped", "cancelled", "dead"
 ]
-TaskKind = Literal["task", "approval", "manual"]
+TaskKind = Literal["task", "approval", "manual", "map"]
 Role = Literal["viewer", "operator", "admin"]
 
 
@@ -193,8 +193,20 @@ class AttemptOfTask(Loose):
     code_version: str | None
 
 
+class MapSummary(Loose):
+    """A mapped node (or one map node): what it maps over, its limits, and its items."""
+
+    over: str | None = Field(description="The list mapped over: `<node>.<path>` or `params.<name>`.")
+    width: int | None = Field(description="Its items (over its versions, for a node); null until expanded.")
+    max_concurrency: int | None
+    tolerated_failures: int | str = Field(description="A count, or a percentage such as \"10%\".")
+    items: dict[str, int] = Field(description="Its items by status (statuses with none are left out).")
+
+
 class TaskOfRun(Loose):
-    """A task of a run in a page: bounded (`GET /api/tasks/{id}` has every detail)."""
+    """A task of a run in a page: bounded (`GET /api/tasks/{id}` has every detail). A map item
+    (a task of a mapped node for one item) has `map_index`, `map_item` and `map_parent_id`; a
+    map node (kind `map`) has `map`."""
 
     id: uuid.UUID
     node: str
@@ -205,7 +217,8 @@ class TaskOfRun(Loose):
     status: TaskStatus
     attempt: int
     max_attempts: int
-    depends: list[str] = Field(description="Upstream nodes, the first 50 by id; `depends_count` has the number.")
+    depends: list[str] = Field(description="Upstream nodes, the first 50 by id; `depends_count` has the number. "
+                                           "A map node's never list its items; a map item has none.")
     depends_count: int
     created_at: datetime
     dispatched_at: datetime | None
@@ -217,22 +230,33 @@ class TaskOfRun(Loose):
     error: Any = Field(description="Whole when small; else its scalar fields and `truncated: true`.")
     attempts: list[AttemptOfTask] | None = Field(
         default=None, description="With `include=attempts`: the task's last 10 attempts, oldest first.")
+    map_index: int | None = Field(default=None, description="A map item's index in the list (from 0).")
+    map_item: Any = Field(default=None, description="A map item's item, bounded like `output`.")
+    map_parent_id: uuid.UUID | None = Field(default=None, description="A map item's map node.")
+    map: MapSummary | None = Field(default=None, description="A map node's spec, width and items by status.")
 
 
 class TaskPage(Loose):
-    """A page of a run's tasks, in (node, version) order."""
+    """A page of a run's tasks, in (node, version, map_index) order: a map node, then its items."""
 
     items: list[TaskOfRun]
     next_cursor: str | None
 
 
 class NodeCounts(Loose):
+    """A node of a run, a mapped node included (one entry, its items counted in `map`)."""
+
     node: str
     position: int = Field(description="The node's index in the pipeline definition.")
     kind: TaskKind
     task: str | None
-    tasks: int = Field(description="The node's tasks: one per version of the run.")
+    status: TaskStatus | None = Field(description=(
+        "The first of running, dispatched, ready, waiting, pending, failed, dead, cancelled, skipped, "
+        "succeeded that one of its tasks has."))
+    tasks: int = Field(description="The node's tasks: one per version of the run (a mapped node's map nodes; "
+                                   "its items are in `map`).")
     counts: dict[str, int] = Field(description="The node's tasks by status (statuses with none are left out).")
+    map: MapSummary | None = Field(default=None, description="A mapped node: its spec, width and items by status.")
 
 
 class NodePage(Loose):
@@ -266,9 +290,15 @@ class Run(Loose):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    task_count: int
+    params_truncated: bool = Field(description="True when `params` was too large to answer whole: the "
+                                                "parameters that fit are shown.")
+    task_count: int = Field(description="Every task of the run, map items included.")
     node_count: int
-    counts: dict[str, int] = Field(description="Tasks by status (statuses with none are left out).")
+    item_count: int = Field(description="The run's map items (tasks of mapped nodes, one per item).")
+    counts: dict[str, int] = Field(description="Tasks by status, map items included (statuses with none are "
+                                               "left out); an expanded map node waiting for its items is running.")
+    map_items: dict[str, int] = Field(description="The map items alone by status: `counts` minus these counts "
+                                                  "the run by node and version.")
     nodes: list[NodeCounts] = Field(description="The first page of nodes; GET /api/runs/{id}/nodes has the rest.")
     nodes_next_cursor: str | None
     tasks: list[TaskOfRun] = Field(description="The first page of tasks; GET /api/runs/{id}/tasks has the rest.")
@@ -307,6 +337,8 @@ class Task(Loose):
     attempt: int
     max_attempts: int
     params: dict[str, Any]
+    params_truncated: bool = Field(description="True when `params` was too large to answer whole: the "
+                                                "parameters that fit are shown.")
     created_at: datetime
     dispatched_at: datetime | None
     started_at: datetime | None
@@ -314,10 +346,18 @@ class Task(Loose):
     lease_expires_at: datetime | None
     progress: float | None
     message: str | None
-    output: Any
+    output: Any = Field(description="A settled map node's: its manifest reference (`key`, `manifest: true`, "
+                                    "`count`, `succeeded`, `failed`, `skipped`, `items_prefix`).")
     error: Any
     code_version: str | None
+    depends: list[str] = Field(description="Upstream nodes, the first 50 by id (a map node's never list its items; "
+                                           "a map item has none).")
+    depends_count: int
     attempts: list[Attempt]
+    map_index: int | None = Field(default=None, description="A map item's index in the list (from 0).")
+    map_item: Any = Field(default=None, description="A map item's item, whole.")
+    map_parent_id: uuid.UUID | None = Field(default=None, description="A map item's map node.")
+    map: MapSummary | None = Field(default=None, description="A map node's spec, width and items by status.")
 
 
 class Decision(Loose):

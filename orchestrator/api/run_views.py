@@ -1,11 +1,37 @@
-"""How runs and their tasks are answered: bounded, whatever the size of the run (issue 17).
+"""How runs and their tasks are answered: bounded, whatever the size of the run (issue 17), with
+mapped nodes shown as one node (issue 19).
 
 A run answer carries its tasks counted by status (`counts`, overall) and by node (`nodes`, a
 first page), and a first page of its tasks (`tasks`), each with the cursor of the next page
 (`nodes_next_cursor`, `tasks_next_cursor`). `GET /api/runs/{id}/tasks` and
 `GET /api/runs/{id}/nodes` page through the rest. A task in a page is bounded too: its error and
 output are cut to a few kilobytes (`GET /api/tasks/{id}` has them whole), its `depends` to the
-first 50 (`depends_count` has the number).
+first 50 (`depends_count` has the number). The `params` of a run answer or of a task answer are
+cut when large (`params_truncated`): the parameters that fit are shown (a map over
+`params.<name>` may hold a list of 100,000 items there).
+
+Mapped nodes (`map:` on a node). Per data version a mapped node is one task of kind `map` (the
+map node: no worker runs it), and, once expanded, one task per item (a map item).
+
+- `counts` and `task_count` count every task of the run: each map node once, and each of its
+  items. `map_items` counts the items alone by status and `item_count` is their number, so
+  `counts` minus `map_items` counts the run by node and version; `node_count` counts nodes.
+- A node entry (`nodes`, `GET /api/runs/{id}/nodes`) is one per node, a mapped node included:
+  `kind` is `map`, `tasks` and `counts` count its map nodes (one per version), `status` is the
+  node's status (the first of running, dispatched, ready, waiting, pending, failed, dead,
+  cancelled, skipped, succeeded that one of its tasks has), and `map` is
+  `{"over", "width", "max_concurrency", "tolerated_failures", "items": {status: count}}`, where
+  `width` is the number of its items (over its versions; null until expanded).
+- An expanded map node waiting for its items is shown `running` (its row is `pending`, counting
+  its open items as unfinished dependencies); the `status` filter matches what is shown.
+- A page of tasks is in (node, version, map_index) order: a map node, then its items in index
+  order. An item carries `map_index`, `map_item` (bounded like other values) and
+  `map_parent_id`; a map node carries `map` (its own items by status). `items=false` leaves
+  items out (a run answer or page of node-level tasks only).
+- `depends` lists node-level upstreams: a map node's never list its items, and an item has none
+  of its own (it reads its map node's inputs; `map_parent_id` names the map node).
+- `GET /api/tasks/{id}` of a map node has `map` and its `output` (the manifest reference once
+  settled); of an item, `map_index`, `map_item` (whole) and `map_parent_id`.
 """
 
 from __future__ import annotations
@@ -25,6 +51,9 @@ TASK_STATUSES = ("pending", "ready", "dispatched", "running", "waiting", "succee
 LIST_VERSIONS = 20  # versions of each run in a list of runs (`version_count` has the number)
 _VALUE_BUDGET = 2000  # characters of JSON for a task's error or output in a page
 _ATTEMPT_ERROR_BUDGET = 500
+_ITEM_BUDGET = 500  # characters of JSON for a map item in a page
+_PARAMS_BUDGET = 20_000  # characters of JSON for a run's params in a run answer
+_PARAM_BUDGET = 2_000  # ... and for one of them, when they are over that
 _TEXT = 300
 _BAD_CURSOR = "cursor is not one this API returned; pass the next cursor of the previous page"
 
@@ -81,14 +110,60 @@ def task_view(row: dict[str, Any]) -> dict[str, Any]:
         "finished_at": row["finished_at"], "progress": row["progress"], "message": _short_text(row["message"]),
         "output": bounded(row["output"]), "error": bounded(row["error"]),
     }
+    if row.get("map_parent_id") is not None:
+        view.update(map_index=row["map_index"], map_item=bounded(row.get("map_item"), _ITEM_BUDGET),
+                    map_parent_id=row["map_parent_id"])
+    if row.get("map") is not None:
+        view["map"] = row["map"]
     if "attempts" in row:
         view["attempts"] = [attempt_view(a) for a in row["attempts"]]
     return view
 
 
+def shown_status(row: dict[str, Any]) -> str:
+    """A task's status as answers show it: an expanded map node waiting for its items is running."""
+    if row.get("kind") == "map" and row.get("status") == "pending" and row.get("map_width") is not None:
+        return "running"
+    return str(row["status"])
+
+
+def task_detail(task: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """`GET /api/tasks/{id}`: the task whole (its params cut like a run's when large), with its
+    attempts; an item with its index, item and map node, a map node with `map` (spec, width,
+    items by status)."""
+    view = {k: v for k, v in task.items()
+            if k not in ("map_spec", "map_width", "map_index", "map_parent_id", "map_item")}
+    view["status"] = shown_status(task)
+    if "params" in task:
+        # A map over params.<name> has the list in its map node's params.
+        view["params"], view["params_truncated"] = bounded_params(task["params"])
+    if task.get("map_parent_id") is not None:
+        view.update(map_index=task["map_index"], map_item=task.get("map_item"), map_parent_id=task["map_parent_id"])
+    view["attempts"] = attempts
+    return view
+
+
+def bounded_params(params: Any) -> tuple[Any, bool]:
+    """A run's params for a run answer, and whether some were left out: whole when small, else
+    the parameters that fit (each within a couple of kilobytes) while they fit."""
+    if not isinstance(params, dict) or len(json.dumps(params, default=str)) <= _PARAMS_BUDGET:
+        return params, False
+    out: dict[str, Any] = {}
+    used = 2
+    for key, value in params.items():
+        cost = len(json.dumps({str(key): value}, default=str))
+        if cost > _PARAM_BUDGET or used + cost > _PARAMS_BUDGET:
+            continue
+        out[str(key)] = value
+        used += cost
+    return out, True
+
+
 def run_view(run: dict[str, Any]) -> dict[str, Any]:
     """A run answer from `Engine.run_summary`: the run, its counts, its first pages and their cursors."""
     view = {k: v for k, v in run.items() if k not in ("tasks", "tasks_next_after", "nodes_next_after")}
+    if "params" in run:
+        view["params"], view["params_truncated"] = bounded_params(run["params"])
     view["tasks"] = [task_view(t) for t in run["tasks"]]
     view["tasks_next_cursor"] = encode_task_cursor(run["tasks_next_after"])
     view["nodes_next_cursor"] = encode_node_cursor(run["nodes_next_after"])
@@ -117,18 +192,21 @@ def _decode(cursor: str) -> Any:
         raise InvalidInput(_BAD_CURSOR) from None
 
 
-def encode_task_cursor(after: tuple[str, str] | None) -> str | None:
-    return None if after is None else _encode(["t", after[0], after[1]])
+def encode_task_cursor(after: tuple[str, str, int] | None) -> str | None:
+    """The key (node, version, map_index) of the last task of a page. A cursor of before map
+    nodes (node, version) is refused like any cursor this API did not return."""
+    return None if after is None else _encode(["t", after[0], after[1], after[2]])
 
 
-def decode_task_cursor(cursor: str | None) -> tuple[str, str] | None:
+def decode_task_cursor(cursor: str | None) -> tuple[str, str, int] | None:
     if not cursor:
         return None
     value = _decode(cursor)
-    if (not isinstance(value, list) or len(value) != 3 or value[0] != "t"
-            or not all(isinstance(v, str) and "\x00" not in v for v in value[1:])):
+    if (not isinstance(value, list) or len(value) != 4 or value[0] != "t"
+            or not all(isinstance(v, str) and "\x00" not in v for v in value[1:3])
+            or type(value[3]) is not int or not -1 <= value[3] < runs.MAX_TASKS_PER_RUN):
         raise InvalidInput(_BAD_CURSOR)
-    return value[1], value[2]
+    return value[1], value[2], value[3]
 
 
 def encode_node_cursor(after: int | None) -> str | None:
@@ -164,6 +242,16 @@ def include_attempts(request: Request) -> bool:
     if unknown:
         raise InvalidInput(f"include takes 'attempts'; got {unknown[0]!r}")
     return "attempts" in values
+
+
+def include_items(request: Request) -> bool:
+    """`items=false`: leave map items out (node-level tasks only); `items=true`, the default, has them."""
+    raw = request.query_params.get("items")
+    if raw is None or raw == "":
+        return True
+    if raw not in ("true", "false"):
+        raise InvalidInput("items must be true or false")
+    return raw == "true"
 
 
 def task_filters(request: Request) -> tuple[str | None, str | None]:

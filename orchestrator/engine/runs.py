@@ -263,7 +263,8 @@ def start_queued_runs(conn: Connection, workspace_id: str, pipeline_id: str) -> 
 
 
 def get_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> tuple[Row, list[Row]]:
-    """A run with its lineage (upstream outputs read, runs it started) and persisted outputs."""
+    """A run with its lineage (upstream outputs read, runs it started) and persisted outputs, and
+    every task (map items included, each after its map node)."""
     from orchestrator.engine.orchestrations import lineage
     from orchestrator.store import outputs as output_store
 
@@ -287,14 +288,37 @@ def list_runs(
 
 
 def get_task(db: Database, workspace_id: str, task_id: uuid.UUID) -> tuple[Row, list[Row]]:
+    """A task with its attempts, its node-level upstreams (`depends`, the first MAX_DEPENDS, and
+    `depends_count`) and, for a map node, `map`: its spec, width and items by status."""
     with db.connection() as conn:
         task = task_store.get_task(conn, workspace_id, task_id)
         if task is None:
             raise NotFound(f"task '{task_id}' not found")
+        upstream = task_store.upstream_nodes(conn, task["run_id"], [task]).get(task["id"], [])
+        task["depends"], task["depends_count"] = upstream[:MAX_DEPENDS], len(upstream)
+        if task["kind"] == "map":
+            items = {str(r["status"]): int(r["n"]) for r in task_store.map_item_counts(conn, [task_id])}
+            task["map"] = map_view(task.get("map_spec"), task.get("map_width"), items)
         return task, task_store.list_attempts(conn, [task_id])
 
 
 # --- bounded reads (issue 17): what the API answers about a run, whatever its size ----------
+#
+# Map nodes (issue 19). A mapped node is one task per data version (kind 'map'), and, once
+# expanded, one task per item (a map item: `map_parent_id`, `map_index`, `map_item`):
+# - `counts` and `task_count` count every task of the run, map items included (each map node
+#   once, and each of its items); `item_count` and `map_items` count the items alone, so
+#   `counts` minus `map_items` is the run by node and version. `node_count` counts nodes.
+# - A node entry (`nodes`) is one per node, a mapped one too: `tasks` and `counts` are its
+#   tasks (one per version; for a mapped node, its map nodes), `status` sums them up, and a
+#   mapped node has `map`: its spec, `width` (its items, null until expanded) and `items` (its
+#   items by status).
+# - An expanded map node waiting for its items is shown `running` (stored: pending); a status
+#   filter matches the shown status.
+# - A task's `depends` are its node-level upstreams: a map node's never list its items; an item
+#   has none of its own (its inputs are its map node's, which `map_parent_id` names).
+# - A page of tasks is in (node, version, map_index) order: a map node, then its items in index
+#   order; `items=False` leaves items out.
 
 FIRST_TASK_PAGE = 100  # tasks in a run answer
 MAX_TASK_PAGE = 200
@@ -302,12 +326,17 @@ FIRST_NODE_PAGE = 100  # nodes (with their counts) in a run answer
 MAX_NODE_PAGE = 500
 ATTEMPTS_PER_TASK = 10  # with include_attempts: the last ones of each task of a page
 MAX_LINKED = 500  # outputs, and upstream and downstream lineage entries, in a run answer
+MAX_DEPENDS = 50  # upstream node ids listed with a task (`depends_count` has the number)
+_AFTER_EVERY_ITEM = 2**31 - 1  # a map_index past every item
+# A node's status in a node entry: the first of these any of its tasks has.
+NODE_STATUS_ORDER = ("running", "dispatched", "ready", "waiting", "pending", "failed", "dead", "cancelled",
+                     "skipped", "succeeded")
 
 
 @dataclass(frozen=True)
 class TaskPage:
     items: list[Row]
-    next_after: tuple[str, str] | None  # (node_id, version) of the last task, when more follow
+    next_after: tuple[str, str, int] | None  # (node_id, version, map_index) of the last task, when more follow
 
 
 @dataclass(frozen=True)
@@ -316,14 +345,32 @@ class NodePage:
     next_after: int | None  # the position of the last node, when more follow
 
 
+def map_view(spec: Any, width: int | None, items: dict[str, int]) -> dict[str, Any]:
+    """A mapped node or map node as answers show it: what it maps over, its limits, its width
+    (null until expanded) and its items by status."""
+    spec = spec if isinstance(spec, dict) else {}
+    return {"over": spec.get("over"), "width": width, "max_concurrency": spec.get("max_concurrency"),
+            "tolerated_failures": spec.get("tolerated_failures", 0), "items": items}
+
+
+def node_status(counts: dict[str, int]) -> str | None:
+    """A node's status from its tasks by status (NODE_STATUS_ORDER)."""
+    present = [s for s, n in counts.items() if n]
+    for status in NODE_STATUS_ORDER:
+        if status in present:
+            return status
+    return present[0] if present else None
+
+
 def run_summary(
     db: Database, workspace_id: str, run_id: uuid.UUID, *, tasks_limit: int = FIRST_TASK_PAGE,
-    include_attempts: bool = False,
+    include_attempts: bool = False, items: bool = True,
 ) -> Row:
     """A run as the API shows it, bounded whatever the number of its tasks: lineage and outputs
     (at most MAX_LINKED of each, with a `*_truncated` flag), its tasks counted by status
-    (`counts`, `task_count`, `node_count`), the first page of its nodes with their counts
-    (`nodes`, `nodes_next_after`) and the first page of its tasks (`tasks`, `tasks_next_after`)."""
+    (`counts`, `task_count`; map items apart in `map_items`, `item_count`), its nodes
+    (`node_count`, the first page with their counts: `nodes`, `nodes_next_after`) and the first
+    page of its tasks (`tasks`, `tasks_next_after`; `items=False`: without map items)."""
     from orchestrator.engine.orchestrations import lineage
     from orchestrator.store import outputs as output_store
 
@@ -339,33 +386,47 @@ def run_summary(
         outputs = output_store.outputs_of_run(conn, run_id)
         run["outputs"] = outputs[:MAX_LINKED]
         run["outputs_truncated"] = len(outputs) > MAX_LINKED
-        counts = task_store.count_tasks_of_run(conn, run_id)
+        counts: dict[str, int] = {}
+        item_counts: dict[str, int] = {}
+        by_map: dict[Any, dict[str, int]] = {}  # each map node's items by status
+        for row in task_store.status_counts_of_run(conn, run_id):
+            status, n = str(row["status"]), int(row["n"])
+            counts[status] = counts.get(status, 0) + n
+            if row["map_parent_id"] is not None:
+                item_counts[status] = item_counts.get(status, 0) + n
+                by_map.setdefault(row["map_parent_id"], {})[status] = n
         run["counts"] = counts
         run["task_count"] = sum(counts.values())
-        # Every node has one task per version of the run.
-        run["node_count"] = run["task_count"] // max(1, len(run["versions"]))
-        nodes = _node_page(conn, run_id, after=None, limit=FIRST_NODE_PAGE, node_count=run["node_count"])
+        run["map_items"] = item_counts
+        run["item_count"] = sum(item_counts.values())
+        # Every node has one task per version of the run (a mapped node: one map node per version).
+        run["node_count"] = (run["task_count"] - run["item_count"]) // max(1, len(run["versions"]))
+        nodes = _node_page(conn, run_id, after=None, limit=FIRST_NODE_PAGE, node_count=run["node_count"],
+                           item_counts=by_map)
         run["nodes"], run["nodes_next_after"] = nodes.items, nodes.next_after
         tasks = _task_page(conn, workspace_id, run_id, status=None, node=None, after=None, limit=tasks_limit,
-                           include_attempts=include_attempts)
+                           include_attempts=include_attempts, items=items, item_counts=by_map)
         run["tasks"], run["tasks_next_after"] = tasks.items, tasks.next_after
         return run
 
 
 def list_run_tasks(
     db: Database, workspace_id: str, run_id: uuid.UUID, *, status: str | None, node: str | None,
-    after: tuple[str, str] | None, limit: int, include_attempts: bool = False,
+    after: tuple[Any, ...] | None, limit: int, include_attempts: bool = False, items: bool = True,
 ) -> TaskPage:
-    """A page of a run's tasks in (node, version) order, optionally of one status and/or one node."""
+    """A page of a run's tasks in (node, version, map_index) order, optionally of one status and/or
+    one node, with or without map items. `after` is the (node, version, map_index) of the last task
+    of the previous page; a (node, version) pair means after every task of that node and version."""
     with db.connection() as conn:
         if run_store.run_state(conn, workspace_id, run_id) is None:
             raise NotFound(f"run '{run_id}' not found")
         return _task_page(conn, workspace_id, run_id, status=status, node=node, after=after, limit=limit,
-                          include_attempts=include_attempts)
+                          include_attempts=include_attempts, items=items)
 
 
 def list_run_nodes(db: Database, workspace_id: str, run_id: uuid.UUID, *, after: int | None, limit: int) -> NodePage:
-    """A page of a run's nodes in definition order, each with its tasks counted by status."""
+    """A page of a run's nodes in definition order, each with its tasks counted by status (and a
+    mapped node's items)."""
     with db.connection() as conn:
         run = run_store.run_state(conn, workspace_id, run_id)
         if run is None:
@@ -375,15 +436,27 @@ def list_run_nodes(db: Database, workspace_id: str, run_id: uuid.UUID, *, after:
 
 def _task_page(
     conn: Connection, workspace_id: str, run_id: uuid.UUID, *, status: str | None, node: str | None,
-    after: tuple[str, str] | None, limit: int, include_attempts: bool,
+    after: tuple[Any, ...] | None, limit: int, include_attempts: bool, items: bool = True,
+    item_counts: dict[Any, dict[str, int]] | None = None,
 ) -> TaskPage:
+    """`item_counts`: each map node's items by status, when the caller counted them (else the
+    page's map nodes have theirs counted here)."""
     if limit <= 0:
         return TaskPage([], None)
+    key = None if after is None else (
+        str(after[0]), str(after[1]), int(after[2]) if len(after) > 2 else _AFTER_EVERY_ITEM)
     rows = task_store.page_tasks_of_run(
-        conn, workspace_id, run_id, status=status, node=node, after=after, limit=limit + 1, max_depends=50
+        conn, workspace_id, run_id, status=status, node=node, after=key, limit=limit + 1,
+        max_depends=MAX_DEPENDS, items=items,
     )
     more = len(rows) > limit
     rows = rows[:limit]
+    maps = [r["id"] for r in rows if r["kind"] == "map"]
+    if maps:
+        by_map = item_counts if item_counts is not None else _item_counts(conn, maps)
+        for row in rows:
+            if row["kind"] == "map":
+                row["map"] = map_view(row.get("map_spec"), row.get("map_width"), by_map.get(row["id"], {}))
     if include_attempts:
         by_task: dict[Any, list[Row]] = {}
         for attempt in task_store.latest_attempts(conn, [r["id"] for r in rows if r["attempt"]], ATTEMPTS_PER_TASK):
@@ -391,26 +464,52 @@ def _task_page(
         for row in rows:
             row["attempts"] = by_task.get(row["id"], [])
     last = rows[-1] if rows else None
-    return TaskPage(rows, (str(last["node_id"]), str(last["version"])) if more and last else None)
+    return TaskPage(rows, (str(last["node_id"]), str(last["version"]), int(last["map_index"])) if more and last else None)
+
+
+def _item_counts(conn: Connection, map_ids: list[Any]) -> dict[Any, dict[str, int]]:
+    by_map: dict[Any, dict[str, int]] = {}
+    for row in task_store.map_item_counts(conn, map_ids):
+        by_map.setdefault(row["map_parent_id"], {})[str(row["status"])] = int(row["n"])
+    return by_map
 
 
 def _node_page(
-    conn: Connection, run_id: uuid.UUID, *, after: int | None, limit: int, node_count: int | None
+    conn: Connection, run_id: uuid.UUID, *, after: int | None, limit: int, node_count: int | None,
+    item_counts: dict[Any, dict[str, int]] | None = None,
 ) -> NodePage:
     start = -1 if after is None else after
     # One more node than asked for tells whether another page follows.
     rows = task_store.node_counts_of_run(conn, run_id, after_position=start, limit=limit + 1)
     nodes: dict[int, dict[str, Any]] = {}
+    maps: dict[int, dict[str, Any]] = {}
     for row in rows:
         node = nodes.setdefault(int(row["position"]), {
             "node": row["node_id"], "position": row["position"], "kind": row["kind"], "task": row["task_name"],
-            "tasks": 0, "counts": {},
+            "status": None, "tasks": 0, "counts": {},
         })
         node["tasks"] += row["n"]
         node["counts"][row["status"]] = row["n"]
-    items = list(nodes.values())
-    more = len(items) > limit
-    items = items[:limit]
+        if row["kind"] == "map":
+            found = maps.setdefault(int(row["position"]), {"spec": None, "width": 0, "expanded": 0, "ids": []})
+            found["spec"] = found["spec"] or row["map_spec"]
+            found["width"] += int(row["map_width"] or 0)
+            found["expanded"] += int(row["map_expanded"] or 0)
+            found["ids"] += list(row["map_ids"] or [])
+    by_map = item_counts if item_counts is not None else _item_counts(
+        conn, [i for found in maps.values() for i in found["ids"]])
+    for position, node in nodes.items():
+        node["status"] = node_status(node["counts"])
+        mapped = maps.get(position)
+        if mapped is not None:
+            items: dict[str, int] = {}
+            for map_id in mapped["ids"]:
+                for status, n in by_map.get(map_id, {}).items():
+                    items[status] = items.get(status, 0) + n
+            node["map"] = map_view(mapped["spec"], mapped["width"] if mapped["expanded"] else None, items)
+    page = list(nodes.values())
+    more = len(page) > limit
+    page = page[:limit]
     if node_count is not None:
-        more = bool(items) and items[-1]["position"] < node_count - 1
-    return NodePage(items, items[-1]["position"] if more and items else None)
+        more = bool(page) and page[-1]["position"] < node_count - 1
+    return NodePage(page, page[-1]["position"] if more and page else None)

@@ -426,25 +426,81 @@ def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:
     ).fetchall()
 
 
+# --- reads of a run's tasks for the API (issue 17; map nodes, issue 19) ------------------------
+#
+# A map node (kind 'map') is one row per data version; once expanded its children (map items)
+# are rows of the same (run, node, version) with `map_parent_id` naming it and `map_index`
+# 0..n-1 (every other task has map_index -1). Children are upstreams of their map node in
+# task_edges, so a task's node-level upstreams are its upstreams that are not map items.
+
+# The status a read shows: an expanded map node waiting for its items (its row is 'pending',
+# its unfinished_deps counting its open items) is 'running'.
+SHOWN_STATUS = ("CASE WHEN t.kind = 'map' AND t.status = 'pending' AND t.map_width IS NOT NULL "
+                "THEN 'running' ELSE t.status END")
+
+
+def upstream_nodes(conn: Connection, run_id: uuid.UUID, tasks: Sequence[Row]) -> dict[uuid.UUID, list[str]]:
+    """The node-level upstreams of each of `tasks` of the run (rows with `id`, `node_id`, `kind`
+    and `version`), in node id order. A map node's items, which are upstreams of it too, are left
+    out; map items have none (leave them out of `tasks`).
+
+    One statement for all of `tasks`, not a subquery per task: in a run with a big map, the
+    planner's estimate of edges per task is skewed by the map node's (one per item), and a plan
+    chosen for that, run once per task of a page, scans the tasks table each time. A map node's
+    upstreams are found from the other side, among the node-level tasks of its version (a probe
+    of the edge's primary key each), not by visiting every edge of its items."""
+    found: dict[uuid.UUID, list[str]] = {t["id"]: [] for t in tasks}
+    plain = [t for t in tasks if t["kind"] != "map"]
+    maps = [t for t in tasks if t["kind"] == "map"]
+    rows: list[Row] = []
+    if plain:
+        rows += conn.execute(
+            """SELECT d.id, u.node_id
+               FROM unnest(%s::uuid[]) AS d(id)
+               JOIN task_edges e ON e.downstream_task_id = d.id
+               JOIN tasks u ON u.id = e.upstream_task_id""",
+            ([t["id"] for t in plain],),
+        ).fetchall()
+    if maps:
+        rows += conn.execute(
+            """SELECT m.id, u.node_id
+               FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS m(id, node_id, version)
+               JOIN tasks u ON u.run_id = %s AND u.version = m.version AND u.map_index = -1
+                           AND u.node_id <> m.node_id
+               WHERE EXISTS (SELECT 1 FROM task_edges e WHERE e.upstream_task_id = u.id AND e.downstream_task_id = m.id)""",
+            ([t["id"] for t in maps], [t["node_id"] for t in maps], [t["version"] for t in maps], run_id),
+        ).fetchall()
+    for row in rows:
+        found[row["id"]].append(str(row["node_id"]))
+    for names in found.values():
+        names.sort()
+    return found
+
+
 def list_tasks_of_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> list[Row]:
-    return conn.execute(
+    """Every task of the run, map items included (after their map node), with its node-level
+    upstreams (`depends`). Unbounded: for tests and small runs; the API pages (`page_tasks_of_run`)."""
+    rows = conn.execute(
         """SELECT t.id, t.node_id, t.version, t.kind, t.task_name, t.status, t.attempt, t.max_attempts,
                   t.created_at, t.dispatched_at, t.started_at, t.finished_at, t.lease_expires_at,
-                  t.progress, t.message, t.output, t.error,
-                  COALESCE((SELECT array_agg(u.node_id ORDER BY u.node_id)
-                            FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-                            WHERE e.downstream_task_id = t.id), '{}') AS depends
+                  t.progress, t.message, t.output, t.error, t.map_index, t.map_parent_id, t.map_item, t.map_width
            FROM tasks t WHERE t.workspace_id = %s AND t.run_id = %s
-           ORDER BY t.version, t.position""",
+           ORDER BY t.version, t.position, t.map_index""",
         (workspace_id, run_id),
     ).fetchall()
+    upstream = upstream_nodes(conn, run_id, [r for r in rows if r["map_parent_id"] is None])
+    for row in rows:
+        row["depends"] = upstream.get(row["id"], [])
+    return rows
 
 
 def get_task(conn: Connection, workspace_id: str, task_id: uuid.UUID) -> Row | None:
+    """A task as stored (its status too: `SHOWN_STATUS` is for what the API shows)."""
     return conn.execute(
         """SELECT id, run_id, pipeline_id, node_id, version, kind, task_name, status, attempt,
                   max_attempts, params, created_at, dispatched_at, started_at, finished_at,
-                  lease_expires_at, progress, message, output, error, code_version
+                  lease_expires_at, progress, message, output, error, code_version,
+                  map_index, map_parent_id, map_item, map_spec, map_width
            FROM tasks WHERE workspace_id = %s AND id = %s""",
         (workspace_id, task_id),
     ).fetchone()
@@ -458,64 +514,101 @@ def list_attempts(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
     ).fetchall()
 
 
-# --- bounded reads of a run's tasks (issue 17): counts, and pages keyset-paginated on the
-# unique index (run_id, node_id, version), so a page costs O(page) however big the run.
+# Bounded reads: counts, and pages keyset-paginated on the unique index
+# (run_id, node_id, version, map_index), so a page costs O(page) however big the run.
 
-_PAGE_COLUMNS = """t.id, t.node_id, t.version, t.position, t.kind, t.task_name, t.status, t.attempt, t.max_attempts,
-                  t.created_at, t.dispatched_at, t.started_at, t.finished_at, t.lease_expires_at,
-                  t.progress, t.message, t.output, t.error"""
+_PAGE_COLUMNS = f"""t.id, t.node_id, t.version, t.position, t.kind, t.task_name, {SHOWN_STATUS} AS status,
+                  t.attempt, t.max_attempts, t.created_at, t.dispatched_at, t.started_at, t.finished_at,
+                  t.lease_expires_at, t.progress, t.message, t.output, t.error,
+                  t.map_index, t.map_parent_id, t.map_item, t.map_spec, t.map_width"""
+
+
+def status_counts_of_run(conn: Connection, run_id: uuid.UUID) -> list[Row]:
+    """The run's tasks by shown status and map node (`map_parent_id`: null for the tasks that are
+    not map items): one aggregate over the run, which also counts each map node's items."""
+    return conn.execute(
+        f"""SELECT {SHOWN_STATUS} AS status, t.map_parent_id, count(*)::int AS n
+            FROM tasks t WHERE t.run_id = %s GROUP BY 1, 2""",
+        (run_id,),
+    ).fetchall()
 
 
 def count_tasks_of_run(conn: Connection, run_id: uuid.UUID) -> dict[str, int]:
-    """The run's tasks by status (one aggregate over the run's tasks)."""
-    rows = conn.execute(
-        "SELECT status, count(*)::int AS n FROM tasks WHERE run_id = %s GROUP BY status", (run_id,)
-    ).fetchall()
-    return {str(r["status"]): int(r["n"]) for r in rows}
+    """The run's tasks by shown status, map items included."""
+    counts: dict[str, int] = {}
+    for row in status_counts_of_run(conn, run_id):
+        counts[str(row["status"])] = counts.get(str(row["status"]), 0) + int(row["n"])
+    return counts
 
 
 def node_counts_of_run(conn: Connection, run_id: uuid.UUID, *, after_position: int, limit: int) -> list[Row]:
-    """Tasks by node and status for the nodes at positions after `after_position`, at most `limit`
-    nodes, in definition order. Every node of a run has a task for each of its versions, so the
-    positions are 0..n-1 and a page of nodes is a range of them."""
+    """Node-level tasks (map items left out) by node and shown status, for the nodes at positions
+    after `after_position`, at most `limit` nodes, in definition order. Every node of a run has a
+    task for each of its versions, so the positions are 0..n-1 and a page of nodes is a range of
+    them. The groups of a mapped node carry its `map_spec`, the ids of its map nodes (`map_ids`)
+    and the sum (`map_width`) and number (`map_expanded`) of their widths where expanded."""
     return conn.execute(
-        """SELECT t.position, t.node_id, t.kind, t.task_name, t.status, count(*)::int AS n
-           FROM tasks t
-           WHERE t.run_id = %s AND t.position > %s AND t.position <= %s
-           GROUP BY t.position, t.node_id, t.kind, t.task_name, t.status
-           ORDER BY t.position, t.status""",
+        f"""SELECT t.position, t.node_id, t.kind, t.task_name, {SHOWN_STATUS} AS status, count(*)::int AS n,
+                   sum(t.map_width)::int AS map_width, count(t.map_width)::int AS map_expanded,
+                   (array_agg(t.map_spec) FILTER (WHERE t.kind = 'map'))[1] AS map_spec,
+                   array_agg(t.id) FILTER (WHERE t.kind = 'map') AS map_ids
+            FROM tasks t
+            WHERE t.run_id = %s AND t.map_index = -1 AND t.position > %s AND t.position <= %s
+            GROUP BY 1, 2, 3, 4, 5
+            ORDER BY 1, 5""",
         (run_id, after_position, after_position + limit),
     ).fetchall()
 
 
 def page_tasks_of_run(
     conn: Connection, workspace_id: str, run_id: uuid.UUID, *, status: str | None = None, node: str | None = None,
-    after: tuple[str, str] | None = None, limit: int, max_depends: int = 100,
+    after: tuple[str, str, int] | None = None, limit: int, max_depends: int = 100, items: bool = True,
 ) -> list[Row]:
-    """A page of the run's tasks in (node_id, version) order, after the key `after`: an index range
-    of tasks_run_id_node_id_version_key (with `node`, a range within that node). Each task lists at
-    most `max_depends` of its upstream nodes (`depends_count` has them all)."""
+    """A page of the run's tasks in (node_id, version, map_index) order, after the key `after`: an
+    index range of tasks_run_node_version_item_key (with `node`, a range within that node), so a
+    map node comes before its items, and its items are in index order. `items=False` leaves map
+    items out. `status` is the shown status. Each task lists at most `max_depends` of its
+    node-level upstreams (`depends_count` has them all)."""
     where = ["t.workspace_id = %(ws)s", "t.run_id = %(run)s"]
     if status is not None:
-        where.append("t.status = %(status)s")
+        # On the status column, so the planner's estimate is the column's (SHOWN_STATUS spelled out).
+        if status == "running":
+            where.append("(t.status = 'running' OR (t.status = 'pending' AND t.kind = 'map' AND t.map_width IS NOT NULL))")
+        elif status == "pending":
+            where.append("t.status = 'pending' AND NOT (t.kind = 'map' AND t.map_width IS NOT NULL)")
+        else:
+            where.append("t.status = %(status)s")
     if node is not None:
         where.append("t.node_id = %(node)s")
+    if not items:
+        where.append("t.map_index = -1")
     if after is not None:
-        where.append("(t.node_id, t.version) > (%(after_node)s, %(after_version)s)")
-    return conn.execute(
-        f"""SELECT {_PAGE_COLUMNS},
-                   COALESCE((SELECT array_agg(d.node_id ORDER BY d.node_id) FROM (
-                                SELECT u.node_id FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
-                                WHERE e.downstream_task_id = t.id ORDER BY u.node_id LIMIT %(max_depends)s) d),
-                            '{{}}') AS depends,
-                   (SELECT count(*)::int FROM task_edges e WHERE e.downstream_task_id = t.id) AS depends_count
+        where.append("(t.node_id, t.version, t.map_index) > (%(after_node)s, %(after_version)s, %(after_index)s)")
+    rows = conn.execute(
+        f"""SELECT {_PAGE_COLUMNS}
             FROM tasks t
             WHERE {" AND ".join(where)}
-            ORDER BY t.node_id, t.version
+            ORDER BY t.node_id, t.version, t.map_index
             LIMIT %(limit)s""",
         {"ws": workspace_id, "run": run_id, "status": status, "node": node,
          "after_node": after[0] if after else None, "after_version": after[1] if after else None,
-         "limit": limit, "max_depends": max_depends},
+         "after_index": after[2] if after else None, "limit": limit},
+    ).fetchall()
+    upstream = upstream_nodes(conn, run_id, [r for r in rows if r["map_parent_id"] is None])
+    for row in rows:
+        names = upstream.get(row["id"], [])
+        row["depends"], row["depends_count"] = names[:max_depends], len(names)
+    return rows
+
+
+def map_item_counts(conn: Connection, parent_ids: Sequence[uuid.UUID]) -> list[Row]:
+    """The items of each map node of `parent_ids` by status (map_parent_id, status, n)."""
+    if not parent_ids:
+        return []
+    return conn.execute(
+        """SELECT map_parent_id, status, count(*)::int AS n FROM tasks
+           WHERE map_parent_id = ANY(%s) GROUP BY 1, 2""",
+        (list(parent_ids),),
     ).fetchall()
 
 
