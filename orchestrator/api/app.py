@@ -483,9 +483,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         limit = run_views.query_limit(request, run_reads.FIRST_TASK_PAGE, run_reads.MAX_TASK_PAGE, minimum=0)
         attempts = run_views.include_attempts(request)
         items = run_views.include_items(request)
-        run = await run_in_threadpool(lambda: run_reads.run_summary(
-            get_engine().db, principal.workspace_id, run_id, tasks_limit=limit, include_attempts=attempts,
-            items=items))
+        run = await run_in_threadpool(lambda: get_engine().run_summary(
+            principal.workspace_id, run_id, tasks_limit=limit, include_attempts=attempts, items=items))
         return JSON(run_views.run_view(run))
 
     @guarded("viewer")
@@ -496,8 +495,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         after = run_views.decode_task_cursor(request.query_params.get("cursor"))
         attempts = run_views.include_attempts(request)
         items = run_views.include_items(request)
-        page = await run_in_threadpool(lambda: run_reads.list_run_tasks(
-            get_engine().db, principal.workspace_id, run_id, status=status, node=node, after=after, limit=limit,
+        page = await run_in_threadpool(lambda: get_engine().list_run_tasks(
+            principal.workspace_id, run_id, status=status, node=node, after=after, limit=limit,
             include_attempts=attempts, items=items))
         return JSON({"items": [run_views.task_view(t) for t in page.items],
                      "next_cursor": run_views.encode_task_cursor(page.next_after)})

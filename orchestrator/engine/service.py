@@ -218,17 +218,18 @@ class Engine:
 
     def run_summary(
         self, workspace_id: str, run_id: uuid.UUID, *, tasks_limit: int = runs.FIRST_TASK_PAGE,
-        include_attempts: bool = False,
+        include_attempts: bool = False, items: bool = True,
     ) -> Row:
         return runs.run_summary(self.db, workspace_id, run_id, tasks_limit=tasks_limit,
-                                include_attempts=include_attempts)
+                                include_attempts=include_attempts, items=items)
 
     def list_run_tasks(
         self, workspace_id: str, run_id: uuid.UUID, *, status: str | None = None, node: str | None = None,
-        after: tuple[str, str] | None = None, limit: int = runs.FIRST_TASK_PAGE, include_attempts: bool = False,
+        after: tuple[Any, ...] | None = None, limit: int = runs.FIRST_TASK_PAGE, include_attempts: bool = False,
+        items: bool = True,
     ) -> runs.TaskPage:
         return runs.list_run_tasks(self.db, workspace_id, run_id, status=status, node=node, after=after,
-                                   limit=limit, include_attempts=include_attempts)
+                                   limit=limit, include_attempts=include_attempts, items=items)
 
     def list_run_nodes(
         self, workspace_id: str, run_id: uuid.UUID, *, after: int | None = None, limit: int = runs.FIRST_NODE_PAGE,
