@@ -325,25 +325,36 @@ def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.U
 
 
 # A downstream task a retried upstream takes back to pending: not started yet, or decided
-# (skipped) on the outcome that is being retried; a map node settled on its children's outcomes
-# (no worker ran it: it settles again, with a new manifest, once they are done).
-_REOPENABLE = "(t.status IN ('pending', 'ready', 'waiting', 'skipped') OR (t.kind = 'map' AND t.map_width IS NOT NULL AND t.status IN ('succeeded', 'failed')))"
+# (skipped) on the outcome that is being retried. A map node is two things at once. Reached from
+# one of its own items (an item retried), it was decided on that item's outcome: once settled it
+# settles again, with a new manifest. Reached from a node-level upstream, once expanded it has
+# started on that upstream's outcome, like a task out with a worker (its items exist and run):
+# it is not reopened, and while its items run the repair is refused.
+_DOWN = """WITH RECURSIVE down(id, via_item) AS (
+               SELECT e.downstream_task_id, u.map_parent_id IS NOT NULL
+               FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+               WHERE e.upstream_task_id = ANY(%(tasks)s::uuid[])
+               UNION
+               SELECT e.downstream_task_id, false FROM down d JOIN tasks t ON t.id = d.id
+               JOIN task_edges e ON e.upstream_task_id = d.id
+               WHERE """ + "{reopenable}" + """
+           )"""
+_EXPANDED = "(t.kind = 'map' AND t.map_width IS NOT NULL)"
+_REOPENABLE = (f"((t.status IN ('pending', 'ready', 'waiting', 'skipped') AND NOT ({_EXPANDED} AND NOT d.via_item))"
+               f" OR ({_EXPANDED} AND d.via_item AND t.status IN ('succeeded', 'failed')))")
 
 
 def started_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[Row]:
     """Tasks out with workers that already consumed these tasks' outcomes: their successors,
-    and theirs through successors not yet started or skipped. A repair cannot take these tasks
+    and theirs through successors not yet started or skipped; and map nodes expanded on them
+    whose items are still open (a repair of their own items aside). A repair cannot take these
     back under them (they would have run on an upstream that is running again)."""
     return conn.execute(
-        f"""WITH RECURSIVE down(id) AS (
-                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = ANY(%(tasks)s::uuid[])
-                UNION
-                SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
-                JOIN task_edges e ON e.upstream_task_id = d.id
-                WHERE {_REOPENABLE}
-            )
-            SELECT t.id, t.node_id, t.version, t.status FROM down d JOIN tasks t ON t.id = d.id
+        f"""{_DOWN.format(reopenable=_REOPENABLE)}
+            SELECT t.id, t.node_id, t.version, t.status
+            FROM (SELECT id, bool_or(via_item) AS via_item FROM down GROUP BY id) d JOIN tasks t ON t.id = d.id
             WHERE t.status IN ('dispatched', 'running')
+               OR ({_EXPANDED} AND NOT d.via_item AND t.status = 'pending' AND t.id <> ALL(%(tasks)s::uuid[]))
             ORDER BY t.node_id, t.version""",
         {"tasks": list(task_ids)},
     ).fetchall()
@@ -352,21 +363,14 @@ def started_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[
 def reopen_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """Tasks going back to be run again (a dead letter retried, a redrive): their downstream
     tasks that were decided on the outcome being retried (skipped, or made ready or waiting by a
-    rule that accepted it) or not started yet go back to pending, to be recounted. Tasks that
-    ran keep their outcome."""
+    rule that accepted it) or not started yet go back to pending, to be recounted; and a settled
+    map node one of whose items is retried. Tasks that ran keep their outcome, and so does a map
+    node expanded on the upstream retried."""
     rows = conn.execute(
-        f"""WITH RECURSIVE down(id) AS (
-                SELECT e.downstream_task_id FROM task_edges e WHERE e.upstream_task_id = ANY(%(tasks)s::uuid[])
-                UNION
-                SELECT e.downstream_task_id FROM down d JOIN tasks t ON t.id = d.id
-                JOIN task_edges e ON e.upstream_task_id = d.id
-                WHERE {_REOPENABLE}
-            )
+        f"""{_DOWN.format(reopenable=_REOPENABLE)}
             UPDATE tasks t SET status = 'pending', finished_at = NULL, wait_expires_at = NULL, escalated_at = NULL
-            FROM (SELECT DISTINCT id FROM down) d
-            WHERE t.id = d.id AND (t.status IN ('ready', 'waiting', 'skipped')
-                                   OR (t.kind = 'map' AND t.map_width IS NOT NULL
-                                       AND t.status IN ('succeeded', 'failed')))
+            FROM (SELECT id, bool_or(via_item) AS via_item FROM down GROUP BY id) d
+            WHERE t.id = d.id AND {_REOPENABLE} AND t.status <> 'pending'
             RETURNING t.id""",
         {"tasks": list(task_ids)},
     ).fetchall()

@@ -535,3 +535,44 @@ def test_two_map_nodes_settling_into_one_reducer_at_once_do_not_deadlock(
         join = conn.execute("SELECT status FROM tasks WHERE run_id = %s AND node_id = 'join'", (run.id,)).fetchone()
     assert join is not None and join["status"] == "ready"
     assert books(engine) == []
+
+
+def test_retrying_an_upstream_of_a_map_node_in_progress_is_refused_and_a_settled_one_keeps_its_outcome(
+    engine: Engine
+) -> None:
+    pipeline = {"id": "fan", "nodes": [
+        {"id": "list", "task": "list-files"},
+        {"id": "cfg", "task": "read-config", "on_failure": "continue"},
+        {"id": "parse", "task": "parse-file", "depends": ["list", "cfg"], "trigger_rule": "all_done",
+         "map": {"over": "list.files"}},
+        {"id": "load", "task": "load-all", "depends": ["parse"]},
+    ]}
+    engine.create_pipeline(WORKSPACE, pipeline)
+    run = engine.trigger_run(WORKSPACE, "fan")
+    (cfg,) = take_all(engine, "cfg")
+    fail(engine, cfg)  # dead, tolerated: parse's rule (all_done) still lets it run
+    (listing,) = take_all(engine, "list")
+    succeed(engine, listing, {"files": ["a", "b"]})
+    children = take_all(engine, "parse")
+    assert len(children) == 2
+    with engine.db.connection() as conn:
+        entry = conn.execute("SELECT id FROM dead_letters WHERE run_id = %s", (run.id,)).fetchone()
+    assert entry is not None
+    # The map node was expanded on cfg's failure and its items are out: taking cfg back under
+    # them is refused, like any task that started on it.
+    with pytest.raises(Conflict) as refused:
+        engine.retry_dead_letter(WORKSPACE, entry["id"])
+    assert "parse" in str(refused.value)
+    for message in children:
+        succeed(engine, message, 1)
+    (load,) = take_all(engine, "load")
+    succeed(engine, load, None)
+    # Settled, it keeps its outcome: cfg runs again, parse and load are not reopened.
+    engine.retry_dead_letter(WORKSPACE, entry["id"])
+    assert map_node(engine, run.id)["status"] == "succeeded"
+    engine.tick()
+    (again,) = take_all(engine, "cfg")
+    succeed(engine, again, {})
+    assert take_all(engine, "parse") == [] and take_all(engine, "load") == []
+    assert run_row(engine, run.id)["status"] == "succeeded"
+    assert books(engine) == []
