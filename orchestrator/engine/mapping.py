@@ -190,6 +190,14 @@ def _expand(conn: Connection, node: Row) -> Resolution:
     spec: dict[str, Any] = node["map_spec"] or {}
     over = str(spec.get("over") or "")
     source = str(spec.get("source") or "")
+    if node["trigger_rule"] not in ("all_done", "one_failed"):
+        stopping = map_store.stopping_failure(conn, node["run_id"])
+        if stopping is not None:
+            # The run is stopping (the failure is being recorded in this transaction): a node
+            # that is not a failure handler is skipped, not expanded, like every task not yet
+            # started (completion.settle_terminal); a redrive expands it afresh.
+            return Resolution(skipped=_finish(conn, node, "skipped", width=None, message=(
+                f"the run is stopping: '{stopping['node_id']}' failed")))
     if source == "params":
         items, problem = extract_items(node["params"], list(spec.get("path") or []), over)
         map_store.stage_items(conn, node["id"], None, items, problem)

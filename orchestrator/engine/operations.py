@@ -76,6 +76,15 @@ def _redrive_locked(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[st
     In a run still settling a stopping failure, a failure handler may already be ready, waiting
     or out with a worker on the failures being reset: one not started goes back to pending with
     them; one out with a worker refuses the repair until it finishes."""
+    stuck = task_store.map_nodes_expanded_on_resets(conn, run_id)
+    if stuck:
+        first = stuck[0]
+        raise Conflict(
+            f"map node '{first['node_id']}' ({first['version']}) ran its items on the outcome of "
+            f"'{first['upstream']}', which the retry would run again; its items cannot wait for a new outcome: "
+            "trigger a new run instead",
+            details=[{"task_id": str(r["id"]), "node": r["node_id"], "upstream": r["upstream"]} for r in stuck],
+        )
     reset = task_store.reset_unsuccessful_tasks(conn, run_id)
     _refuse_if_started(task_store.started_downstream(conn, reset))
     task_store.reopen_downstream(conn, reset)

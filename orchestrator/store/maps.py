@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from orchestrator.db.connection import Connection, Row
 
 _MAP_NODE_COLUMNS = """id, run_id, workspace_id, pipeline_id, node_id, version, status, attempt, on_failure,
-                       params, map_spec, map_width, map_max_concurrency"""
+                       trigger_rule, params, map_spec, map_width, map_max_concurrency"""
 
 
 def stage_items(
@@ -81,6 +81,16 @@ def source_task(conn: Connection, parent_id: uuid.UUID, node_id: str) -> Row | N
         """SELECT u.id, u.status FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
            WHERE e.downstream_task_id = %s AND u.node_id = %s AND u.map_parent_id IS NULL""",
         (parent_id, node_id),
+    ).fetchone()
+
+
+def stopping_failure(conn: Connection, run_id: uuid.UUID) -> Row | None:
+    """A task of the run that failed for good under `on_failure: stop` (the run is stopping)."""
+    return conn.execute(
+        """SELECT node_id FROM tasks
+           WHERE run_id = %s AND status IN ('failed', 'dead') AND on_failure = 'stop' AND map_parent_id IS NULL
+           LIMIT 1""",
+        (run_id,),
     ).fetchone()
 
 

@@ -194,6 +194,9 @@ def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]
         """WITH locked AS (
                SELECT id FROM tasks WHERE run_id = %s AND status IN ('pending', 'ready', 'waiting')
                  AND trigger_rule NOT IN ('all_done', 'one_failed') AND map_width IS NULL
+                 -- the items of a mapped failure handler run, as the handler does
+                 AND NOT EXISTS (SELECT 1 FROM tasks m WHERE m.id = tasks.map_parent_id
+                                 AND m.trigger_rule IN ('all_done', 'one_failed'))
                ORDER BY id FOR UPDATE
            )
            UPDATE tasks t SET status = 'skipped', finished_at = tw_now(), wait_expires_at = NULL
@@ -312,16 +315,39 @@ def lock_tasks_of_run(conn: Connection, run_id: uuid.UUID) -> int:
 def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
     """A redrive: the run's failed, dead, skipped and cancelled tasks go back to pending with a
     fresh attempt budget (succeeded outputs are kept). Their dependency counts are recounted by
-    recount_pending_tasks, in the same transaction."""
+    recount_pending_tasks, in the same transaction.
+
+    The items of a map node that ran on an upstream being reset (a failure handler expanded on
+    a failure) keep their outcome, as the map node does: they ran on that outcome, and items have
+    no upstreams of their own to wait for the new one (`map_nodes_expanded_on_resets` refuses a
+    redrive that would have to reset such a map node)."""
     rows = conn.execute(
         """UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
                   dispatch_failures = 0, escalated_at = NULL, wait_expires_at = NULL,
                   max_attempts = t.attempt + COALESCE((t.retry->>'max_attempts')::int, 1)
            WHERE t.run_id = %s AND t.status IN ('failed', 'dead', 'skipped', 'cancelled')
+             AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
+                             WHERE e.downstream_task_id = t.map_parent_id AND u.map_parent_id IS NULL
+                               AND u.status IN ('failed', 'dead', 'skipped', 'cancelled'))
            RETURNING t.id""",
         (run_id,),
     ).fetchall()
     return [r["id"] for r in rows]
+
+
+def map_nodes_expanded_on_resets(conn: Connection, run_id: uuid.UUID) -> list[Row]:
+    """Expanded map nodes a redrive would reset (failed, skipped, cancelled) whose node-level
+    upstream it would reset too: their items ran on that upstream's outcome and cannot wait for
+    a new one."""
+    return conn.execute(
+        """SELECT DISTINCT m.id, m.node_id, m.version, u.node_id AS upstream
+           FROM tasks m JOIN task_edges e ON e.downstream_task_id = m.id JOIN tasks u ON u.id = e.upstream_task_id
+           WHERE m.run_id = %s AND m.kind = 'map' AND m.map_width IS NOT NULL
+             AND m.status IN ('failed', 'dead', 'skipped', 'cancelled')
+             AND u.map_parent_id IS NULL AND u.status IN ('failed', 'dead', 'skipped', 'cancelled')
+           ORDER BY m.node_id, m.version""",
+        (run_id,),
+    ).fetchall()
 
 
 # A downstream task a retried upstream takes back to pending: not started yet, or decided

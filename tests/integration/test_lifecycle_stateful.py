@@ -9,6 +9,13 @@ and forged callbacks, lease expiry and other moves of the database clock, dispat
 cancel, redrive, dead-letter retry, approvals, manual steps, new pipeline versions and
 pause/resume.
 
+Mapped nodes (issue 19) are in the random DAGs: a task node may get `map:`, over `params.items`
+(every pipeline has a list of 0..6 items in its params, and a trigger may give another) or over
+an upstream task's output (`<upstream>.items`; the machine's worker writes a list of random
+width there, or sometimes something that is not a list, so the map node fails with
+map_over_invalid), with a random `tolerated_failures`. The children are ordinary tasks for every
+rule (claims, callbacks, leases, cancel, redrive, the dead-letter queue).
+
 After every step:
 - the invariant checker (orchestrator/store/invariants.py) finds nothing;
 - no task was claimed while an upstream its trigger rule needs was unfinished or unsatisfied
@@ -20,9 +27,18 @@ After every step:
 - every attempt is recorded once and closed once (one open attempt row, the current one, for an
   active task); a succeeded task that produces a pipeline output has it indexed, and only an
   accepted attempt's is; a run starts each dependant at most once by later trigger, and never
-  a paused one.
-At the end the machine drives everything to quiescence (ticks, successful callbacks, every
-human step approved), and every run must be terminal with clean books.
+  a paused one;
+- a map node is never claimed (no attempt, claim token or lease), a child is claimed only while
+  its map node is pending (expanded) and its map node's trigger rule held; an expanded map node
+  has exactly the items staged for it (the list the worker wrote, or the params), each child its
+  own item; a settled one agrees with its children: its output counts are theirs and its width,
+  it succeeded iff its failed children are within tolerated_failures (computed here by
+  MapSpec.tolerated), and it was skipped iff some were skipped; one failed unexpanded failed
+  because its list was not one (map_over_invalid); a mapped failure handler (`one_failed`,
+  `all_done`) never has items skipped (a stopping failure does not skip an unmapped one).
+At the end the machine drives everything to quiescence (ticks, successful callbacks, except that
+item 1 of every map fails for good on its first attempt, every human step approved), and every
+run must be terminal with clean books and every map node settled (consistently, as above).
 
 One fresh database (cloned from the migrated template) per example. Bounded by default (about
 a minute on two cores); `--hypothesis-profile=long` for a soak (see conftest_hypothesis.py).
@@ -34,6 +50,7 @@ import contextlib
 import functools
 import threading
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -55,11 +72,14 @@ from infra.postgres import create_database, drop_database, with_database
 from infra.s3 import MotoServer
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
+from orchestrator.db.migrate import load_migrations
 from orchestrator.dispatch.base import DispatchError
+from orchestrator.engine import mapping
 from orchestrator.engine.completion import AttemptResult, finish_attempt
 from orchestrator.engine.errors import Conflict, InvalidInput
 from orchestrator.engine.keys import set_workspace_task_limit
 from orchestrator.engine.service import Engine
+from orchestrator.model.pipeline import MapSpec
 from orchestrator.storage.s3 import ensure_bucket, put_json_object
 from orchestrator.store import tasks as task_store
 from orchestrator.store.invariants import check_books
@@ -72,9 +92,60 @@ TERMINAL = frozenset({"succeeded", "failed", "dead", "skipped", "cancelled"})
 FAILED = frozenset({"failed", "dead"})
 ACTIVE = frozenset({"dispatched", "running"})
 RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_SQL = "('succeeded', 'failed', 'dead', 'skipped', 'cancelled')"
 TRIGGER_RULES = ("all_success", "all_done", "none_failed", "one_failed")
 PICK = st.integers(min_value=0, max_value=1_000)
 REFUSED_OUTCOMES = {"duplicate", "stale_attempt", "already_finished", "not_active"}
+
+# SWITCH (issue 19, `map.max_concurrency`): the claim bounds a map node's active children from
+# migration 0017_map_concurrency.sql on. With it the machine draws max_concurrency None or 1..3 and
+# the checker (map_concurrency_limit) holds every claim to it after every step; without it a bound
+# would only make that check fire, so the machine draws none. Set False by hand to leave it out.
+MAP_CONCURRENCY_ENFORCED = any((m.version, m.name) == (17, "map_concurrency") for m in load_migrations())
+MAX_ITEMS = 6
+# What the worker of a task that map nodes map over writes: {"items": [...]} of that many items,
+# or a value that has no list there (the map node fails with map_over_invalid).
+ITEM_SHAPES: st.SearchStrategy[int | str] = st.sampled_from([0, 1, 2, 3, MAX_ITEMS, 2, "string", "no_key"])
+
+
+def items_list(width: int, prefix: str = "p") -> list[str]:
+    return [f"{prefix}{k}" for k in range(width)]
+
+
+def worker_output(shape: int | str) -> Any:
+    """The output value a worker writes for a task mapped over (see ITEM_SHAPES)."""
+    if shape == "string":
+        return {"items": "a.csv"}
+    if shape == "no_key":
+        return {"files": ["a.csv"]}
+    assert isinstance(shape, int)
+    return {"items": items_list(shape, "w")}
+
+
+def drain_outcome(delivery: Delivery) -> tuple[str, int | str]:
+    """How a worker answers while the machine drains (outcome, items): it succeeds, except that
+    item 1 of a map fails for good on its first attempt (so maps end with failures within and
+    beyond tolerated_failures); a task mapped over writes 0..3 items or, now and then, no list.
+    The delivery's label decides, so that an example replays alike."""
+    shapes: tuple[int | str, ...] = (0, 1, 2, 3, 2, "string")
+    shape = shapes[zlib.crc32(delivery.label.encode()) % len(shapes)]
+    return ("final" if delivery.map_index == 1 and delivery.attempt == 1 else "succeeded"), shape
+
+
+def staged_items(targets: list[dict[str, Any]], value: Any) -> list[mapping.StagedItems]:
+    """What the worker protocol stages for each map node mapping over a task whose output is
+    `value` (mapping.prepare_items, without the read from the bucket)."""
+    staged = []
+    for target in targets:
+        items, problem = mapping.extract_items(value, list(target.get("path") or []), str(target.get("over")))
+        staged.append(mapping.StagedItems(uuid.UUID(str(target["parent"])), items, problem))
+    return staged
+
+
+def task_label(run: str, node_id: str, map_index: int | None, version: str, attempt: int) -> str:
+    """r0:p.n1@v1#2, or r0:p.n1[3]@v1#2 for item 3 of a mapped node (labels order deliveries: unique)."""
+    item = f"[{map_index}]" if map_index is not None and map_index >= 0 else ""
+    return f"{run}.{node_id}{item}@{version}#{attempt}"
 
 
 # --- definitions -----------------------------------------------------------------------------
@@ -82,7 +153,8 @@ REFUSED_OUTCOMES = {"duplicate", "stale_attempt", "already_finished", "not_activ
 
 @st.composite
 def node_lists(draw: st.DrawFn, max_nodes: int, need_task: bool = False) -> list[dict[str, Any]]:
-    """A random DAG: each node depends on up to three earlier ones (fan-out and joins)."""
+    """A random DAG: each node depends on up to three earlier ones (fan-out and joins); about a
+    third of the task nodes are mapped (with `need_task`, n0 is an unmapped task: an output's source)."""
     count = draw(st.integers(min_value=1, max_value=max_nodes))
     nodes: list[dict[str, Any]] = []
     for i in range(count):
@@ -100,6 +172,14 @@ def node_lists(draw: st.DrawFn, max_nodes: int, need_task: bool = False) -> list
             node["heartbeat_s"] = draw(st.sampled_from([5, 30]))
             if draw(st.booleans()):
                 node["timeout_s"] = 20
+            if not (need_task and i == 0) and draw(st.integers(0, 2)) == 0:
+                # a mapped node: over the params, or over an upstream task's (unmapped) output
+                sources = [d for d in node.get("depends", []) if "task" in nodes[int(d[1:])]
+                           and "map" not in nodes[int(d[1:])]]
+                over = draw(st.sampled_from(["params.items", *(f"{s}.items" for s in sources)]))
+                node["map"] = {"over": over, "tolerated_failures": draw(st.sampled_from([0, 1, "50%"]))}
+                if MAP_CONCURRENCY_ENFORCED:
+                    node["map"]["max_concurrency"] = draw(st.sampled_from([None, 1, 2, 3]))
         else:
             node["kind"] = kind
             if kind == "approval" and draw(st.booleans()):
@@ -127,20 +207,27 @@ def _concurrency(draw: st.DrawFn) -> dict[str, int]:
     return concurrency
 
 
+def _params(draw: st.DrawFn) -> dict[str, Any]:
+    """A pipeline's params: the list its nodes mapped over `params.items` map over by default."""
+    return {"items": items_list(draw(st.integers(0, MAX_ITEMS)))}
+
+
 @st.composite
 def worlds(draw: st.DrawFn) -> World:
     versions = draw(st.sampled_from([["v1"], ["v1", "v2"]]))
     definitions: dict[str, dict[str, Any]] = {
-        "p": {"id": "p", "versions": versions, "nodes": draw(node_lists(5)), "concurrency": _concurrency(draw)},
+        "p": {"id": "p", "versions": versions, "nodes": draw(node_lists(5)), "concurrency": _concurrency(draw),
+              "params": _params(draw)},
     }
     if draw(st.booleans()):
         # a declares `out` from a task node; b reads it (orchestrations, later triggers, hydration)
         definitions["a"] = {"id": "a", "versions": versions, "nodes": draw(node_lists(3, need_task=True)),
-                            "outputs": {"out": {"from": "n0"}}, "concurrency": _concurrency(draw)}
+                            "outputs": {"out": {"from": "n0"}}, "concurrency": _concurrency(draw),
+                            "params": _params(draw)}
         definitions["b"] = {"id": "b", "versions": versions, "nodes": draw(node_lists(3)),
                             "depends": [{"pipeline": "a", "outputs": ["out"],
                                          "trigger": draw(st.sampled_from(["on_success", "on_complete", "none"]))}],
-                            "concurrency": _concurrency(draw)}
+                            "concurrency": _concurrency(draw), "params": _params(draw)}
     return World(definitions, draw(st.sampled_from([None, None, 2, 4])))
 
 
@@ -157,6 +244,7 @@ class Delivery:
     label: str
     token: str | None = None  # set when the dispatch reached the transport
     outcome: str | None = None  # the callback we sent and had accepted: succeeded | retryable | final
+    map_index: int = -1  # a map node's child: its item's index
 
 
 class Transport:
@@ -266,8 +354,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.concurrency: dict[str, dict[str, int]] = {}
         self.deliveries: dict[tuple[uuid.UUID, int], Delivery] = {}
         self.claim_problems: list[str] = []
+        self.child_claim_problems: list[str] = []  # children of map nodes, reported apart
         self.runs: dict[uuid.UUID, tuple[str, int, str]] = {}  # run -> (pipeline, pinned version, label)
-        self.idempotent: dict[tuple[str, str], tuple[uuid.UUID, list[str] | None]] = {}
+        # (pipeline, key) -> (run, versions, params) of the trigger that created it
+        self.idempotent: dict[tuple[str, str], tuple[uuid.UUID, list[str] | None, dict[str, Any]]] = {}
+        # task -> the output value of its accepted success, for each task map nodes map over
+        self.produced: dict[uuid.UUID, Any] = {}
         self.orchestrations: dict[str, uuid.UUID] = {}
         self.paused: set[str] = set()  # the pause state is constant during any other step
         self.paused_triggered: list[uuid.UUID] = []
@@ -303,7 +395,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             rows = conn.execute(
                 """SELECT r.id, r.pipeline_id, r.pipeline_version, r.versions,
                           COALESCE(array_agg(DISTINCT t.node_id) FILTER (WHERE t.id IS NOT NULL), '{}') AS nodes,
-                          count(t.id) AS tasks
+                          count(t.id) FILTER (WHERE t.map_parent_id IS NULL) AS tasks
                    FROM runs r LEFT JOIN tasks t ON t.run_id = r.id GROUP BY r.id
                    ORDER BY r.created_at, r.pipeline_id, r.id"""
             ).fetchall()
@@ -349,31 +441,43 @@ class LifecycleMachine(RuleBasedStateMachine):
     # -- the claim hook ---------------------------------------------------------------------------
 
     def claimed(self, conn: Connection, rows: list[Row]) -> None:
-        """Inside the claiming transaction: every claimed task's upstreams, as they are now."""
+        """Inside the claiming transaction: every claimed task's upstreams, as they are now. A map
+        node's child has no upstream of its own: it is judged by its map node (which must be
+        pending, expanded) and that node's upstreams other than its children."""
         if not rows:
             return
         self.label_runs(conn)
         ids = [r["id"] for r in rows]
         found = conn.execute(
             """SELECT t.id, t.attempt, t.claim_token, t.node_id, t.version, t.kind, t.trigger_rule, t.run_id,
-                      r.status AS run_status,
+                      t.map_index, t.map_parent_id, r.status AS run_status, p.status AS parent_status,
+                      p.map_width AS parent_width, p.trigger_rule AS parent_rule,
                       COALESCE(jsonb_agg(jsonb_build_object('node', u.node_id, 'status', u.status,
                                                             'on_failure', u.on_failure))
                                FILTER (WHERE u.id IS NOT NULL), '[]'::jsonb) AS ups
                FROM tasks t JOIN runs r ON r.id = t.run_id
-               LEFT JOIN task_edges e ON e.downstream_task_id = t.id
-               LEFT JOIN tasks u ON u.id = e.upstream_task_id
-               WHERE t.id = ANY(%s) GROUP BY t.id, r.status""",
+               LEFT JOIN tasks p ON p.id = t.map_parent_id
+               LEFT JOIN task_edges e ON e.downstream_task_id = COALESCE(t.map_parent_id, t.id)
+               LEFT JOIN tasks u ON u.id = e.upstream_task_id AND u.map_parent_id IS NULL
+               WHERE t.id = ANY(%s) GROUP BY t.id, r.status, p.id""",
             (ids,),
         ).fetchall()
         for row in found:
-            label = f"{self.run_label(row['run_id'])}.{row['node_id']}@{row['version']}#{row['attempt']}"
+            label = task_label(self.run_label(row["run_id"]), row["node_id"], row["map_index"], row["version"],
+                               row["attempt"])
             self.deliveries[(row["id"], int(row["attempt"]))] = Delivery(
-                row["id"], int(row["attempt"]), row["claim_token"], label)
-            problem = claim_problem(row["kind"], row["trigger_rule"], row["run_status"], row["ups"])
+                row["id"], int(row["attempt"]), row["claim_token"], label, map_index=int(row["map_index"]))
+            if row["map_parent_id"] is None:
+                problem = claim_problem(row["kind"], row["trigger_rule"], row["run_status"], row["ups"])
+            elif row["parent_status"] != "pending" or row["parent_width"] is None:
+                problem = (f"its map node was {row['parent_status']} "
+                           f"({'unexpanded' if row['parent_width'] is None else 'expanded'})")
+            else:
+                problem = claim_problem(row["kind"], row["parent_rule"], row["run_status"], row["ups"])
             if problem is not None:
-                self.claim_problems.append(
-                    f"{label} ({row['trigger_rule']}) was claimed while {problem}; upstreams: "
+                rule = row["trigger_rule"] if row["map_parent_id"] is None else f"map node {row['parent_rule']}"
+                (self.claim_problems if row["map_parent_id"] is None else self.child_claim_problems).append(
+                    f"{label} ({rule}) was claimed while {problem}; upstreams: "
                     + ", ".join(f"{u['node']}={u['status']}/{u['on_failure']}" for u in row["ups"]))
 
     def delivered(self, message: dict[str, Any]) -> None:
@@ -381,8 +485,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         delivery = self.deliveries.get(key)
         if delivery is None:  # a claim that did not go through claim_ready_tasks: learn it from the token
             claims = self.engine.keyring.read(message["token"])
-            delivery = Delivery(key[0], key[1], uuid.UUID(claims.claim_token),
-                                f"{message.get('node')}@{message.get('version')}#{key[1]}")
+            index = int((message.get("map") or {}).get("index", -1))
+            delivery = Delivery(key[0], key[1], uuid.UUID(claims.claim_token), task_label(
+                "?", str(message.get("node")), index, str(message.get("version")), key[1]), map_index=index)
             self.deliveries[key] = delivery
         delivery.token = message["token"]
 
@@ -390,7 +495,8 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def fence(self, task_id: uuid.UUID) -> Row:
         (row,) = self.query(
-            "SELECT id, status, attempt, claim_token, max_attempts, output_names FROM tasks WHERE id = %s", task_id)
+            "SELECT id, status, attempt, claim_token, max_attempts, output_names, map_targets FROM tasks WHERE id = %s",
+            task_id)
         return row
 
     def current_deliveries(self) -> list[Delivery]:
@@ -403,31 +509,47 @@ class LifecycleMachine(RuleBasedStateMachine):
                 current.append(delivery)
         return sorted(current, key=lambda d: d.label)
 
-    def callback(self, delivery: Delivery, outcome: str, *, claim_token: uuid.UUID | None = None) -> AttemptResult:
+    def callback(self, delivery: Delivery, outcome: str, *, claim_token: uuid.UUID | None = None,
+                 items: int | str = 2) -> AttemptResult:
         """What a worker sends: through the worker protocol with the dispatch's token, or (a
-        delivery claimed by the test itself, or a forged claim token) finish_attempt directly."""
+        delivery claimed by the test itself, or a forged claim token) finish_attempt directly.
+
+        A task that map nodes map over (`map_targets`) writes worker_output(items) as its output.
+        Through the worker protocol the engine reads it back from the bucket (mapping.prepare_items)
+        and stages each map node's list; finish_attempt directly stages them in its transaction
+        as the worker protocol does (its `on_succeeded` hook, mapping.stage_items)."""
         fence = self.fence(delivery.task_id)
+        targets: list[dict[str, Any]] = fence["map_targets"] or []
         ok = outcome == "succeeded"
         output: dict[str, Any] | None = None
+        value: Any = None
         if ok:
             key = f"test/{delivery.task_id}/{delivery.attempt}/output.json"
-            if fence["output_names"]:  # the server reads and checks what a pipeline output comes from
-                size, sha = put_json_object(self.settings, key, {"rows": 1})
+            if fence["output_names"] or targets:  # the server reads what a pipeline output or a map's list is in
+                value = worker_output(items) if targets else {"rows": 1}
+                size, sha = put_json_object(self.settings, key, value)
                 output = {"key": key, "size": size, "sha256": sha}
             else:
                 output = {"key": key}
         error = None if ok else {"message": "boom", "code": "e1", "retryable": outcome == "retryable"}
         if delivery.token is not None and claim_token is None:
-            return self.engine.record_callback(delivery.task_id, delivery.token, status="succeeded" if ok else "failed",
-                                               output=output, error=error)
+            result = self.engine.record_callback(delivery.task_id, delivery.token,
+                                                 status="succeeded" if ok else "failed", output=output, error=error)
+        else:
+            # Only the worker protocol persists pipeline outputs: a success of a task that produces
+            # them is only ever sent with a token (see can_call_back).
+            def stage(conn: Connection, row: Row) -> None:
+                mapping.stage_items(conn, row["id"], staged_items(row["map_targets"] or [], value))
 
-        # Only the worker protocol persists pipeline outputs: a success of a task that produces
-        # them is only ever sent with a token (see can_succeed_directly).
-        def work(conn: Connection) -> AttemptResult:
-            return finish_attempt(conn, delivery.task_id, delivery.attempt, claim_token or delivery.claim_token,
-                                  succeeded=ok, output=output, error=error, retryable=outcome != "final")
+            def work(conn: Connection) -> AttemptResult:
+                return finish_attempt(conn, delivery.task_id, delivery.attempt, claim_token or delivery.claim_token,
+                                      succeeded=ok, output=output, error=error, retryable=outcome != "final",
+                                      on_succeeded=stage if targets else None)
 
-        return self.engine.db.run_in_transaction(work)
+            result = self.engine.db.run_in_transaction(work)
+        if targets and result.accepted and result.outcome == "succeeded":
+            self.produced[delivery.task_id] = value
+        return result
 
     def can_call_back(self, delivery: Delivery, outcome: str) -> bool:
         """A delivery claimed by the test (no token) is finished through finish_attempt, which does
@@ -472,29 +594,32 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # -- rules: starting work ---------------------------------------------------------------------
 
-    def _trigger(self, pick: int, key: str | None, versions: list[str] | None, now: bool) -> None:
+    def _trigger(self, pick: int, key: str | None, versions: list[str] | None, now: bool, width: int | None) -> None:
+        """A run, with the pipeline's params or (width) a list of that many items of its own."""
         pipeline_id = self.pipeline(pick)
         earlier = None if key is None else self.idempotent.get((pipeline_id, key))
+        params = {} if width is None else {"items": items_list(width, "t")}
         try:
-            result = self.engine.trigger_run(WORKSPACE, pipeline_id, versions=versions, idempotency_key=key,
-                                             dispatch_now=now)
+            result = self.engine.trigger_run(WORKSPACE, pipeline_id, versions=versions, params=params,
+                                             idempotency_key=key, dispatch_now=now)
         except InvalidInput as exc:
-            # The key was first sent with other versions: refused as another request
-            self.log(f"trigger {pipeline_id} versions={versions} key={key}: refused ({exc.message})")
-            assert earlier is not None and earlier[1] != versions, f"refused: {exc.message}"
+            # The key was first sent with other versions or params: refused as another request
+            self.log(f"trigger {pipeline_id} versions={versions} width={width} key={key}: refused ({exc.message})")
+            assert earlier is not None and earlier[1:] != (versions, params), f"refused: {exc.message}"
             return
         self.sync_runs()
-        self.log(f"trigger {pipeline_id} versions={versions} key={key} dispatch_now={now}: "
+        self.log(f"trigger {pipeline_id} versions={versions} width={width} key={key} dispatch_now={now}: "
                  f"{self.run_label(result.id)} created={result.created}")
         if earlier is None:
             assert result.created, result
             if key is not None:
-                self.idempotent[(pipeline_id, key)] = (result.id, versions)
+                self.idempotent[(pipeline_id, key)] = (result.id, versions, params)
         else:  # within the key's time to live (the clock never moves a day here)
             assert (result.id, result.created) == (earlier[0], False), result
 
     _trigger_args: dict[str, st.SearchStrategy[Any]] = {"pick": PICK, "key": st.sampled_from([None, None, "k1", "k2"]),
-                     "versions": st.sampled_from([None, None, ["v1"], ["v2"], ["v1", "v2"]]), "now": st.booleans()}
+                     "versions": st.sampled_from([None, None, ["v1"], ["v2"], ["v1", "v2"]]), "now": st.booleans(),
+                     "width": st.sampled_from([None, None, 0, 1, 3, MAX_ITEMS])}
     # Rules are picked uniformly: the common moves are listed twice.
     trigger = rule(**_trigger_args)(named("trigger", _trigger))  # type: ignore[call-overload]
     trigger_another = rule(**_trigger_args)(named("trigger_another", _trigger))  # type: ignore[call-overload]
@@ -543,14 +668,15 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # -- rules: workers ---------------------------------------------------------------------------
 
-    def _worker_callback(self, pick: int, outcome: str) -> None:
+    def _worker_callback(self, pick: int, outcome: str, items: int | str) -> None:
         current = [d for d in self.current_deliveries() if self.can_call_back(d, outcome)]
         if not current:
             return
         delivery = current[pick % len(current)]
         fence = self.fence(delivery.task_id)
-        result = self.callback(delivery, outcome)
-        self.log(f"callback {outcome} of {delivery.label}: {result.outcome} (run {result.run_status})")
+        result = self.callback(delivery, outcome, items=items)
+        mapped_over = f" (items {items})" if outcome == "succeeded" and fence["map_targets"] else ""
+        self.log(f"callback {outcome} of {delivery.label}{mapped_over}: {result.outcome} (run {result.run_status})")
         assert result.accepted, f"the current attempt's callback was refused: {result}"
         if outcome == "succeeded":
             assert result.outcome == "succeeded", result
@@ -561,7 +687,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         delivery.outcome = outcome
         self.sync_runs()
 
-    _callback_args: dict[str, st.SearchStrategy[Any]] = {"pick": PICK, "outcome": st.sampled_from(["succeeded", "succeeded", "retryable", "final"])}
+    _callback_args: dict[str, st.SearchStrategy[Any]] = {
+        "pick": PICK, "outcome": st.sampled_from(["succeeded", "succeeded", "retryable", "final"]), "items": ITEM_SHAPES}
     worker_callback = rule(**_callback_args)(named("worker_callback", _worker_callback))  # type: ignore[call-overload]
     another_worker_callback = rule(**_callback_args)(named("another_worker_callback", _worker_callback))  # type: ignore[call-overload]
 
@@ -678,12 +805,16 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(pick=PICK, retried=st.booleans())
     @step
     def retry_dead_letter(self, pick: int, retried: bool) -> None:
-        entries = sorted(self.engine.list_dead_letters(WORKSPACE, include_retried=retried, limit=200),
-                         key=lambda e: (self.run_label(e["run_id"]), e["node_id"], e["version"], e["created_at"]))
-        if not entries:
+        listed = self.engine.list_dead_letters(WORKSPACE, include_retried=retried, limit=200)
+        if not listed:
             return
+        index = {r["id"]: int(r["map_index"]) for r in self.query(
+            "SELECT id, map_index FROM tasks WHERE id = ANY(%s)", [e["task_id"] for e in listed])}
+        entries = sorted(listed, key=lambda e: (self.run_label(e["run_id"]), e["node_id"], index[e["task_id"]],
+                                                e["version"], e["created_at"]))
         entry = entries[pick % len(entries)]
-        what = f"dead letter of {self.run_label(entry['run_id'])}.{entry['node_id']}@{entry['version']}"
+        item = f"[{index[entry['task_id']]}]" if index[entry["task_id"]] >= 0 else ""
+        what = f"dead letter of {self.run_label(entry['run_id'])}.{entry['node_id']}{item}@{entry['version']}"
         try:
             self.engine.retry_dead_letter(WORKSPACE, entry["id"])
             self.log(f"retry {what}: retried")
@@ -723,7 +854,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         pending) is refused and changes nothing."""
         others = self.query(
             """SELECT t.id, t.kind, t.node_id, t.version, t.run_id, t.status FROM tasks t JOIN runs r ON r.id = t.run_id
-               WHERE t.kind <> 'task' AND t.status <> 'waiting'
+               WHERE t.kind IN ('approval', 'manual') AND t.status <> 'waiting'
                ORDER BY r.created_at, r.pipeline_id, t.version, t.position""")
         if not others:
             return
@@ -773,6 +904,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 for v in violations))
         if self.claim_problems:
             raise broken("claimed_too_early")("claimed too early:\n" + "\n".join(self.claim_problems))
+        if self.child_claim_problems:
+            raise broken("map_child_claimed_too_early")("map nodes' children claimed too early:\n"
+                                                        + "\n".join(self.child_claim_problems))
 
     @invariant()
     @checked
@@ -787,6 +921,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                       COALESCE(bool_or(a.attempt = t.attempt AND a.claim_token = t.claim_token
                                        AND a.status = t.status), false) AS current_open
                FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id
+               WHERE t.kind <> 'map'  -- a map node's attempt counts its settles (maps_hold)
                GROUP BY t.id
                HAVING COALESCE(max(a.attempt), 0) <> t.attempt
                    OR count(a.attempt) FILTER (WHERE a.status IN ('dispatched', 'running'))
@@ -822,6 +957,108 @@ class LifecycleMachine(RuleBasedStateMachine):
                 f"  {self.run_label(r['source']) if r['source'] else 'no source'} -> {r['pipeline_id']}: "
                 f"{r['runs']} runs (source {r['source_status']})" for r in triggered))
 
+    @invariant()
+    @checked
+    def maps_hold(self) -> None:
+        """Beyond the checker's map checks: a map node is never claimed; an expanded one has the
+        items staged for it (what the worker wrote, or its params), each child its own; a settled
+        one agrees with its children and its tolerated_failures (see the module docstring)."""
+        claimed = self.query(
+            """SELECT t.run_id, t.node_id, t.version, t.status, count(a.attempt) AS attempts,
+                      t.claim_token IS NOT NULL AS token, t.lease_expires_at IS NOT NULL AS lease
+               FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id
+               WHERE t.kind = 'map'
+               GROUP BY t.id
+               HAVING count(a.attempt) > 0 OR t.claim_token IS NOT NULL OR t.lease_expires_at IS NOT NULL""")
+        if claimed:
+            raise broken("map_node_claimed")("map nodes were claimed:\n" + "\n".join(
+                f"  {self.run_label(r['run_id'])}.{r['node_id']}@{r['version']} {r['status']}: {r['attempts']} "
+                f"attempts, claim token {r['token']}, lease {r['lease']}" for r in claimed))
+        nodes = self.map_nodes()
+        # A failure handler (one_failed, all_done) still runs after a stopping failure (an unmapped
+        # one is not skipped): a mapped one runs its items, none skipped. (A run that failed as it
+        # started, its upstream output missing, skips every task, handlers too: no task failed.)
+        handlers = [n for n in nodes if n["trigger_rule"] in ("one_failed", "all_done") and n["skipped_only"]
+                    and n["run_stopped"]]
+        if handlers:
+            raise broken("map_handler_children_skipped")("mapped failure handlers had items skipped:\n" + "\n".join(
+                f"  {self.run_label(n['run_id'])}.{n['node_id']}@{n['version']} ({n['trigger_rule']}) {n['status']}: "
+                f"{n['skipped_only']} of {n['map_width']} items skipped" for n in handlers))
+        problems = [f"  {self.run_label(node['run_id'])}.{node['node_id']}@{node['version']} {node['status']} "
+                    f"(width {node['map_width']}): {problem}"
+                    for node in nodes for problem in self.map_node_problems(node)]
+        if problems:
+            raise broken("map_node_inconsistent")("map nodes disagree with their items or children:\n"
+                                                  + "\n".join(problems))
+
+    def map_nodes(self) -> list[Row]:
+        """Every map node with its children's counts and what was staged for it."""
+        return self.query(
+            f"""SELECT p.id, p.run_id, p.node_id, p.version, p.status, p.map_width, p.map_spec, p.params, p.output,
+                       p.error, m.parent_task_id IS NOT NULL AS staged, m.source_task_id, m.items, m.problem,
+                       count(c.id) AS children,
+                       count(c.id) FILTER (WHERE c.status = 'succeeded') AS succeeded,
+                       count(c.id) FILTER (WHERE c.status IN ('failed', 'dead')) AS failed,
+                       count(c.id) FILTER (WHERE c.status IN ('skipped', 'cancelled')) AS skipped,
+                       count(c.id) FILTER (WHERE c.status = 'skipped') AS skipped_only, p.trigger_rule,
+                       EXISTS (SELECT 1 FROM tasks f WHERE f.run_id = p.run_id AND f.status IN ('failed', 'dead')
+                                                       AND f.on_failure = 'stop') AS run_stopped,
+                       count(c.id) FILTER (WHERE c.status NOT IN {TERMINAL_SQL}) AS open,
+                       count(c.id) FILTER (WHERE c.map_item IS DISTINCT FROM m.items -> c.map_index) AS wrong_items,
+                       count(c.id) FILTER (WHERE c.kind <> 'task' OR c.on_failure <> 'continue'
+                                            OR c.trigger_rule <> 'all_success') AS odd_children
+                FROM tasks p LEFT JOIN tasks c ON c.map_parent_id = p.id
+                LEFT JOIN map_items m ON m.parent_task_id = p.id
+                WHERE p.kind = 'map'
+                GROUP BY p.id, m.parent_task_id
+                ORDER BY p.created_at, p.node_id, p.version""")
+
+    def map_node_problems(self, node: Row) -> list[str]:
+        spec = node["map_spec"]
+        status, width = node["status"], node["map_width"]
+        problems: list[str] = []
+        # What must have been staged: the list at the path in the params, or in the output the
+        # worker of the source wrote (its accepted success; a source succeeds once per repair).
+        if node["staged"]:
+            if node["source_task_id"] is None:
+                value: Any = node["params"]
+            elif node["source_task_id"] in self.produced:
+                value = self.produced[node["source_task_id"]]
+            else:
+                return [f"items staged from a task whose success the machine never sent: {node['source_task_id']}"]
+            items, problem = mapping.extract_items(value, list(spec["path"]), str(spec["over"]))
+            if (node["items"], node["problem"] is None) != (items, problem is None):
+                problems.append(f"staged {node['items']!r} (problem {node['problem']!r}) from {value!r}: "
+                                f"want {items!r} (problem {problem!r})")
+        if width is not None:
+            if not node["staged"] or node["items"] is None or len(node["items"]) != width:
+                problems.append(f"expanded to {width} children, the staged list is {node['items']!r}")
+            if node["children"] != width or node["wrong_items"] or node["odd_children"]:
+                problems.append(f"{node['children']} children, {node['wrong_items']} without their own item, "
+                                f"{node['odd_children']} not plain tasks with on_failure continue")
+        elif node["children"]:
+            problems.append(f"unexpanded with {node['children']} children")
+        if status in ("succeeded", "failed") and width is not None:
+            output = node["output"] if isinstance(node["output"], dict) else {}
+            counts = {k: node[k] for k in ("succeeded", "failed", "skipped")}
+            if output.get("count") != width or {k: output.get(k) for k in counts} != counts:
+                problems.append(f"its output {output} does not count its children {counts} (width {width})")
+            tolerated = MapSpec(over=spec["over"], tolerated_failures=spec["tolerated_failures"]).tolerated(width)
+            want = ("skipped" if node["skipped"] else
+                    "succeeded" if node["failed"] <= tolerated else "failed")
+            if status != want:
+                problems.append(f"{node['failed']} of {width} children failed, {node['skipped']} skipped, "
+                                f"tolerated_failures {spec['tolerated_failures']!r} allows {tolerated}: want {want}")
+        elif status == "skipped" and width is not None and not node["skipped"]:
+            problems.append(f"skipped, yet none of its children was: {counts_of(node)}")
+        elif status == "failed" and width is None:
+            code = (node["error"] or {}).get("code")
+            if code != "map_over_invalid" or node["problem"] is None:
+                problems.append(f"failed unexpanded with {node['error']!r}; staged problem {node['problem']!r}")
+        elif status == "succeeded" and width is None:
+            problems.append("succeeded without being expanded")
+        return problems
+
     # -- the end ----------------------------------------------------------------------------------
 
     def drive_to_quiescence(self) -> None:
@@ -833,21 +1070,36 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.transport.down = False
         self.down_steps = 0
         for round_ in range(60):
-            for task in self.query("SELECT id, kind FROM tasks WHERE status = 'waiting'"):
-                with contextlib.suppress(Conflict):  # decided meanwhile (another decision made it moot)
-                    self.engine.decide(WORKSPACE, task["id"], kind=task["kind"], succeeded=True, actor="drain")
             self.shift_clock(400)
-            self.engine.tick()
-            for delivery in self.current_deliveries():
-                if not self.can_call_back(delivery, "succeeded"):
-                    continue  # claimed by the test, never dispatched: its lease expires next round
-                result = self.callback(delivery, "succeeded")
-                assert result.accepted, f"draining: the current attempt of {delivery.label} was refused: {result}"
+            # Within a round the clock stands still: approve, tick and answer every worker (those of
+            # the tasks each callback claimed too) until nothing moves; a map's children under a
+            # max_active_tasks of 1 go one per callback, many runs one per tick.
+            answered: set[tuple[uuid.UUID, int]] = set()
+            for _ in range(500):
+                moved = False
+                for task in self.query("SELECT id, kind FROM tasks WHERE status = 'waiting'"):
+                    with contextlib.suppress(Conflict):  # decided meanwhile (another decision made it moot)
+                        self.engine.decide(WORKSPACE, task["id"], kind=task["kind"], succeeded=True, actor="drain")
+                        moved = True
+                self.engine.tick()
+                while pending := [d for d in self.current_deliveries()
+                                  if (d.task_id, d.attempt) not in answered and self.can_call_back(d, "succeeded")]:
+                    for delivery in pending:  # (one claimed by the test, never dispatched, lapses next round)
+                        answered.add((delivery.task_id, delivery.attempt))
+                        outcome, shape = drain_outcome(delivery)
+                        result = self.callback(delivery, outcome, items=shape)
+                        assert result.accepted, (
+                            f"draining: the current attempt of {delivery.label} was refused: {result}")
+                        moved = True
+                if not moved:
+                    break
             self.sync_runs()
             self.books_are_clean()
             open_runs = self.query("SELECT id, status FROM runs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')")
             if not open_runs:
                 self.log(f"quiescent after {round_ + 1} rounds")
+                self.maps_hold()
+                self.settled_maps_counted()
                 return
         stuck = self.query(
             """SELECT r.id AS run_id, r.status AS run_status, r.unfinished_tasks, r.blocked_upstreams,
@@ -859,6 +1111,17 @@ class LifecycleMachine(RuleBasedStateMachine):
             f"blocked={s['blocked_upstreams']}: {s['node_id']}@{s['version']} {s['status']} due in {s['due_in']}"
             for s in stuck))
 
+    def settled_maps_counted(self) -> None:
+        """At quiescence every map node is settled (succeeded, failed, skipped or cancelled), and
+        every expanded one that succeeded or failed has its width in its output's count."""
+        for node in self.map_nodes():
+            label = f"{self.run_label(node['run_id'])}.{node['node_id']}@{node['version']}"
+            assert node["status"] in TERMINAL and node["status"] != "dead", f"quiescent, yet {label} is {node['status']}"
+            if node["status"] in ("succeeded", "failed") and node["map_width"] is not None:
+                assert node["output"]["count"] == node["map_width"] == node["children"], (label, node["output"])
+            event(f"map node {node['status']}"
+                  + ("" if node["map_width"] is None else f" (width {'0' if node['map_width'] == 0 else '1+'})"))
+
     def teardown(self) -> None:
         try:
             if self.healthy and self.definitions:
@@ -867,6 +1130,10 @@ class LifecycleMachine(RuleBasedStateMachine):
             LifecycleMachine.current = None
             self.engine.close()
             drop_database(self.ctx.admin_url, self.db_name)
+
+
+def counts_of(node: Row) -> dict[str, int]:
+    return {k: int(node[k]) for k in ("children", "succeeded", "failed", "skipped", "open")}
 
 
 def claim_problem(kind: str, trigger_rule: str, run_status: str, ups: list[dict[str, Any]]) -> str | None:

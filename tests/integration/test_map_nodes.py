@@ -576,3 +576,73 @@ def test_retrying_an_upstream_of_a_map_node_in_progress_is_refused_and_a_settled
     assert take_all(engine, "parse") == [] and take_all(engine, "load") == []
     assert run_row(engine, run.id)["status"] == "succeeded"
     assert books(engine) == []
+
+
+def _claim_all(engine: Engine) -> dict[str, Any]:
+    with engine.db.transaction() as conn:
+        return {str(r["id"]): r for r in task_store.claim_ready_tasks(conn, 100)}
+
+
+def _statuses(engine: Engine, run_id: uuid.UUID) -> dict[str, str]:
+    with engine.db.connection() as conn:
+        rows = conn.execute("SELECT node_id, map_index, status FROM tasks WHERE run_id = %s", (run_id,)).fetchall()
+    return {(r["node_id"] if r["map_index"] < 0 else f"{r['node_id']}[{r['map_index']}]"): r["status"] for r in rows}
+
+
+def _fail_for_good(engine: Engine, task: Any) -> None:
+    def work(conn: Any) -> None:
+        finish_attempt(conn, task["id"], task["attempt"], task["claim_token"], succeeded=False,
+                       error={"code": "boom", "message": "boom"}, retryable=False)
+    engine.db.run_in_transaction(work)
+
+
+def test_a_stopping_failure_skips_a_map_node_instead_of_expanding_it_and_a_redrive_waits_for_its_upstream(
+    engine: Engine
+) -> None:
+    # all_success counts skips, not failures: before, the map expanded on the stopping failure,
+    # the stop skipped its items, and a redrive then ran them before the upstream re-ran.
+    engine.create_pipeline(WORKSPACE, {"id": "stop", "params": {"xs": ["a", "b"]}, "nodes": [
+        {"id": "n0", "task": "t"},
+        {"id": "n1", "task": "t", "depends": ["n0"], "map": {"over": "params.xs"}}]})
+    run = engine.trigger_run(WORKSPACE, "stop", dispatch_now=False)
+    (n0,) = _claim_all(engine).values()
+    _fail_for_good(engine, n0)
+    assert _statuses(engine, run.id) == {"n0": "dead", "n1": "skipped"}  # no items were made
+    assert map_node(engine, run.id, "n1")["map_width"] is None
+    engine.redrive_run(WORKSPACE, run.id)
+    assert [m["node"] for m in transport(engine).sent] == ["n0"]  # the map waits for its upstream
+    assert _claim_all(engine) == {}
+    assert _statuses(engine, run.id) == {"n0": "dispatched", "n1": "pending"}
+    assert books(engine) == []
+
+
+def test_the_items_of_a_mapped_failure_handler_run_when_the_run_stops(engine: Engine) -> None:
+    engine.create_pipeline(WORKSPACE, {"id": "handler", "params": {"xs": ["a", "b"]}, "nodes": [
+        {"id": "n0", "task": "t"},
+        {"id": "alert", "task": "t", "depends": ["n0"], "trigger_rule": "one_failed",
+         "map": {"over": "params.xs"}}]})
+    run = engine.trigger_run(WORKSPACE, "handler", dispatch_now=False)
+    (n0,) = _claim_all(engine).values()
+    _fail_for_good(engine, n0)
+    assert _statuses(engine, run.id) == {"n0": "dead", "alert": "pending", "alert[0]": "ready", "alert[1]": "ready"}
+    for item in _claim_all(engine).values():
+        with engine.db.transaction() as conn:
+            finish_attempt(conn, item["id"], item["attempt"], item["claim_token"], succeeded=True,
+                           output={"key": "k"})
+    assert map_node(engine, run.id, "alert")["status"] == "succeeded"
+    assert run_row(engine, run.id)["status"] == "failed"
+    # A redrive would re-run n0 under items that ran on its failure: refused, saying why.
+    engine.create_pipeline(WORKSPACE, {"id": "handler2", "params": {"xs": ["a"]}, "nodes": [
+        {"id": "n0", "task": "t"},
+        {"id": "alert", "task": "t", "depends": ["n0"], "trigger_rule": "one_failed",
+         "map": {"over": "params.xs"}}]})
+    second = engine.trigger_run(WORKSPACE, "handler2", dispatch_now=False)
+    (n0,) = _claim_all(engine).values()
+    _fail_for_good(engine, n0)
+    (item,) = _claim_all(engine).values()
+    _fail_for_good(engine, item)
+    assert map_node(engine, second.id, "alert")["status"] == "failed"
+    with pytest.raises(Conflict) as refused:
+        engine.redrive_run(WORKSPACE, second.id)
+    assert "ran its items on the outcome of 'n0'" in str(refused.value)
+    assert books(engine) == []
