@@ -35,13 +35,12 @@ from orchestrator import safe_json
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Row
 from orchestrator.logs import log_event
+from orchestrator.model.pipeline import MAX_TASKS_PER_RUN, tolerated_count
 from orchestrator.storage.layout import map_items_prefix, map_manifest_key
 from orchestrator.store import maps as map_store
 
 log = logging.getLogger(__name__)
 
-# Tasks of one run, children included (orchestrator.engine.runs.MAX_TASKS_PER_RUN).
-MAX_TASKS_PER_RUN = 100_000
 # One item travels inside every dispatch message of its child (an SQS message or an
 # asynchronous Lambda invoke holds 256 KiB); larger things belong in objects the item names.
 MAX_ITEM_BYTES = 64 * 1024
@@ -246,7 +245,7 @@ def _settle(conn: Connection, node: Row) -> Resolution:
         raise RuntimeError(f"map node {node['id']} became ready with {counts['open']} children open")
     width = int(counts["total"])
     spec: dict[str, Any] = node["map_spec"] or {}
-    tolerated = tolerated_failures(spec.get("tolerated_failures", 0), width)
+    tolerated = tolerated_count(spec.get("tolerated_failures", 0), width)
     if counts["skipped"]:
         # A stopping failure elsewhere skipped children that had not started: the node did not
         # do its work, so it is skipped too (a redrive runs the skipped children again).
@@ -257,16 +256,6 @@ def _settle(conn: Connection, node: Row) -> Resolution:
             "code": "map_failures_exceeded", "retryable": False, "failed": counts["failed"], "total": width,
             "message": f"{counts['failed']} of {width} items failed; tolerated_failures allows {tolerated}"}))
     return Resolution(settled=_finish(conn, node, "succeeded", width=width, counts=counts))
-
-
-def tolerated_failures(value: Any, width: int) -> int:
-    """How many failed children a map of `width` tolerates: a count, or a percentage ("10%") of
-    the width, rounded down (Step Functions' ToleratedFailurePercentage)."""
-    if isinstance(value, str) and value.endswith("%"):
-        return int(float(value[:-1]) * width / 100 + 1e-9)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return 0
 
 
 def _finish(

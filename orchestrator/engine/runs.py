@@ -17,6 +17,7 @@ from orchestrator.engine.completion import resolve_ready_maps
 from orchestrator.engine.errors import Conflict, IdempotencyKeyReused, InvalidInput, NotFound, TooLarge
 from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
+from orchestrator.model.pipeline import MAX_TASKS_PER_RUN as MAX_TASKS_PER_RUN  # the limit callers name here
 from orchestrator.model.versions import MAX_VERSIONS, version_list_problems
 from orchestrator.store import maps as map_store
 from orchestrator.store import pipelines as pipeline_store
@@ -26,8 +27,6 @@ from orchestrator.store import tasks as task_store
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS_PER_RUN = MAX_VERSIONS
-# Tasks of one run are created in one transaction.
-MAX_TASKS_PER_RUN = 100_000
 
 
 @dataclass(frozen=True)

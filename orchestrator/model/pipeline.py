@@ -175,7 +175,9 @@ class ApprovalPolicy(BaseModel):
 
 # The run's task limit (issue 19): a map never has more children than this, so neither a
 # concurrency bound nor a count of tolerated failures above it can mean anything.
-MAX_MAP_WIDTH = 100_000
+# Tasks of one run, a map's items included (they are created in one transaction each).
+MAX_TASKS_PER_RUN = 100_000
+MAX_MAP_WIDTH = MAX_TASKS_PER_RUN
 # The name `map.over` starts with to read the node's merged params instead of an upstream's output.
 MAP_PARAMS_SOURCE = "params"
 
@@ -248,6 +250,16 @@ def _tolerated_failures_input(value: Any) -> Any:
     raise ValueError(f"{value!r} is not a count or a percentage: {TOLERATED_FAILURES_RULE}")
 
 
+def tolerated_count(tolerated_failures: int | str, width: int) -> int:
+    """MapSpec.tolerated for a threshold as stored with a map node (a count, or "p%")."""
+    if width < 0:
+        raise ValueError(f"a map's width is at least 0, got {width}")
+    if isinstance(tolerated_failures, int):
+        return tolerated_failures
+    percent = Fraction(tolerated_failures.removesuffix("%"))
+    return math.floor(percent * width / 100)
+
+
 class MapSpec(BaseModel):
     """`map:` on a task node: run the node once per item of a list found at run time.
 
@@ -299,12 +311,7 @@ class MapSpec(BaseModel):
         A count is taken as is (it may exceed `width`); a percentage p gives
         floor(p / 100 * width), computed exactly (see TOLERATED_PERCENT_PATTERN).
         """
-        if width < 0:
-            raise ValueError(f"a map's width is at least 0, got {width}")
-        if isinstance(self.tolerated_failures, int):
-            return self.tolerated_failures
-        percent = Fraction(self.tolerated_failures.removesuffix("%"))
-        return math.floor(percent * width / 100)
+        return tolerated_count(self.tolerated_failures, width)
 
     def normalized(self) -> dict[str, Any]:
         """The spec as stored with a map node (jsonb): `over` split, the threshold as written."""
