@@ -248,3 +248,39 @@ def test_the_code_is_the_packaged_artifact_and_the_handlers_exist() -> None:
     assert {f["Handler"] for f in functions} == {"handler.api.lambda_handler", "handler.worker.lambda_handler"}
     assert callable(handler.api.lambda_handler) and callable(handler.worker.lambda_handler)
     assert re.fullmatch(r"python3\.\d+", template["Globals"]["Function"]["Runtime"])
+
+
+def _api_role_document(cfn: dict[str, Any], bucket: str) -> dict[str, Any]:
+    """The ApiRole's statements as AWS evaluates them, `${OutputsBucket.Arn}` resolved."""
+    arn = f"arn:aws:s3:::{bucket}"
+    found = []
+    for name, statement in statements(cfn):
+        if name != "ApiRole":
+            continue
+        resources = []
+        for resource in as_list(statement["Resource"]):
+            if isinstance(resource, dict) and "Fn::Sub" in resource and isinstance(resource["Fn::Sub"], str):
+                resources.append(resource["Fn::Sub"].replace("${OutputsBucket.Arn}", arn))
+        if resources:
+            found.append({"Effect": statement["Effect"], "Action": statement["Action"], "Resource": resources})
+    return {"Version": "2012-10-17", "Statement": found}
+
+
+def test_the_api_role_writes_map_manifests_and_no_other_run_object(cfn: dict[str, Any]) -> None:
+    # The dispatcher writes a map node's manifest (orchestrator.engine.mapping.ensure_manifest)
+    # with the API function's own role, at the key the layout builds: AWS evaluates the
+    # template's statement, not a restatement of it.
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+
+    from orchestrator.storage.layout import map_item_output_key, map_manifest_key, node_output_key
+
+    policy = IAMPolicy(json.dumps(_api_role_document(cfn, "b")))
+    where = ("acme", "fan", "0b0e6c8e-0000-4000-8000-000000000000", "default", "parse")
+
+    def can(action: str, key: str) -> bool:
+        return bool(policy.is_action_permitted(action, f"arn:aws:s3:::b/{key}") == PermissionResult.PERMITTED)
+
+    assert can("s3:PutObject", map_manifest_key(*where, 3))
+    assert can("s3:GetObject", map_manifest_key(*where, 3))  # its HEAD before writing
+    assert not can("s3:PutObject", map_item_output_key(*where, 0, 1))
+    assert not can("s3:PutObject", node_output_key(*where, 1))
