@@ -135,6 +135,30 @@ class Database:
                 time.sleep(delay)  # back off while the server comes back
                 delay = min(delay * 2, 1.0)
 
+    def run_statement(
+        self, work: Callable[[Connection], T], *, attempts: int = 5, reconnect_within_s: float = 10.0
+    ) -> T:
+        """Run `work`, one statement, on an autocommit connection: the statement is its own
+        transaction (one round trip, one commit, no BEGIN). Replayed like `run_in_transaction`
+        after a deadlock, a serialization failure or a lost connection: the statement either
+        committed whole or not at all, and a replay of one that did is refused by its guards."""
+        deadline = time.monotonic() + reconnect_within_s
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.connection() as conn:
+                    return work(conn)
+            except RETRYABLE_ERRORS:
+                if attempt >= attempts:
+                    raise
+            except psycopg.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     def close(self) -> None:
         while True:
             try:

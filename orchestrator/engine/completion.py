@@ -22,6 +22,8 @@ from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.logs import log_event
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
+from orchestrator.store.completions import Outcome, Recorded
+from orchestrator.store.dispatch import DispatchContext
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class AttemptResult:
     # An item of a map node with max_concurrency left the workers: a place under that limit is
     # free, though nothing became newly ready (its siblings were ready all along).
     frees_map_slot: bool = False
+    # The dispatch context of `claimed`, when the statement that claimed them read it too.
+    context: DispatchContext | None = None
 
 
 def finish_attempt(
@@ -61,14 +65,15 @@ def finish_attempt(
         retryable=retryable,
     )
     if row is None:
-        return _refusal(conn, task_id, attempt, claim_token, succeeded)
+        return refusal(conn, task_id, attempt, claim_token, succeeded)
     if succeeded and on_succeeded is not None:
         on_succeeded(conn, row)
 
     task_store.record_attempt_end(
         conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
     )
-    # status: succeeded | dead | failed (not retryable) | ready (a retry is scheduled)
+    # status: succeeded | dead | failed (not retryable) | ready (a retry is scheduled); the same
+    # line as log_finished's
     log_event(log, "task.finished", level=logging.INFO if succeeded else logging.WARNING,
               workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=row["run_id"],
               task_id=task_id, attempt=attempt, status=row["status"],
@@ -79,6 +84,15 @@ def finish_attempt(
         return AttemptResult(True, "retrying", "ready", row["run_id"], frees_map_slot=frees)
     result = settle_terminal(conn, row)
     return dataclasses.replace(result, frees_map_slot=frees) if frees else result
+
+
+def log_finished(recorded: Recorded, outcome: Outcome) -> None:
+    """finish_attempt's log line, for an outcome recorded by tw_complete_attempts."""
+    log_event(log, "task.finished", level=logging.INFO if outcome.succeeded else logging.WARNING,
+              workspace_id=recorded.workspace_id, pipeline_id=recorded.pipeline_id, run_id=recorded.run_id,
+              task_id=recorded.task_id, attempt=outcome.attempt, status=recorded.task_status,
+              attempt_status="succeeded" if outcome.succeeded else "failed",
+              error_code=None if outcome.error is None else (outcome.error.get("code") or outcome.error.get("type")))
 
 
 def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
@@ -171,7 +185,7 @@ def _count_finished(conn: Connection, row: Row, finished: int) -> None:
         on_run_finished(conn, row["run_id"])
 
 
-def _refusal(
+def refusal(
     conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, succeeded: bool
 ) -> AttemptResult:
     """Tell a refused caller why: a repeat of a recorded outcome, another attempt, or a finished task."""

@@ -30,6 +30,7 @@ from orchestrator.storage.tokens import TaskClaims, TokenKeyring, map_digest, pa
 from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
+from orchestrator.store.dispatch import DispatchContext
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +69,30 @@ class Dispatcher:
             return batch_size
         return min(batch_size, sum(int(c) for c in capacities if c is not None))
 
-    def dispatch(self, claimed: Sequence[Row]) -> DispatchSummary:
+    def dispatch(self, claimed: Sequence[Row], context: DispatchContext | None = None) -> DispatchSummary:
+        """Send the claimed tasks. `context`: their dispatch context when the statement that
+        claimed them read it (tw_complete_attempts, which also recorded their code versions)."""
         if not claimed:
             return DispatchSummary(0, 0)
-        with self.db.connection() as conn:
-            # Node inputs, the pipeline outputs the runs read (resolved when each run started;
-            # never an upstream run's raw results), and the registered routes: one statement.
-            # A registered worker service serves its task names, whatever the configuration says.
-            context = dispatch_store.dispatch_context(
-                conn, [t["id"] for t in claimed],
-                sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]}),
-            )
-            inputs, upstream, routes, maps = context.inputs, context.upstream, context.routes, context.maps
-            # A task reading a map node's output reads its manifest: written here, before the
-            # task is sent, from the settled children (once; later dispatches find it).
-            unwritten: dict[str, str] = {}
-            for key, parent_id in context.manifests.items():
-                try:
-                    ensure_manifest(self.settings, conn, parent_id, key)
-                except Exception as exc:  # the readers' dispatch fails, and is retried like any
-                    unwritten[key] = f"the manifest {key} could not be written: {type(exc).__name__}: {exc}"
-            worker_store.record_dispatched_code(conn, [
-                (t["id"], int(t["attempt"]), routes[(t["workspace_id"], t["task_name"])]["code_hash"])
-                for t in claimed if (t["workspace_id"], t["task_name"]) in routes
-            ])
+        unwritten: dict[str, str] = {}
+        if context is None:
+            with self.db.connection() as conn:
+                # Node inputs, the pipeline outputs the runs read (resolved when each run started;
+                # never an upstream run's raw results), and the registered routes: one statement.
+                # A registered worker service serves its task names, whatever the configuration says.
+                context = dispatch_store.dispatch_context(
+                    conn, [t["id"] for t in claimed],
+                    sorted({(t["workspace_id"], t["task_name"]) for t in claimed if t["task_name"]}),
+                )
+                unwritten = self._write_manifests(conn, context)
+                worker_store.record_dispatched_code(conn, [
+                    (t["id"], int(t["attempt"]), context.routes[(t["workspace_id"], t["task_name"])]["code_hash"])
+                    for t in claimed if (t["workspace_id"], t["task_name"]) in context.routes
+                ])
+        elif context.manifests:
+            with self.db.connection() as conn:
+                unwritten = self._write_manifests(conn, context)
+        inputs, upstream, routes, maps = context.inputs, context.upstream, context.routes, context.maps
         failures: list[tuple[Row, str]] = []
 
         def send_one(task: Row) -> None:
@@ -135,6 +136,19 @@ class Dispatcher:
 
             self.db.run_in_transaction(record)
         return DispatchSummary(len(claimed) - len(failures), len(failures))
+
+    def _write_manifests(self, conn: Connection, context: DispatchContext) -> dict[str, str]:
+        """A task reading a map node's output reads its manifest: written here, before the task
+        is sent, from the settled children (once; later dispatches find it). Returns the keys
+        that could not be written, with the reason (their readers' dispatch fails, and is
+        retried like any)."""
+        unwritten: dict[str, str] = {}
+        for key, parent_id in context.manifests.items():
+            try:
+                ensure_manifest(self.settings, conn, parent_id, key)
+            except Exception as exc:
+                unwritten[key] = f"the manifest {key} could not be written: {type(exc).__name__}: {exc}"
+        return unwritten
 
     def _dispatch_failed(self, conn: Connection, task: Row, reason: str) -> None:
         row = task_store.record_dispatch_failure(

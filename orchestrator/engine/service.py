@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from orchestrator.engine import (
 )
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.dispatcher import Dispatcher, DispatchSummary
+from orchestrator.engine.errors import EngineError
 from orchestrator.storage.tokens import TokenKeyring
 from orchestrator.store import schedules as schedule_store
 from orchestrator.store import tasks as task_store
@@ -329,7 +330,7 @@ class Engine:
         """Eager continuation after a task settled: dispatch what it made ready, and start a run
         queued behind its run if that one ended. The tick is only the safety net."""
         if result.claimed:
-            self.dispatcher.dispatch(result.claimed)
+            self.dispatcher.dispatch(result.claimed, result.context)
         elif result.accepted and (result.newly_ready or result.frees_map_slot) and result.run_id is not None:
             self.dispatch_ready(result.run_id)
         for run_id in result.started_runs:  # downstream runs of its orchestration, released
@@ -356,6 +357,33 @@ class Engine:
         )
         self._after_settled(result)
         return result
+
+    def record_callbacks(
+        self, callbacks: Sequence[worker_protocol.CallbackInput]
+    ) -> list[AttemptResult | EngineError]:
+        """A batch of callbacks (POST /api/callbacks): one answer each, in order; what they made
+        ready is claimed in the batch's transaction and dispatched here."""
+        batch = worker_protocol.record_callbacks(
+            self.db, self.keyring, callbacks, settings=self.settings,
+            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size),
+        )
+        if batch.claimed:
+            self.dispatcher.dispatch(batch.claimed, batch.context)
+        for run_id in batch.started_runs:
+            self.dispatch_ready(run_id)
+        ended: set[tuple[str, str]] = set()
+        for index, answer in enumerate(batch.answers):
+            if not isinstance(answer, AttemptResult):
+                continue
+            if index in batch.by_engine:
+                self._after_settled(answer)
+            elif answer.run_status in ("succeeded", "failed") and answer.workspace_id and answer.pipeline_id:
+                ended.add((answer.workspace_id, answer.pipeline_id))
+        for workspace_id, pipeline_id in sorted(ended):
+            self._start_queued(workspace_id, pipeline_id)
+        if ended:
+            self.start_pipeline_triggers()
+        return batch.answers
 
     def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:
         return worker_protocol.record_heartbeat(self.db, self.keyring, token, progress=progress, message=message)

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine import mapping
-from orchestrator.engine.completion import AttemptResult, finish_attempt
-from orchestrator.engine.errors import InvalidInput, Unauthorized
+from orchestrator.engine.completion import AttemptResult, finish_attempt, log_finished, refusal
+from orchestrator.engine.errors import EngineError, InvalidInput, Unauthorized
+from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.engine.outputs import (
     OutputRejected,
     check_node_output,
     prepare_task_outputs,
     record_task_outputs,
 )
+from orchestrator.logs import log_event
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring
+from orchestrator.store import completions as completion_store
 from orchestrator.store import tasks as task_store
+from orchestrator.store.dispatch import DispatchContext
 from orchestrator.store.outputs import NewOutput
+
+log = logging.getLogger(__name__)
 
 
 class _OutputsNotPrepared(Exception):
@@ -42,6 +51,30 @@ def read_token(keyring: TokenKeyring, token: str, task_id: uuid.UUID | None = No
     return claims
 
 
+@dataclass(frozen=True)
+class CallbackInput:
+    """One callback of a batch, as the worker sent it."""
+
+    task_id: uuid.UUID
+    token: str
+    status: str
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class BatchAnswer:
+    """A batch of callbacks recorded: one answer per callback, in the order sent (an
+    EngineError refused that callback alone), and what the batch's one transaction claimed."""
+
+    answers: list[AttemptResult | EngineError]
+    claimed: list[Row] = field(default_factory=list)
+    context: DispatchContext | None = None
+    started_runs: list[uuid.UUID] = field(default_factory=list)
+    # Answers recorded by the engine's own path (each with its own claims and run ends).
+    by_engine: set[int] = field(default_factory=set)
+
+
 def record_callback(
     db: Database, keyring: TokenKeyring, task_id: uuid.UUID, token: str, *, status: str,
     output: dict[str, Any] | None, error: dict[str, Any] | None, settings: Settings | None = None,
@@ -52,8 +85,98 @@ def record_callback(
     pipeline outputs is checked against their schemas and persisted before the transaction that
     records it, which then only indexes them; an output that is not there, differs from what the
     callback reports or cannot become the output turns the success into a failed attempt
-    carrying the reason."""
+    carrying the reason.
+
+    The common path is one statement on an autocommit connection (tw_complete_attempts: one
+    round trip, one commit, the successors claimed with their dispatch context); what it hands
+    back is recorded by `_record_in_engine`, as before it."""
     claims = read_token(keyring, token, task_id)
+    checked = _checked_outcome(db, claims, task_id, status, output, error, settings)
+    if isinstance(checked, AttemptResult):
+        return checked
+    completion = db.run_statement(
+        lambda conn: completion_store.complete_attempts(conn, [checked], claim_limit=claim_limit, single=True)
+    )
+    recorded = completion.recorded[0]
+    if recorded.engine:
+        return _record_in_engine(db, claims, checked, settings=settings, claim_limit=claim_limit)
+    if not recorded.accepted:
+        return _refused(db, checked)
+    log_finished(recorded, checked)
+    return AttemptResult(
+        True, str(recorded.outcome), recorded.task_status, recorded.run_id, recorded.run_status,
+        recorded.newly_ready, recorded.workspace_id, recorded.pipeline_id,
+        claimed=completion.claimed, context=completion.context,
+    )
+
+
+def record_callbacks(
+    db: Database, keyring: TokenKeyring, callbacks: Sequence[CallbackInput], *, settings: Settings | None = None,
+    claim_limit: int = 0,
+) -> BatchAnswer:
+    """Record a batch of callbacks: each is checked and fenced on its own (a forged token, an
+    invalid body or a stale attempt refuses that callback alone); the accepted ones are recorded
+    by one statement in one transaction, which also follows the runs they ended; those the
+    statement hands back are then recorded one by one by the engine's path."""
+    answers: list[AttemptResult | EngineError | None] = [None] * len(callbacks)
+    pending: list[tuple[int, TaskClaims, completion_store.Outcome]] = []
+    for index, callback in enumerate(callbacks):
+        try:
+            claims = read_token(keyring, callback.token, callback.task_id)
+            checked = _checked_outcome(db, claims, callback.task_id, callback.status, callback.output,
+                                       callback.error, settings)
+        except EngineError as exc:
+            answers[index] = exc
+            continue
+        if isinstance(checked, AttemptResult):
+            answers[index] = checked
+        else:
+            pending.append((index, claims, checked))
+    batch = BatchAnswer(answers=[])
+    if pending:
+
+        def work(conn: Connection) -> tuple[completion_store.Completion, list[uuid.UUID]]:
+            completion = completion_store.complete_attempts(
+                conn, [outcome for _, _, outcome in pending], claim_limit=claim_limit, single=False
+            )
+            started: list[uuid.UUID] = []
+            for run_id, run_status in completion.ended_runs:
+                log_event(log, "run.finished", level=logging.INFO if run_status == "succeeded" else logging.WARNING,
+                          run_id=run_id, status=run_status)
+                started.extend(on_run_finished(conn, run_id))
+            return completion, started
+
+        completion, batch.started_runs = db.run_in_transaction(work)
+        batch.claimed, batch.context = completion.claimed, completion.context
+        ended = dict(completion.ended_runs)
+        by_task: dict[uuid.UUID, list[completion_store.Recorded]] = {}
+        for recorded in completion.recorded:
+            by_task.setdefault(recorded.task_id, []).append(recorded)
+        for index, claims, outcome in pending:
+            recorded = by_task[outcome.task_id].pop(0)
+            if recorded.engine:
+                answers[index] = _record_in_engine(db, claims, outcome, settings=settings, claim_limit=claim_limit)
+                batch.by_engine.add(index)
+            elif not recorded.accepted:
+                answers[index] = _refused(db, outcome)
+            else:
+                log_finished(recorded, outcome)
+                answers[index] = AttemptResult(
+                    True, str(recorded.outcome), recorded.task_status, recorded.run_id,
+                    ended.get(recorded.run_id) if recorded.run_id is not None else None, recorded.newly_ready,
+                    recorded.workspace_id, recorded.pipeline_id,
+                )
+    batch.answers = [a for a in answers if a is not None]
+    assert len(batch.answers) == len(callbacks)
+    return batch
+
+
+def _checked_outcome(
+    db: Database, claims: TaskClaims, task_id: uuid.UUID, status: str, output: dict[str, Any] | None,
+    error: dict[str, Any] | None, settings: Settings | None,
+) -> completion_store.Outcome | AttemptResult:
+    """The outcome a callback reports, checked (InvalidInput for a malformed one); a success
+    whose object is not what it says is recorded as a failed attempt here (the AttemptResult)."""
     if status not in ("succeeded", "failed"):
         raise InvalidInput("status must be 'succeeded' or 'failed'")
     succeeded = status == "succeeded"
@@ -71,6 +194,25 @@ def record_callback(
             check_node_output(settings, claims.storage.bucket, output)
         except OutputRejected as exc:
             return _reject(db, task_id, claims, exc)
+    return completion_store.Outcome(
+        task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded, retryable,
+        output if succeeded else None, None if succeeded else error,
+    )
+
+
+def _refused(db: Database, outcome: completion_store.Outcome) -> AttemptResult:
+    with db.connection() as conn:
+        return refusal(conn, outcome.task_id, outcome.attempt, outcome.claim_token, outcome.succeeded)
+
+
+def _record_in_engine(
+    db: Database, claims: TaskClaims, checked: completion_store.Outcome, *, settings: Settings | None,
+    claim_limit: int,
+) -> AttemptResult:
+    """The outcome recorded by the engine in Python: pipeline outputs, map items, final
+    failures, maps among the successors, the end of a run."""
+    task_id, succeeded, retryable = checked.task_id, checked.succeeded, checked.retryable
+    output, error = checked.output, checked.error
 
     # Whether a task produces pipeline outputs is learnt from the guarded finish itself (no read
     # on the path of every callback): the first transaction that accepts such a success rolls

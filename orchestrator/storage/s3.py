@@ -14,16 +14,20 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from orchestrator.storage.presign import AddressingStyle, QueryPresigner
 from orchestrator.storage.tokens import StorageGrant, check_read_prefix
 
 if TYPE_CHECKING:
@@ -55,6 +59,8 @@ _MIN_ROLE_DURATION_S = 900
 _SESSION_NAME_PREFIX = "tickweave-"
 _SESSION_NAME_INVALID = re.compile(r"[^\w+=,.@-]")
 
+log = logging.getLogger(__name__)
+
 
 class StorageSettings(Protocol):
     """The part of `Settings` this module reads; lets callers pass a lighter object."""
@@ -67,13 +73,18 @@ class StorageSettings(Protocol):
     def bucket(self) -> str: ...
 
 
-def _client_config(endpoint_url: str | None) -> Config:
+def _addressing_style(endpoint_url: str | None) -> AddressingStyle:
     # Path-style addressing when an endpoint is given: virtual-hosted style would need DNS for
-    # `bucket.127.0.0.1`, which a local moto/MinIO server does not have. SigV4 explicitly, since
-    # presigned URLs must be V4 for any region other than the oldest ones.
+    # `bucket.127.0.0.1`, which a local moto/MinIO server does not have.
+    return "path" if endpoint_url else "auto"
+
+
+def _client_config(endpoint_url: str | None) -> Config:
+    # SigV4 explicitly, since presigned URLs must be V4 for any region other than the oldest ones.
+    # The presigner (`_fast_presigner`) reproduces what this config signs: keep them together.
     return Config(
         signature_version="s3v4",
-        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        s3={"addressing_style": _addressing_style(endpoint_url)},
         retries={"max_attempts": 5, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
@@ -291,25 +302,98 @@ def issue_storage_grant(
             "Expiration": creds["Expiration"].isoformat(),
         }
         return grant(credentials, None, presigned_get)
-    client = orchestrator_s3(settings)
-    put_url = client.generate_presigned_url(
-        "put_object",
-        Params={"Bucket": settings.bucket, "Key": output_key, "ContentType": JSON_CONTENT_TYPE},
-        ExpiresIn=ttl,
-    )
+    fast = _fast_presigner(settings.s3_endpoint_url, settings.aws_region, settings.bucket)
+    if fast is not None:
+        put_url = fast.presign_put(settings.bucket, output_key, ttl, content_type=JSON_CONTENT_TYPE)
+    else:
+        put_url = orchestrator_s3(settings).generate_presigned_url(
+            "put_object",
+            Params={"Bucket": settings.bucket, "Key": output_key, "ContentType": JSON_CONTENT_TYPE},
+            ExpiresIn=ttl,
+        )
     return grant(None, put_url, _presign_gets(settings, reads, ttl))
 
 
 def _presign_gets(
     settings: StorageSettings, keys: Iterable[str], ttl: int, *, bucket: str | None = None
 ) -> dict[str, str]:
+    bucket = bucket or settings.bucket
+    fast = _fast_presigner(settings.s3_endpoint_url, settings.aws_region, bucket)
+    if fast is not None:
+        return {key: fast.presign_get(bucket, key, ttl) for key in keys}
     client = orchestrator_s3(settings)
     return {
-        key: client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket or settings.bucket, "Key": key}, ExpiresIn=ttl
-        )
+        key: client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl)
         for key in keys
     }
+
+
+# A key with what URI encoding has to get right, for the check in `_fast_presigner`.
+_PROBE_KEY = "tickweave/presign-check/ é+~%2F=&?#//x"
+
+
+@functools.lru_cache(maxsize=16)
+def _query_presigner(endpoint_url: str | None, region: str) -> QueryPresigner | None:
+    """The presigner for the client `_cached_s3(endpoint_url, region)`, with that client's
+    credentials: the shared session's (botocore's client took the same object from it). None
+    when there are none (botocore then fails the presign as it always did)."""
+    with _SESSION_LOCK:
+        credentials = _shared_session(region).get_credentials()
+    if credentials is None:
+        return None
+    return QueryPresigner(
+        region=region, endpoint_url=endpoint_url, addressing_style=_addressing_style(endpoint_url),
+        credentials=credentials,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _fast_presigner(endpoint_url: str | None, region: str, bucket: str) -> QueryPresigner | None:
+    """The presigner to use for `bucket`, or None to presign with botocore.
+
+    The rule: our presigner only when `QueryPresigner.handles(bucket)` (the URL shapes it
+    reproduces; see there for what is left to botocore and why) AND, once per process and
+    bucket, a GET and a PUT it signs equal botocore's byte for byte at botocore's own timestamp.
+    That second half catches what the static rule cannot see: configuration botocore merges into
+    the client from the environment or ~/.aws/config (AWS_ENDPOINT_URL_S3, FIPS or dual-stack
+    endpoints, the regional us-east-1 endpoint, ...), which changes botocore's URLs."""
+    presigner = _query_presigner(endpoint_url, region)
+    if presigner is None or not presigner.handles(bucket):
+        return None
+    client = _cached_s3(endpoint_url, region)
+    references = {
+        "GET": client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": _PROBE_KEY}, ExpiresIn=3600
+        ),
+        "PUT": client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": bucket, "Key": _PROBE_KEY, "ContentType": JSON_CONTENT_TYPE},
+            ExpiresIn=3600,
+        ),
+    }
+    for method, reference in references.items():
+        try:
+            at = datetime.strptime(parse_qs(urlsplit(reference).query)["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
+            if method == "GET":
+                ours = presigner.presign_get(bucket, _PROBE_KEY, 3600, at=at)
+            else:
+                ours = presigner.presign_put(bucket, _PROBE_KEY, 3600, content_type=JSON_CONTENT_TYPE, at=at)
+        except Exception:
+            log.exception("presigning with botocore for bucket %r: the own presigner failed its check", bucket)
+            return None
+        if ours != reference:
+            log.warning(
+                "presigning with botocore for bucket %r (endpoint %r, region %r): the own presigner's "
+                "%s URL differs from botocore's (%s != %s)",
+                bucket, endpoint_url, region, method, _unsigned(ours), _unsigned(reference),
+            )
+            return None
+    return presigner
+
+
+def _unsigned(url: str) -> str:
+    # For the log: the URL without its query (no credential, token or signature in a log line).
+    return url.split("?", 1)[0]
 
 
 def presign_get_urls(

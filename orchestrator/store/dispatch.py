@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.db.connection import Connection
+from orchestrator.db.connection import Connection, Row
 
 
 @dataclass
@@ -40,6 +40,13 @@ def dispatch_context(
         (list(task_ids), [k[0] for k in route_keys], [k[1] for k in route_keys]),
     ).fetchone()
     assert row is not None
+    return parse_dispatch_context(row)
+
+
+def parse_dispatch_context(row: Row) -> DispatchContext:
+    """The context from tw_dispatch_context's four aggregates (a row, or the object
+    tw_complete_attempts returns for the tasks it claimed)."""
+    context = DispatchContext()
     for ref in row["inputs"]:
         entry: dict[str, Any] = {"key": ref["key"]}
         manifest = ref.get("manifest")

@@ -173,7 +173,8 @@ def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID],
                 status = CASE WHEN t.unfinished_deps - l.n > 0 THEN 'pending'
                               WHEN {holds} THEN {_READY_STATUS}
                               ELSE 'skipped' END,
-                available_at = tw_now(),
+                -- unchanged while pending: an update of the counters alone stays in place (HOT)
+                available_at = CASE WHEN t.unfinished_deps - l.n > 0 THEN t.available_at ELSE tw_now() END,
                 wait_expires_at = CASE WHEN t.unfinished_deps - l.n = 0 AND {holds} AND {_HUMAN}
                                             AND t.timeout_s IS NOT NULL
                                        THEN tw_now() + make_interval(secs => t.timeout_s) END,
