@@ -4,8 +4,7 @@
 Parts (each on databases of its own, copies of one migrated template):
   claim      the tick's claim-and-dispatch throughput (no-op transport), batch sizes 1, 100, 1,000
   lifecycle  claim -> dispatch -> callback -> successors ready, wide and deep DAGs, 1/2/4 tick callers
-  whatif     the lifecycle with eager continuation's claim inside the finish transaction (not
-             Tickweave's code path: what merging them would give), 1 and the most callers
+  batched    the lifecycle with batched callbacks (POST /api/callbacks, up to 100 per call)
   peers      PgQueuer and Procrastinate on the same server: enqueue N no-op jobs, drain them
   ceiling    pgbench single-row UPDATE, and Tickweave's statements and commits per task beside it
   profile    one callback taken apart: phases, and each statement's planning and execution time
@@ -35,7 +34,7 @@ from bench import report
 from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
-PARTS = ("claim", "lifecycle", "whatif", "peers", "ceiling", "profile", "idle", "scale", "memory", "map")
+PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "idle", "scale", "memory", "map")
 
 # name: (full, quick, help)
 SIZES: dict[str, tuple[Any, Any, str]] = {
@@ -43,6 +42,7 @@ SIZES: dict[str, tuple[Any, Any, str]] = {
     "claim_batches": ("1,100,1000", "1,100,1000", "tick batch sizes of the claim part"),
     "callers": ("1,2,4", "1,2", "concurrent tick callers (and peer connections / pgbench clients)"),
     "lifecycle_batch": (100, 100, "tick batch size in the lifecycle part"),
+    "callback_batch": (100, 20, "callbacks per call in the batched part (POST /api/callbacks)"),
     "fan_width": (1000, 20, "parallel nodes of the wide DAG (root -> W -> join)"),
     "fan_runs": (2, 1, "runs of the wide DAG per lifecycle case"),
     "chain_length": (100, 10, "nodes of the deep DAG (a chain)"),
@@ -132,7 +132,7 @@ def part_claim(run: Run, suite: Any) -> None:
 
 
 def part_lifecycle(run: Run, suite: Any) -> None:
-    from bench.lifecycle import LifecycleCase
+    from bench.lifecycle import BOOKS, LifecycleCase
 
     a = run.args
     fan_nodes, cases = a.fan_width + 2, []
@@ -143,23 +143,24 @@ def part_lifecycle(run: Run, suite: Any) -> None:
                                    nodes=a.chain_length, batch=a.lifecycle_batch))
     results = run.measure(cases)
     run.sections.append("## Full lifecycle (claim, dispatch, callback, successors ready)\n\n"
-                        + report.suite_table(results) + "\n\n" + report.waits(results))
+                        + report.suite_table(results) + "\n\n" + report.waits(results) + "\n\n"
+                        + report.books(results, BOOKS))
 
 
-def part_whatif(run: Run, suite: Any) -> None:
-    from bench.lifecycle import LifecycleCase
+def part_batched(run: Run, suite: Any) -> None:
+    from bench.lifecycle import BOOKS, LifecycleCase
 
     a = run.args
-    counts = sorted({min(_ints(a.callers)), max(_ints(a.callers))})
     cases = []
-    for callers in counts:
+    for callers in _ints(a.callers):
         cases.append(LifecycleCase(run.server, suite, clients=callers, shape="wide", runs=a.fan_runs,
-                                   nodes=a.fan_width + 2, batch=a.lifecycle_batch, what_if=True))
+                                   nodes=a.fan_width + 2, batch=a.lifecycle_batch, per_call=a.callback_batch))
         cases.append(LifecycleCase(run.server, suite, clients=callers, shape="deep", runs=a.chain_runs,
-                                   nodes=a.chain_length, batch=a.lifecycle_batch, what_if=True))
+                                   nodes=a.chain_length, batch=a.lifecycle_batch, per_call=a.callback_batch))
     results = run.measure(cases)
-    run.sections.append("## What-if: eager continuation's claim in the finish transaction\n\n"
-                        + report.suite_table(results))
+    run.sections.append(f"## Lifecycle with batched callbacks (up to {a.callback_batch} per call)\n\n"
+                        + report.suite_table(results) + "\n\n" + report.waits(results) + "\n\n"
+                        + report.books(results, BOOKS))
 
 
 def part_peers(run: Run, suite: Any) -> None:
@@ -268,7 +269,7 @@ def part_map(run: Run, suite: Any) -> None:
 
 
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
-    "claim": part_claim, "lifecycle": part_lifecycle, "whatif": part_whatif, "peers": part_peers, "ceiling": part_ceiling,
+    "claim": part_claim, "lifecycle": part_lifecycle, "batched": part_batched, "peers": part_peers, "ceiling": part_ceiling,
     "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory, "map": part_map,
 }
 

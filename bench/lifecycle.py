@@ -4,10 +4,13 @@ claim     `run_tick` with batch size 1, 100 or 1,000 over `tasks` ready tasks, d
           claimed task through a no-op transport (inputs, storage grant, token and message are
           built as for a real worker; the hand-over does nothing).
 lifecycle `callers` threads, each a tick caller and a worker: it takes a dispatched message and
-          calls back as the worker would (`Engine.record_callback`: token check, finish_attempt,
-          successors made ready, the run counted, and eager continuation dispatching what became
-          ready); with no message waiting it calls the tick. Wide DAG: root -> W nodes -> join;
-          deep DAG: chains. Timed until every task of every run has succeeded.
+          calls back as the worker would (`Engine.record_callback`: token check, then one
+          statement recording the outcome, claiming the successors it made ready and reading
+          their dispatch context; then their dispatch); with no message waiting it calls the
+          tick. Wide DAG: root -> W nodes -> join; deep DAG: chains. Timed until every task of
+          every run has succeeded; the invariant checker runs over the database after each case.
+batched   the same, each caller taking up to N messages and calling back with one
+          `Engine.record_callbacks` (POST /api/callbacks) for all of them.
 """
 
 from __future__ import annotations
@@ -26,14 +29,13 @@ import psycopg
 from bench.measure import Outcome
 from bench.server import Server
 from bench.suite import CHAIN, FAN, SINGLE, WORKSPACE, NoopTransport, Suite, noop_engine
-from orchestrator.db.connection import Connection, Row
-from orchestrator.engine.completion import AttemptResult, finish_attempt
+from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.runs import MAX_VERSIONS_PER_RUN
 from orchestrator.engine.service import Engine
 from orchestrator.engine.tick import run_tick
-from orchestrator.engine.worker_protocol import read_token
+from orchestrator.engine.worker_protocol import CallbackInput
 from orchestrator.storage.layout import node_output_key
-from orchestrator.store import tasks as task_store
+from orchestrator.store.invariants import find_violations
 
 T = TypeVar("T")
 # A tick caller that found nothing to do waits this long before calling again.
@@ -73,60 +75,58 @@ def callback(engine: Engine, message: dict[str, Any]) -> None:
         raise RuntimeError(f"callback of task {message['task_id']} refused: {result.outcome}")
 
 
-def callback_claiming_in_finish(engine: Engine, message: dict[str, Any], batch: int) -> None:
-    """A what-if, not Tickweave's code path: the callback as `Engine.record_callback` does it,
-    except that eager continuation claims the run's newly ready tasks inside the finish
-    transaction (one commit per callback instead of two), then dispatches them after commit.
-    Built from the same public engine and store functions."""
-    task_id = uuid.UUID(message["task_id"])
-    key = node_output_key(message["workspace"], message["pipeline"], message["run_id"], message["version"],
-                          message["node"], int(message["attempt"]))
-    claims = read_token(engine.keyring, message["token"], task_id)
-
-    def work(conn: Connection) -> tuple[AttemptResult, list[Row]]:
-        result = finish_attempt(conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=True,
-                                output={"key": key}, error=None, retryable=True)
-        claimed: list[Row] = []
-        if result.accepted and result.newly_ready and result.run_id is not None:
-            claimed = task_store.claim_ready_tasks(conn, batch, run_id=result.run_id)
-        return result, claimed
-
-    result, claimed = engine.db.run_in_transaction(work)
-    if not result.accepted:
-        raise RuntimeError(f"callback of task {task_id} refused: {result.outcome}")
-    engine.dispatcher.dispatch(claimed)
+def callback_batch(engine: Engine, messages: list[dict[str, Any]]) -> None:
+    """What a worker holding several results does: one `Engine.record_callbacks` call
+    (POST /api/callbacks) for all of them."""
+    inputs = [
+        CallbackInput(uuid.UUID(m["task_id"]), m["token"], "succeeded",
+                      {"key": node_output_key(m["workspace"], m["pipeline"], m["run_id"], m["version"], m["node"],
+                                              int(m["attempt"]))})
+        for m in messages
+    ]
+    for message, answer in zip(messages, engine.record_callbacks(inputs), strict=True):
+        if not isinstance(answer, AttemptResult) or not answer.accepted:
+            raise RuntimeError(f"callback of task {message['task_id']} refused: {answer}")
 
 
 def drive(
-    engine: Engine, transport: NoopTransport, *, total: int, callers: int, batch: int, what_if: bool = False,
+    engine: Engine, transport: NoopTransport, *, total: int, callers: int, batch: int, per_call: int = 1,
 ) -> tuple[int, int]:
     """`callers` threads play tick callers and workers until `total` tasks were called back:
-    each takes a dispatched message and calls back, or with none waiting calls the tick.
-    `what_if`: call back through `callback_claiming_in_finish`.
-    Returns (callbacks, ticks that found nothing)."""
+    each takes up to `per_call` dispatched messages and calls back (one callback, or one batch
+    of them), or with none waiting calls the tick. Returns (callbacks, ticks that found nothing)."""
     lock = threading.Lock()
     counts = {"done": 0, "idle": 0}
 
     def caller(_: int) -> None:
         while counts["done"] < total:
-            try:
-                message = transport.messages.get_nowait()
-            except queue.Empty:
+            messages: list[dict[str, Any]] = []
+            while len(messages) < per_call:
+                try:
+                    messages.append(transport.messages.get_nowait())
+                except queue.Empty:
+                    break
+            if not messages:
                 summary = run_tick(engine.db, engine.settings, engine.dispatcher, batch_size=batch)
                 if summary.claimed == 0:
                     with lock:
                         counts["idle"] += 1
                     time.sleep(IDLE_PAUSE_S)
                 continue
-            if what_if:
-                callback_claiming_in_finish(engine, message, batch)
+            if per_call == 1:
+                callback(engine, messages[0])
             else:
-                callback(engine, message)
+                callback_batch(engine, messages)
             with lock:
-                counts["done"] += 1
+                counts["done"] += len(messages)
 
     in_threads(caller, callers)
     return counts["done"], counts["idle"]
+
+
+# Violations the invariant checker found after each lifecycle case, by case name and callers
+# (printed with the results: the books must stay clean under the benchmark).
+BOOKS: dict[tuple[str, int], int] = {}
 
 
 @dataclass
@@ -184,14 +184,14 @@ class LifecycleCase(_EngineCase):
     runs: int = 1
     nodes: int = 0  # tasks per run
     batch: int = 100
-    what_if: bool = False
+    per_call: int = 1  # callbacks per call: 1 (POST /api/callback/{id}) or a batch (POST /api/callbacks)
     done: int = 0
     idle_ticks: int = 0
 
     def __post_init__(self) -> None:
         self.name = f"lifecycle {self.shape} ({self.runs}x{self.nodes})"
-        if self.what_if:
-            self.name = f"what-if {self.shape} ({self.runs}x{self.nodes}): claim in the finish transaction"
+        if self.per_call > 1:
+            self.name = f"lifecycle {self.shape} ({self.runs}x{self.nodes}), batches of {self.per_call}"
 
     def setup(self) -> None:
         engine = self._create(f"lifecycle_{self.shape}_{self.clients}", keep=True, pool=2 * self.clients + 2)
@@ -204,9 +204,14 @@ class LifecycleCase(_EngineCase):
     def run(self) -> Outcome:
         assert self.engine is not None and self.transport is not None
         self.done, self.idle_ticks = drive(self.engine, self.transport, total=self.runs * self.nodes,
-                                           callers=self.clients, batch=self.batch, what_if=self.what_if)
+                                           callers=self.clients, batch=self.batch, per_call=self.per_call)
         with psycopg.connect(self.server.url(self.database)) as conn:
             row = conn.execute("SELECT count(*) FROM runs WHERE status = 'succeeded'").fetchone()
         if row is None or row[0] != self.runs:
             raise RuntimeError(f"{row[0] if row else 0} of {self.runs} runs succeeded")
         return Outcome(items=self.done)
+
+    def teardown(self) -> None:
+        # The invariant checker over the case's database, untimed, before it is dropped.
+        BOOKS[(self.name, self.clients)] = len(find_violations(self.server.url(self.database)))
+        super().teardown()

@@ -38,15 +38,19 @@ class Tally:
         self._lock = threading.Lock()
         self.statements = 0
         self.transactions = 0
+        # Statements that wrote on an autocommit connection: each is its own transaction and
+        # commit, with no BEGIN or COMMIT round trip (a callback's tw_complete_attempts).
+        self.autocommits = 0
 
-    def add(self, *, statements: int = 0, transactions: int = 0) -> None:
+    def add(self, *, statements: int = 0, transactions: int = 0, autocommits: int = 0) -> None:
         with self._lock:
             self.statements += statements
             self.transactions += transactions
+            self.autocommits += autocommits
 
     def reset(self) -> None:
         with self._lock:
-            self.statements = self.transactions = 0
+            self.statements = self.transactions = self.autocommits = 0
 
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
@@ -197,6 +201,8 @@ class Result:
     client_cpu_s: float
     server_cpu_s: float | None
     waits: WaitProfile
+    # Tickweave's commits (explicit transactions and autocommit writes), when counted
+    commits: int | None = None
 
     @property
     def rate(self) -> float:
@@ -217,6 +223,7 @@ def measure(case: Case, server: Server) -> Result:
             outcome = case.run()
             after = read_clocks(server)
             statements, transactions = TALLY.snapshot()
+            autocommits = TALLY.autocommits
         finally:
             waits = sampler.stop()
     finally:
@@ -232,6 +239,7 @@ def measure(case: Case, server: Server) -> Result:
             outcome.round_trips if outcome.round_trips is not None else statements + 2 * transactions
         ),
         wal_bytes=after.wal - before.wal,
+        commits=None if outcome.statements is not None else transactions + autocommits,
         client_cpu_s=after.client_cpu - before.client_cpu,
         server_cpu_s=server_cpu,
         waits=waits,

@@ -1,10 +1,11 @@
 """Where one callback's time goes: the lifecycle's unit of work, taken apart.
 
 `callbacks` tasks of chain runs (each finish makes a successor ready, as in a DAG) are called
-back one at a time, in the phases `Engine.record_callback` runs them: the token check, the
-finish transaction (`Database.run_in_transaction` around `engine.completion.finish_attempt`) and
-eager continuation (`Engine.dispatch_ready(run_id)`: claim transaction, then the dispatch
-message). Each phase is timed; each statement is counted, timed as the client sees it (round
+back one at a time, in the phases `Engine.record_callback` runs them: the token check, the one
+statement (`store.completions.complete_attempts` on an autocommit connection: finish, attempt
+record, successor claimed, its dispatch context, run counters) and the dispatch of what it
+claimed (storage grant, token, message). The callbacks that end a run take the engine's path
+and are not profiled. Each phase is timed; each statement is counted, timed as the client sees it (round
 trip + planning + execution), and also run once under EXPLAIN (ANALYZE) inside a savepoint
 that is rolled back, for the server's planning and execution times. The EXPLAIN runs are not
 in the phase timings' statements, but they are in the phases' wall time: the phase figures are
@@ -28,10 +29,10 @@ from bench.lifecycle import warm_dispatch
 from bench.measure import TALLY, CountingCursor
 from bench.server import Server
 from bench.suite import CHAIN, WORKSPACE, CountingDatabase, NoopTransport, Suite, noop_engine
-from orchestrator.engine.completion import finish_attempt
 from orchestrator.engine.service import Engine
 from orchestrator.engine.worker_protocol import read_token
 from orchestrator.storage.layout import node_output_key
+from orchestrator.store.completions import Outcome, complete_attempts
 
 
 @dataclass
@@ -115,18 +116,22 @@ def _one_callback(engine: Engine, message: dict[str, Any], profile: Profile) -> 
     t0 = time.perf_counter()
     claims = read_token(engine.keyring, message["token"], task_id)
     t1 = time.perf_counter()
-    result = engine.db.run_in_transaction(lambda conn: finish_attempt(
-        conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), succeeded=True, output={"key": key},
-        error=None, retryable=True))
+    outcome = Outcome(task_id, claims.attempt, uuid.UUID(claims.claim_token), True, True, {"key": key})
+    limit = engine.dispatcher.claim_limit(engine.settings.tick_batch_size)
+    completion = engine.db.run_statement(
+        lambda conn: complete_attempts(conn, [outcome], claim_limit=limit, single=True))
     t2 = time.perf_counter()
-    if not result.accepted:
-        raise RuntimeError(f"callback of {task_id} refused: {result.outcome}")
-    if result.newly_ready and result.run_id is not None:
-        engine.dispatch_ready(result.run_id)
+    recorded = completion.recorded[0]
+    if recorded.engine:  # the end of a run: the engine's path, as record_callback takes it
+        engine.record_callback(task_id, message["token"], status="succeeded", output={"key": key}, error=None)
+        return
+    if not recorded.accepted:
+        raise RuntimeError(f"callback of {task_id} refused")
+    engine.dispatcher.dispatch(completion.claimed, completion.context)
     t3 = time.perf_counter()
     profile.phases_ms["token check"] += (t1 - t0) * 1000
-    profile.phases_ms["finish transaction"] += (t2 - t1) * 1000
-    profile.phases_ms["eager dispatch (claim + message)"] += (t3 - t2) * 1000
+    profile.phases_ms["the callback's statement (autocommit)"] += (t2 - t1) * 1000
+    profile.phases_ms["dispatch of what it claimed (grant, token, message)"] += (t3 - t2) * 1000
     profile.callbacks += 1
 
 

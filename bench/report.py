@@ -158,11 +158,21 @@ def suite_header(server: Server, args: Any, argv: Sequence[str]) -> str:
 
 
 def commits(r: Result) -> float:
-    """Commits per item. Tickweave: its explicit transactions (its autocommit reads do not write);
-    the peers run every statement in autocommit (each its own commit); pgbench: one per item."""
+    """Commits per item. Tickweave: its explicit transactions and its autocommit writes (a
+    callback's one statement; its autocommit reads do not write); the peers run every statement
+    in autocommit (each its own commit); pgbench: one per item."""
     if r.system == "tickweave":
+        if r.commits is not None:
+            return r.per_item(r.commits)
         return r.per_item((r.round_trips - r.statements) / 2)
     return r.per_item(r.statements)
+
+
+def books(results: Sequence[Result], found: dict[tuple[str, int], int]) -> str:
+    """The invariant checker's verdict over each case's database after the case."""
+    rows = [[r.case, str(r.clients), "clean" if found.get((r.case, r.clients)) == 0
+             else f"{found.get((r.case, r.clients), '?')} violation(s)"] for r in results]
+    return "Invariant checker (`tickweave db check`) after each case:\n\n" + _render(["case", "conns", "books"], rows)
 
 
 def suite_table(results: Sequence[Result]) -> str:
@@ -181,12 +191,11 @@ def suite_table(results: Sequence[Result]) -> str:
 def profile(explained: Any, plain: Any) -> str:
     n = plain.callbacks or 1
     phases = [[name, _num(ms / n, 3)] for name, ms in plain.phases_ms.items()]
-    in_finish = ("tasks.finish_attempt", "tasks.record_attempt_end", "tasks.advance_successors",
-                 "runs.finish_tasks_of_run")
-    statements_ms = sum(plain.statements[k].client_ms for k in in_finish if k in plain.statements)
-    finish_ms = plain.phases_ms.get("finish transaction", 0.0)
-    phases.append(["  of which: BEGIN, COMMIT, pool, replay guard (finish - its statements)",
-                   _num((finish_ms - statements_ms) / n, 3)])
+    in_statement = ("completions.complete_attempts",)
+    statements_ms = sum(plain.statements[k].client_ms for k in in_statement if k in plain.statements)
+    statement_phase_ms = plain.phases_ms.get("the callback's statement (autocommit)", 0.0)
+    phases.append(["  of which: pool, replay guard, parsing the answer (phase - the statement)",
+                   _num((statement_phase_ms - statements_ms) / n, 3)])
     rows: list[list[str]] = []
     for name, stats in plain.statements.items():
         server = explained.statements.get(name)
@@ -298,12 +307,41 @@ def _targets(results: Sequence[Result], facts: dict[str, Any], callers: Sequence
         if pgbench:
             rows.append([f"lifecycle >= pgbench / 2, {count} conn(s)", f"{worst:,.0f} vs {pgbench / 2:,.0f}",
                          "yes" if worst >= pgbench / 2 else "no"])
+    for count in callers:
+        single = [r for r in results if r.system == "tickweave" and r.case.startswith("lifecycle")
+                  and "batches" not in r.case and r.clients == count]
+        if count == 1 and single:
+            worst = min(single, key=lambda r: r.rate)
+            rows.append(["lifecycle >= 1,000 tasks/s, 1 caller (deep and wide)", f"{worst.rate:,.0f} ({worst.case})",
+                         "yes" if worst.rate >= 1000 else "no"])
+            cpu = max(single, key=lambda r: r.server_cpu_s or 0)
+            if cpu.server_cpu_s is not None:
+                ms = cpu.per_item(cpu.server_cpu_s * 1000)
+                rows.append(["server CPU <= 0.5 ms/task, 1 caller", f"{ms:.3f} ms ({cpu.case})",
+                             "yes" if ms <= 0.5 else "no"])
+            client = max(single, key=lambda r: r.client_cpu_s)
+            ms = client.per_item(client.client_cpu_s * 1000)
+            rows.append(["client CPU <= 0.6 ms/task, 1 caller", f"{ms:.3f} ms ({client.case})",
+                         "yes" if ms <= 0.6 else "no"])
+        wide = [r for r in single if r.case.startswith("lifecycle wide")]
+        if count == max(callers) and wide:
+            share = wide[0].waits.share("Lock:transactionid") * 100
+            rows.append([f"wide run, {count} callers: Lock:transactionid < 5 % of samples", f"{share:.1f} %",
+                         "yes" if share < 5 else "no"])
+        batched = [r for r in results if r.system == "tickweave" and "batches" in r.case and r.clients == count]
+        best_peer = max((r.rate for r in drains if r.clients == count), default=None)
+        if batched and best_peer:
+            worst_b = min(r.rate for r in batched)
+            rows.append([f"batched lifecycle >= 0.5 x PgQueuer drain, {count} conn(s)",
+                         f"{worst_b:,.0f} vs {best_peer / 2:,.0f}", "yes" if worst_b >= best_peer / 2 else "no"])
     idle_data = facts.get("idle")
     if idle_data is not None and idle_data.levels:
         top = idle_data.levels[-1]
         rows.append([f"idle tick < 20 ms at {top.schedules:,} schedules",
                      f"median {top.median_ms:.1f} ms, p95 {top.p95_ms:.1f} ms",
                      "yes" if top.p95_ms < 20 else "no"])
+        rows.append([f"idle tick p95 < 5 ms at {top.schedules:,} schedules", f"p95 {top.p95_ms:.1f} ms",
+                     "yes" if top.p95_ms < 5 else "no"])
     big = facts.get("big")
     if big is not None:
         rows.append([f"trigger of a {big.nodes:,}-node pipeline < 2 s", f"{big.trigger_s:.2f} s",

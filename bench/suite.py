@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from psycopg.abc import Params, Query
 
@@ -21,6 +21,8 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
 from orchestrator.db.migrate import migrate
 from orchestrator.engine.service import Engine
+
+T = TypeVar("T")
 
 WORKSPACE = "bench"
 TEMPLATE = "bench_suite_template"
@@ -89,6 +91,11 @@ class CountingDatabase(Database):
         TALLY.add(transactions=1)
         with super().transaction() as conn:
             yield conn
+
+    def run_statement(self, work: Callable[[Connection], T], **kwargs: Any) -> T:
+        # Only the engine's writes go through run_statement (a callback in one statement).
+        TALLY.add(autocommits=1)
+        return super().run_statement(work, **kwargs)
 
 
 def noop_engine(

@@ -56,6 +56,7 @@ DECLARE
     v_map boolean;
     v_newly integer := 0;
     v_run record;
+    v_run_status text;
 BEGIN
     WITH finished AS (
         UPDATE tasks t SET
@@ -202,6 +203,7 @@ BEGIN
         IF v_run.previous_status = 'running' AND v_run.status IN ('succeeded', 'failed') THEN
             RAISE EXCEPTION 'for the engine' USING ERRCODE = 'TW001';  -- the run ended
         END IF;
+        v_run_status := v_run.status;
         IF v_limited AND p_claim_limit > 0 AND cardinality(v_ready) > 0 THEN
             SELECT COALESCE(jsonb_agg(to_jsonb(c)), '[]') INTO v_claimed
             FROM tw_claim_ready_tasks(p_claim_limit, f.run_id) c;
@@ -212,7 +214,7 @@ BEGIN
         'task_id', p_task_id, 'accepted', true, 'outcome', 'succeeded', 'task_status', 'succeeded',
         'run_id', f.run_id, 'workspace_id', f.workspace_id, 'pipeline_id', f.pipeline_id,
         'node_id', f.node_id, 'version', f.version,
-        'run_status', CASE WHEN p_single THEN v_run.status END,
+        'run_status', v_run_status,
         'newly_ready', v_newly, 'finished', 1 + v_skipped,
         'claim_in_run', v_limited AND cardinality(v_ready) > 0, 'claimed', v_claimed);
 END
