@@ -20,6 +20,8 @@ from urllib.parse import quote
 # (`check_mode`); deployments set TICKWEAVE_TOKEN_KEYS and TICKWEAVE_TICK_SECRET.
 _DEV_TOKEN_KEY = base64.urlsafe_b64encode(hashlib.sha256(b"tickweave-dev-token-key").digest()).decode()
 _DEV_TICK_SECRET = "dev-tick-secret"
+# Callbacks one `POST /api/callbacks` may carry (TICKWEAVE_MAX_CALLBACKS_PER_BATCH).
+DEFAULT_MAX_CALLBACKS_PER_BATCH = 100
 
 
 class ConfigurationError(ValueError):
@@ -55,6 +57,8 @@ class Settings:
     # How long an Idempotency-Key keeps returning the run it created.
     idempotency_ttl_s: int = 86_400
     max_body_bytes: int = 1_048_576
+    # The most callbacks one `POST /api/callbacks` may carry (more: a 422 naming the limit).
+    max_callbacks_per_batch: int = DEFAULT_MAX_CALLBACKS_PER_BATCH
     mode: str = "local"  # local | lambda
     # A pooled connection idle this long is checked (an empty query) before reuse: after a
     # Lambda environment was frozen, the server or RDS Proxy may have closed it.
@@ -181,6 +185,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["idempotency_ttl_s"] = int(env["TICKWEAVE_IDEMPOTENCY_TTL_S"])
     if env.get("TICKWEAVE_MAX_BODY_BYTES"):
         changes["max_body_bytes"] = int(env["TICKWEAVE_MAX_BODY_BYTES"])
+    if env.get("TICKWEAVE_MAX_CALLBACKS_PER_BATCH"):
+        changes["max_callbacks_per_batch"] = int(env["TICKWEAVE_MAX_CALLBACKS_PER_BATCH"])
     if env.get("TICKWEAVE_MODE"):
         changes["mode"] = env["TICKWEAVE_MODE"]
     if env.get("TICKWEAVE_DB_CHECK_IDLE_S"):

@@ -28,6 +28,7 @@ from orchestrator.api import response_models as r
 from orchestrator.api.schemas import (
     ApprovalRequest,
     BackfillRequest,
+    CallbackBatchRequest,
     CallbackRequest,
     CompleteRequest,
     EventRequest,
@@ -272,6 +273,14 @@ OPERATIONS: tuple[Operation, ...] = (
         auth="none", errors=(401, 403, 503),
         description="Authenticated by the task token in the body. A duplicate callback answers 200 and "
                     "changes nothing; one for a stale attempt or a finished task answers 409."),
+    _op("POST", "/api/callbacks", "Worker callbacks: the outcomes of many attempts at once", "worker protocol",
+        None, {200: r.CallbackBatchResult}, body=CallbackBatchRequest, auth="none", errors=(503,),
+        description="Each callback is authenticated by its own task token, fenced and answered alone, in the "
+                    "order sent: `results[i].status` is what `POST /api/callback/{task_id}` would answer for "
+                    "it (200, 401, 404, 409, 422), and a refused one refuses nothing else. The request as a "
+                    "whole answers 413 (body over the limit) or 422 (not `{\"callbacks\": [...]}`, an empty "
+                    "list, more than `TICKWEAVE_MAX_CALLBACKS_PER_BATCH` callbacks, default 100), and then "
+                    "nothing is recorded."),
     _op("POST", "/api/worker/read-urls", "Presigned GET URLs of mapped items for a reducer", "worker protocol", None,
         {200: ReadUrls}, body=ReadUrlsRequest, auth="none", errors=(401, 403, 503),
         description="Authenticated by the task token in the body; each key must be under a read prefix of the "

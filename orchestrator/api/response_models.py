@@ -601,6 +601,28 @@ class CallbackFailure(RootModel[CallbackRefused | ErrorResponse]):
     """A refused callback (the outcome and why), or an error (a malformed task id, a bad token)."""
 
 
+class BatchedCallbackAnswer(Loose):
+    """One callback's answer in a batch: what `POST /api/callback/{task_id}` would have answered
+    for it, with that answer's status."""
+
+    task_id: str | None = Field(description="The item's `task_id` as sent (null when it sent no string).")
+    status: int = Field(description="The status the single callback would answer: 200 (recorded, or a "
+                                    "duplicate), 401, 404, 409, 413 or 422 (refused: see `error`).")
+    accepted: bool
+    outcome: str | None = Field(description="As the single callback's; null when the item was refused before "
+                                            "reaching its task (a bad token, a malformed item).")
+    task_status: str | None
+    run_status: str | None
+    error: RefusalBody | None = Field(default=None, description="Why the item was refused; absent when "
+                                                                "`status` is 200.")
+
+
+class CallbackBatchResult(Loose):
+    """One answer per callback sent, in the order sent."""
+
+    results: list[BatchedCallbackAnswer]
+
+
 class HeartbeatAccepted(Loose):
     accepted: bool
     task_id: uuid.UUID

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from orchestrator.config import DEFAULT_MAX_CALLBACKS_PER_BATCH
 from orchestrator.model.pipeline import EVENT_NAME_PATTERN
 
 BACKFILL_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -49,6 +51,29 @@ class CallbackRequest(BaseModel):
     status: Literal["succeeded", "failed"]
     output: OutputRef | None = None
     error: CallbackError | None = None
+
+
+class BatchedCallback(CallbackRequest):
+    """One callback of `POST /api/callbacks`: the body of `POST /api/callback/{task_id}` with the
+    task it is for (the token must be that task's, as for the single callback)."""
+
+    task_id: uuid.UUID
+
+
+class CallbackBatchEnvelope(BaseModel):
+    """The body of `POST /api/callbacks` as read: the list, each item checked apart (a malformed
+    item refuses itself only) and the length against the configured limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    callbacks: list[Any]
+
+
+class CallbackBatchRequest(BaseModel):
+    """The body of `POST /api/callbacks` as documented (1 to `TICKWEAVE_MAX_CALLBACKS_PER_BATCH`
+    callbacks, default 100)."""
+
+    model_config = ConfigDict(extra="forbid")
+    callbacks: list[BatchedCallback] = Field(min_length=1, max_length=DEFAULT_MAX_CALLBACKS_PER_BATCH)
 
 
 class HeartbeatRequest(BaseModel):

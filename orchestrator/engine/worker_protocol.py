@@ -149,11 +149,7 @@ def record_callbacks(
         completion, batch.started_runs = db.run_in_transaction(work)
         batch.claimed, batch.context = completion.claimed, completion.context
         ended = dict(completion.ended_runs)
-        by_task: dict[uuid.UUID, list[completion_store.Recorded]] = {}
-        for recorded in completion.recorded:
-            by_task.setdefault(recorded.task_id, []).append(recorded)
-        for index, claims, outcome in pending:
-            recorded = by_task[outcome.task_id].pop(0)
+        for (index, claims, outcome), recorded in zip(pending, completion.recorded, strict=True):
             if recorded.engine:
                 answers[index] = _record_in_engine(db, claims, outcome, settings=settings, claim_limit=claim_limit)
                 batch.by_engine.add(index)

@@ -42,6 +42,7 @@ class Recorded:
     task_id: uuid.UUID
     accepted: bool
     engine: bool = False
+    position: int = 0  # its index in the outcomes recorded
     outcome: str | None = None  # succeeded | retrying
     task_status: str | None = None
     run_id: uuid.UUID | None = None
@@ -55,7 +56,7 @@ class Recorded:
 
 @dataclass
 class Completion:
-    recorded: list[Recorded]
+    recorded: list[Recorded]  # one per outcome, in the order given
     claimed: list[Row] = field(default_factory=list)
     context: DispatchContext | None = None
     ended_runs: list[tuple[uuid.UUID, str]] = field(default_factory=list)  # (run, status), batches only
@@ -79,7 +80,7 @@ def complete_attempts(
     assert row is not None
     answer = row["r"]
     return Completion(
-        recorded=[_recorded(r) for r in answer["results"]],
+        recorded=sorted((_recorded(r) for r in answer["results"]), key=lambda r: r.position),
         claimed=[_claimed_row(c) for c in answer["claimed"]],
         context=None if answer["context"] is None else parse_dispatch_context(answer["context"]),
         ended_runs=[(uuid.UUID(e["run_id"]), str(e["status"])) for e in answer["ended_runs"]],
@@ -87,13 +88,13 @@ def complete_attempts(
 
 
 def _recorded(r: dict[str, Any]) -> Recorded:
-    task_id = uuid.UUID(r["task_id"])
+    task_id, position = uuid.UUID(r["task_id"]), int(r["position"])
     if r.get("engine"):
-        return Recorded(task_id, False, engine=True)
+        return Recorded(task_id, False, engine=True, position=position)
     if not r["accepted"]:
-        return Recorded(task_id, False)
+        return Recorded(task_id, False, position=position)
     return Recorded(
-        task_id, True, outcome=r["outcome"], task_status=r["task_status"], run_id=uuid.UUID(r["run_id"]),
+        task_id, True, position=position, outcome=r["outcome"], task_status=r["task_status"], run_id=uuid.UUID(r["run_id"]),
         run_status=r.get("run_status"), workspace_id=r["workspace_id"], pipeline_id=r["pipeline_id"],
         node_id=r["node_id"], version=r["version"], newly_ready=int(r["newly_ready"]),
     )

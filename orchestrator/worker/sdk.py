@@ -12,6 +12,10 @@ Protocol, per dispatch:
   4. run the function with background heartbeats, store its JSON result at the granted key;
   5. call back with `succeeded` (output key, size, sha256) or `failed` (error, retryable).
 
+Where the worker holds several outcomes at once (an SQS batch: `Worker.execute_many`, used by
+`lambda_handler` and `run_sqs`), their callbacks go in one `POST /api/callbacks` (each still
+fenced and answered alone); an orchestrator without that route gets them one by one.
+
 Once a heartbeat is refused (the attempt is stale: a newer attempt took over, or the task is no
 longer active), the attempt stops: the next SDK call (`ctx.input`, `ctx.upstream`,
 `ctx.heartbeat`, the next item of `ctx.map_results`) raises StaleAttempt, and whatever the
@@ -34,14 +38,17 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import httpx
+
 from orchestrator.storage.s3 import encode_json, sha256_hex
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, map_digest, params_digest
 from orchestrator.worker.grant_io import GrantStorage, ObjectUnavailable
-from orchestrator.worker.http import HttpSender
+from orchestrator.worker.http import HttpSender, TransientHTTPError
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -72,6 +79,11 @@ _HEARTBEAT_JOIN_TIMEOUT_S = 5.0
 # The manifest a mapped node's reducer gets as that node's input (written by the server).
 MANIFEST_FORMAT = "tickweave.map-manifest/1"
 _MANIFEST_FAMILY = "tickweave.map-manifest/"
+# Callbacks the SDK sends in one `POST /api/callbacks` (the server's default limit), and the
+# JSON bytes it puts in one (half the server's default body limit: a token with STS credentials
+# is a few KB, an error with its traceback up to 8 KB).
+CALLBACK_BATCH = 100
+CALLBACK_BATCH_BYTES = 512 * 1024
 # Keys whose URLs a presigned-mode reducer asks for at once: one round trip per 100 items, and
 # never more than 100 URLs (~1 KB each) held, whatever the width of the map.
 READ_URL_BATCH = 100
@@ -496,6 +508,35 @@ class _Heartbeater:
                 return
 
 
+class _Pending:
+    """A callback ready to send: its URL and body, and the heartbeats that keep its attempt's
+    lease while it waits for the other outcomes of a batch."""
+
+    def __init__(
+        self, url: str, body: dict[str, Any], task_id: str, ctx: TaskContext | None = None,
+        heartbeater: _Heartbeater | None = None,
+    ) -> None:
+        self.url = url
+        self.body = body
+        self.task_id = task_id
+        self.ctx = ctx
+        self._heartbeater = heartbeater
+
+    def stop_heartbeats(self) -> None:
+        if self._heartbeater is not None:
+            self._heartbeater.__exit__(None, None, None)
+            self._heartbeater = None
+
+    @property
+    def stale(self) -> bool:
+        return self.ctx is not None and self.ctx.stale
+
+    def stale_answer(self, when: str = "while running; no output stored") -> dict[str, Any]:
+        assert self.ctx is not None
+        log.info("task %s attempt %s became stale %s, no callback", self.ctx.task_id, self.ctx.attempt, when)
+        return dict(self.ctx.refusal or {"accepted": False, "reason": "stale_attempt"})
+
+
 class Worker:
     """A set of task functions and the protocol to run them for the orchestrator."""
 
@@ -611,6 +652,55 @@ class Worker:
     ) -> dict[str, Any]:
         """Run one dispatch to completion and return the callback answer (or a rejection)."""
         send = send or self._send or _default_send()
+        started = self._start(dispatch, send, settings)
+        if not isinstance(started, _Pending):
+            return started
+        started.stop_heartbeats()
+        if started.stale:
+            # Fenced out while running: no callback (it would be refused, and must not be
+            # mistaken for the current attempt's outcome by anyone reading the logs).
+            return started.stale_answer("as it ended")
+        return send(started.url, started.body)
+
+    def execute_many(
+        self,
+        dispatches: Sequence[Any],
+        *,
+        send: Send | None = None,
+        settings: Settings | None = None,
+        executor: Executor | None = None,
+    ) -> list[dict[str, Any] | Exception]:
+        """Run several dispatches (one after another, or concurrently on `executor`) and report
+        their outcomes together: the callbacks for one orchestrator go in one `POST /api/callbacks`
+        (up to CALLBACK_BATCH at a time; an orchestrator without that route gets them one by one).
+        Until it is sent, a task that finished keeps heartbeating, so its lease does not lapse
+        while the others run.
+
+        Returns, for each dispatch in order, what `execute` would have returned for it (the
+        callback's answer, refusals included: they are logged, not raised), or the exception
+        it would have raised (the callback never got through, or the dispatch is not one)."""
+        send = send or self._send or _default_send()
+
+        def start(dispatch: Any) -> dict[str, Any] | _Pending | Exception:
+            try:
+                return self._start(dispatch, send, settings)
+            except Exception as exc:
+                return exc
+
+        started = list(executor.map(start, dispatches)) if executor is not None else [start(d) for d in dispatches]
+        outcomes: list[dict[str, Any] | Exception] = [
+            item if not isinstance(item, _Pending) else {} for item in started
+        ]
+        pending = [(index, item) for index, item in enumerate(started) if isinstance(item, _Pending)]
+        answers = _send_callbacks([item for _, item in pending], send)
+        for (index, _), answer in zip(pending, answers, strict=True):
+            outcomes[index] = answer
+        return outcomes
+
+    def _start(self, dispatch: Mapping[str, Any], send: Send, settings: Settings | None) -> dict[str, Any] | _Pending:
+        """Run one dispatch up to its callback: the callback to send (its heartbeats still going
+        while the task ran), or the answer when there is none to send (a rejected dispatch, an
+        attempt found stale)."""
         try:
             claims, token = self._authenticate(dispatch, settings)
         except _Refused as refused:
@@ -626,7 +716,7 @@ class Worker:
                 "code": "unknown_task",
                 "retryable": False,
             }
-            return send(callback_url, {"token": token, "status": "failed", "error": error})
+            return _Pending(callback_url, {"token": token, "status": "failed", "error": error}, claims.task_id)
 
         try:
             ctx = TaskContext(dispatch=dispatch, claims=claims, token=token, send=send)
@@ -635,21 +725,23 @@ class Worker:
             # otherwise waits for a lease to expire and sends the same message again.
             error = {"message": str(exc)[:MAX_MESSAGE_CHARS], "type": "MalformedDispatch",
                      "code": "malformed_dispatch", "retryable": False}
-            return send(callback_url, {"token": token, "status": "failed", "error": error})
+            return _Pending(callback_url, {"token": token, "status": "failed", "error": error}, claims.task_id)
         first = ctx._beat()
         if _refused(first):
             log.info("task %s attempt %s is no longer current; not running it", ctx.task_id, ctx.attempt)
             return first
 
         started = time.monotonic()
-        with _Heartbeater(ctx, ctx.heartbeat_interval_s):
+        heartbeater = _Heartbeater(ctx, ctx.heartbeat_interval_s).__enter__()
+        try:
             body = self._run(fn, ctx)
+        except BaseException:
+            heartbeater.__exit__(None, None, None)
+            raise
+        pending = _Pending(callback_url, {}, claims.task_id, ctx, heartbeater)
         if body is None or ctx.stale:
-            # Fenced out while running: no callback (it would be refused, and must not be
-            # mistaken for the current attempt's outcome by anyone reading the logs).
-            log.info("task %s attempt %s became stale while running; no output stored, no callback",
-                     ctx.task_id, ctx.attempt)
-            return dict(ctx.refusal or {"accepted": False, "reason": "stale_attempt"})
+            pending.stop_heartbeats()
+            return pending.stale_answer()
         log.info(
             "task %s (%s) attempt %s %s in %.3fs",
             ctx.task_id,
@@ -658,7 +750,8 @@ class Worker:
             body["status"],
             time.monotonic() - started,
         )
-        return send(callback_url, {"token": token, **body})
+        pending.body = {"token": token, **body}
+        return pending
 
     def _authenticate(self, dispatch: Mapping[str, Any], settings: Settings | None) -> tuple[TaskClaims, str]:
         token = dispatch.get("token")
@@ -751,15 +844,26 @@ class Worker:
     def lambda_handler(self, event: Any, context: Any = None) -> Any:
         """AWS Lambda entry: a dispatch invoked directly, or an SQS batch of dispatches."""
         if isinstance(event, Mapping) and isinstance(event.get("Records"), list):
-            failures: list[dict[str, str]] = []
-            for record in event["Records"]:
+            # The records run one after another; their callbacks go to the orchestrator together.
+            records: list[Any] = event["Records"]
+            failed = [False] * len(records)
+            dispatches: list[Any] = []
+            positions: list[int] = []
+            for index, record in enumerate(records):
                 try:
-                    self.execute(json.loads(record["body"]))
+                    dispatches.append(json.loads(record["body"]))
                 except Exception:
-                    log.exception("SQS dispatch %s failed", record.get("messageId"))
-                    failures.append({"itemIdentifier": str(record.get("messageId", ""))})
+                    log.exception("SQS dispatch %s is not readable", _message_id(record))
+                    failed[index] = True
+                    continue
+                positions.append(index)
+            for index, outcome in zip(positions, self.execute_many(dispatches), strict=True):
+                if isinstance(outcome, Exception):
+                    log.error("SQS dispatch %s failed", _message_id(records[index]), exc_info=outcome)
+                    failed[index] = True
             # Partial batch response: only the failed messages go back to the queue.
-            return {"batchItemFailures": failures}
+            return {"batchItemFailures": [{"itemIdentifier": _message_id(record)}
+                                          for record, bad in zip(records, failed, strict=True) if bad]}
         if not isinstance(event, Mapping):
             raise TypeError("a worker Lambda expects a dispatch object or an SQS event")
         return self.execute(event)
@@ -838,6 +942,116 @@ def _parse_deadline(value: Any) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _message_id(record: Any) -> str:
+    return str(record.get("messageId", "")) if isinstance(record, Mapping) else ""
+
+
+def _callbacks_url(callback_url: str) -> str | None:
+    """`{api}/api/callbacks` of the orchestrator whose callback URL is `{api}/api/callback/{task_id}`
+    (any path prefix in front of `/api`, an API Gateway stage, kept); None for another shape."""
+    head, found, _ = callback_url.rpartition("/api/callback/")
+    return head + "/api/callbacks" if found else None
+
+
+def _send_callbacks(pending: Sequence[_Pending], send: Send) -> list[dict[str, Any] | Exception]:
+    """Send the callbacks of a batch: those for one orchestrator together, in chunks of at most
+    CALLBACK_BATCH callbacks and CALLBACK_BATCH_BYTES; a lone one, one whose URL has another
+    shape, or a chunk the orchestrator could not take as a batch (an older server without the
+    route answers 404), one by one. Each answer, or the exception that kept it from being sent."""
+    answers: list[dict[str, Any] | Exception | None] = [None] * len(pending)
+    groups: dict[str | None, list[int]] = {}
+    for index, item in enumerate(pending):
+        item.stop_heartbeats()
+        if item.stale:  # a heartbeat found it stale while it waited: nothing to report
+            answers[index] = item.stale_answer("while its callback waited for the batch")
+        else:
+            groups.setdefault(_callbacks_url(item.url), []).append(index)
+    for batch_url, indexes in groups.items():
+        if batch_url is None or len(indexes) == 1:
+            for index in indexes:
+                answers[index] = _send_one(pending[index], send)
+            continue
+        for chunk in _chunks([pending[i] for i in indexes], indexes):
+            items = [pending[i] for i in chunk]
+            try:
+                results = _post_batch(batch_url, items, send)
+            except Exception as exc:  # unreachable after the sender's retries: none was delivered
+                log.warning("POST %s failed for %d callbacks: %s", batch_url, len(items), exc)
+                for index in chunk:
+                    answers[index] = exc
+                continue
+            delivered: Sequence[dict[str, Any] | Exception] = (
+                results if results is not None else [_send_one(item, send) for item in items])
+            for index, answer in zip(chunk, delivered, strict=True):
+                answers[index] = answer
+    sent = [answer for answer in answers if answer is not None]
+    assert len(sent) == len(pending)
+    for item, outcome in zip(pending, sent, strict=True):
+        if isinstance(outcome, dict):
+            _log_refusal(item.task_id, outcome)
+    return sent
+
+
+def _chunks(items: Sequence[_Pending], indexes: Sequence[int]) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    size = 0
+    for item, index in zip(items, indexes, strict=True):
+        item_size = len(json.dumps(item.body, default=str)) + 64
+        if chunk and (len(chunk) == CALLBACK_BATCH or size + item_size > CALLBACK_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(index)
+        size += item_size
+    if chunk:
+        yield chunk
+
+
+def _send_one(item: _Pending, send: Send) -> dict[str, Any] | Exception:
+    try:
+        return send(item.url, item.body)
+    except Exception as exc:
+        return exc
+
+
+def _post_batch(url: str, items: Sequence[_Pending], send: Send) -> list[dict[str, Any]] | None:
+    """The answers of one `POST /api/callbacks`, each shaped as the single callback's answer (a
+    refusal carries `http_status`, as HttpSender gives it); None when the orchestrator did not
+    take the batch (they are then sent one by one). Raises when it could not be reached."""
+    body = {"callbacks": [{"task_id": item.task_id, **item.body} for item in items]}
+    try:
+        answer = send(url, body)
+    except (httpx.TransportError, TransientHTTPError):
+        raise
+    except Exception:
+        log.warning("POST %s failed; sending its %d callbacks one by one", url, len(items), exc_info=True)
+        return None
+    results = answer.get("results") if isinstance(answer, Mapping) else None
+    if not (isinstance(results, list) and len(results) == len(items) and all(isinstance(r, Mapping) for r in results)):
+        status = answer.get("http_status") if isinstance(answer, Mapping) else None
+        if status == 404:
+            log.info("the orchestrator has no POST %s (an older version); sending callbacks one by one", url)
+        else:
+            log.warning("POST %s answered %s, not one answer per callback; sending its %d callbacks one by one",
+                        url, status or "200", len(items))
+        return None
+    answers: list[dict[str, Any]] = []
+    for result in results:
+        item_answer = {key: value for key, value in result.items() if key != "status"}
+        status = result.get("status")
+        if status != 200:
+            item_answer["http_status"] = status
+        answers.append(item_answer)
+    return answers
+
+
+def _log_refusal(task_id: str, answer: Mapping[str, Any]) -> None:
+    if answer.get("accepted") is False and "error" in answer:
+        problem = answer["error"]
+        reason = (f"{problem.get('code')}: {problem.get('message')}" if isinstance(problem, Mapping)
+                  else str(problem))
+        log.warning("the callback of task %s was refused (%s): %s", task_id, answer.get("http_status"), reason)
 
 
 _default_sender: HttpSender | None = None

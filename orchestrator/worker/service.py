@@ -223,13 +223,14 @@ def run_sqs(
 
     A batch's messages run concurrently, and the next receive waits for the batch to end, so
     `max_messages` (1-10, SQS's limit) is also the concurrency. `stop` is checked between
-    receives: stopping takes up to `wait_s` plus the running batch.
+    receives: stopping takes up to `wait_s` plus the running batch. The batch's callbacks go to
+    the orchestrator together, in one `POST /api/callbacks` (`Worker.execute_many`); a task
+    that finished early keeps heartbeating until then.
 
-    A message is deleted once `execute` returned, whatever the outcome: a failed task was
-    reported to the orchestrator, which decides about retries, and a refused token or an
-    unreadable body would fail the same way on every redelivery. A message whose `execute`
-    raised (the callback never got through) is left to reappear, or to the queue's redrive
-    policy.
+    A message is deleted once its callback was answered, whatever the outcome: a failed task
+    was reported to the orchestrator, which decides about retries, and a refused token or an
+    unreadable body would fail the same way on every redelivery. A message whose callback never
+    got through is left to reappear, or to the queue's redrive policy.
     """
     if not 1 <= max_messages <= 10:
         raise ValueError("max_messages must be between 1 and 10 (SQS's limit)")
@@ -253,32 +254,41 @@ def run_sqs(
                 stop.wait(_SQS_ERROR_BACKOFF_S)
                 continue
             messages = received.get("Messages", [])
-            results = pool.map(lambda m: _handle_sqs_message(worker, client, queue_url, m, resolved), messages)
-            executed += sum(1 for ran in results if ran)
+            if messages:
+                executed += _handle_sqs_batch(worker, client, queue_url, messages, resolved, pool)
     return executed
 
 
-def _handle_sqs_message(
-    worker: Worker, client: Any, queue_url: str, message: Mapping[str, Any], settings: Settings,
-) -> bool:
-    """Execute one SQS message's dispatch and delete it; True when a dispatch was executed."""
-    receipt = message["ReceiptHandle"]
-    try:
-        dispatch = json.loads(message.get("Body", ""))
-        if not isinstance(dispatch, dict):
-            raise ValueError("not a JSON object")
-    except ValueError:
-        log.error("SQS message %s is not a dispatch message; deleting it", message.get("MessageId"))
+def _handle_sqs_batch(
+    worker: Worker, client: Any, queue_url: str, messages: list[Mapping[str, Any]], settings: Settings,
+    pool: ThreadPoolExecutor,
+) -> int:
+    """Execute one received batch: its dispatches run on `pool`, their callbacks are sent
+    together, and each message is deleted once its callback was answered. Returns how many
+    dispatches were executed."""
+    runnable: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
+    for message in messages:
+        try:
+            dispatch = json.loads(message.get("Body", ""))
+            if not isinstance(dispatch, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            log.error("SQS message %s is not a dispatch message; deleting it", message.get("MessageId"))
+            _delete(client, queue_url, message)
+            continue
+        runnable.append((message, dispatch))
+    list(pool.map(lambda m: _hide_until_deadline(client, queue_url, m[0]["ReceiptHandle"], m[1].get("deadline")),
+                  runnable))
+    outcomes = worker.execute_many([dispatch for _, dispatch in runnable], settings=settings, executor=pool)
+    executed = 0
+    for (message, dispatch), outcome in zip(runnable, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.error("dispatch of task %s failed; leaving the message to reappear", dispatch.get("task_id"),
+                      exc_info=outcome)
+            continue
         _delete(client, queue_url, message)
-        return False
-    _hide_until_deadline(client, queue_url, receipt, dispatch.get("deadline"))
-    try:
-        worker.execute(dispatch, settings=settings)
-    except Exception:
-        log.exception("dispatch of task %s failed; leaving the message to reappear", dispatch.get("task_id"))
-        return False
-    _delete(client, queue_url, message)
-    return True
+        executed += 1
+    return executed
 
 
 def _delete(client: Any, queue_url: str, message: Mapping[str, Any]) -> None:

@@ -221,8 +221,9 @@ END
 $$;
 
 -- p_items: [{task_id, attempt, claim_token, ok, retryable, output, error}], any order (taken in
--- task id order, so two batches lock their tasks in one order). Returns
--- {results: [one per item, in task id order], claimed: [...], context: {...}, ended_runs: [...]}.
+-- task id order, so two batches lock their tasks in one order; a task sent twice in the order
+-- sent). Returns {results: [one per item, in task id order, each with its `position` in
+-- p_items], claimed: [...], context: {...}, ended_runs: [...]}.
 CREATE FUNCTION tw_complete_attempts(p_items jsonb, p_claim_limit integer, p_single boolean)
     RETURNS jsonb
     LANGUAGE plpgsql
@@ -244,13 +245,14 @@ DECLARE
     v_run record;
 BEGIN
     FOR i IN
-        SELECT (x->>'task_id')::uuid AS task_id, (x->>'attempt')::int AS attempt,
-               (x->>'claim_token')::uuid AS claim_token, (x->>'ok')::boolean AS ok,
-               COALESCE((x->>'retryable')::boolean, true) AS retryable,
-               CASE WHEN jsonb_typeof(x->'output') = 'object' THEN x->'output' END AS output,
-               CASE WHEN jsonb_typeof(x->'error') = 'object' THEN x->'error' END AS error
-        FROM jsonb_array_elements(p_items) AS x
-        ORDER BY 1
+        SELECT (x.x->>'task_id')::uuid AS task_id, (x.x->>'attempt')::int AS attempt,
+               (x.x->>'claim_token')::uuid AS claim_token, (x.x->>'ok')::boolean AS ok,
+               COALESCE((x.x->>'retryable')::boolean, true) AS retryable,
+               CASE WHEN jsonb_typeof(x.x->'output') = 'object' THEN x.x->'output' END AS output,
+               CASE WHEN jsonb_typeof(x.x->'error') = 'object' THEN x.x->'error' END AS error,
+               x.n - 1 AS position
+        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS x(x, n)
+        ORDER BY 1, x.n
     LOOP
         BEGIN
             v_result := tw_complete_one(i.task_id, i.attempt, i.claim_token, i.ok, i.retryable, i.output,
@@ -261,9 +263,10 @@ BEGIN
                 v_runs := jsonb_set(v_runs, ARRAY[v_result->>'run_id'], to_jsonb(
                     COALESCE((v_runs->>(v_result->>'run_id'))::int, 0) + (v_result->>'finished')::int));
             END IF;
-            v_results := v_results || (v_result - 'claimed');
+            v_results := v_results || (v_result - 'claimed' || jsonb_build_object('position', i.position));
         EXCEPTION WHEN SQLSTATE 'TW001' THEN
-            v_results := v_results || jsonb_build_object('task_id', i.task_id, 'engine', true);
+            v_results := v_results || jsonb_build_object('task_id', i.task_id, 'engine', true,
+                                                         'position', i.position);
         END;
     END LOOP;
 
