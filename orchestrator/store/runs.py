@@ -311,22 +311,29 @@ def lock_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | No
 def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
     """Cancel a pending or running run and every unfinished task of it (tasks first, then the
     run: the lock order of every finisher). Later callbacks of its tasks are refused."""
-    conn.execute(
+    cancelled = conn.execute(
         """WITH locked AS (
                SELECT id FROM tasks WHERE run_id = %s
                  AND status IN ('pending', 'ready', 'dispatched', 'running', 'waiting')
                ORDER BY id FOR UPDATE
-           ), cancelled AS (
-               UPDATE tasks t SET status = 'cancelled', finished_at = tw_now(), claim_token = NULL,
-                      lease_expires_at = NULL, wait_expires_at = NULL
-               FROM locked WHERE t.id = locked.id
-               RETURNING t.id, t.attempt
            )
-           UPDATE task_attempts a SET status = 'cancelled', finished_at = tw_now()
-           FROM cancelled c WHERE a.task_id = c.id AND a.attempt = c.attempt
-             AND a.status IN ('dispatched', 'running')""",
+           UPDATE tasks t SET status = 'cancelled', finished_at = tw_now(), claim_token = NULL,
+                  lease_expires_at = NULL, wait_expires_at = NULL
+           FROM locked WHERE t.id = locked.id
+           RETURNING t.id, t.attempt""",
         (run_id,),
-    )
+    ).fetchall()
+    if cancelled:
+        # A statement of its own, so a new snapshot: a callback that committed while the lock
+        # above waited may have claimed tasks (their attempt rows inserted then); the locked
+        # update followed those tasks to their new attempt, and a data-modifying CTE of the
+        # same statement would not see the new attempt rows (they would stay 'dispatched').
+        conn.execute(
+            """UPDATE task_attempts a SET status = 'cancelled', finished_at = tw_now()
+               FROM unnest(%s::uuid[], %s::int[]) AS c(id, attempt)
+               WHERE a.task_id = c.id AND a.attempt = c.attempt AND a.status IN ('dispatched', 'running')""",
+            ([r["id"] for r in cancelled], [r["attempt"] for r in cancelled]),
+        )
     row = conn.execute(
         """UPDATE runs SET status = 'cancelled', unfinished_tasks = 0, finished_at = tw_now(),
                   error = COALESCE(error, %s)

@@ -314,10 +314,10 @@ BEGIN
         IF jsonb_array_length(v_ctx.routes) > 0 THEN
             -- The code version each claimed attempt goes to (as worker_store.record_dispatched_code).
             WITH code AS (
-                SELECT (c->>'id')::uuid AS id, (c->>'attempt')::int AS attempt, r->>'code_hash' AS code_hash
+                SELECT (c->>'id')::uuid AS id, (c->>'attempt')::int AS attempt, rt->>'code_hash' AS code_hash
                 FROM jsonb_array_elements(v_claimed) c
-                JOIN jsonb_array_elements(v_ctx.routes) r
-                  ON r->>'workspace_id' = c->>'workspace_id' AND r->>'task_name' = c->>'task_name'
+                JOIN jsonb_array_elements(v_ctx.routes) rt
+                  ON rt->>'workspace_id' = c->>'workspace_id' AND rt->>'task_name' = c->>'task_name'
             ), on_tasks AS (
                 UPDATE tasks t SET code_version = code.code_hash FROM code WHERE t.id = code.id
             )
