@@ -221,8 +221,10 @@ END
 $$;
 
 -- p_items: [{task_id, attempt, claim_token, ok, retryable, output, error}], any order (taken in
--- task id order, so two batches lock their tasks in one order; a task sent twice in the order
--- sent). Returns {results: [one per item, in task id order, each with its `position` in
+-- run id order, then task id order, so two batches lock their tasks, and the successors of
+-- each run, one run after the other in one order: batches over two runs' joins deadlocked when
+-- taken in task id order alone; a task sent twice in the order sent). Returns {results: [one
+-- per item, in that order, each with its `position` in
 -- p_items], claimed: [...], context: {...}, ended_runs: [...]}.
 CREATE FUNCTION tw_complete_attempts(p_items jsonb, p_claim_limit integer, p_single boolean)
     RETURNS jsonb
@@ -252,7 +254,8 @@ BEGIN
                CASE WHEN jsonb_typeof(x.x->'error') = 'object' THEN x.x->'error' END AS error,
                x.n - 1 AS position
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS x(x, n)
-        ORDER BY 1, x.n
+        LEFT JOIN tasks k ON k.id = (x.x->>'task_id')::uuid
+        ORDER BY k.run_id, 1, x.n
     LOOP
         BEGIN
             v_result := tw_complete_one(i.task_id, i.attempt, i.claim_token, i.ok, i.retryable, i.output,
