@@ -152,7 +152,8 @@ def run_profile(server: Server, suite: Suite, *, callbacks: int) -> tuple[Profil
         url = suite.copy(database)
         engine, transport = noop_engine(url, pool=1, database=ExplainingDatabase)
         try:
-            runs = (callbacks + WARM_CALLBACKS) // suite.chain_length + 1
+            # a run's last callback takes the engine's path and is not profiled
+            runs = (callbacks + WARM_CALLBACKS) // max(1, suite.chain_length - 1) + 1
             for _ in range(runs):
                 engine.trigger_run(WORKSPACE, CHAIN, dispatch_now=False)
             server.vacuum_analyze(database)
