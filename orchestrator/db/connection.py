@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -118,13 +118,28 @@ class Database:
         `reconnect_within_s`. Replaying is safe because every transition is guarded by the state
         it expects: a transition that did commit before the connection dropped is refused the
         second time, and the caller is told so."""
+        return self._replayed(self.transaction, work, attempts, reconnect_within_s)
+
+    def run_statement(
+        self, work: Callable[[Connection], T], *, attempts: int = 5, reconnect_within_s: float = 10.0
+    ) -> T:
+        """Run `work`, one statement, on an autocommit connection: the statement is its own
+        transaction (one round trip, one commit, no BEGIN). Replayed like `run_in_transaction`:
+        the statement either committed whole or not at all, and a replay of one that did is
+        refused by its guards."""
+        return self._replayed(self.connection, work, attempts, reconnect_within_s)
+
+    def _replayed(
+        self, open_connection: Callable[[], AbstractContextManager[Connection]], work: Callable[[Connection], T],
+        attempts: int, reconnect_within_s: float,
+    ) -> T:
         deadline = time.monotonic() + reconnect_within_s
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             try:
-                with self.transaction() as conn:
+                with open_connection() as conn:
                     return work(conn)
             except RETRYABLE_ERRORS:
                 if attempt >= attempts:
@@ -133,30 +148,6 @@ class Database:
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)  # back off while the server comes back
-                delay = min(delay * 2, 1.0)
-
-    def run_statement(
-        self, work: Callable[[Connection], T], *, attempts: int = 5, reconnect_within_s: float = 10.0
-    ) -> T:
-        """Run `work`, one statement, on an autocommit connection: the statement is its own
-        transaction (one round trip, one commit, no BEGIN). Replayed like `run_in_transaction`
-        after a deadlock, a serialization failure or a lost connection: the statement either
-        committed whole or not at all, and a replay of one that did is refused by its guards."""
-        deadline = time.monotonic() + reconnect_within_s
-        delay = 0.05
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with self.connection() as conn:
-                    return work(conn)
-            except RETRYABLE_ERRORS:
-                if attempt >= attempts:
-                    raise
-            except psycopg.OperationalError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     def close(self) -> None:

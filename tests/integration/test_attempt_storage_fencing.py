@@ -43,6 +43,7 @@ from orchestrator.store import dispatch as dispatch_store
 from orchestrator.store import outputs as output_store
 from orchestrator.worker import StaleAttempt, TaskContext, Worker
 from orchestrator.worker.grant_io import GrantStorage
+from tests import capturing
 
 from .test_scheduling import set_clock
 
@@ -123,27 +124,9 @@ def access_denied(call: Callable[[], Any]) -> bool:
 # --- an engine whose dispatches the test plays as the worker --------------------------------------
 
 
-class CapturingTransport:
-    """Accepts every dispatch and keeps it: the test plays the worker (and its stale twin)."""
-
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        with self._lock:
-            self.sent.append(message)
-
-    def close(self) -> None:
-        pass
-
+class CapturingTransport(capturing.CapturingTransport):
     def take(self, node: str) -> dict[str, Any]:
-        with self._lock:
-            (message,) = [m for m in self.sent if m["node"] == node]
-            self.sent.remove(message)
-        return message
+        return self.take_node(node)
 
 
 @pytest.fixture

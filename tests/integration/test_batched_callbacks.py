@@ -35,6 +35,7 @@ from orchestrator.storage.tokens import TokenKeyring
 from orchestrator.worker import TaskContext, Worker
 from orchestrator.worker.grant_io import GrantStorage
 from orchestrator.worker.http import HttpSender
+from tests import capturing
 
 from .conftest import WORKSPACE
 
@@ -42,31 +43,12 @@ OTHER_WORKSPACE = "globex"
 API = "http://testserver"  # the TestClient's base URL: dispatches call back there
 
 
-class CapturingTransport:
-    """Accepts every dispatch and keeps it: the test plays the worker."""
-
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        with self._lock:
-            self.sent.append(message)
-
-    def close(self) -> None:
-        pass
-
+class CapturingTransport(capturing.CapturingTransport):
     def take(self, node: str) -> dict[str, Any]:
-        with self._lock:
-            (message,) = [m for m in self.sent if m["node"] == node]
-            self.sent.remove(message)
-        return message
+        return self.take_node(node)
 
     def count(self, node: str) -> int:
-        with self._lock:
-            return sum(1 for m in self.sent if m["node"] == node)
+        return self.matching(lambda m: m["node"] == node)
 
 
 def no_grant(settings: Any, **kwargs: Any) -> None:

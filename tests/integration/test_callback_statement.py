@@ -38,6 +38,7 @@ from orchestrator.engine.worker_protocol import CallbackInput
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 from orchestrator.store import completions as completion_store
 from orchestrator.store.invariants import check_books
+from tests import capturing
 
 from .conftest import WORKSPACE
 from .test_repairs_keep_the_books import poll, waiting_backends
@@ -46,28 +47,9 @@ from .test_scheduling import set_clock
 # --- the engine, its transport and the worker the test plays --------------------------------
 
 
-class CapturingTransport:
-    """Accepts every dispatch and keeps it: the test plays the worker."""
-
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        with self._lock:
-            self.sent.append(message)
-
-    def close(self) -> None:
-        pass
-
+class CapturingTransport(capturing.CapturingTransport):
     def take(self, run_id: Any, node: str | None = None) -> list[dict[str, Any]]:
-        """The messages sent for a run (and node), removed from the transport."""
-        with self._lock:
-            mine = [m for m in self.sent if m["run_id"] == str(run_id) and (node is None or m["node"] == node)]
-            self.sent = [m for m in self.sent if m not in mine]
-        return mine
+        return self.take_run(run_id, node)
 
     def one(self, run_id: Any, node: str) -> dict[str, Any]:
         messages = self.take(run_id, node)
@@ -75,8 +57,7 @@ class CapturingTransport:
         return messages[0]
 
     def count(self, run_id: Any, node: str) -> int:
-        with self._lock:
-            return sum(1 for m in self.sent if m["run_id"] == str(run_id) and m["node"] == node)
+        return self.matching(lambda m: m["run_id"] == str(run_id) and m["node"] == node)
 
 
 class TracedDatabase(Database):

@@ -19,32 +19,15 @@ from orchestrator.engine.errors import InvalidInput
 from orchestrator.engine.service import Engine
 from orchestrator.storage.layout import node_output_key
 from orchestrator.storage.s3 import ensure_bucket, put_json_object
+from tests import capturing
 
 WORKSPACE = "acme"
 HEADERS = {"x-api-key": "graph-admin-key"}
 
 
-class CapturingTransport:
-    """Accepts every dispatch and keeps it: the test plays the worker."""
-
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        with self._lock:
-            self.sent.append(message)
-
-    def close(self) -> None:
-        pass
-
+class CapturingTransport(capturing.CapturingTransport):
     def take(self, run_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            mine = [m for m in self.sent if m["run_id"] == run_id]
-            self.sent = [m for m in self.sent if m["run_id"] != run_id]
-        return mine
+        return self.take_run(run_id)
 
 
 @pytest.fixture
