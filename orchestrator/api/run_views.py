@@ -18,8 +18,8 @@ map node: no worker runs it), and, once expanded, one task per item (a map item)
   `counts` minus `map_items` counts the run by node and version; `node_count` counts nodes.
 - A node entry (`nodes`, `GET /api/runs/{id}/nodes`) is one per node, a mapped node included:
   `kind` is `map`, `tasks` and `counts` count its map nodes (one per version), `status` is the
-  node's status (the first of running, dispatched, ready, waiting, pending, failed, dead,
-  cancelled, skipped, succeeded that one of its tasks has), and `map` is
+  node's status (the first of running, dispatched, ready, waiting, pending, failed, cancelled,
+  skipped, succeeded that one of its tasks has), and `map` is
   `{"over", "width", "max_concurrency", "tolerated_failures", "items": {status: count}}`, where
   `width` is the number of its items (over its versions; null until expanded).
 - An expanded map node waiting for its items is shown `running` (its row is `pending`, counting
@@ -32,6 +32,12 @@ map node: no worker runs it), and, once expanded, one task per item (a map item)
   of its own (it reads its map node's inputs; `map_parent_id` names the map node).
 - `GET /api/tasks/{id}` of a map node has `map` and its `output` (the manifest reference once
   settled); of an item, `map_index`, `map_item` (whole) and `map_parent_id`.
+
+Failures. A task whose last attempt failed is `failed`, whatever failed it (a worker's attempts
+used up, a rejected approval, a map node over its tolerated failures); `dead_lettered` says
+whether it is in the dead-letter queue (an open entry: a worker's task). A run carries
+`failed_tasks` (its failed tasks, map items included) and `succeeded_with_failures` (succeeded,
+with failures its `on_failure: continue` or `tolerated_failures` let it go past).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from orchestrator.engine import runs
 from orchestrator.engine.errors import InvalidInput
 
 TASK_STATUSES = ("pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped",
-                 "cancelled", "dead")
+                 "cancelled")
 LIST_VERSIONS = 20  # versions of each run in a list of runs (`version_count` has the number)
 _VALUE_BUDGET = 2000  # characters of JSON for a task's error or output in a page
 _ATTEMPT_ERROR_BUDGET = 500
@@ -109,6 +115,7 @@ def task_view(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
         "finished_at": row["finished_at"], "progress": row["progress"], "message": _short_text(row["message"]),
         "output": bounded(row["output"]), "error": bounded(row["error"]),
+        "dead_lettered": bool(row.get("dead_lettered")),
     }
     if row.get("map_parent_id") is not None:
         view.update(map_index=row["map_index"], map_item=bounded(row.get("map_item"), _ITEM_BUDGET),
@@ -256,6 +263,11 @@ def include_items(request: Request) -> bool:
 
 def task_filters(request: Request) -> tuple[str | None, str | None]:
     status = request.query_params.get("status") or None
+    if status == "dead":
+        # The status of a task out of attempts until issue 18: now `failed` (`dead_lettered` true).
+        raise InvalidInput("status 'dead' no longer exists: a task whose last attempt failed is 'failed' "
+                           "(dead-lettered or not; see its `dead_lettered`); use status=failed",
+                           details=[{"path": "status", "message": "use failed"}])
     if status is not None and status not in TASK_STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(TASK_STATUSES)}")
     node = request.query_params.get("node") or None

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AttemptResult:
     accepted: bool
-    outcome: str  # succeeded | dead | failed | retrying | duplicate | stale_attempt | already_finished | not_active
+    outcome: str  # succeeded | failed | retrying | duplicate | stale_attempt | already_finished | not_active
     task_status: str | None
     run_id: uuid.UUID | None = None
     run_status: str | None = None
@@ -47,6 +47,8 @@ class AttemptResult:
     frees_map_slot: bool = False
     # The dispatch context of `claimed`, when the statement that claimed them read it too.
     context: DispatchContext | None = None
+    # The failure was dead-lettered here (a worker's task out of attempts, or not retryable).
+    dead_lettered: bool = False
 
 
 def finish_attempt(
@@ -72,8 +74,8 @@ def finish_attempt(
     task_store.record_attempt_end(
         conn, task_id, attempt, attempt_status or ("succeeded" if succeeded else "failed"), error
     )
-    # status: succeeded | dead | failed (not retryable) | ready (a retry is scheduled); the same
-    # line as log_finished's
+    # status: succeeded | failed (attempts used up, or not retryable: dead-lettered below) | ready
+    # (a retry is scheduled); the same line as log_finished's
     log_event(log, "task.finished", level=logging.INFO if succeeded else logging.WARNING,
               workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=row["run_id"],
               task_id=task_id, attempt=attempt, status=row["status"],
@@ -82,7 +84,9 @@ def finish_attempt(
     frees = row.get("map_max_concurrency") is not None
     if row["status"] == "ready":  # a retry was scheduled; the run is unaffected
         return AttemptResult(True, "retrying", "ready", row["run_id"], frees_map_slot=frees)
-    result = settle_terminal(conn, row)
+    # A worker's attempt that failed for good is dead-lettered (a person's decision or a map
+    # node's settle, the other ways to fail, are not).
+    result = settle_terminal(conn, row, dead_letter=row["status"] == "failed")
     return dataclasses.replace(result, frees_map_slot=frees) if frees else result
 
 
@@ -95,23 +99,26 @@ def log_finished(recorded: Recorded, outcome: Outcome) -> None:
               error_code=None if outcome.error is None else (outcome.error.get("code") or outcome.error.get("type")))
 
 
-def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
+def settle_terminal(conn: Connection, row: Row, *, dead_letter: bool = False) -> AttemptResult:
     """What follows a task reaching a terminal state (`row` is the updated task row).
 
-    dead: dead-lettered. failed or dead under `on_failure: stop`: every task of the run not yet
-    started is skipped (one statement), except the failure handlers (`one_failed`, `all_done`),
-    which still run; the run fails once the attempts still out with workers and those handlers
-    settle (at once when there are none). Otherwise the successors advance. The run's
-    unfinished count takes every task that became terminal here.
+    failed with `dead_letter` (the failure of a worker's attempt or delivery, which the caller
+    knows; the status does not say): dead-lettered. failed under `on_failure: stop`: every task
+    of the run not yet started is skipped (one statement), except the failure handlers
+    (`one_failed`, `all_done`), which still run; the run fails once the attempts still out with
+    workers and those handlers settle (at once when there are none). Otherwise the successors
+    advance. The run's unfinished count takes every task that became terminal here, and its
+    failed task count every failure.
     """
     task_id: uuid.UUID = row["id"]
     status = str(row["status"])
     run_id: uuid.UUID = row["run_id"]
-    if status == "dead":
+    failed = status == "failed"
+    dead_lettered = failed and dead_letter
+    if dead_lettered:
         task_store.insert_dead_letter(conn, task_id)
         log_event(log, "task.dead_lettered", level=logging.WARNING, workspace_id=row["workspace_id"],
                   pipeline_id=row["pipeline_id"], run_id=run_id, task_id=task_id, attempt=row["attempt"])
-    failed = status in ("failed", "dead")
     stop = failed and row["on_failure"] == "stop"
     skipped, newly_ready = propagate(conn, [task_id], "failed" if failed else "succeeded")
     finished = 1 + skipped
@@ -121,7 +128,7 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
         finished += len(unstarted) + more_skipped
         newly_ready += more_ready
     run = run_store.finish_tasks_of_run(
-        conn, run_id, finished=finished, failed=1 if stop else 0,
+        conn, run_id, finished=finished, failed=1 if stop else 0, failures=1 if failed else 0,
         error=f"node '{row['node_id']}' (version {row['version']}) {status}" if stop else None,
     )
     started: list[uuid.UUID] = []
@@ -134,7 +141,7 @@ def settle_terminal(conn: Connection, row: Row) -> AttemptResult:
         started = on_run_finished(conn, run_id)
     return AttemptResult(
         True, status, status, run_id, None if run is None else str(run["status"]), newly_ready,
-        row["workspace_id"], row["pipeline_id"], started,
+        row["workspace_id"], row["pipeline_id"], started, dead_lettered=dead_lettered,
     )
 
 

@@ -21,7 +21,9 @@ from orchestrator.engine.completion import settle_terminal
 from orchestrator.engine.mapping import ensure_manifest
 from orchestrator.logs import log_context, log_event
 from orchestrator.storage.layout import (
+    attempt_log_key,
     map_item_attempt_prefix,
+    map_item_log_key,
     map_item_output_key,
     node_attempt_prefix,
     node_output_key,
@@ -156,12 +158,13 @@ class Dispatcher:
             max_failures=self.settings.max_dispatch_failures,
             error={"code": "dispatch_failed", "message": reason[:2000], "retryable": True},
         )
-        # `status`: ready (tried again after a delay) or dead (too many failures in a row).
+        # `status`: ready (tried again after a delay) or failed (too many failures in a row:
+        # dead-lettered).
         log_event(log, "task.dispatch_failed", f"dispatch of task {task['id']} failed: {reason[:500]}",
                   level=logging.WARNING, error=reason[:500], status=None if row is None else row["status"],
                   **_ids(task))
-        if row is not None and row["status"] == "dead":
-            settle_terminal(conn, row)
+        if row is not None and row["status"] == "failed":
+            settle_terminal(conn, row, dead_letter=True)
 
     def _issue_grant(self, settings: Settings, **kwargs: Any) -> Any:
         # boto3 is imported on the first dispatch, not with the engine: a cold Lambda serving a
@@ -186,16 +189,18 @@ class Dispatcher:
             index = int(item["index"])
             output_key = map_item_output_key(*node, index, int(task["attempt"]))
             write_prefix = map_item_attempt_prefix(*node, index, int(task["attempt"]))
+            log_key = map_item_log_key(*node, index, int(task["attempt"]))
         else:
             output_key = node_output_key(*node, int(task["attempt"]))
             write_prefix = node_attempt_prefix(*node, int(task["attempt"]))
+            log_key = attempt_log_key(*node, int(task["attempt"]))
         # A reader of a map node's manifest reads the children's outputs it lists.
         read_prefixes = [str(ref["items_prefix"]) for ref in inputs.values()
                          if ref.get("manifest") and ref.get("items_prefix")]
         grant = self._issue_grant(
             self.settings, output_key=output_key, write_prefix=write_prefix,
             read_keys=[ref["key"] for ref in (*inputs.values(), *upstream.values())],
-            task_id=task_id, **({"read_prefixes": read_prefixes} if read_prefixes else {}),
+            task_id=task_id, log_key=log_key, **({"read_prefixes": read_prefixes} if read_prefixes else {}),
         )
         ttl = (task["timeout_s"] or _DEFAULT_TOKEN_TTL_S) + _TOKEN_SLACK_S
         token = self.keyring.issue(

@@ -204,7 +204,7 @@ def _expand(conn: Connection, node: Row) -> Resolution:
         upstream = map_store.source_task(conn, node["id"], source)
         if upstream is None or upstream["status"] != "succeeded":
             # Its rule let it run (all_done, none_failed...) but there is nothing to map over.
-            status = "missing" if upstream is None else str(upstream["status"]).replace("dead", "failed")
+            status = "missing" if upstream is None else str(upstream["status"])
             return Resolution(skipped=_finish(conn, node, "skipped", width=None, message=(
                 f"nothing to map over: '{source}' is {status}")))
     staged = map_store.staged_items(conn, node["id"])
@@ -307,8 +307,7 @@ def build_manifest(conn: Connection, parent_id: uuid.UUID) -> tuple[str, bytes] 
     while True:
         page = map_store.children_page(conn, parent_id, after, _MANIFEST_PAGE)
         for child in page:
-            entry: dict[str, Any] = {"index": child["map_index"],
-                                     "status": "failed" if child["status"] == "dead" else child["status"]}
+            entry: dict[str, Any] = {"index": child["map_index"], "status": child["status"]}
             output = child["output"] if isinstance(child["output"], dict) else None
             if child["status"] == "succeeded" and output is not None:
                 entry.update({k: output[k] for k in ("key", "size", "sha256") if k in output})

@@ -20,8 +20,8 @@ DEFAULT_WINDOW_S = 86_400
 MAX_WINDOW_S = 90 * 86_400
 RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 TASK_STATUSES = ("pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped",
-                 "cancelled", "dead")
-TERMINAL_TASK_STATUSES = ("succeeded", "failed", "skipped", "cancelled", "dead")
+                 "cancelled")
+TERMINAL_TASK_STATUSES = ("succeeded", "failed", "skipped", "cancelled")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 _WINDOW = re.compile(r"^\s*(\d{1,9})\s*([smhdw]?)\s*$", re.IGNORECASE)
 
@@ -95,8 +95,11 @@ def collect(db: Database, workspace_id: str, *, window_s: int, pipeline_id: str 
     run_all, run_per = _split(run_durations)
 
     tasks_by_status = dict.fromkeys(TASK_STATUSES, 0)
+    dead_lettered = 0  # failed tasks in the dead-letter queue (a worker's task out of attempts)
     for row in task_rows:
         tasks_by_status[row["status"]] += int(row["n"])
+        if row["dead_lettered"]:
+            dead_lettered += int(row["n"])
     finished = sum(tasks_by_status[s] for s in TERMINAL_TASK_STATUSES)
 
     attempt_all, attempt_per = _split(attempt_rows)
@@ -129,8 +132,8 @@ def collect(db: Database, workspace_id: str, *, window_s: int, pipeline_id: str 
             "total": sum(tasks_by_status.values()),
             "by_status": tasks_by_status,
             "finished": finished,
-            "dead": tasks_by_status["dead"],
-            "dead_letter_rate": _ratio(tasks_by_status["dead"], finished),
+            "dead_lettered": dead_lettered,
+            "dead_letter_rate": _ratio(dead_lettered, finished),
         },
         "attempts": {
             "total": attempts,
@@ -227,7 +230,10 @@ def to_prometheus(metrics: dict[str, Any]) -> str:
     out.family("tickweave_tasks", "gauge", "Tasks of the window's runs, by status.")
     for status, n in metrics["tasks"]["by_status"].items():
         out.sample("tickweave_tasks", {**base, "status": status}, n)
-    out.family("tickweave_dead_letter_ratio", "gauge", "Dead tasks over finished tasks.")
+    out.family("tickweave_dead_lettered_tasks", "gauge",
+               "Failed tasks of the window's runs in the dead-letter queue.")
+    out.sample("tickweave_dead_lettered_tasks", base, metrics["tasks"]["dead_lettered"])
+    out.family("tickweave_dead_letter_ratio", "gauge", "Dead-lettered tasks over finished tasks.")
     out.sample("tickweave_dead_letter_ratio", base, metrics["tasks"]["dead_letter_rate"])
 
     out.family("tickweave_task_attempts", "gauge", "Task attempts of the window's runs.")

@@ -52,7 +52,7 @@ def cancel_run_in(
 
 
 def redrive_run(db: Database, workspace_id: str, run_id: uuid.UUID) -> int:
-    """Re-run a failed run's failed, dead, skipped and cancelled tasks; succeeded outputs stay."""
+    """Re-run a failed run's failed, skipped and cancelled tasks; succeeded outputs stay."""
 
     def work(conn: Connection) -> int:
         if run_store.run_state(conn, workspace_id, run_id) is None:
@@ -189,7 +189,7 @@ def list_dead_letters(
 
 
 def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> Row:
-    """A new attempt for a dead task; its run resumes.
+    """A new attempt for a dead-lettered task (failed, with this entry open); its run resumes.
 
     In a run that failed, or is failing (a stopping failure stands), this is a redrive of the
     run's unsuccessful tasks. Otherwise (the task's failure was tolerated by `on_failure:
@@ -218,7 +218,7 @@ def retry_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> R
         else:
             _refuse_if_started(task_store.started_downstream(conn, [entry["task_id"]]))
             if dlq_store.revive_task(conn, entry["task_id"]) is None:
-                raise Conflict(f"task '{entry['task_id']}' is no longer dead")
+                raise Conflict(f"task '{entry['task_id']}' is no longer failed")
             task_store.reopen_downstream(conn, [entry["task_id"]])
             _resume(conn, run_id, ("running", "succeeded"))
         log_event(log, "dead_letter.retried", workspace_id=workspace_id, pipeline_id=entry["pipeline_id"],
@@ -233,3 +233,22 @@ def purge_dead_letters(db: Database, workspace_id: str, older_than_days: Any) ->
         raise InvalidInput("older_than_days must be a whole number of days, 0 or more")
     with db.transaction() as conn:
         return dlq_store.purge_older_than(conn, workspace_id, older_than_days)
+
+
+def get_dead_letter(db: Database, workspace_id: str, entry_id: uuid.UUID) -> Row:
+    with db.connection() as conn:
+        entry = dlq_store.get_entry(conn, workspace_id, entry_id)
+    if entry is None:
+        raise NotFound(f"dead letter '{entry_id}' not found")
+    return entry
+
+
+def purge_expired_dead_letters(db: Database, retention_days: int, limit: int) -> int:
+    """The tick's retention step: one bounded batch of entries past `retention_days` (0: none)."""
+    if retention_days <= 0 or limit <= 0:
+        return 0
+    with db.transaction() as conn:
+        purged = dlq_store.purge_expired(conn, retention_days, limit)
+    if purged:
+        log_event(log, "dead_letters.purged", count=purged, retention_days=retention_days)
+    return purged

@@ -202,8 +202,16 @@ def create_run(
     limits = [n for n in (definition.concurrency.max_active_runs, queue_limit) if n is not None]
     limit = min(limits) if limits else None
     status = "running"
+    # The pipeline row is held until commit (FOR UPDATE to count its runs, else FOR KEY SHARE),
+    # so a delete either sees this run among the active ones or commits first and refuses it.
     if limit is not None:
-        pipeline_store.lock_pipeline(conn, workspace_id, pipeline_id)
+        locked = pipeline_store.lock_pipeline(conn, workspace_id, pipeline_id)
+        live = locked is not None and locked["deleted_at"] is None
+    else:
+        live = pipeline_store.hold_live(conn, workspace_id, pipeline_id)
+    if not live:
+        raise NotFound(f"pipeline '{pipeline_id}' not found (it was deleted)")
+    if limit is not None:
         open_runs = run_store.open_runs(conn, workspace_id, pipeline_id)
         running = sum(1 for r in open_runs if r["status"] == "running")
         if running >= limit or any(r["status"] == "pending" and not r["blocked_upstreams"] for r in open_runs):
@@ -328,7 +336,7 @@ MAX_LINKED = 500  # outputs, and upstream and downstream lineage entries, in a r
 MAX_DEPENDS = 50  # upstream node ids listed with a task (`depends_count` has the number)
 _AFTER_EVERY_ITEM = 2**31 - 1  # a map_index past every item
 # A node's status in a node entry: the first of these any of its tasks has.
-NODE_STATUS_ORDER = ("running", "dispatched", "ready", "waiting", "pending", "failed", "dead", "cancelled",
+NODE_STATUS_ORDER = ("running", "dispatched", "ready", "waiting", "pending", "failed", "cancelled",
                      "skipped", "succeeded")
 
 

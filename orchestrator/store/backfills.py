@@ -51,8 +51,9 @@ def get_backfill(conn: Connection, workspace_id: str, backfill_id: uuid.UUID) ->
 
 def runs_of(conn: Connection, backfill_id: uuid.UUID) -> list[Row]:
     return conn.execute(
-        """SELECT id, scheduled_at, status, created_at, finished_at FROM runs
-           WHERE backfill_id = %s ORDER BY scheduled_at""",
+        """SELECT id, scheduled_at, status, created_at, finished_at, failed_task_count AS failed_tasks,
+                  (status = 'succeeded' AND failed_task_count > 0) AS succeeded_with_failures
+           FROM runs WHERE backfill_id = %s ORDER BY scheduled_at""",
         (backfill_id,),
     ).fetchall()
 

@@ -50,12 +50,31 @@ def purge_older_than(conn: Connection, workspace_id: str, days: int) -> int:
     return len(rows)
 
 
+def purge_expired(conn: Connection, retention_days: int, limit: int) -> int:
+    """The tick's retention: at most `limit` entries older than `retention_days`, oldest first,
+    whatever their workspace (dead_letters_created_idx). SKIP LOCKED: two ticks purge different
+    entries, and an entry being retried is left for the next tick."""
+    rows = conn.execute(
+        """DELETE FROM dead_letters WHERE id IN (
+               SELECT id FROM dead_letters
+               WHERE created_at < tw_now() - make_interval(days => %s)
+               ORDER BY created_at
+               LIMIT %s
+               FOR UPDATE SKIP LOCKED)
+           RETURNING id""",
+        (retention_days, limit),
+    ).fetchall()
+    return len(rows)
+
+
 def revive_task(conn: Connection, task_id: uuid.UUID) -> Row | None:
-    """A dead task gets one more attempt: ready again, with its dispatch-failure count cleared."""
+    """A dead-lettered task gets one more attempt: ready again, with its dispatch-failure count
+    cleared. The caller closed its open entry first (mark_retried): a failed task with no open
+    entry (a rejected approval, say) is never revived here."""
     return conn.execute(
         """UPDATE tasks SET status = 'ready', available_at = tw_now(), finished_at = NULL, dispatch_failures = 0,
                   max_attempts = attempt + 1
-           WHERE id = %s AND status = 'dead'
+           WHERE id = %s AND status = 'failed'
            RETURNING id, run_id""",
         (task_id,),
     ).fetchone()

@@ -1,8 +1,9 @@
 """The books of the DAG, recomputed from the edges and the task statuses.
 
 The engine keeps derived state so that a callback touches a handful of rows: each pending
-task's `unfinished_deps` / `failed_deps` / `skipped_deps`, each run's `unfinished_tasks`, each
-orchestration run's `blocked_upstreams`, and the statuses those counters decide. Every path that
+task's `unfinished_deps` / `failed_deps` / `skipped_deps`, each run's `unfinished_tasks`,
+`failed_tasks` and `failed_task_count`, each orchestration run's `blocked_upstreams`, the
+statuses those counters decide, and which failed tasks have an open dead letter. Every path that
 changes a task's status must keep them true. This module recomputes each of them from first
 principles and reports every place where the books disagree; it changes nothing.
 
@@ -19,7 +20,7 @@ from typing import Any
 from orchestrator.db.connection import Connection, connect
 
 # Kept in step with orchestrator/store/tasks.py TERMINAL; spelled out as SQL for the checks.
-_TERMINAL = "('succeeded', 'failed', 'skipped', 'cancelled', 'dead')"
+_TERMINAL = "('succeeded', 'failed', 'skipped', 'cancelled')"
 _ACTIVE = "('dispatched', 'running')"
 _RUN_TERMINAL = "('succeeded', 'failed', 'cancelled')"
 
@@ -46,7 +47,7 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
                 SELECT t.id, t.workspace_id, t.run_id, t.node_id, t.version,
                        t.unfinished_deps, t.failed_deps, t.skipped_deps,
                        count(u.id) FILTER (WHERE u.status NOT IN {_TERMINAL}) AS want_unfinished,
-                       count(u.id) FILTER (WHERE u.status IN ('failed', 'dead')) AS want_failed,
+                       count(u.id) FILTER (WHERE u.status = 'failed') AS want_failed,
                        count(u.id) FILTER (WHERE u.status = 'skipped') AS want_skipped
                 FROM tasks t
                 LEFT JOIN task_edges e ON e.downstream_task_id = t.id
@@ -109,7 +110,7 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
         f"""WITH ups AS (
                 SELECT t.id, t.workspace_id, t.run_id, t.node_id, t.version, t.status, t.trigger_rule,
                        count(u.id) FILTER (WHERE u.status NOT IN {_TERMINAL}) AS open_ups,
-                       count(u.id) FILTER (WHERE u.status IN ('failed', 'dead')) AS failed_ups,
+                       count(u.id) FILTER (WHERE u.status = 'failed') AS failed_ups,
                        count(u.id) FILTER (WHERE u.status IN ('skipped', 'cancelled')) AS skipped_ups
                 FROM tasks t
                 JOIN task_edges e ON e.downstream_task_id = t.id
@@ -167,12 +168,32 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "run_failed_counter",
         """SELECT r.workspace_id, r.id AS run_id, NULL::uuid AS task_id, r.failed_tasks,
-                  count(t.id) FILTER (WHERE t.status IN ('failed', 'dead') AND t.on_failure = 'stop') AS want
+                  count(t.id) FILTER (WHERE t.status = 'failed' AND t.on_failure = 'stop') AS want
            FROM runs r LEFT JOIN tasks t ON t.run_id = r.id
            WHERE r.status = 'running'
            GROUP BY r.id
-           HAVING r.failed_tasks <> count(t.id) FILTER (WHERE t.status IN ('failed', 'dead') AND t.on_failure = 'stop')""",
+           HAVING r.failed_tasks <> count(t.id) FILTER (WHERE t.status = 'failed' AND t.on_failure = 'stop')""",
         "running run counts {failed_tasks} stopping failures, its tasks say {want}",
+    ),
+    (
+        # Every run, ended or not: the count is what run answers show (`failed_tasks`,
+        # `succeeded_with_failures`) long after the run ended. Reads the failed tasks only.
+        "run_failed_task_count",
+        """SELECT r.workspace_id, r.id AS run_id, NULL::uuid AS task_id, r.status, r.failed_task_count,
+                  COALESCE(f.n, 0) AS want
+           FROM runs r LEFT JOIN (SELECT run_id, count(*) AS n FROM tasks WHERE status = 'failed' GROUP BY run_id) f
+                ON f.run_id = r.id
+           WHERE r.failed_task_count <> COALESCE(f.n, 0)""",
+        "{status} run counts {failed_task_count} failed tasks, its tasks say {want}",
+    ),
+    (
+        # The dead-letter queue holds failures: an entry still open (not retried) is of a failed
+        # task, and only a worker's task (not a person's decision, not a map node) is dead-lettered.
+        "open_dead_letter_of_unfailed_task",
+        """SELECT t.workspace_id, t.run_id, t.id AS task_id, t.node_id, t.version, t.kind, t.status
+           FROM dead_letters d JOIN tasks t ON t.id = d.task_id
+           WHERE d.retried_at IS NULL AND (t.status <> 'failed' OR t.kind <> 'task')""",
+        "task {node_id} ({version}), a {kind} node, has an open dead letter but is {status}",
     ),
 )
 

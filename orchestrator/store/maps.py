@@ -88,7 +88,7 @@ def stopping_failure(conn: Connection, run_id: uuid.UUID) -> Row | None:
     """A task of the run that failed for good under `on_failure: stop` (the run is stopping)."""
     return conn.execute(
         """SELECT node_id FROM tasks
-           WHERE run_id = %s AND status IN ('failed', 'dead') AND on_failure = 'stop' AND map_parent_id IS NULL
+           WHERE run_id = %s AND status = 'failed' AND on_failure = 'stop' AND map_parent_id IS NULL
            LIMIT 1""",
         (run_id,),
     ).fetchone()
@@ -179,9 +179,9 @@ def children_counts(conn: Connection, parent_id: uuid.UUID) -> Row:
     row = conn.execute(
         """SELECT count(*)::int AS total,
                   count(*) FILTER (WHERE status = 'succeeded')::int AS succeeded,
-                  count(*) FILTER (WHERE status IN ('failed', 'dead'))::int AS failed,
+                  count(*) FILTER (WHERE status = 'failed')::int AS failed,
                   count(*) FILTER (WHERE status IN ('skipped', 'cancelled'))::int AS skipped,
-                  count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed', 'dead', 'skipped', 'cancelled'))::int
+                  count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))::int
                       AS open
            FROM tasks WHERE map_parent_id = %s""",
         (parent_id,),

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.db.connection import Connection, Row
+from orchestrator.store.tasks import DEAD_LETTERED
 
 # The cohort predicate on `runs r`. The pipeline test is added only when a pipeline is given, so
 # the planner sees `pipeline_id = $x` and can use the (workspace, pipeline, created_at) index.
@@ -67,12 +68,13 @@ def run_durations(conn: Connection, workspace_id: str, since: datetime, pipeline
 
 
 def task_counts(conn: Connection, workspace_id: str, since: datetime, pipeline_id: str | None) -> list[Row]:
-    """(kind, status, n) over the tasks of the cohort's runs."""
+    """(kind, status, dead_lettered, n) over the tasks of the cohort's runs (`dead_lettered`:
+    failed with an open dead-letter entry)."""
     return conn.execute(
-        f"""SELECT t.kind, t.status, count(*) AS n
+        f"""SELECT t.kind, t.status, {DEAD_LETTERED} AS dead_lettered, count(*) AS n
             FROM runs r JOIN tasks t ON t.run_id = r.id AND t.workspace_id = r.workspace_id
             WHERE {_cohort(pipeline_id)}
-            GROUP BY t.kind, t.status""",
+            GROUP BY 1, 2, 3""",
         _params(workspace_id, since, pipeline_id),
     ).fetchall()
 

@@ -50,7 +50,8 @@ def sync_dependencies(
 def workspace_graph(conn: Connection, workspace_id: str) -> tuple[list[Row], list[Row]]:
     """(pipelines with declared outputs, dependency edges) of a workspace's current versions."""
     pipelines = conn.execute(
-        "SELECT id, declared_outputs, paused FROM pipelines WHERE workspace_id = %s", (workspace_id,)
+        "SELECT id, declared_outputs, paused FROM pipelines WHERE workspace_id = %s AND deleted_at IS NULL",
+        (workspace_id,),
     ).fetchall()
     edges = conn.execute(
         """SELECT pipeline_id, upstream_pipeline_id, outputs, trigger FROM pipeline_dependencies
@@ -127,7 +128,8 @@ def get_orchestration(conn: Connection, workspace_id: str, orchestration_id: uui
 def runs_of_orchestration(conn: Connection, orchestration_id: uuid.UUID) -> list[Row]:
     return conn.execute(
         """SELECT r.id, r.pipeline_id, r.status, r.versions, r.blocked_upstreams, r.error, r.created_at, r.started_at,
-                  r.finished_at
+                  r.finished_at, r.failed_task_count AS failed_tasks,
+                  (r.status = 'succeeded' AND r.failed_task_count > 0) AS succeeded_with_failures
            FROM runs r JOIN orchestrations o ON o.id = r.orchestration_id
            WHERE r.orchestration_id = %s ORDER BY array_position(o.pipelines, r.pipeline_id)""",
         (orchestration_id,),

@@ -161,9 +161,10 @@ def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]])
 
 
 def finish_tasks_of_run(
-    conn: Connection, run_id: uuid.UUID, *, finished: int, failed: int, error: str | None
+    conn: Connection, run_id: uuid.UUID, *, finished: int, failed: int, error: str | None, failures: int = 0,
 ) -> Row | None:
-    """Count `finished` terminal tasks (of which `failed` stopping failures) against the run.
+    """Count `finished` terminal tasks (of which `failures` failed, and `failed` are stopping
+    failures) against the run.
 
     The statement that takes `unfinished_tasks` to 0 decides the final status: failed when any
     stopping failure was counted, else succeeded. A stopping failure does not end the run by
@@ -172,11 +173,16 @@ def finish_tasks_of_run(
     settled, so a finished run never has a task left open. A run already terminal keeps its
     status. Returns its status and unfinished count after, and the status before (a run that
     became terminal here has `previous_status` 'running').
+
+    `failed_task_count` (every failed task, tolerated or not, map items included: what the API
+    shows as `failed_tasks`) is kept here, by the statement that counts every task's end: a
+    failure always ends on this path (the callback statement records successes only).
     """
     return conn.execute(
         """UPDATE runs r SET
                unfinished_tasks = r.unfinished_tasks - %(finished)s,
                failed_tasks = r.failed_tasks + %(failed)s,
+               failed_task_count = r.failed_task_count + %(failures)s,
                status = CASE
                    WHEN r.status IN ('succeeded', 'failed', 'cancelled') THEN r.status
                    WHEN r.unfinished_tasks - %(finished)s = 0 THEN
@@ -189,15 +195,23 @@ def finish_tasks_of_run(
            FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR NO KEY UPDATE) AS before
            WHERE r.id = before.id
            RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
-        {"finished": finished, "failed": failed, "error": error, "run_id": run_id},
+        {"finished": finished, "failed": failed, "failures": failures, "error": error, "run_id": run_id},
     ).fetchone()
+
+
+# What a run answer shows of its failures: `failed_tasks`, the run's tasks that failed (items
+# included, tolerated or not; the stored counter, not a count per request), and whether it
+# succeeded with tolerated failures. (The column runs.failed_tasks, the stopping failures still
+# standing, is the engine's; answers do not show it.)
+FAILURES = """failed_task_count AS failed_tasks,
+              (status = 'succeeded' AND failed_task_count > 0) AS succeeded_with_failures"""
 
 
 def get_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) -> Row | None:
     return conn.execute(
-        """SELECT id, workspace_id, pipeline_id, pipeline_version, status, trigger,
-                  trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at, triggered_by,
-                  idempotency_key, params, versions, unfinished_tasks, failed_tasks, error, schedule_id,
+        f"""SELECT id, workspace_id, pipeline_id, pipeline_version, status, trigger,
+                  trigger_source_execution_id, trigger_source_pipeline_id, scheduled_at, triggered_by, event_id,
+                  idempotency_key, params, versions, unfinished_tasks, {FAILURES}, error, schedule_id,
                   backfill_id, orchestration_id, blocked_upstreams, created_at, started_at, finished_at
            FROM runs WHERE workspace_id = %s AND id = %s""",
         (workspace_id, run_id),
@@ -220,8 +234,8 @@ def list_runs(
     """Newest first, keyset-paginated on (created_at, id)."""
     before_at, before_id = before if before else (None, None)
     return conn.execute(
-        """SELECT id, pipeline_id, pipeline_version, status, trigger, scheduled_at, triggered_by, schedule_id,
-                  versions, unfinished_tasks, failed_tasks, error, created_at, started_at, finished_at
+        f"""SELECT id, pipeline_id, pipeline_version, status, trigger, scheduled_at, triggered_by, event_id,
+                  schedule_id, versions, unfinished_tasks, {FAILURES}, error, created_at, started_at, finished_at
            FROM runs
            WHERE workspace_id = %s
              AND (%s::text IS NULL OR pipeline_id = %s)
@@ -265,18 +279,20 @@ def start_queued_run(conn: Connection, run_id: uuid.UUID) -> bool:
 
 def reopen_run(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...]) -> Row | None:
     """A run resumes after a repair (redrive, dead-letter retry): running, its counters recounted
-    from its tasks (unfinished: not terminal; failed: stopping failures still standing), its
-    error kept only while such a failure stands."""
+    from its tasks (unfinished: not terminal; failed: stopping failures still standing; the
+    failed task count: every failure still standing), its error kept only while a stopping
+    failure stands."""
     return conn.execute(
         """WITH counts AS (
-               SELECT count(*) FILTER (WHERE t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
+               SELECT count(*) FILTER (WHERE t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
                           AS unfinished,
-                      count(*) FILTER (WHERE t.status IN ('failed', 'dead') AND t.on_failure = 'stop') AS failed
+                      count(*) FILTER (WHERE t.status = 'failed' AND t.on_failure = 'stop') AS failed,
+                      count(*) FILTER (WHERE t.status = 'failed') AS failures
                FROM tasks t WHERE t.run_id = %(run)s
            )
            UPDATE runs r SET status = 'running', finished_at = NULL,
                   error = CASE WHEN c.failed > 0 THEN r.error END,
-                  failed_tasks = c.failed, unfinished_tasks = c.unfinished
+                  failed_tasks = c.failed, unfinished_tasks = c.unfinished, failed_task_count = c.failures
            FROM counts c
            WHERE r.id = %(run)s AND r.status = ANY(%(from)s)
            RETURNING r.id, r.status, r.unfinished_tasks, r.failed_tasks""",

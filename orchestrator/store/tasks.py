@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 from orchestrator.db.connection import Connection, Row
 
 ACTIVE = ("dispatched", "running")
-TERMINAL = ("succeeded", "failed", "skipped", "cancelled", "dead")
+TERMINAL = ("succeeded", "failed", "skipped", "cancelled")
 
 # The lease: two heartbeats, never past the attempt's hard timeout.
 _LEASE = """LEAST(tw_now() + make_interval(secs => 2 * t.heartbeat_s),
@@ -74,8 +74,8 @@ def finish_attempt(
     conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *,
     succeeded: bool, output: dict[str, Any] | None, error: dict[str, Any] | None, retryable: bool,
 ) -> Row | None:
-    """End the current attempt: succeeded, dead (attempts used up, or not retryable), or back to
-    ready after a retry delay.
+    """End the current attempt: succeeded, failed (attempts used up, or not retryable: the caller
+    dead-letters it), or back to ready after a retry delay.
 
     The retry delay is computed here from the node's policy so that the decision and the
     transition are one statement: exponential `base * 2^(attempt-1)` capped at `max_delay_s`,
@@ -214,11 +214,12 @@ def record_dispatch_failure(
 ) -> Row | None:
     """A dispatch that did not reach the worker. The attempt is given back (max_attempts grows by
     one, so the attempt history stays one row per delivery), and the task returns to ready after
-    an exponential delay; past `max_failures` consecutive failures it is dead."""
+    an exponential delay; past `max_failures` consecutive failures it has failed (and the caller
+    dead-letters it)."""
     row = conn.execute(
         """UPDATE tasks SET
                dispatch_failures = dispatch_failures + 1,
-               status = CASE WHEN dispatch_failures + 1 >= %(max)s THEN 'dead' ELSE 'ready' END,
+               status = CASE WHEN dispatch_failures + 1 >= %(max)s THEN 'failed' ELSE 'ready' END,
                max_attempts = max_attempts + 1,
                claim_token = NULL, lease_expires_at = NULL, error = %(error)s,
                available_at = tw_now() + make_interval(secs => LEAST(300, %(base)s * power(2, dispatch_failures))),
@@ -238,7 +239,9 @@ def record_dispatch_failure(
 
 
 def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
-    """Record a dead task with its input references, every attempt's error and the code version."""
+    """Dead-letter a failed task: its input references, every attempt's error and the code version.
+    Only the failures of a worker's attempts or deliveries are dead-lettered (the caller knows
+    which: completion.settle_terminal's `dead_letter`); the status alone does not say."""
     conn.execute(
         """INSERT INTO dead_letters (workspace_id, pipeline_id, run_id, task_id, node_id, version, task_name,
                                      inputs, attempts, error, code_version)
@@ -259,7 +262,7 @@ def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
                             FROM task_attempts a WHERE a.task_id = t.id), '[]'::jsonb),
                   t.error, 'pipeline version ' || r.pipeline_version || COALESCE(', code ' || t.code_version, '')
            FROM tasks t JOIN runs r ON r.id = t.run_id
-           WHERE t.id = %s AND t.status = 'dead'
+           WHERE t.id = %s AND t.status = 'failed'
            ON CONFLICT (task_id) WHERE retried_at IS NULL DO NOTHING""",
         (task_id,),
     )
@@ -314,7 +317,7 @@ def lock_tasks_of_run(conn: Connection, run_id: uuid.UUID) -> int:
 
 
 def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
-    """A redrive: the run's failed, dead, skipped and cancelled tasks go back to pending with a
+    """A redrive: the run's failed, skipped and cancelled tasks go back to pending with a
     fresh attempt budget (succeeded outputs are kept). Their dependency counts are recounted by
     recount_pending_tasks, in the same transaction.
 
@@ -326,10 +329,10 @@ def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.U
         """UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
                   dispatch_failures = 0, escalated_at = NULL, wait_expires_at = NULL,
                   max_attempts = t.attempt + COALESCE((t.retry->>'max_attempts')::int, 1)
-           WHERE t.run_id = %s AND t.status IN ('failed', 'dead', 'skipped', 'cancelled')
+           WHERE t.run_id = %s AND t.status IN ('failed', 'skipped', 'cancelled')
              AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
                              WHERE e.downstream_task_id = t.map_parent_id AND u.map_parent_id IS NULL
-                               AND u.status IN ('failed', 'dead', 'skipped', 'cancelled'))
+                               AND u.status IN ('failed', 'skipped', 'cancelled'))
            RETURNING t.id""",
         (run_id,),
     ).fetchall()
@@ -344,8 +347,8 @@ def map_nodes_expanded_on_resets(conn: Connection, run_id: uuid.UUID) -> list[Ro
         """SELECT DISTINCT m.id, m.node_id, m.version, u.node_id AS upstream
            FROM tasks m JOIN task_edges e ON e.downstream_task_id = m.id JOIN tasks u ON u.id = e.upstream_task_id
            WHERE m.run_id = %s AND m.kind = 'map' AND m.map_width IS NOT NULL
-             AND m.status IN ('failed', 'dead', 'skipped', 'cancelled')
-             AND u.map_parent_id IS NULL AND u.status IN ('failed', 'dead', 'skipped', 'cancelled')
+             AND m.status IN ('failed', 'skipped', 'cancelled')
+             AND u.map_parent_id IS NULL AND u.status IN ('failed', 'skipped', 'cancelled')
            ORDER BY m.node_id, m.version""",
         (run_id,),
     ).fetchall()
@@ -410,9 +413,9 @@ def recount_pending_tasks(conn: Connection, run_id: uuid.UUID) -> int:
     return conn.execute(
         """UPDATE tasks t SET unfinished_deps = c.unfinished, failed_deps = c.failed, skipped_deps = c.skipped
            FROM (SELECT d.id,
-                        count(u.id) FILTER (WHERE u.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'dead'))
+                        count(u.id) FILTER (WHERE u.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
                             AS unfinished,
-                        count(u.id) FILTER (WHERE u.status IN ('failed', 'dead')) AS failed,
+                        count(u.id) FILTER (WHERE u.status = 'failed') AS failed,
                         count(u.id) FILTER (WHERE u.status = 'skipped') AS skipped
                  FROM tasks d
                  LEFT JOIN task_edges e ON e.downstream_task_id = d.id
@@ -469,6 +472,26 @@ def lock_expired_leases(conn: Connection, limit: int) -> list[Row]:
 SHOWN_STATUS = ("CASE WHEN t.kind = 'map' AND t.status = 'pending' AND t.map_width IS NOT NULL "
                 "THEN 'running' ELSE t.status END")
 
+# Whether a task is in the dead-letter queue: failed, with an open entry (not yet retried or
+# purged). Only failed rows probe dead_letters_open_task_idx (the AND stops at a false status).
+# For one row or an aggregate; a page of tasks asks for its failed ones apart (dead_lettered),
+# so that the page's plan stays an index range with nothing computed before its sort.
+DEAD_LETTERED = ("(t.status = 'failed' AND EXISTS (SELECT 1 FROM dead_letters dl "
+                 "WHERE dl.task_id = t.id AND dl.retried_at IS NULL))")
+
+
+def mark_dead_lettered(conn: Connection, rows: Sequence[Row]) -> None:
+    """Set `dead_lettered` on each row (tasks with `id` and `status`): one lookup of the open
+    entries of the failed ones, none when no row failed."""
+    failed = [r["id"] for r in rows if r["status"] == "failed"]
+    open_entries: set[Any] = set()
+    if failed:
+        open_entries = {r["task_id"] for r in conn.execute(
+            "SELECT task_id FROM dead_letters WHERE task_id = ANY(%s) AND retried_at IS NULL", (failed,)
+        ).fetchall()}
+    for row in rows:
+        row["dead_lettered"] = row["id"] in open_entries
+
 
 def upstream_nodes(conn: Connection, run_id: uuid.UUID, tasks: Sequence[Row]) -> dict[uuid.UUID, list[str]]:
     """The node-level upstreams of each of `tasks` of the run (rows with `id`, `node_id`, `kind`
@@ -522,17 +545,20 @@ def list_tasks_of_run(conn: Connection, workspace_id: str, run_id: uuid.UUID) ->
     upstream = upstream_nodes(conn, run_id, [r for r in rows if r["map_parent_id"] is None])
     for row in rows:
         row["depends"] = upstream.get(row["id"], [])
+    mark_dead_lettered(conn, rows)
     return rows
 
 
 def get_task(conn: Connection, workspace_id: str, task_id: uuid.UUID) -> Row | None:
-    """A task as stored (its status too: `SHOWN_STATUS` is for what the API shows)."""
+    """A task as stored (its status too: `SHOWN_STATUS` is for what the API shows), and whether
+    it is in the dead-letter queue (`dead_lettered`)."""
     return conn.execute(
-        """SELECT id, run_id, pipeline_id, node_id, version, kind, task_name, status, attempt,
-                  max_attempts, params, created_at, dispatched_at, started_at, finished_at,
-                  lease_expires_at, progress, message, output, error, code_version,
-                  map_index, map_parent_id, map_item, map_spec, map_width
-           FROM tasks WHERE workspace_id = %s AND id = %s""",
+        f"""SELECT t.id, t.run_id, t.pipeline_id, t.node_id, t.version, t.kind, t.task_name, t.status, t.attempt,
+                  t.max_attempts, t.params, t.created_at, t.dispatched_at, t.started_at, t.finished_at,
+                  t.lease_expires_at, t.progress, t.message, t.output, t.error, t.code_version,
+                  t.map_index, t.map_parent_id, t.map_item, t.map_spec, t.map_width,
+                  {DEAD_LETTERED} AS dead_lettered
+           FROM tasks t WHERE t.workspace_id = %s AND t.id = %s""",
         (workspace_id, task_id),
     ).fetchone()
 
@@ -629,6 +655,7 @@ def page_tasks_of_run(
     for row in rows:
         names = upstream.get(row["id"], [])
         row["depends"], row["depends_count"] = names[:max_depends], len(names)
+    mark_dead_lettered(conn, rows)
     return rows
 
 

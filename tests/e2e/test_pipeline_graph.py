@@ -230,7 +230,7 @@ def test_an_output_that_breaks_its_schema_fails_the_run_with_the_schema_error(st
     done = stack.wait_for_run(stack.client.post("/api/pipelines/bad/runs", json={}).json()["id"])
     assert done["status"] == "failed"
     task = only_task(done, "n", "default")
-    assert task["status"] == "dead"
+    assert task["status"] == "failed" and task["dead_lettered"] is True
     assert task["error"]["code"] == "output_schema_invalid"
     assert task["error"]["message"] == "output 'report' does not match its schema: 'rows' is a required property"
     assert done["outputs"] == []

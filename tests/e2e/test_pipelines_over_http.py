@@ -74,7 +74,7 @@ def test_continue_failure_lets_the_sequence_complete(stack: Stack) -> None:
     run_id = stack.client.post("/api/pipelines/seq-continue/runs").json()["id"]
     run = stack.wait_for_run(run_id)
     statuses = {t["node"]: t["status"] for t in run["tasks"]}
-    assert statuses == {"first": "succeeded", "broken": "dead", "last": "succeeded"}
+    assert statuses == {"first": "succeeded", "broken": "failed", "last": "succeeded"}
     assert run["status"] == "succeeded"
     broken = next(t for t in run["tasks"] if t["node"] == "broken")
     assert broken["error"]["code"] == "task_failed" and broken["error"]["retryable"] is False
@@ -85,7 +85,7 @@ def test_stop_failure_fails_the_run_and_later_steps_never_run(stack: Stack) -> N
     run_id = stack.client.post("/api/pipelines/seq-stop/runs").json()["id"]
     run = stack.wait_for_run(run_id)
     statuses = {t["node"]: t["status"] for t in run["tasks"]}
-    assert statuses == {"first": "succeeded", "broken": "dead", "last": "skipped"}
+    assert statuses == {"first": "succeeded", "broken": "failed", "last": "skipped"}
     assert run["status"] == "failed"
     last = next(t for t in run["tasks"] if t["node"] == "last")
     assert last["attempt"] == 0 and last["output"] is None

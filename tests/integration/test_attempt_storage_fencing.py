@@ -414,7 +414,7 @@ def test_an_output_breaking_its_schema_still_fails_the_attempt(
     output = write_as(grant_of(engine, first), {"no": "attempt field"})
     s3_calls.clear()
     result = call_back(engine, first, output)
-    assert (result.accepted, result.outcome) == (True, "dead")
+    assert (result.accepted, result.outcome, result.dead_lettered) == (True, "failed", True)
     assert [call for call in s3_calls if call[1]] == []
     assert ("put_object", False) not in s3_calls  # refused before anything was persisted
     task, _ = engine.get_task(WORKSPACE, uuid.UUID(first["task_id"]))

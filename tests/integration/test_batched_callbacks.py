@@ -321,7 +321,7 @@ def test_a_value_the_database_cannot_hold_refuses_its_callback_only(
     results = post(client, [{**success(a), "output": {"key": "runs/x/a", "note": "nul \u0000 here"}},
                             {"task_id": b["task_id"], "token": b["token"], "status": "failed",
                              "error": {"message": "boom", "retryable": False}}])
-    assert [(r["status"], r["outcome"]) for r in results] == [(422, None), (200, "dead")]
+    assert [(r["status"], r["outcome"]) for r in results] == [(422, None), (200, "failed")]
     assert "NUL" in results[0]["error"]["message"]
     assert task_status(engine, a) == ("dispatched", 1)
 

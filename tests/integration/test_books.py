@@ -211,17 +211,32 @@ def corrupt_run_failed_counter(engine: Engine) -> tuple[uuid.UUID | None, uuid.U
     run = trigger(engine, {"id": "p", "nodes": [
         {"id": "x", "task": "fail", "on_failure": "continue"}, {"id": "y", "task": "echo", "priority": -1}]})
     (x,) = claim(engine, limit=1)
-    assert finish(engine, x, ok=False).outcome == "dead"
+    assert finish(engine, x, ok=False).outcome == "failed"
     assert engine.get_run(WORKSPACE, run)[0]["status"] == "running"
     sql(engine, "UPDATE runs SET failed_tasks = failed_tasks + 1 WHERE id = %s", run)
     return run, None
 
 
-def corrupt_dead_task_without_dead_letter(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
-    run = trigger(engine, {"id": "p", "nodes": [{"id": "x", "task": "fail"}]})
+def corrupt_run_failed_task_count(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    # A run that succeeded past a tolerated failure, counted as if nothing had failed (it would
+    # answer succeeded_with_failures false).
+    run = trigger(engine, {"id": "p", "nodes": [{"id": "x", "task": "fail", "on_failure": "continue"}]})
     (x,) = claim(engine)
-    assert finish(engine, x, ok=False).outcome == "dead"
-    sql(engine, "DELETE FROM dead_letters WHERE task_id = %s", x["id"])
+    assert finish(engine, x, ok=False).run_status == "succeeded"
+    assert engine.get_run(WORKSPACE, run)[0]["failed_tasks"] == 1
+    sql(engine, "UPDATE runs SET failed_task_count = 0 WHERE id = %s", run)
+    return run, None
+
+
+def corrupt_open_dead_letter_of_unfailed_task(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    # A task that succeeded, with an open dead letter (a retry of it would run it again).
+    run = trigger(engine, {"id": "p", "nodes": [{"id": "x", "task": "echo"}]})
+    (x,) = claim(engine)
+    assert finish(engine, x).run_status == "succeeded"
+    sql(engine, """INSERT INTO dead_letters (workspace_id, pipeline_id, run_id, task_id, node_id, version, task_name,
+                                             inputs, attempts, error, code_version)
+                   SELECT workspace_id, pipeline_id, run_id, id, node_id, version, task_name, '{}', '[]', '{}', 'x'
+                   FROM tasks WHERE id = %s""", x["id"])
     return run, x["id"]
 
 
@@ -289,7 +304,8 @@ CORRUPTIONS: dict[str, Corruption] = {
     "workspace_task_limit": corrupt_workspace_task_limit,
     "orchestration_run_blocked_on_finished_upstream": corrupt_orchestration_run_blocked_on_finished_upstream,
     "run_failed_counter": corrupt_run_failed_counter,
-    "dead_task_without_dead_letter": corrupt_dead_task_without_dead_letter,
+    "run_failed_task_count": corrupt_run_failed_task_count,
+    "open_dead_letter_of_unfailed_task": corrupt_open_dead_letter_of_unfailed_task,
     "map_node_unresolved": corrupt_map_node_unresolved,
     "map_width": corrupt_map_width,
     "map_child_of_settled_node": corrupt_map_child_of_settled_node,
@@ -328,7 +344,6 @@ def test_each_check_reports_exactly_its_own_corruption(engine: Engine, check: st
     ("all_success", "skipped"),
     ("all_success", "cancelled"),
     ("none_failed", "failed"),
-    ("none_failed", "dead"),
     ("one_failed", "succeeded"),
 ])
 def test_a_started_task_whose_trigger_rule_does_not_hold_is_reported(engine: Engine, rule: str, upstream_outcome: str) -> None:
@@ -343,13 +358,14 @@ def test_a_started_task_whose_trigger_rule_does_not_hold_is_reported(engine: Eng
     # a ended as `upstream_outcome`, b (decided at once) started as if the rule held
     sql(engine, "UPDATE tasks SET status = %s, finished_at = tw_now(), claim_token = NULL, lease_expires_at = NULL "
                 "WHERE id = %s", upstream_outcome, a["id"])
-    if upstream_outcome in ("failed", "dead"):
+    if upstream_outcome == "failed":  # a worker's task: dead-lettered, and counted against its run
         sql(engine, """INSERT INTO dead_letters (workspace_id, pipeline_id, run_id, task_id, node_id, version, task_name,
                                                  inputs, attempts, error, code_version)
                        SELECT workspace_id, pipeline_id, run_id, id, node_id, version, task_name, '{}', '[]', '{}', 'x'
-                       FROM tasks WHERE id = %s AND status = 'dead'""", a["id"])
+                       FROM tasks WHERE id = %s AND status = 'failed'""", a["id"])
+        sql(engine, "UPDATE runs SET failed_task_count = failed_task_count + 1 WHERE id = %s", run)
     sql(engine, """UPDATE tasks SET status = 'ready', unfinished_deps = 0, available_at = tw_now(),
-                          failed_deps = CASE WHEN %s IN ('failed', 'dead') THEN 1 ELSE 0 END,
+                          failed_deps = CASE WHEN %s = 'failed' THEN 1 ELSE 0 END,
                           skipped_deps = CASE WHEN %s IN ('skipped', 'cancelled') THEN 1 ELSE 0 END
                    WHERE id = %s""", upstream_outcome, upstream_outcome, ids["b"])
     sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks - 1 WHERE id = %s", run)

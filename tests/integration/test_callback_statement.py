@@ -421,7 +421,7 @@ def test_the_statement_records_what_the_engine_records(
     final = fast[-1][-1]
     assert final["run"] == ("succeeded", 0, 0)
     assert {node: t[0] for node, t in final["tasks"].items()} == {
-        "s": "succeeded", "a": "dead", "n": "skipped", "m": "skipped", "z": "succeeded", "z2": "succeeded",
+        "s": "succeeded", "a": "failed", "n": "skipped", "m": "skipped", "z": "succeeded", "z2": "succeeded",
         "g": "succeeded", "b1": "succeeded", "b2": "succeeded", "b3": "succeeded", "j": "succeeded"}
     after_s = next(t for label, *t in fast if label == "s")
     # s's statement: 5 made ready and claimed over three waves (b1-b3; z after n's skip; z2 after m's)
@@ -787,8 +787,8 @@ def test_a_redrive_after_the_statement_recorded_a_sibling(
     assert spy.calls == []
     assert task_rows(engine, run.id)["j"]["unfinished_deps"] == 1
     failed = fail(engine, a, retryable=False)  # final, `on_failure: stop`: the engine's
-    assert failed.outcome == "dead" and failed.run_status == "failed"
-    assert statuses(engine, run.id) == {"a": "dead", "s": "succeeded", "j": "skipped"}
+    assert failed.outcome == "failed" and failed.run_status == "failed" and failed.dead_lettered
+    assert statuses(engine, run.id) == {"a": "failed", "s": "succeeded", "j": "skipped"}
     assert books(engine) == []
 
     assert engine.redrive_run(WORKSPACE, run.id) == 2
@@ -816,7 +816,7 @@ def test_a_dead_letter_retry_after_the_statement_recorded_a_sibling(
         {"id": "k", "task": "echo", "depends": ["j"]}]})
     run = engine.trigger_run(WORKSPACE, "tolerant")
     a, s, t = (transport.one(run.id, n) for n in ("a", "s", "t"))
-    assert fail(engine, a, retryable=False).outcome == "dead"  # tolerated: the run goes on
+    assert fail(engine, a, retryable=False).outcome == "failed"  # tolerated: the run goes on
     assert succeed(engine, s).claimed == []  # by the statement
     assert task_rows(engine, run.id)["j"]["unfinished_deps"] == 1 and task_rows(engine, run.id)["j"]["failed_deps"] == 1
     (entry,) = engine.list_dead_letters(WORKSPACE)
@@ -935,9 +935,9 @@ def test_a_batch_answers_each_callback_for_itself_when_a_task_appears_twice(
     answers = engine.record_callbacks([c for _, _, c in callbacks])
     got = [(node, which, a.outcome if isinstance(a, AttemptResult) else repr(a))
            for (node, which, _), a in zip(callbacks, answers, strict=True)]
-    wrong = [g for g in got if g[2] != {"stale": "stale_attempt", "current": "dead"}[g[1]]]
+    wrong = [g for g in got if g[2] != {"stale": "stale_attempt", "current": "failed"}[g[1]]]
     assert wrong == [], f"{len(wrong)} callbacks answered for another: {wrong[:6]}"
-    assert set(statuses(engine, run.id).values()) == {"dead"}
+    assert set(statuses(engine, run.id).values()) == {"failed"}
 
 
 # --- 8. what the statement hands back or records beside the DAG ---------------------------------------

@@ -88,11 +88,11 @@ from tests.db_fixtures import TEMPLATE_DB
 from .conftest_hypothesis import is_long, lifecycle_settings
 
 WORKSPACE = "acme"
-TERMINAL = frozenset({"succeeded", "failed", "dead", "skipped", "cancelled"})
-FAILED = frozenset({"failed", "dead"})
+TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+FAILED = frozenset({"failed"})
 ACTIVE = frozenset({"dispatched", "running"})
 RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-TERMINAL_SQL = "('succeeded', 'failed', 'dead', 'skipped', 'cancelled')"
+TERMINAL_SQL = "('succeeded', 'failed', 'skipped', 'cancelled')"
 TRIGGER_RULES = ("all_success", "all_done", "none_failed", "one_failed")
 PICK = st.integers(min_value=0, max_value=1_000)
 REFUSED_OUTCOMES = {"duplicate", "stale_attempt", "already_finished", "not_active"}
@@ -683,7 +683,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif outcome == "retryable" and delivery.attempt < fence["max_attempts"]:
             assert result.outcome == "retrying", (result, dict(fence))
         else:
-            assert result.outcome in FAILED, (result, dict(fence))
+            # a worker's failure for good is dead-lettered
+            assert result.outcome == "failed" and result.dead_lettered, (result, dict(fence))
         delivery.outcome = outcome
         self.sync_runs()
 
@@ -998,10 +999,10 @@ class LifecycleMachine(RuleBasedStateMachine):
                        p.error, m.parent_task_id IS NOT NULL AS staged, m.source_task_id, m.items, m.problem,
                        count(c.id) AS children,
                        count(c.id) FILTER (WHERE c.status = 'succeeded') AS succeeded,
-                       count(c.id) FILTER (WHERE c.status IN ('failed', 'dead')) AS failed,
+                       count(c.id) FILTER (WHERE c.status = 'failed') AS failed,
                        count(c.id) FILTER (WHERE c.status IN ('skipped', 'cancelled')) AS skipped,
                        count(c.id) FILTER (WHERE c.status = 'skipped') AS skipped_only, p.trigger_rule,
-                       EXISTS (SELECT 1 FROM tasks f WHERE f.run_id = p.run_id AND f.status IN ('failed', 'dead')
+                       EXISTS (SELECT 1 FROM tasks f WHERE f.run_id = p.run_id AND f.status = 'failed'
                                                        AND f.on_failure = 'stop') AS run_stopped,
                        count(c.id) FILTER (WHERE c.status NOT IN {TERMINAL_SQL}) AS open,
                        count(c.id) FILTER (WHERE c.map_item IS DISTINCT FROM m.items -> c.map_index) AS wrong_items,
@@ -1116,7 +1117,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         every expanded one that succeeded or failed has its width in its output's count."""
         for node in self.map_nodes():
             label = f"{self.run_label(node['run_id'])}.{node['node_id']}@{node['version']}"
-            assert node["status"] in TERMINAL and node["status"] != "dead", f"quiescent, yet {label} is {node['status']}"
+            assert node["status"] in TERMINAL, f"quiescent, yet {label} is {node['status']}"
             if node["status"] in ("succeeded", "failed") and node["map_width"] is not None:
                 assert node["output"]["count"] == node["map_width"] == node["children"], (label, node["output"])
             event(f"map node {node['status']}"

@@ -607,7 +607,7 @@ def test_a_stopping_failure_skips_a_map_node_instead_of_expanding_it_and_a_redri
     run = engine.trigger_run(WORKSPACE, "stop", dispatch_now=False)
     (n0,) = _claim_all(engine).values()
     _fail_for_good(engine, n0)
-    assert _statuses(engine, run.id) == {"n0": "dead", "n1": "skipped"}  # no items were made
+    assert _statuses(engine, run.id) == {"n0": "failed", "n1": "skipped"}  # no items were made
     assert map_node(engine, run.id, "n1")["map_width"] is None
     engine.redrive_run(WORKSPACE, run.id)
     assert [m["node"] for m in transport(engine).sent] == ["n0"]  # the map waits for its upstream
@@ -624,7 +624,7 @@ def test_the_items_of_a_mapped_failure_handler_run_when_the_run_stops(engine: En
     run = engine.trigger_run(WORKSPACE, "handler", dispatch_now=False)
     (n0,) = _claim_all(engine).values()
     _fail_for_good(engine, n0)
-    assert _statuses(engine, run.id) == {"n0": "dead", "alert": "pending", "alert[0]": "ready", "alert[1]": "ready"}
+    assert _statuses(engine, run.id) == {"n0": "failed", "alert": "pending", "alert[0]": "ready", "alert[1]": "ready"}
     for item in _claim_all(engine).values():
         with engine.db.transaction() as conn:
             finish_attempt(conn, item["id"], item["attempt"], item["claim_token"], succeeded=True,

@@ -137,11 +137,11 @@ def test_a_mapped_node_is_one_node_with_its_items_counted(engine: Engine, client
     expand(engine, run_id)
     play(engine, run_id)
     run = client.get(f"/api/runs/{run_id}").json()
-    # (A task whose last attempt failed for good is stored, and shown, as dead.)
-    items = {"succeeded": 200, "dead": 5, "running": 10, "dispatched": 35}
+    # (A task whose last attempt failed for good is failed, and dead-lettered.)
+    items = {"succeeded": 200, "failed": 5, "running": 10, "dispatched": 35}
     assert run["item_count"] == WIDTH and run["map_items"] == items
     # counts: every task, items included; the map node once (running while its items run).
-    assert run["counts"] == {"succeeded": 201, "dead": 5, "running": 11, "dispatched": 35, "pending": 1}
+    assert run["counts"] == {"succeeded": 201, "failed": 5, "running": 11, "dispatched": 35, "pending": 1}
     assert run["task_count"] == sum(run["counts"].values()) == WIDTH + 3
     assert run["node_count"] == 3
     nodes = {n["node"]: n for n in run["nodes"]}
@@ -186,7 +186,8 @@ def test_a_mapped_nodes_tasks_page_in_index_order(engine: Engine, client: TestCl
         assert child["kind"] == "task" and child["map_parent_id"] == map_id and child["node"] == "parse"
         assert child["map_item"] == files()[child["map_index"]]
     assert everything[8]["map_item"] == XSS  # item 7, as given
-    assert [t["status"] for t in everything[201:206]] == ["dead"] * 5
+    assert [(t["status"], t["dead_lettered"]) for t in everything[201:206]] == [("failed", True)] * 5
+    assert not any(t["dead_lettered"] for t in everything[:201] + everything[206:])
     assert everything[201]["error"]["message"].startswith("cannot parse\n")
     assert {t["status"] for t in everything[206:216]} == {"running"}
     assert {str(t["id"]) for t in everything[1:]} == {str(c["id"]) for c in played}
@@ -200,7 +201,7 @@ def test_a_mapped_nodes_tasks_page_in_index_order(engine: Engine, client: TestCl
     assert [t.get("map_index", -1) for t in running] == [-1, *range(205, 215)]
     pending, _ = walk(client, url, status="pending")
     assert [t["node"] for t in pending] == ["load"]
-    failed, _ = walk(client, url, status="dead", node="parse", limit=2)
+    failed, _ = walk(client, url, status="failed", node="parse", limit=2)
     assert [t["map_index"] for t in failed] == [200, 201, 202, 203, 204]
     only_nodes, pages = walk(client, url, items="false", limit=2)
     assert [t["node"] for t in only_nodes] == ["load", "parse", "prep"] and pages == 2
@@ -253,7 +254,7 @@ def test_a_task_answer_of_a_map_node_and_of_an_item(engine: Engine, client: Test
     assert (node["kind"], node["status"], node["output"]) == ("map", "running", None)
     assert node["map"] == {"over": "params.files", "width": WIDTH, "max_concurrency": 1000,
                            "tolerated_failures": "10%",
-                           "items": {"succeeded": 200, "dead": 5, "running": 10, "dispatched": 35}}
+                           "items": {"succeeded": 200, "failed": 5, "running": 10, "dispatched": 35}}
     assert not {"map_spec", "map_width", "map_index", "map_item", "map_parent_id"} & set(node)
 
     item = client.get(f"/api/tasks/{played[7]['id']}").json()
@@ -272,12 +273,14 @@ def test_a_task_answer_of_a_map_node_and_of_an_item(engine: Engine, client: Test
     assert node["status"] == "succeeded" and node["attempt"] == 1
     assert node["output"]["manifest"] is True and node["output"]["key"].endswith(".json")
     assert (node["output"]["count"], node["output"]["succeeded"], node["output"]["failed"]) == (WIDTH, 245, 5)
-    assert node["map"]["items"] == {"succeeded": 245, "dead": 5}
+    assert node["map"]["items"] == {"succeeded": 245, "failed": 5}
     run = client.get(f"/api/runs/{run_id}").json()
     parse = next(n for n in run["nodes"] if n["node"] == "parse")
     assert (parse["status"], parse["counts"], parse["map"]["items"]) == (
-        "succeeded", {"succeeded": 1}, {"succeeded": 245, "dead": 5})
-    assert run["map_items"] == {"succeeded": 245, "dead": 5}
+        "succeeded", {"succeeded": 1}, {"succeeded": 245, "failed": 5})
+    assert run["map_items"] == {"succeeded": 245, "failed": 5}
+    # five tolerated failures, counted while the run goes on (`load` is still to run)
+    assert (run["status"], run["failed_tasks"], run["succeeded_with_failures"]) == ("running", 5, False)
 
 
 def test_versions_and_a_map_that_could_not_expand(engine: Engine, client: TestClient) -> None:

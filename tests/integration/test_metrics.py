@@ -98,12 +98,13 @@ def scenario(engine: Engine, client: TestClient) -> dict[str, Any]:
     finish(engine, claim_one(engine, a.id))
     finish(engine, claim_one(engine, a.id), VALUE_ERROR)
     assert finish(engine, claim_one(engine, a.id)).run_status == "succeeded"
-    # run B: `two` fails three times (e1, e1, KeyError without a code) -> dead, run failed; 4 attempts, 2 retries
+    # run B: `two` fails three times (e1, e1, KeyError without a code) -> failed and dead-lettered, run failed;
+    # 4 attempts, 2 retries
     b = engine.trigger_run(WORKSPACE, "etl", dispatch_now=False)
     finish(engine, claim_one(engine, b.id))
     finish(engine, claim_one(engine, b.id), VALUE_ERROR)
     finish(engine, claim_one(engine, b.id), VALUE_ERROR)
-    assert finish(engine, claim_one(engine, b.id), KEY_ERROR).outcome == "dead"
+    assert finish(engine, claim_one(engine, b.id), KEY_ERROR).dead_lettered
     ids["etl"] = (a.id, b.id)
 
     engine.create_pipeline(WORKSPACE, GATE)
@@ -175,8 +176,9 @@ def test_metrics_of_the_window_are_exact(client: TestClient, scenario: dict[str,
 
     tasks = m["tasks"]
     assert tasks["by_status"] == {"pending": 1, "ready": 3, "dispatched": 0, "running": 0, "waiting": 1,
-                                  "succeeded": 5, "failed": 2, "skipped": 2, "cancelled": 0, "dead": 1}
-    assert (tasks["total"], tasks["finished"], tasks["dead"]) == (15, 10, 1)
+                                  "succeeded": 5, "failed": 3, "skipped": 2, "cancelled": 0}
+    # of the failed: the rejected and the timed-out approval (not dead-lettered), and B's `two`
+    assert (tasks["total"], tasks["finished"], tasks["dead_lettered"]) == (15, 10, 1)
     assert tasks["dead_letter_rate"] == pytest.approx(0.1)
 
     attempts = m["attempts"]
@@ -208,7 +210,7 @@ def test_pipeline_filter_and_window(client: TestClient, scenario: dict[str, Any]
     assert m["pipeline"] == "etl"
     assert m["runs"]["by_status"] == {"pending": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
     assert list(m["runs"]["by_pipeline"]) == ["etl"]
-    assert m["tasks"]["by_status"]["succeeded"] == 3 and m["tasks"]["dead"] == 1
+    assert m["tasks"]["by_status"]["succeeded"] == 3 and m["tasks"]["dead_lettered"] == 1
     assert m["tasks"]["dead_letter_rate"] == pytest.approx(1 / 4)
     assert (m["attempts"]["total"], m["attempts"]["retries"]) == (7, 3)
     assert m["approvals"]["total"] == 0 and m["approvals"]["approval_rate"] is None
@@ -229,7 +231,7 @@ def test_another_workspace_sees_only_its_own(client: TestClient, scenario: dict[
     assert m["workspace"] == "other"
     assert m["runs"]["by_status"]["failed"] == 1 and m["runs"]["total"] == 1
     assert m["failures"]["by_code"] == [{"code": "not-ours", "type": None, "count": 1}]
-    assert (m["tasks"]["dead"], m["tasks"]["finished"]) == (1, 2)  # `one` dead, `two` skipped
+    assert (m["tasks"]["dead_lettered"], m["tasks"]["finished"]) == (1, 2)  # `one` failed, `two` skipped
     ours = client.get("/api/metrics", headers=AUTH).json()
     assert all(row["code"] != "not-ours" for row in ours["failures"]["by_code"])
 
@@ -241,7 +243,9 @@ def test_prometheus_text(client: TestClient, scenario: dict[str, Any]) -> None:
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
         lines = set(response.text.splitlines())
         assert 'tickweave_runs{workspace="acme",status="failed"} 3' in lines
-        assert 'tickweave_tasks{workspace="acme",status="dead"} 1' in lines
+        assert 'tickweave_tasks{workspace="acme",status="failed"} 3' in lines
+        assert 'tickweave_dead_lettered_tasks{workspace="acme"} 1' in lines
+        assert not any('status="dead"' in line for line in lines)
         assert 'tickweave_pipeline_runs{workspace="acme",pipeline="etl",status="succeeded"} 1' in lines
         assert 'tickweave_run_duration_seconds{workspace="acme",pipeline="etl",quantile="0.5"} 25' in lines
         assert 'tickweave_run_duration_seconds_count{workspace="acme",pipeline="etl"} 2' in lines
@@ -299,6 +303,8 @@ def test_metric_queries_start_from_the_workspace_index(engine: Engine) -> None:
                    SELECT gen_random_uuid(), id, workspace_id, pipeline_id, 'one', 'default', 0, 'task', 'local',
                           'failed', 1, '{}', 60, 'stop', 'all_success', 0, created_at
                    FROM runs WHERE status = 'succeeded'""")
+    # each of those runs has one more failed task (the books' run_failed_task_count)
+    sql(engine, "UPDATE runs SET failed_task_count = failed_task_count + 1 WHERE status = 'succeeded'")
     sql(engine, """INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at, finished_at, error)
                    SELECT id, 1, gen_random_uuid(), 'failed', created_at, created_at, '{"code": "old"}'
                    FROM tasks WHERE status = 'failed'""")

@@ -77,7 +77,7 @@ def test_exhausted_task_is_dead_lettered_with_every_attempt_and_can_be_retried(e
     run = engine.trigger_run(WORKSPACE, "seq", dispatch_now=False)
     finish(engine, claim(engine)[0])
     finish(engine, claim(engine)[0], ok=False)
-    assert finish(engine, claim(engine)[0], ok=False).outcome == "dead"
+    assert finish(engine, claim(engine)[0], ok=False).outcome == "failed"
     assert run_status(engine, run.id) == "failed"
 
     page = client.get("/api/dlq", headers=AUTH).json()
@@ -164,7 +164,7 @@ def test_dispatch_failures_do_not_spend_attempts_and_dead_letter_past_the_limit(
     clock += timedelta(minutes=10)
     set_clock(engine, clock)
     engine.tick()
-    assert statuses(engine, second.id) == {"x": "dead"}
+    assert statuses(engine, second.id) == {"x": "failed"}
     assert run_status(engine, second.id) == "failed"
     (entry,) = engine.list_dead_letters(WORKSPACE)
     assert entry["error"]["code"] == "dispatch_failed" and entry["run_id"] == second.id
@@ -318,13 +318,13 @@ def test_a_one_failed_handler_runs_even_when_the_failure_stops_the_run(engine: E
     ]})
     run = engine.trigger_run(WORKSPACE, "alerting", dispatch_now=False)
     finish(engine, claim(engine)[0], ok=False)
-    assert statuses(engine, run.id) == {"load": "dead", "publish": "skipped", "alert": "ready", "cleanup": "ready"}
+    assert statuses(engine, run.id) == {"load": "failed", "publish": "skipped", "alert": "ready", "cleanup": "ready"}
     # Failing, not failed: a finished run never has a task left open; it fails when its
     # handlers have run.
     assert run_status(engine, run.id) == "running"
     for task in claim(engine):
         finish(engine, task)
-    assert statuses(engine, run.id) == {"load": "dead", "publish": "skipped", "alert": "succeeded",
+    assert statuses(engine, run.id) == {"load": "failed", "publish": "skipped", "alert": "succeeded",
                                         "cleanup": "succeeded"}
     assert run_status(engine, run.id) == "failed"
 
@@ -338,7 +338,7 @@ def test_none_failed_skips_after_a_tolerated_failure_and_skips_propagate(engine:
     ]})
     run = engine.trigger_run(WORKSPACE, "rules", dispatch_now=False)
     finish(engine, claim(engine)[0], ok=False)
-    assert statuses(engine, run.id) == {"flaky": "dead", "strict": "skipped", "after": "skipped", "lenient": "ready"}
+    assert statuses(engine, run.id) == {"flaky": "failed", "strict": "skipped", "after": "skipped", "lenient": "ready"}
     assert finish(engine, claim(engine)[0]).run_status == "succeeded"
 
 
@@ -390,7 +390,7 @@ def test_timeout_s_is_a_hard_limit_even_with_heartbeats(engine: Engine) -> None:
     set_clock(engine, start + timedelta(seconds=31))  # ...but the attempt's 30 s are up
     assert expire_leases(engine.db, engine.settings, 10) == 1
     _, tasks = engine.get_run(WORKSPACE, run.id)
-    assert tasks[0]["status"] == "dead" and tasks[0]["error"]["code"] == "timeout"
+    assert tasks[0]["status"] == "failed" and tasks[0]["error"]["code"] == "timeout"
 
 
 def test_exponential_backoff_delays_follow_the_policy(engine: Engine) -> None:

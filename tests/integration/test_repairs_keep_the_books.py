@@ -174,7 +174,7 @@ def test_redrive_does_not_count_an_upstream_twice_for_a_failure_handler(engine: 
             finish(engine, task)
             assert books(engine) == []
     assert run_status(engine, run.id) == "failed"
-    assert statuses(engine, run.id) == {"a": "dead", "x": "dead", "h1": "succeeded", "h2": "succeeded"}
+    assert statuses(engine, run.id) == {"a": "failed", "x": "failed", "h1": "succeeded", "h2": "succeeded"}
     operations.redrive_run(engine.db, WORKSPACE, run.id)
     assert books(engine) == []
     assert drive_to_the_end(engine, run.id) == "succeeded"
@@ -414,7 +414,7 @@ def test_a_stopping_failure_in_a_10000_task_run_is_a_handful_of_statements(engin
         counting = CountingConnection(raw)
         result = finish_attempt(counting, root["id"], root["attempt"], root["claim_token"],  # type: ignore[arg-type]
                                 succeeded=False, error={"message": "boom"}, retryable=False)
-    assert result.accepted and result.task_status == "dead"
+    assert result.accepted and result.task_status == "failed" and result.dead_lettered
     # Before the fix: one round trip per skipped task (10,000 for this run).
     assert counting.statements <= 12, counting.statements
     assert books(engine) == []

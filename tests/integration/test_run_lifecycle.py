@@ -76,11 +76,12 @@ def test_stop_failure_fails_the_run_and_skips_the_rest(engine: Engine) -> None:
     run = engine.trigger_run(WORKSPACE, "seq", dispatch_now=False)
     finish(engine, claim(engine)[0])
     result = finish(engine, claim(engine)[0], ok=False)
-    assert result.outcome == "dead" and result.run_status == "failed"
-    assert statuses(engine, run.id) == {"one": "succeeded", "two": "dead", "three": "skipped"}
+    assert result.outcome == "failed" and result.run_status == "failed" and result.dead_lettered
+    assert statuses(engine, run.id) == {"one": "succeeded", "two": "failed", "three": "skipped"}
     assert claim(engine) == []
     run_row, _ = engine.get_run(WORKSPACE, run.id)
-    assert run_row["error"] == "node 'two' (version default) dead"
+    assert run_row["error"] == "node 'two' (version default) failed"
+    assert (run_row["failed_tasks"], run_row["succeeded_with_failures"]) == (1, False)
 
 
 def test_continue_failure_lets_the_sequence_complete(engine: Engine) -> None:
@@ -91,7 +92,9 @@ def test_continue_failure_lets_the_sequence_complete(engine: Engine) -> None:
     finish(engine, claim(engine)[0])
     assert finish(engine, claim(engine)[0], ok=False).newly_ready == 1
     assert finish(engine, claim(engine)[0]).run_status == "succeeded"
-    assert statuses(engine, run.id) == {"one": "succeeded", "two": "dead", "three": "succeeded"}
+    assert statuses(engine, run.id) == {"one": "succeeded", "two": "failed", "three": "succeeded"}
+    run_row, _ = engine.get_run(WORKSPACE, run.id)
+    assert (run_row["status"], run_row["failed_tasks"], run_row["succeeded_with_failures"]) == ("succeeded", 1, True)
 
 
 def test_retry_policy_returns_the_task_to_ready_with_backoff(engine: Engine) -> None:
@@ -108,15 +111,16 @@ def test_retry_policy_returns_the_task_to_ready_with_backoff(engine: Engine) -> 
     assert [t["attempt"] for t in second] == [2]
     assert finish(engine, second[0], ok=False).run_status == "failed"
     task, attempts = engine.get_task(WORKSPACE, second[0]["id"])
-    assert task["status"] == "dead" and [a["status"] for a in attempts] == ["failed", "failed"]
-    assert statuses(engine, run.id) == {"x": "dead"}
+    assert task["status"] == "failed" and [a["status"] for a in attempts] == ["failed", "failed"]
+    assert task["dead_lettered"] is True
+    assert statuses(engine, run.id) == {"x": "failed"}
 
 
 def test_non_retryable_failure_skips_remaining_attempts(engine: Engine) -> None:
     engine.create_pipeline(WORKSPACE, {"id": "flaky", "nodes": [
         {"id": "x", "task": "fail", "retry": {"max_attempts": 5}}]})
     engine.trigger_run(WORKSPACE, "flaky", dispatch_now=False)
-    assert finish(engine, claim(engine)[0], ok=False, retryable=False).outcome == "dead"
+    assert finish(engine, claim(engine)[0], ok=False, retryable=False).outcome == "failed"
 
 
 def test_callback_fencing_refuses_other_attempts_and_duplicates(engine: Engine) -> None:
