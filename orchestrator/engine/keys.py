@@ -23,6 +23,13 @@ class Principal:
     role: str
     key_id: str
     key_prefix: str
+    key_name: str = ""
+
+    @property
+    def actor(self) -> str:
+        """Who did it, as recorded (a run's triggered_by, a decision's `by`, a version's
+        created_by): the key's name, or its first characters when it was given no name."""
+        return self.key_name or self.key_prefix
 
     def allows(self, role: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
@@ -76,7 +83,7 @@ def authenticate(db: Database, raw_key: str | None) -> Principal:
         row = key_store.find_active_key(conn, hash_key(raw_key))
     if row is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
-    return Principal(row["workspace_id"], row["role"], str(row["id"]), row["prefix"])
+    return Principal(row["workspace_id"], row["role"], str(row["id"]), row["prefix"], row["name"] or "")
 
 
 def set_workspace_task_limit(db: Database, workspace_id: str, max_active_tasks: int | None) -> None:

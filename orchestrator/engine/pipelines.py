@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine import templates
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound, TooLarge
 from orchestrator.engine.events import check_trigger_cycles
+from orchestrator.engine.operations import cancel_run_in
 from orchestrator.engine.scheduling import sync_schedules
 from orchestrator.graph import (
     DefinitionError,
@@ -19,11 +21,14 @@ from orchestrator.graph import (
     pipeline_level_errors,
     validate_pipeline,
 )
+from orchestrator.logs import log_event
 from orchestrator.model import PipelineDefinition
 from orchestrator.model.pipeline import PipelineDependency
 from orchestrator.store import orchestrations as orchestration_store
 from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import schedules as schedule_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,19 +76,21 @@ def create_pipeline(db: Database, workspace_id: str, raw: Any, *, actor: str | N
         check_trigger_cycles(conn, workspace_id, definition)
         check_pipeline_graph(conn, workspace_id, definition)
         _refuse_ended_schedule(conn, definition)
-        if not pipeline_store.insert_pipeline(
+        # A deleted pipeline's id is free: it is created anew, at its next version number.
+        version = pipeline_store.insert_pipeline(
             conn, workspace_id=workspace_id, pipeline_id=definition.id, sha256=sha,
             definition=definition.canonical_dict(), created_by=actor,
-        ):
+        )
+        if version is None:
             raise Conflict(
                 f"pipeline '{definition.id}' already exists; use PUT /api/pipelines/{definition.id} to change it",
                 details={"pipeline": definition.id},
             )
-        templates.record(conn, workspace_id, definition.id, 1, resolution)
+        templates.record(conn, workspace_id, definition.id, version, resolution)
         sync_schedules(conn, workspace_id, definition.id, definition)
         pipeline_store.set_task_limit(conn, workspace_id, definition.id, definition.concurrency.max_active_tasks)
         _sync_graph(conn, workspace_id, definition)
-        return SavedPipeline(definition.id, 1, sha, created=True, changed=True)
+        return SavedPipeline(definition.id, version, sha, created=True, changed=True)
 
     return db.run_in_transaction(work)
 
@@ -113,15 +120,17 @@ def update_pipeline(
             if not create_missing:
                 raise NotFound(f"pipeline '{pipeline_id}' not found")
             _refuse_ended_schedule(conn, definition)
-            pipeline_store.insert_pipeline(
+            version = pipeline_store.insert_pipeline(
                 conn, workspace_id=workspace_id, pipeline_id=pipeline_id, sha256=sha,
                 definition=definition.canonical_dict(), created_by=actor,
             )
-            templates.record(conn, workspace_id, pipeline_id, 1, resolution)
+            if version is None:  # created by a concurrent request since lock_current looked
+                raise Conflict(f"pipeline '{pipeline_id}' was created meanwhile; send the request again")
+            templates.record(conn, workspace_id, pipeline_id, version, resolution)
             sync_schedules(conn, workspace_id, pipeline_id, definition)
             pipeline_store.set_task_limit(conn, workspace_id, pipeline_id, definition.concurrency.max_active_tasks)
             _sync_graph(conn, workspace_id, definition)
-            return SavedPipeline(pipeline_id, 1, sha, created=True, changed=True)
+            return SavedPipeline(pipeline_id, version, sha, created=True, changed=True)
         if current["sha256"] == sha:
             return SavedPipeline(pipeline_id, int(current["current_version"]), sha, created=False, changed=False)
         version = pipeline_store.set_current_version(conn, workspace_id, pipeline_id, int(current["current_version"]))
@@ -254,6 +263,88 @@ def get_pipeline(db: Database, workspace_id: str, pipeline_id: str) -> Row:
 def list_pipelines(db: Database, workspace_id: str, *, limit: int, after_id: str | None) -> list[Row]:
     with db.connection() as conn:
         return pipeline_store.list_with_stats(conn, workspace_id, limit=limit, after_id=after_id)
+
+
+@dataclass(frozen=True)
+class DeletedPipeline:
+    id: str
+    cancelled_runs: int
+
+
+# A delete with cancel_runs cancels the active runs, then deletes under the pipeline's lock; a
+# run triggered in between is cancelled by the next round. Past this many rounds runs are
+# being started faster than they are cancelled, and the delete gives up (409).
+_DELETE_ROUNDS = 5
+
+
+def delete_pipeline(
+    db: Database, workspace_id: str, pipeline_id: str, *, cancel_runs: bool, actor: str
+) -> DeletedPipeline:
+    """Delete a pipeline (softly: its runs, tasks, outputs and dead letters stay readable).
+
+    Refused (409) while it has pending or running runs, unless `cancel_runs`: they are then
+    cancelled first, each through the one cancel path (operations.cancel_run_in), in its own
+    transaction. Refused (409) while other pipelines' `depends` name it: they would be left
+    depending on a pipeline that is not there (delete them, or drop the dependency, first).
+    The delete itself is one transaction under the pipeline row's lock: triggers hold that row
+    (FOR KEY SHARE) until their run commits, so no run of the pipeline starts after the delete
+    commits, and every run started before it is seen (and refused or cancelled) here."""
+    def attempt(conn: Connection) -> DeletedPipeline | list[Row]:
+        # The graph lock first, as a create takes it, then the row: a create or update that
+        # would add a dependency on this pipeline either commits first (and is seen below) or
+        # checks the graph after the delete.
+        orchestration_store.lock_pipeline_graph(conn, workspace_id)
+        if pipeline_store.lock_for_delete(conn, workspace_id, pipeline_id) is None:
+            raise NotFound(f"pipeline '{pipeline_id}' not found")
+        _refuse_dependants(conn, workspace_id, pipeline_id)
+        active = pipeline_store.active_run_ids(conn, workspace_id, pipeline_id)
+        if active:
+            return active
+        schedule_store.delete_for_pipeline(conn, workspace_id, pipeline_id)
+        pipeline_store.delete_dependencies(conn, workspace_id, pipeline_id)
+        pipeline_store.mark_deleted(conn, workspace_id, pipeline_id)
+        return DeletedPipeline(pipeline_id, 0)
+
+    def cancel(run_id: Any) -> bool:
+        def work(conn: Connection) -> bool:
+            return cancel_run_in(conn, run_id, f"cancelled by {actor}: pipeline '{pipeline_id}' deleted",
+                                 workspace_id=workspace_id, pipeline_id=pipeline_id)
+
+        return db.run_in_transaction(work)
+
+    cancelled = 0
+    for _ in range(_DELETE_ROUNDS):
+        outcome = db.run_in_transaction(attempt)
+        if isinstance(outcome, DeletedPipeline):
+            log_event(log, "pipeline.deleted", workspace_id=workspace_id, pipeline_id=pipeline_id, actor=actor,
+                      cancelled_runs=cancelled)
+            return DeletedPipeline(pipeline_id, cancelled)
+        if not cancel_runs:
+            ids = [str(r["id"]) for r in outcome]
+            shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            raise Conflict(
+                f"pipeline '{pipeline_id}' has {len(ids)} active run(s) (pending or running): {shown}; "
+                "cancel them first, or delete with ?cancel_runs=true to cancel them",
+                details={"pipeline": pipeline_id, "active_runs": ids},
+            )
+        for row in outcome:
+            if cancel(row["id"]):
+                cancelled += 1
+    raise Conflict(
+        f"pipeline '{pipeline_id}' keeps starting runs while they are cancelled; pause it, then delete it again",
+        details={"pipeline": pipeline_id, "cancelled_runs": cancelled},
+    )
+
+
+def _refuse_dependants(conn: Connection, workspace_id: str, pipeline_id: str) -> None:
+    names = pipeline_store.dependants(conn, workspace_id, pipeline_id)
+    if names:
+        listed = ", ".join(f"'{n}'" for n in names)
+        raise Conflict(
+            f"pipeline '{pipeline_id}' is named in the depends of {listed}; delete those pipelines or "
+            "remove the dependency from them first",
+            details={"pipeline": pipeline_id, "dependants": names},
+        )
 
 
 def set_paused(db: Database, workspace_id: str, pipeline_id: str, paused: bool) -> Row:

@@ -78,7 +78,7 @@ class BatchAnswer:
 def record_callback(
     db: Database, keyring: TokenKeyring, task_id: uuid.UUID, token: str, *, status: str,
     output: dict[str, Any] | None, error: dict[str, Any] | None, settings: Settings | None = None,
-    claim_limit: int = 0,
+    claim_limit: int = 0, heard: list[tuple[str, str]] | None = None,
 ) -> AttemptResult:
     """Record a worker's outcome. A success's output reference is checked against the object
     (exists, size, sha256: one HEAD) before any transaction; a success of a task that produces
@@ -89,8 +89,11 @@ def record_callback(
 
     The common path is one statement on an autocommit connection (tw_complete_attempts: one
     round trip, one commit, the successors claimed with their dispatch context); what it hands
-    back is recorded by `_record_in_engine`, as before it."""
+    back is recorded by `_record_in_engine`, as before it. `heard` collects (workspace, task
+    name) of the valid token: the worker was heard from (engine.workers.WorkerSightings)."""
     claims = read_token(keyring, token, task_id)
+    if heard is not None:
+        heard.append((claims.workspace, claims.task_name))
     checked = _checked_outcome(db, claims, task_id, status, output, error, settings)
     if isinstance(checked, AttemptResult):
         return checked
@@ -112,7 +115,7 @@ def record_callback(
 
 def record_callbacks(
     db: Database, keyring: TokenKeyring, callbacks: Sequence[CallbackInput], *, settings: Settings | None = None,
-    claim_limit: int = 0,
+    claim_limit: int = 0, heard: list[tuple[str, str]] | None = None,
 ) -> BatchAnswer:
     """Record a batch of callbacks: each is checked and fenced on its own (a forged token, an
     invalid body or a stale attempt refuses that callback alone); the accepted ones are recorded
@@ -123,6 +126,8 @@ def record_callbacks(
     for index, callback in enumerate(callbacks):
         try:
             claims = read_token(keyring, callback.token, callback.task_id)
+            if heard is not None:
+                heard.append((claims.workspace, claims.task_name))
             checked = _checked_outcome(db, claims, callback.task_id, callback.status, callback.output,
                                        callback.error, settings)
         except EngineError as exc:
@@ -274,10 +279,13 @@ def _reject(db: Database, task_id: uuid.UUID, claims: TaskClaims, rejected: Outp
 
 
 def record_heartbeat(
-    db: Database, keyring: TokenKeyring, token: str, *, progress: float | None, message: str | None
+    db: Database, keyring: TokenKeyring, token: str, *, progress: float | None, message: str | None,
+    heard: list[tuple[str, str]] | None = None,
 ) -> tuple[bool, str, uuid.UUID]:
     """(accepted, task status or refusal reason, task id)."""
     claims = read_token(keyring, token)
+    if heard is not None:
+        heard.append((claims.workspace, claims.task_name))
     task_id = uuid.UUID(claims.task_id)
     with db.transaction() as conn:
         row = task_store.mark_running(conn, task_id, claims.attempt, uuid.UUID(claims.claim_token), progress, message)

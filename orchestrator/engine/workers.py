@@ -8,9 +8,15 @@ signing secret (orchestrator.storage.signatures), never the platform's worker se
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import psycopg
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
@@ -19,6 +25,13 @@ from orchestrator.engine.errors import InvalidInput
 from orchestrator.storage.signatures import endpoint_secret, signing_root_key
 from orchestrator.store import keys as key_store
 from orchestrator.store import workers as worker_store
+
+log = logging.getLogger(__name__)
+
+# How often a worker's last_seen_at is written, at most, from heartbeats and callbacks. Well
+# under the stale threshold (Settings.worker_stale_after_s, 300 s by default), so a worker that
+# keeps talking never looks stale; far over the per-task rate, so callbacks stay one statement.
+WORKER_SEEN_EVERY_S = 30.0
 
 _LAMBDA_NAME = re.compile(r"^(arn:aws[a-z-]*:lambda:[a-z0-9-]+:\d{12}:function:)?[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9$_-]+)?$")
 
@@ -84,9 +97,56 @@ def register(
     return Registration(registered, secret)
 
 
-def list_workers(db: Database, workspace_id: str) -> list[Row]:
+def list_workers(db: Database, workspace_id: str, stale_after_s: int) -> list[Row]:
     with db.connection() as conn:
-        return worker_store.list_workers(conn, workspace_id)
+        rows = worker_store.list_workers(conn, workspace_id, stale_after_s)
+    for row in rows:
+        row["stale_after_s"] = stale_after_s
+    return rows
+
+
+class WorkerSightings:
+    """Registered workers heard from over the API (a heartbeat or a callback with a valid token),
+    written to workers.last_seen_at without touching the callback's statement.
+
+    The write is throttled twice: in this process, a (workspace, task name) is written at most
+    once per `every_s` (so nearly every callback issues nothing more); in the database, the
+    UPDATE leaves a worker seen within `every_s` alone (so many API processes write a worker at
+    most once per `every_s` between them). A sighting is best effort: a failure to write one is
+    logged, never the caller's error."""
+
+    def __init__(self, every_s: float = WORKER_SEEN_EVERY_S, max_entries: int = 10_000) -> None:
+        self.every_s = every_s
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._written: dict[tuple[str, str], float] = {}
+
+    def _due(self, heard: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+        now = time.monotonic()
+        due: dict[str, list[str]] = {}
+        with self._lock:
+            if len(self._written) > self.max_entries:
+                self._written.clear()  # bounded memory; the database guard still throttles
+            for key in set(heard):
+                last = self._written.get(key)
+                if last is None or now - last >= self.every_s:
+                    self._written[key] = now
+                    due.setdefault(key[0], []).append(key[1])
+        return due
+
+    def record(self, db: Database, heard: Iterable[tuple[str, str]]) -> int:
+        """Write the sightings that are due; the number of workers updated."""
+        due = self._due(heard)
+        if not due:
+            return 0
+        updated = 0
+        try:
+            with db.connection() as conn:
+                for workspace_id, names in sorted(due.items()):
+                    updated += worker_store.note_seen(conn, workspace_id, sorted(names), self.every_s)
+        except psycopg.Error as exc:
+            log.warning("worker sighting not recorded: %s", exc)
+        return updated
 
 
 def code_history(db: Database, workspace_id: str, task_name: str) -> list[Row]:

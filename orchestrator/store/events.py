@@ -78,7 +78,7 @@ def pipelines_triggered_by(conn: Connection, workspace_id: str, name: str) -> li
            FROM pipelines p
            JOIN pipeline_versions v
              ON v.workspace_id = p.workspace_id AND v.pipeline_id = p.id AND v.version = p.current_version
-           WHERE p.workspace_id = %s
+           WHERE p.workspace_id = %s AND p.deleted_at IS NULL
              AND v.definition->'triggers' @> jsonb_build_array(jsonb_build_object('event', %s::text))
            ORDER BY p.id""",
         (workspace_id, name),
@@ -96,7 +96,8 @@ def event_graph_definitions(conn: Connection, workspace_id: str) -> list[Row]:
            FROM pipelines p
            JOIN pipeline_versions v
              ON v.workspace_id = p.workspace_id AND v.pipeline_id = p.id AND v.version = p.current_version
-           WHERE p.workspace_id = %s AND (v.definition ? 'triggers' OR v.definition ? 'emits')
+           WHERE p.workspace_id = %s AND p.deleted_at IS NULL
+             AND (v.definition ? 'triggers' OR v.definition ? 'emits')
            ORDER BY p.id""",
         (workspace_id,),
     ).fetchall()

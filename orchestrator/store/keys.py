@@ -33,7 +33,7 @@ def find_key_by_hash(conn: Connection, key_hash: bytes) -> Row | None:
 
 def find_active_key(conn: Connection, key_hash: bytes) -> Row | None:
     return conn.execute(
-        """SELECT id, workspace_id, role, prefix FROM api_keys
+        """SELECT id, workspace_id, role, prefix, name FROM api_keys
            WHERE key_hash = %s AND revoked_at IS NULL""",
         (key_hash,),
     ).fetchone()

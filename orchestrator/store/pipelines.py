@@ -12,18 +12,27 @@ from orchestrator.db.connection import Connection, Row
 def insert_pipeline(
     conn: Connection, *, workspace_id: str, pipeline_id: str, sha256: str, definition: dict[str, Any],
     created_by: str | None,
-) -> bool:
-    """Create a pipeline at version 1; False if the id is taken in this workspace."""
+) -> int | None:
+    """Create a pipeline; its version number, or None if a live pipeline has the id.
+
+    A new id starts at version 1. A deleted pipeline's id is revived: the row is live again
+    (unpaused, created now) at the next version number, so the versions its old runs pin stay
+    where they are."""
     created = conn.execute(
         """INSERT INTO pipelines (workspace_id, id, current_version) VALUES (%s, %s, 1)
-           ON CONFLICT (workspace_id, id) DO NOTHING RETURNING id""",
+           ON CONFLICT (workspace_id, id) DO UPDATE
+               SET deleted_at = NULL, paused = false, current_version = pipelines.current_version + 1,
+                   created_at = tw_now(), updated_at = tw_now()
+               WHERE pipelines.deleted_at IS NOT NULL
+           RETURNING current_version""",
         (workspace_id, pipeline_id),
     ).fetchone()
     if created is None:
-        return False
-    insert_version(conn, workspace_id=workspace_id, pipeline_id=pipeline_id, version=1, sha256=sha256,
+        return None
+    version = int(created["current_version"])
+    insert_version(conn, workspace_id=workspace_id, pipeline_id=pipeline_id, version=version, sha256=sha256,
                    definition=definition, created_by=created_by)
-    return True
+    return version
 
 
 def insert_version(
@@ -44,7 +53,7 @@ def lock_current(conn: Connection, workspace_id: str, pipeline_id: str) -> Row |
            FROM pipelines p
            JOIN pipeline_versions v
              ON v.workspace_id = p.workspace_id AND v.pipeline_id = p.id AND v.version = p.current_version
-           WHERE p.workspace_id = %s AND p.id = %s
+           WHERE p.workspace_id = %s AND p.id = %s AND p.deleted_at IS NULL
            FOR UPDATE OF p""",
         (workspace_id, pipeline_id),
     ).fetchone()
@@ -68,7 +77,7 @@ def get_current(conn: Connection, workspace_id: str, pipeline_id: str) -> Row | 
            FROM pipelines p
            JOIN pipeline_versions v
              ON v.workspace_id = p.workspace_id AND v.pipeline_id = p.id AND v.version = p.current_version
-           WHERE p.workspace_id = %s AND p.id = %s""",
+           WHERE p.workspace_id = %s AND p.id = %s AND p.deleted_at IS NULL""",
         (workspace_id, pipeline_id),
     ).fetchone()
 
@@ -77,7 +86,7 @@ def list_with_stats(conn: Connection, workspace_id: str, *, limit: int, after_id
     """Pipelines in id order with use counts and runs by status (one grouped scan of their runs)."""
     return conn.execute(
         """SELECT p.id, p.current_version AS version, p.paused, p.created_at, p.updated_at, v.sha256,
-                  v.definition->>'description' AS description,
+                  v.definition->>'description' AS description, v.definition->>'name' AS name,
                   COALESCE(s.use_count, 0) AS use_count, s.last_used_at,
                   COALESCE(s.by_status, '{}'::jsonb) AS runs_by_status
            FROM pipelines p
@@ -90,7 +99,7 @@ def list_with_stats(conn: Connection, workspace_id: str, *, limit: int, after_id
                      FROM runs r WHERE r.workspace_id = p.workspace_id AND r.pipeline_id = p.id
                      GROUP BY status) g
            ) s ON true
-           WHERE p.workspace_id = %s AND (%s::text IS NULL OR p.id > %s)
+           WHERE p.workspace_id = %s AND p.deleted_at IS NULL AND (%s::text IS NULL OR p.id > %s)
            ORDER BY p.id
            LIMIT %s""",
         (workspace_id, after_id, after_id, limit),
@@ -119,11 +128,75 @@ def run_stats(conn: Connection, workspace_id: str, pipeline_id: str) -> Row:
 
 
 def lock_pipeline(conn: Connection, workspace_id: str, pipeline_id: str) -> Row | None:
-    """Serialize decisions that count a pipeline's runs (limits, overlap) on the pipeline row."""
+    """Serialize decisions that count a pipeline's runs (limits, overlap) on the pipeline row.
+    None when there is no live pipeline (a deleted one is locked all the same)."""
     return conn.execute(
-        "SELECT id, paused FROM pipelines WHERE workspace_id = %s AND id = %s FOR UPDATE",
+        """SELECT id, paused, deleted_at FROM pipelines WHERE workspace_id = %s AND id = %s FOR UPDATE""",
         (workspace_id, pipeline_id),
     ).fetchone()
+
+
+def hold_live(conn: Connection, workspace_id: str, pipeline_id: str) -> bool:
+    """Hold the pipeline row against a delete until commit; False when it is deleted (or gone).
+
+    FOR KEY SHARE: triggers of one pipeline do not wait for each other (nor for an update of
+    its version or pause), only for a delete, which locks the row FOR UPDATE. A run is
+    therefore created either before a delete looks for active runs, or not at all: once the
+    delete commits, this re-reads the row and sees deleted_at."""
+    return conn.execute(
+        """SELECT 1 FROM pipelines WHERE workspace_id = %s AND id = %s AND deleted_at IS NULL FOR KEY SHARE""",
+        (workspace_id, pipeline_id),
+    ).fetchone() is not None
+
+
+def lock_for_delete(conn: Connection, workspace_id: str, pipeline_id: str) -> Row | None:
+    """The live pipeline row locked FOR UPDATE (waits for triggers holding it, blocks new ones)."""
+    return conn.execute(
+        """SELECT id, current_version FROM pipelines
+           WHERE workspace_id = %s AND id = %s AND deleted_at IS NULL FOR UPDATE""",
+        (workspace_id, pipeline_id),
+    ).fetchone()
+
+
+def mark_deleted(conn: Connection, workspace_id: str, pipeline_id: str) -> None:
+    """Deleted now: gone from every list and lookup; its schedules and graph edges go with it
+    (the caller removes them in the same transaction), its versions stay for its runs."""
+    conn.execute(
+        """UPDATE pipelines SET deleted_at = tw_now(), updated_at = tw_now(), max_active_tasks = NULL,
+                  declared_outputs = '{}'
+           WHERE workspace_id = %s AND id = %s AND deleted_at IS NULL""",
+        (workspace_id, pipeline_id),
+    )
+
+
+def active_run_ids(conn: Connection, workspace_id: str, pipeline_id: str) -> list[Row]:
+    """Pending and running runs of a pipeline, oldest first (runs_pipeline_open_idx)."""
+    return conn.execute(
+        """SELECT id, status FROM runs
+           WHERE workspace_id = %s AND pipeline_id = %s AND status IN ('pending', 'running')
+           ORDER BY created_at, id""",
+        (workspace_id, pipeline_id),
+    ).fetchall()
+
+
+def dependants(conn: Connection, workspace_id: str, pipeline_id: str) -> list[str]:
+    """Live pipelines whose pipeline-level `depends` name this one, in id order."""
+    rows = conn.execute(
+        """SELECT d.pipeline_id FROM pipeline_dependencies d
+           JOIN pipelines p ON p.workspace_id = d.workspace_id AND p.id = d.pipeline_id AND p.deleted_at IS NULL
+           WHERE d.workspace_id = %s AND d.upstream_pipeline_id = %s AND d.pipeline_id <> d.upstream_pipeline_id
+           ORDER BY d.pipeline_id""",
+        (workspace_id, pipeline_id),
+    ).fetchall()
+    return [str(r["pipeline_id"]) for r in rows]
+
+
+def delete_dependencies(conn: Connection, workspace_id: str, pipeline_id: str) -> None:
+    """The pipeline's own `depends` edges (a revived pipeline stores its new ones)."""
+    conn.execute(
+        "DELETE FROM pipeline_dependencies WHERE workspace_id = %s AND pipeline_id = %s",
+        (workspace_id, pipeline_id),
+    )
 
 
 def set_task_limit(conn: Connection, workspace_id: str, pipeline_id: str, max_active_tasks: int | None) -> None:

@@ -84,7 +84,9 @@ def claim_due(conn: Connection, limit: int) -> list[Row]:
     return conn.execute(
         f"""SELECT {columns} FROM schedules s
             JOIN pipelines p ON p.workspace_id = s.workspace_id AND p.id = s.pipeline_id
-            WHERE s.state = 'active' AND s.next_fire_at <= tw_now()
+            -- A deleted pipeline has no schedules left (its delete removed them under the same
+            -- row locks); the filter is the guard, and costs nothing: p is read by primary key.
+            WHERE s.state = 'active' AND s.next_fire_at <= tw_now() AND p.deleted_at IS NULL
             ORDER BY s.next_fire_at
             LIMIT %s
             FOR UPDATE OF p, s SKIP LOCKED""",
@@ -119,7 +121,7 @@ def set_pipeline_paused(conn: Connection, workspace_id: str, pipeline_id: str, p
     next_fire_at, so the next tick applies their catch-up policy to the slots missed meanwhile."""
     row = conn.execute(
         """UPDATE pipelines SET paused = %s, updated_at = tw_now()
-           WHERE workspace_id = %s AND id = %s RETURNING id, paused""",
+           WHERE workspace_id = %s AND id = %s AND deleted_at IS NULL RETURNING id, paused""",
         (paused, workspace_id, pipeline_id),
     ).fetchone()
     if row is not None:
@@ -129,6 +131,16 @@ def set_pipeline_paused(conn: Connection, workspace_id: str, pipeline_id: str, p
             ("paused" if paused else "active", workspace_id, pipeline_id, "active" if paused else "paused"),
         )
     return row
+
+
+def delete_for_pipeline(conn: Connection, workspace_id: str, pipeline_id: str) -> int:
+    """A deleted pipeline's schedules go (their skips with them; its runs keep trigger=schedule
+    and scheduled_at, their schedule_id is set NULL by the foreign key)."""
+    rows = conn.execute(
+        "DELETE FROM schedules WHERE workspace_id = %s AND pipeline_id = %s RETURNING id",
+        (workspace_id, pipeline_id),
+    ).fetchall()
+    return len(rows)
 
 
 def list_schedules(conn: Connection, workspace_id: str, pipeline_ids: Sequence[str] | None = None) -> list[Row]:

@@ -74,7 +74,7 @@ _CURRENT = """SELECT t.id, t.current_version AS version, t.created_at, t.updated
                   FROM pipeline_template_refs r
                   JOIN pipelines p
                     ON p.workspace_id = r.workspace_id AND p.id = r.pipeline_id
-                   AND p.current_version = r.pipeline_version
+                   AND p.current_version = r.pipeline_version AND p.deleted_at IS NULL
                   WHERE r.workspace_id = t.workspace_id AND r.template_id = t.id
               ) u ON true"""
 

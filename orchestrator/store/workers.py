@@ -50,9 +50,28 @@ def record_code_version(
     return row is not None
 
 
-def list_workers(conn: Connection, workspace_id: str) -> list[Row]:
+def note_seen(conn: Connection, workspace_id: str, task_names: Sequence[str], every_s: float) -> int:
+    """The workers serving these task names were heard from now; a worker seen within the last
+    `every_s` seconds is left as it is (no write: at most one per worker per `every_s`, whatever
+    the number of API processes). Returns the workers updated."""
+    rows = conn.execute(
+        """UPDATE workers w SET last_seen_at = tw_now()
+           FROM (SELECT DISTINCT service FROM worker_tasks WHERE workspace_id = %s AND task_name = ANY(%s)) t
+           WHERE w.workspace_id = %s AND w.service = t.service
+             AND w.last_seen_at < tw_now() - make_interval(secs => %s)
+           RETURNING w.service""",
+        (workspace_id, list(task_names), workspace_id, every_s),
+    ).fetchall()
+    return len(rows)
+
+
+def list_workers(conn: Connection, workspace_id: str, stale_after_s: int) -> list[Row]:
+    """Registered workers with their health: "stale" when not heard from (registration,
+    heartbeat, callback) for more than `stale_after_s` seconds, by database time."""
     return conn.execute(
         """SELECT w.service, w.version, w.transport, w.endpoint, w.registered_at, w.last_seen_at,
+                  CASE WHEN w.last_seen_at >= tw_now() - make_interval(secs => %s) THEN 'healthy' ELSE 'stale' END
+                      AS health,
                   COALESCE(jsonb_agg(jsonb_build_object('name', t.task_name, 'code_hash', t.code_hash,
                                                         'input_schema', t.input_schema)
                                      ORDER BY t.task_name) FILTER (WHERE t.task_name IS NOT NULL),
@@ -60,7 +79,7 @@ def list_workers(conn: Connection, workspace_id: str) -> list[Row]:
            FROM workers w LEFT JOIN worker_tasks t ON t.workspace_id = w.workspace_id AND t.service = w.service
            WHERE w.workspace_id = %s
            GROUP BY w.workspace_id, w.service ORDER BY w.service""",
-        (workspace_id,),
+        (stale_after_s, workspace_id),
     ).fetchall()
 
 

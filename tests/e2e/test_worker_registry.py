@@ -71,7 +71,7 @@ def test_registration_routes_tasks_and_keeps_code_history(stack: Stack, render_s
     changed = register(stack, render_service_url, "sha256:bbbbbbbb", version="1.1.0")
     assert changed.json()["tasks"][0]["new_code_version"] is True
 
-    history = stack.client.get("/api/tasks/render/history").json()["versions"]
+    history = stack.client.get("/api/task-definitions/render/history").json()["versions"]
     assert [(v["code_hash"], v["service_version"]) for v in history] == [
         ("sha256:aaaaaaaa", "1.0.0"), ("sha256:bbbbbbbb", "1.1.0")]
     (service,) = stack.client.get("/api/workers").json()["items"]
@@ -108,4 +108,4 @@ def test_bad_registrations_are_422(stack: Stack, change: dict[str, Any], path: s
 
 
 def test_unknown_task_history_is_404(stack: Stack) -> None:
-    assert stack.client.get("/api/tasks/nothing/history").status_code == 404
+    assert stack.client.get("/api/task-definitions/nothing/history").status_code == 404

@@ -164,7 +164,7 @@ def test_worker_registrations_are_per_workspace(client: TestClient, tenants: dic
             "tasks": [{"name": "render", "code_hash": "sha256:cccccccc"}]}
     assert client.post("/api/workers/register", json=body, headers={"x-api-key": tenants["b_admin"]}).status_code == 200
     a = {"x-api-key": tenants["a_admin"]}
-    assert client.get("/api/tasks/render/history", headers=a).status_code == 404
+    assert client.get("/api/task-definitions/render/history", headers=a).status_code == 404
     assert client.get("/api/workers", headers=a).json()["items"] == []
     assert client.post("/api/workers/register", json=body, headers={"x-api-key": tenants["a_viewer"]}).status_code == 403
 

@@ -112,7 +112,7 @@ def test_hash_of_a_definition_without_triggers_is_unchanged_by_the_new_fields() 
     """Definitions stored before events existed must keep their sha256, or re-saving one
     would make a new version out of nothing."""
     defn = pipeline("p")
-    before_fields = defn.model_dump(mode="json", by_alias=True, exclude={"triggers", "emits"})
+    before_fields = defn.model_dump(mode="json", by_alias=True, exclude={"triggers", "emits", "name", "notify"})
     expected = hashlib.sha256(
         json.dumps(before_fields, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
