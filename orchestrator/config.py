@@ -57,6 +57,13 @@ class Settings:
     # How long an Idempotency-Key keeps returning the run it created.
     idempotency_ttl_s: int = 86_400
     max_body_bytes: int = 1_048_576
+    # Dead-letter entries older than this many days are purged by the tick, at most
+    # `dlq_purge_batch` per tick, oldest first; 0 keeps them forever.
+    dlq_retention_days: int = 30
+    dlq_purge_batch: int = 500
+    # A registered worker not heard from (registration, heartbeat or callback) for this long is
+    # shown as "stale". Must be well over WORKER_SEEN_EVERY_S (orchestrator/engine/workers.py).
+    worker_stale_after_s: int = 300
     # The most callbacks one `POST /api/callbacks` may carry (more: a 422 naming the limit).
     max_callbacks_per_batch: int = DEFAULT_MAX_CALLBACKS_PER_BATCH
     mode: str = "local"  # local | lambda
@@ -82,6 +89,19 @@ class Settings:
     # SQS queue the `sqs` transport sends dispatches to; workers poll it (`Worker.run_sqs`) or
     # an event source mapping feeds it to the worker Lambda.
     worker_queue_url: str | None = None
+    # Notifications (docs/notifications.md): deliveries the tick sends at once (each round of a
+    # tick takes at most notify_timeout_s), retries with backoff from notify_retry_base_s
+    # doubling up to notify_retry_max_s, given up after notify_max_attempts attempts or
+    # notify_give_up_after_s after the event; events kept notify_retention_days; after a
+    # rotation the previous signing secret signs alongside the new one for notify_secret_grace_s.
+    notify_batch_size: int = 16
+    notify_timeout_s: float = 10.0
+    notify_retry_base_s: float = 30.0
+    notify_retry_max_s: float = 21_600.0
+    notify_max_attempts: int = 12
+    notify_give_up_after_s: float = 86_400.0
+    notify_retention_days: int = 30
+    notify_secret_grace_s: int = 86_400
 
     @property
     def is_dev_keyring(self) -> bool:
@@ -142,6 +162,13 @@ def _flag(name: str, raw: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {raw!r}")
 
 
+def _whole_number(name: str, raw: str, *, minimum: int = 0) -> int:
+    value = raw.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 9 or int(value) < minimum:
+        raise ValueError(f"{name} must be a whole number, {minimum} or more; got {raw!r}")
+    return int(value)
+
+
 def _parse_transports(raw: str) -> dict[str, str]:
     """`*=local,render=http` -> {"*": "local", "render": "http"}."""
     result: dict[str, str] = {"*": "local"}
@@ -151,6 +178,14 @@ def _parse_transports(raw: str) -> dict[str, str]:
             name, _, transport = part.partition("=")
             result[name.strip()] = transport.strip()
     return result
+
+
+# Settings.<name> read from TICKWEAVE_<NAME>.
+_NOTIFY_SETTINGS: dict[str, Callable[[str], object]] = {
+    "notify_batch_size": int, "notify_timeout_s": float, "notify_retry_base_s": float,
+    "notify_retry_max_s": float, "notify_max_attempts": int, "notify_give_up_after_s": float,
+    "notify_retention_days": int, "notify_secret_grace_s": int,
+}
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -183,6 +218,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["max_dispatch_failures"] = int(env["TICKWEAVE_MAX_DISPATCH_FAILURES"])
     if env.get("TICKWEAVE_IDEMPOTENCY_TTL_S"):
         changes["idempotency_ttl_s"] = int(env["TICKWEAVE_IDEMPOTENCY_TTL_S"])
+    if env.get("TICKWEAVE_DLQ_RETENTION_DAYS"):
+        changes["dlq_retention_days"] = _whole_number("TICKWEAVE_DLQ_RETENTION_DAYS", env["TICKWEAVE_DLQ_RETENTION_DAYS"])
+    if env.get("TICKWEAVE_WORKER_STALE_AFTER_S"):
+        changes["worker_stale_after_s"] = _whole_number(
+            "TICKWEAVE_WORKER_STALE_AFTER_S", env["TICKWEAVE_WORKER_STALE_AFTER_S"], minimum=60)
     if env.get("TICKWEAVE_MAX_BODY_BYTES"):
         changes["max_body_bytes"] = int(env["TICKWEAVE_MAX_BODY_BYTES"])
     if env.get("TICKWEAVE_MAX_CALLBACKS_PER_BATCH"):
@@ -201,6 +241,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["worker_queue_url"] = env["TICKWEAVE_WORKER_QUEUE_URL"]
     if env.get("TICKWEAVE_WORKER_SIGNING_KEY"):
         changes["worker_signing_key"] = env["TICKWEAVE_WORKER_SIGNING_KEY"]
+    for name, cast in _NOTIFY_SETTINGS.items():
+        if env.get("TICKWEAVE_" + name.upper()):
+            changes[name] = cast(env["TICKWEAVE_" + name.upper()])
     if env.get("TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS"):
         changes["allow_private_worker_endpoints"] = _flag("TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS",
                                                           env["TICKWEAVE_ALLOW_PRIVATE_WORKER_ENDPOINTS"])

@@ -14,7 +14,8 @@ from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
 from orchestrator.engine.completion import finish_attempt, resolve_ready_maps, settle_terminal
 from orchestrator.engine.dispatcher import Dispatcher
-from orchestrator.engine.operations import expire_waits
+from orchestrator.engine.notifications import deliver_due
+from orchestrator.engine.operations import expire_waits, purge_expired_dead_letters
 from orchestrator.engine.orchestrations import process_pipeline_triggers
 from orchestrator.engine.scheduling import fire_due_schedules, start_queued
 from orchestrator.logs import log_event
@@ -34,10 +35,14 @@ class TickSummary:
     expired: int = 0
     waits_expired: int = 0
     maps_resolved: int = 0
+    dead_letters_purged: int = 0
     claimed: int = 0
     dispatched: int = 0
     dispatch_failed: int = 0
     batches: int = 0
+    notifications_delivered: int = 0
+    notifications_retrying: int = 0
+    notifications_failed: int = 0
     durations_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,8 +51,12 @@ class TickSummary:
             "slots_skipped": self.slots_skipped, "queued_runs_started": self.queued_runs_started,
             "pipeline_triggered_runs": self.pipeline_triggered_runs,
             "expired": self.expired, "waits_expired": self.waits_expired, "maps_resolved": self.maps_resolved,
+            "dead_letters_purged": self.dead_letters_purged,
             "claimed": self.claimed, "dispatched": self.dispatched,
             "dispatch_failed": self.dispatch_failed, "batches": self.batches,
+            "notifications_delivered": self.notifications_delivered,
+            "notifications_retrying": self.notifications_retrying,
+            "notifications_failed": self.notifications_failed,
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
         }
 
@@ -70,8 +79,8 @@ def expire_leases(db: Database, settings: Settings, limit: int) -> int:
                     error={"code": "not_started", "message": "no worker started the task before its lease expired",
                            "retryable": True},
                 )
-                if lost is not None and lost["status"] == "dead":
-                    settle_terminal(conn, lost)
+                if lost is not None and lost["status"] == "failed":
+                    settle_terminal(conn, lost, dead_letter=True)
                 continue
             code = "timeout" if row["timed_out"] else "lease_expired"
             message = (
@@ -130,6 +139,10 @@ def run_tick(
     # upstream's callback, this is the safety net (an engine that stopped in between).
     summary.pipeline_triggered_runs = len(process_pipeline_triggers(db, settings, batch_size))
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
+    # Dead letters past their retention, one bounded batch a tick (a backlog drains over ticks).
+    t_purge = time.perf_counter()
+    summary.dead_letters_purged = purge_expired_dead_letters(db, settings.dlq_retention_days, settings.dlq_purge_batch)
+    summary.durations_ms["dlq_retention"] = (time.perf_counter() - t_purge) * 1000
 
     claim_ms = dispatch_ms = 0.0
     # Claim in batches until nothing is ready or time runs short; a batch smaller than the
@@ -155,9 +168,18 @@ def run_tick(
             break
     summary.durations_ms["claim"] = claim_ms
     summary.durations_ms["dispatch"] = dispatch_ms
+    # 5. Notifications due (outbox rows written by the transactions above and before), after the
+    # dispatches: a tick short of time starts tasks first; a round of sends fits its deadline.
+    t_notify = time.perf_counter()
+    notified = deliver_due(db, settings, remaining_s=remaining_s)
+    summary.notifications_delivered = notified.delivered
+    summary.notifications_retrying = notified.retrying
+    summary.notifications_failed = notified.failed
+    summary.durations_ms["notifications"] = (time.perf_counter() - t_notify) * 1000
     summary.durations_ms["total"] = (time.perf_counter() - started) * 1000
     busy = summary.scheduled_runs or summary.expired or summary.waits_expired or summary.claimed \
-        or summary.queued_runs_started or summary.slots_skipped or summary.pipeline_triggered_runs
+        or summary.queued_runs_started or summary.slots_skipped or summary.pipeline_triggered_runs \
+        or summary.dead_letters_purged or notified.claimed
     # An idle tick (once a minute, forever) logs at DEBUG only.
     log_event(log, "tick.finished", level=logging.INFO if busy else logging.DEBUG, **summary.to_dict())
     return summary

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from orchestrator.model.notify import NotifyList
 from orchestrator.model.versions import version_list_problems, version_name_problem
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -582,13 +583,28 @@ def _json_equal(a: Any, b: Any) -> bool:
 
 
 # See PipelineDefinition.canonical_dict.
-_OMITTED_WHEN_EMPTY = ("triggers", "emits")
+_OMITTED_WHEN_EMPTY = ("triggers", "emits", "name")
+
+DISPLAY_NAME_MAX = 200
+
+
+def _check_display_name(value: str) -> str:
+    # Shown in lists and page titles: one line of printable text, not an id (ids stay slugs).
+    if not value.strip():
+        raise ValueError("name must not be empty or only spaces; leave it out for no display name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("name must be one line of text without control characters")
+    return value
+
+
+DisplayName = Annotated[str, Field(min_length=1, max_length=DISPLAY_NAME_MAX), AfterValidator(_check_display_name)]
 
 
 class PipelineDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: Slug
+    name: DisplayName | None = None  # display name; the id stays the key
     description: str = ""
     versions: list[Version] = Field(default_factory=lambda: ["default"])
     params: dict[str, Any] = Field(default_factory=dict)
@@ -603,6 +619,8 @@ class PipelineDefinition(BaseModel):
     triggers: list[EventTrigger] = Field(default_factory=list)
     # Event names this pipeline's tasks may post; only used to refuse trigger cycles.
     emits: list[EventName] = Field(default_factory=list)
+    # Notification targets (docs/notifications.md); None: the workspace default, []: none.
+    notify: NotifyList | None = None
 
     _params_none = field_validator("params", mode="before")(_none_as(dict))
     _params_json = field_validator("params", mode="before")(_json_object)
@@ -693,6 +711,8 @@ class PipelineDefinition(BaseModel):
         for name in _OMITTED_WHEN_EMPTY:
             if not dumped.get(name):
                 dumped.pop(name, None)
+        if dumped.get("notify") is None:  # absent, not empty: `notify: []` is an explicit "none"
+            dumped.pop("notify", None)
         return dumped
 
     def canonical_json(self) -> str:

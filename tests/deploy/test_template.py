@@ -284,3 +284,22 @@ def test_the_api_role_writes_map_manifests_and_no_other_run_object(cfn: dict[str
     assert can("s3:GetObject", map_manifest_key(*where, 3))  # its HEAD before writing
     assert not can("s3:PutObject", map_item_output_key(*where, 0, 1))
     assert not can("s3:PutObject", node_output_key(*where, 1))
+
+
+def test_notifications_publish_only_to_the_stack_topic_or_the_named_ones() -> None:
+    named = "arn:aws:sns:us-east-1:123456789012:ops-notifications"
+    cfn = transformed(NotificationTopic="create", NotificationTopicArns=named)
+    assert cfn["Resources"]["NotificationsTopic"]["Condition"] == "CreateNotificationTopic"
+    assert cfn["Outputs"]["NotificationTopicArn"]["Value"] == {"Ref": "NotificationsTopic"}
+    publish = {name: s for name, s in statements(cfn) if "sns:Publish" in as_list(s["Action"])}
+    assert publish == {
+        "ApiPublishToNotificationsTopicPolicy": {"Effect": "Allow", "Action": "sns:Publish",
+                                                 "Resource": {"Ref": "NotificationsTopic"}},
+        "ApiPublishToNamedTopicsPolicy": {"Effect": "Allow", "Action": "sns:Publish",
+                                          "Resource": {"Ref": "NotificationTopicArns"}},
+    }
+    for name in publish:
+        assert cfn["Resources"][name]["Properties"]["Roles"] == [{"Ref": "ApiRole"}]
+    conditions = {name: cfn["Resources"][name]["Condition"] for name in publish}
+    assert conditions == {"ApiPublishToNotificationsTopicPolicy": "CreateNotificationTopic",
+                          "ApiPublishToNamedTopicsPolicy": "HasNotificationTopicArns"}
