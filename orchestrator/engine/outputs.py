@@ -23,13 +23,15 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.engine.errors import InvalidInput, NotFound
+from orchestrator.engine.errors import InvalidInput, NotFound, TooLarge
 from orchestrator.storage.layout import pipeline_output_key
 from orchestrator.store import outputs as output_store
 
 # A node output that produces a pipeline output is read by the server to check its schema;
 # larger objects are refused rather than held in a request's memory.
 MAX_CHECKED_OUTPUT_BYTES = 64 * 1024 * 1024
+# What a content answer may carry: Lambda's response limit is 6 MB, headers and all.
+MAX_CONTENT_ANSWER_BYTES = 5 * 1024 * 1024
 
 
 class OutputRejected(Exception):
@@ -199,6 +201,36 @@ def output_content(db: Database, settings: Settings, workspace_id: str, output_i
 
     row = get_output(db, workspace_id, output_id)
     try:
-        return read_object_bytes(settings, str(row["key"]))
+        return read_object_bytes(settings, str(row["key"]), max_bytes=MAX_CONTENT_ANSWER_BYTES)
     except ObjectMissing:
         raise NotFound(f"the object of output '{output_id}' is no longer in the bucket") from None
+    except ValueError:
+        raise TooLarge(_too_large_to_answer(f"output '{output_id}'", str(row["key"]))) from None
+
+
+def task_output_content(db: Database, settings: Settings, workspace_id: str, task_id: uuid.UUID) -> bytes:
+    """The stored output of one task (what its last successful attempt wrote), whether or not
+    the pipeline declares it under `outputs:`. NotFound: not a task of the workspace, it has
+    no output (not succeeded, or a step that writes none), or the object left the bucket."""
+    from orchestrator.storage.s3 import ObjectMissing, read_object_bytes
+    from orchestrator.store import tasks as task_store
+
+    with db.connection() as conn:
+        task = task_store.get_task(conn, workspace_id, task_id)
+    if task is None:
+        raise NotFound(f"task '{task_id}' not found")
+    reference = task["output"]
+    key = reference.get("key") if isinstance(reference, dict) else None
+    if not isinstance(key, str) or not key:
+        raise NotFound(f"task '{task_id}' has no stored output (status {task['status']})")
+    try:
+        return read_object_bytes(settings, key, max_bytes=MAX_CONTENT_ANSWER_BYTES)
+    except ObjectMissing:
+        raise NotFound(f"the output of task '{task_id}' is no longer in the bucket") from None
+    except ValueError:
+        raise TooLarge(_too_large_to_answer(f"the output of task '{task_id}'", key)) from None
+
+
+def _too_large_to_answer(what: str, key: str) -> str:
+    return (f"{what} is larger than {MAX_CONTENT_ANSWER_BYTES} bytes, more than an API answer may carry "
+            f"(Lambda answers stop at 6 MB); read it from the bucket, key {key!r}")

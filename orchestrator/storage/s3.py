@@ -4,8 +4,8 @@ Orchestrator-side clients use the ambient credentials (the Lambda role, or the f
 local moto server). Workers never get those: a grant carries either STS credentials narrowed by a
 session policy to writes under the attempt's own prefix and reads of exactly its input keys (and,
 for a reducer of a mapped node, of what is under that node's items prefix), or presigned URLs per
-object (one PUT, for the attempt's output key; GETs of the items under a read prefix are presigned
-on demand by the API, `presign_get_urls`).
+object (one PUT for the attempt's output key, one for its log; GETs of the items under a read
+prefix are presigned on demand by the API, `presign_get_urls`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from orchestrator.config import Settings
 
 __all__ = [
+    "LOG_CONTENT_TYPE",
     "MAX_SESSION_POLICY_CHARS",
     "encode_json",
     "ensure_bucket",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 JSON_CONTENT_TYPE = "application/json"
+# A task attempt's log (UTF-8 text); its presigned PUT is signed for exactly this Content-Type.
+LOG_CONTENT_TYPE = "text/plain; charset=utf-8"
 # AWS rejects inline session policies whose plaintext exceeds 2048 characters.
 MAX_SESSION_POLICY_CHARS = 2048
 # STS AssumeRole refuses durations under 15 minutes.
@@ -172,24 +175,25 @@ def ensure_bucket(settings: StorageSettings) -> None:
 
 def session_policy(
     bucket: str, output_key: str, read_keys: Iterable[str], *, write_prefix: str | None = None,
-    read_prefixes: Iterable[str] = (),
+    read_prefixes: Iterable[str] = (), log_key: str | None = None,
 ) -> dict[str, Any]:
-    """Inline session policy: read exactly the input keys; write the output key, or, given
-    `write_prefix` (the attempt's prefix, which holds the output key), anything under it; and
-    read anything under each of `read_prefixes` (a mapped node's items prefix: its children's
-    outputs, which a reducer reads by the manifest and which are too many to name)."""
+    """Inline session policy: read exactly the input keys; write the output key (and `log_key`),
+    or, given `write_prefix` (the attempt's prefix, which holds the output key and the log),
+    anything under it; and read anything under each of `read_prefixes` (a mapped node's items
+    prefix: its children's outputs, which a reducer reads by the manifest and which are too
+    many to name)."""
     prefixes = [check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes)]
     if write_prefix is not None:
-        _check_write_prefix(output_key, write_prefix)
-        write = f"arn:aws:s3:::{bucket}/{write_prefix}*"
+        _check_write_prefix(output_key, write_prefix, log_key)
+        writes = [f"arn:aws:s3:::{bucket}/{write_prefix}*"]
     else:
-        write = f"arn:aws:s3:::{bucket}/{output_key}"
+        writes = [f"arn:aws:s3:::{bucket}/{key}" for key in (output_key, log_key) if key is not None]
     statements: list[dict[str, Any]] = [
         {
             "Sid": "WriteOutput",
             "Effect": "Allow",
             "Action": ["s3:PutObject"],
-            "Resource": [write],
+            "Resource": writes,
         }
     ]
     reads = list(dict.fromkeys(read_keys))  # dedupe, keep order
@@ -214,11 +218,15 @@ def session_policy(
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def _check_write_prefix(output_key: str, write_prefix: str) -> None:
+def _check_write_prefix(output_key: str, write_prefix: str, log_key: str | None = None) -> None:
     # A prefix without its trailing "/" would also match a sibling: attempts/1* covers
     # attempts/10/..., which is another attempt's.
     if not write_prefix.endswith("/") or not output_key.startswith(write_prefix):
         raise ValueError(f"write prefix {write_prefix!r} must end in '/' and hold the output key")
+    # The log is written with the same credentials: outside the prefix, the policy would not
+    # cover it and every upload would be refused.
+    if log_key is not None and not log_key.startswith(write_prefix):
+        raise ValueError(f"write prefix {write_prefix!r} must hold the log key {log_key!r}")
 
 
 def role_session_name(task_id: str) -> str:
@@ -235,6 +243,7 @@ def issue_storage_grant(
     task_id: str,
     write_prefix: str | None = None,
     read_prefixes: Sequence[str] = (),
+    log_key: str | None = None,
 ) -> StorageGrant:
     """Storage access for one task attempt: STS credentials if a role is configured, else URLs.
 
@@ -246,15 +255,21 @@ def issue_storage_grant(
     task read anything under them. With a role the session policy says so; without one nothing
     is presigned for them (the keys are in the manifest, not known here): the grant carries
     them and the worker asks `POST /api/worker/read-urls`, which checks each key against them.
+
+    `log_key` (layout.attempt_log_key, beside the output) is where the attempt stores its log:
+    the session policy covers it (it is under `write_prefix`, or named beside the output key);
+    without a role, the grant carries a second presigned PUT, for it alone, signed for
+    LOG_CONTENT_TYPE.
     """
     reads = tuple(dict.fromkeys(read_keys))
     prefixes = tuple(check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes))
     if write_prefix is not None:
-        _check_write_prefix(output_key, write_prefix)
+        _check_write_prefix(output_key, write_prefix, log_key)
     ttl = int(settings.storage_credentials_ttl_s)
 
     def grant(
-        credentials: dict[str, str] | None, put_url: str | None, get_urls: dict[str, str]
+        credentials: dict[str, str] | None, put_url: str | None, get_urls: dict[str, str],
+        log_put_url: str | None = None,
     ) -> StorageGrant:
         return StorageGrant(
             endpoint_url=settings.s3_endpoint_url,
@@ -266,11 +281,13 @@ def issue_storage_grant(
             presigned_put=put_url,
             presigned_get=get_urls,
             read_prefixes=prefixes,
+            log_key=log_key,
+            presigned_log_put=log_put_url,
         )
 
     if settings.storage_role_arn:
         policy = session_policy(settings.bucket, output_key, reads, write_prefix=write_prefix,
-                                read_prefixes=prefixes)
+                                read_prefixes=prefixes, log_key=log_key)
         presigned_get: dict[str, str] = {}
         if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
             # Too many inputs to name in a session policy: keep the credentials for the write
@@ -278,7 +295,7 @@ def issue_storage_grant(
             # widening the policy to a prefix the task has no business reading. The read
             # prefixes stay in the policy: what is under them cannot be presigned here.
             policy = session_policy(settings.bucket, output_key, (), write_prefix=write_prefix,
-                                    read_prefixes=prefixes)
+                                    read_prefixes=prefixes, log_key=log_key)
             if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
                 # Only a reducer of dozens of mapped nodes at once gets here; failing the
                 # dispatch with the reason beats credentials that cannot read its inputs.
@@ -302,16 +319,19 @@ def issue_storage_grant(
             "Expiration": creds["Expiration"].isoformat(),
         }
         return grant(credentials, None, presigned_get)
+    put_url = _presign_put(settings, output_key, ttl, JSON_CONTENT_TYPE)
+    log_put_url = _presign_put(settings, log_key, ttl, LOG_CONTENT_TYPE) if log_key is not None else None
+    return grant(None, put_url, _presign_gets(settings, reads, ttl), log_put_url)
+
+
+def _presign_put(settings: StorageSettings, key: str, ttl: int, content_type: str) -> str:
     fast = _fast_presigner(settings.s3_endpoint_url, settings.aws_region, settings.bucket)
     if fast is not None:
-        put_url = fast.presign_put(settings.bucket, output_key, ttl, content_type=JSON_CONTENT_TYPE)
-    else:
-        put_url = orchestrator_s3(settings).generate_presigned_url(
-            "put_object",
-            Params={"Bucket": settings.bucket, "Key": output_key, "ContentType": JSON_CONTENT_TYPE},
-            ExpiresIn=ttl,
-        )
-    return grant(None, put_url, _presign_gets(settings, reads, ttl))
+        return fast.presign_put(settings.bucket, key, ttl, content_type=content_type)
+    url: str = orchestrator_s3(settings).generate_presigned_url(
+        "put_object", Params={"Bucket": settings.bucket, "Key": key, "ContentType": content_type}, ExpiresIn=ttl,
+    )
+    return url
 
 
 def _presign_gets(
@@ -469,6 +489,34 @@ def read_object_bytes(settings: StorageSettings, key: str, *, max_bytes: int | N
         raise ValueError(f"object {key!r} is larger than {max_bytes} bytes")
     body: bytes = response["Body"].read()
     return body
+
+
+def read_object_from(settings: StorageSettings, key: str, offset: int) -> tuple[bytes, int]:
+    """An object's bytes from `offset` on (one ranged GET) and its whole size now; no bytes
+    when `offset` is at or past the end. ObjectMissing when absent."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"an offset is an integer >= 0, not {offset!r}")
+    client = orchestrator_s3(settings)
+    try:
+        if offset == 0:
+            response = client.get_object(Bucket=settings.bucket, Key=key)
+        else:
+            response = client.get_object(Bucket=settings.bucket, Key=key, Range=f"bytes={offset}-")
+    except ClientError as exc:
+        code = _error_code(exc)
+        if code in {"NoSuchKey", "404", "NotFound"}:
+            raise ObjectMissing(key) from exc
+        if code in {"InvalidRange", "416"}:
+            # S3 refuses a range that starts at or past the end: nothing new, and the size is
+            # what one HEAD says.
+            return b"", head_object_facts(settings, key).size
+        raise
+    body: bytes = response["Body"].read()
+    if offset == 0:
+        return body, len(body)
+    # "bytes 10-99/100": the size is after the "/".
+    total = str(response.get("ContentRange") or "").rpartition("/")[2]
+    return body, int(total) if total.isdigit() else offset + len(body)
 
 
 def put_object_bytes(settings: StorageSettings, key: str, body: bytes) -> None:

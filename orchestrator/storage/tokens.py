@@ -61,6 +61,11 @@ class StorageGrant:
     presigned ahead (the keys are only known from the manifest), so the worker asks the API
     for URLs of the keys it needs (`POST /api/worker/read-urls`), which checks them against
     these prefixes.
+
+    `log_key` is where the attempt keeps its log (layout.attempt_log_key: beside the output,
+    under the same attempt prefix, so a session policy that covers the prefix covers it);
+    without credentials, `presigned_log_put` is the PUT URL for it. Both are None in tokens of
+    an orchestrator that keeps no task logs: the worker then stores none.
     """
 
     endpoint_url: str | None
@@ -72,6 +77,8 @@ class StorageGrant:
     presigned_put: str | None = None
     presigned_get: dict[str, str] = field(default_factory=dict)
     read_prefixes: tuple[str, ...] = ()
+    log_key: str | None = None
+    presigned_log_put: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +91,8 @@ class StorageGrant:
             "presigned_put": self.presigned_put,
             "presigned_get": dict(self.presigned_get),
             "read_prefixes": list(self.read_prefixes),
+            "log_key": self.log_key,
+            "presigned_log_put": self.presigned_log_put,
         }
 
     def may_read(self, key: str) -> bool:
@@ -111,6 +120,9 @@ class StorageGrant:
         presigned_get = data.get("presigned_get") or {}
         # Absent in tokens issued before mapped nodes existed: those read no prefix.
         read_prefixes = data.get("read_prefixes", [])
+        # Absent in tokens issued before task logs existed: those store no log.
+        log_key = data.get("log_key")
+        presigned_log_put = data.get("presigned_log_put")
         if endpoint_url is not None and not isinstance(endpoint_url, str):
             raise ValueError("storage grant: endpoint_url must be a string or null")
         if presigned_put is not None and not isinstance(presigned_put, str):
@@ -125,6 +137,10 @@ class StorageGrant:
             raise ValueError("storage grant: read_prefixes must be a list of strings")
         for prefix in read_prefixes:
             check_read_prefix(prefix)
+        if log_key is not None and (not isinstance(log_key, str) or not log_key):
+            raise ValueError("storage grant: log_key must be a non-empty string or null")
+        if presigned_log_put is not None and not isinstance(presigned_log_put, str):
+            raise ValueError("storage grant: presigned_log_put must be a string or null")
         return cls(
             endpoint_url=endpoint_url,
             region=_require_str(data, "region"),
@@ -135,6 +151,8 @@ class StorageGrant:
             presigned_put=presigned_put,
             presigned_get=dict(presigned_get),
             read_prefixes=tuple(read_prefixes),
+            log_key=log_key,
+            presigned_log_put=presigned_log_put,
         )
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from orchestrator.storage.s3 import JSON_CONTENT_TYPE, s3_client, sha256_b64
+from orchestrator.storage.s3 import JSON_CONTENT_TYPE, LOG_CONTENT_TYPE, s3_client, sha256_b64
 from orchestrator.storage.tokens import StorageGrant
 from orchestrator.worker.http import StorageHTTPError, get_bytes, put_bytes
 
@@ -49,6 +49,15 @@ class GrantStorage:
     @property
     def output_key(self) -> str:
         return self.grant.output_key
+
+    @property
+    def log_key(self) -> str | None:
+        """Where this attempt's log goes, if the grant lets it store one."""
+        if self.grant.log_key is None:
+            return None
+        if self.grant.credentials is None and self.grant.presigned_log_put is None:
+            return None
+        return self.grant.log_key
 
     def _s3(self) -> S3Client:
         # Built on first use only: a task that reads nothing over credentials never pays for it.
@@ -116,3 +125,15 @@ class GrantStorage:
             put_bytes(self.grant.presigned_put, body, content_type=content_type)
         else:
             raise StorageAccessDenied("the storage grant allows no write")
+
+    def write_log(self, body: bytes) -> None:
+        """Replace the attempt's log object with `body` (S3 has no append: the whole log, capped
+        by the SDK, each time), with the credentials or the log's own presigned PUT."""
+        key = self.log_key
+        if key is None:
+            raise StorageAccessDenied("the storage grant allows no log")
+        if self.grant.credentials is not None:
+            self._s3().put_object(Bucket=self.grant.bucket, Key=key, Body=body, ContentType=LOG_CONTENT_TYPE)
+        else:
+            assert self.grant.presigned_log_put is not None
+            put_bytes(self.grant.presigned_log_put, body, content_type=LOG_CONTENT_TYPE)

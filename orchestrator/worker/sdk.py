@@ -10,6 +10,8 @@ Protocol, per dispatch:
   2. an unknown task name fails the attempt, not retryable;
   3. a first heartbeat marks the task running and tells whether this attempt is still current;
   4. run the function with background heartbeats, store its JSON result at the granted key;
+     while it runs, what it logs and prints is its attempt's log (orchestrator.worker.task_log),
+     stored beside the output on heartbeats and once more at the end, before the callback;
   5. call back with `succeeded` (output key, size, sha256) or `failed` (error, retryable).
 
 Where the worker holds several outcomes at once (an SQS batch: `Worker.execute_many`, used by
@@ -49,6 +51,7 @@ from orchestrator.storage.s3 import encode_json, sha256_hex
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, map_digest, params_digest
 from orchestrator.worker.grant_io import GrantStorage, ObjectUnavailable
 from orchestrator.worker.http import HttpSender, TransientHTTPError
+from orchestrator.worker.task_log import LogUploader, TaskLog, capturing
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -73,6 +76,8 @@ Send = Callable[[str, dict[str, Any]], dict[str, Any]]
 TaskFunction = Callable[["TaskContext"], Any]
 F = TypeVar("F", bound=TaskFunction)
 
+# While a task runs, its log is stored at most this often (when it changed), and at each heartbeat.
+LOG_FLUSH_INTERVAL_S = 10.0
 MAX_TRACEBACK_CHARS = 4000
 MAX_MESSAGE_CHARS = 4000
 _HEARTBEAT_JOIN_TIMEOUT_S = 5.0
@@ -473,16 +478,19 @@ class _MapReader:
 
 
 class _Heartbeater:
-    """Sends heartbeats every interval while the task function runs."""
+    """Sends heartbeats every interval while the task function runs, and stores the task's log
+    when it changed: at each heartbeat, and every LOG_FLUSH_INTERVAL_S between heartbeats that
+    are further apart (a `tickweave logs --follow` reader would otherwise wait a minute)."""
 
-    def __init__(self, ctx: TaskContext, interval_s: float) -> None:
+    def __init__(self, ctx: TaskContext, interval_s: float, uploader: LogUploader | None = None) -> None:
         self._ctx = ctx
         self._interval_s = interval_s
+        self._uploader = uploader
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{ctx.task_id}", daemon=True)
 
     def __enter__(self) -> _Heartbeater:
-        if self._interval_s > 0:
+        if self._interval_s > 0 or self._uploader is not None:
             self._thread.start()
         return self
 
@@ -492,20 +500,34 @@ class _Heartbeater:
             self._thread.join(timeout=_HEARTBEAT_JOIN_TIMEOUT_S)
 
     def _run(self) -> None:
-        # Event.wait, not sleep: stopping must not wait out a whole interval.
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._ctx._beat()
-            except Exception:
-                # A missed heartbeat is not fatal: the lease is longer than the interval and the
-                # next one may get through; the callback is what counts.
-                log.warning("heartbeat for task %s failed", self._ctx.task_id, exc_info=True)
-            if self._ctx.stale:
-                # Refused: a newer attempt owns the task. Further heartbeats would be refused
-                # too; the task function learns it at its next SDK call.
-                log.info("task %s attempt %s is no longer current; stopping its heartbeats",
-                         self._ctx.task_id, self._ctx.attempt)
+        beats = self._interval_s > 0
+        # Wake for the next heartbeat, or sooner to store the log.
+        intervals = [self._interval_s] if beats else []
+        if self._uploader is not None:
+            intervals.append(LOG_FLUSH_INTERVAL_S)
+        step = min(intervals)
+        next_beat = time.monotonic() + self._interval_s
+        while True:
+            wait = min(step, next_beat - time.monotonic()) if beats else step
+            # Event.wait, not sleep: stopping must not wait out a whole interval.
+            if self._stop.wait(max(0.0, wait)):
                 return
+            if beats and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._interval_s
+                try:
+                    self._ctx._beat()
+                except Exception:
+                    # A missed heartbeat is not fatal: the lease is longer than the interval and
+                    # the next one may get through; the callback is what counts.
+                    log.warning("heartbeat for task %s failed", self._ctx.task_id, exc_info=True)
+                if self._ctx.stale:
+                    # Refused: a newer attempt owns the task. Further heartbeats would be
+                    # refused too; the task function learns it at its next SDK call.
+                    log.info("task %s attempt %s is no longer current; stopping its heartbeats",
+                             self._ctx.task_id, self._ctx.attempt)
+                    return
+            if self._uploader is not None:
+                self._uploader.flush()
 
 
 class _Pending:
@@ -732,12 +754,23 @@ class Worker:
             return first
 
         started = time.monotonic()
-        heartbeater = _Heartbeater(ctx, ctx.heartbeat_interval_s).__enter__()
+        uploader = _log_uploader(ctx)
+        heartbeater = _Heartbeater(ctx, ctx.heartbeat_interval_s, uploader).__enter__()
         try:
-            body = self._run(fn, ctx)
+            if uploader is None:
+                body = self._run(fn, ctx)
+            else:
+                with capturing(uploader.task_log):
+                    body = self._run(fn, ctx)
         except BaseException:
             heartbeater.__exit__(None, None, None)
             raise
+        if uploader is not None and not ctx.stale:
+            # Before the callback, for a failure too (its log is the one that matters most):
+            # once the attempt is reported finished, the stored log is the whole log. A stale
+            # attempt stores nothing more, its log no more than its output: the server already
+            # counts that attempt as finished (expired), and its log as complete.
+            uploader.flush(final=True)
         pending = _Pending(callback_url, {}, claims.task_id, ctx, heartbeater)
         if body is None or ctx.stale:
             pending.stop_heartbeats()
@@ -867,6 +900,15 @@ class Worker:
         if not isinstance(event, Mapping):
             raise TypeError("a worker Lambda expects a dispatch object or an SQS event")
         return self.execute(event)
+
+
+def _log_uploader(ctx: TaskContext) -> LogUploader | None:
+    """The uploader of this attempt's log, or None when its grant stores no log (a token from
+    an orchestrator without task logs): then nothing is captured either."""
+    storage = ctx.storage
+    if storage is None or storage.log_key is None:
+        return None
+    return LogUploader(TaskLog(), storage.write_log, what=f"task {ctx.task_id} attempt {ctx.attempt}")
 
 
 def _failure(exc: BaseException, *, code: str, retryable: bool) -> dict[str, Any]:
