@@ -42,11 +42,12 @@ from orchestrator.api.schemas import (
 from orchestrator.api.worker_reads import ReadUrls, ReadUrlsRequest
 from orchestrator.engine.templates import TemplateDefinition
 from orchestrator.model import PipelineDefinition
+from orchestrator.model.notify import NotifyDefaults
 from orchestrator.model.pipeline import EVENT_NAME_PATTERN, SLUG_PATTERN, TASK_NAME_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
-MAX_PAGE_SIZE = 500  # keep in step with orchestrator.api.app.MAX_PAGE_SIZE
+MAX_PAGE_SIZE = 500  # keep in step with orchestrator.api.common.MAX_PAGE_SIZE
 
 Auth = Literal["key", "tick", "none"]
 Location = Literal["query", "header"]
@@ -122,10 +123,12 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "run_id": _UUID,
     "task_id": _UUID,
     "entry_id": _UUID,
+    "delivery_id": _UUID,
     "key_id": _UUID,
     "backfill_id": _UUID,
     "output_id": _UUID,
     "orchestration_id": _UUID,
+    "attempt": {"type": "integer", "minimum": 1, "maximum": 2_147_483_647},
 }
 
 _AUTH_ERRORS = (401, 403, 503)
@@ -165,6 +168,13 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: r.PipelineDetail}),
     _op("PUT", "/api/pipelines/{pipeline_id}", "New version of a pipeline", "pipelines", "admin",
         {200: r.PipelineSaved}, body=PipelineDefinition, body_types=_DEFINITION_TYPES, errors=(409,)),
+    _op("DELETE", "/api/pipelines/{pipeline_id}", "Delete a pipeline (its history stays readable)", "pipelines",
+        "admin", {200: r.PipelineDeleted}, errors=(409,),
+        params=(Param("cancel_runs", "query", {"type": "boolean", "default": False},
+                      "Cancel its pending and running runs first (else such runs refuse the delete: 409)."),),
+        description="Its schedules stop; its runs, tasks, outputs and dead letters stay readable; it leaves the "
+                    "lists and GET answers 404. Refused (409) while other pipelines' `depends` name it. POST a "
+                    "definition with the same id to create it anew (its versions continue)."),
     _op("POST", "/api/pipelines/validate", "Validate definitions without storing them", "pipelines", "viewer",
         {200: r.AnyObject}, body=r.AnyJSON, body_types=_DEFINITION_TYPES,
         description="One definition, a list of them, or `{\"pipelines\": [...]}`; nothing is stored."),
@@ -223,6 +233,20 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("GET", "/api/tasks/{task_id}", "A task with its attempts", "runs", "viewer", {200: r.Task},
         description="A map node has `map` (spec, width, items by status) and, once settled, its manifest "
                     "reference as `output`; a map item has `map_index`, `map_item` and `map_parent_id`."),
+    _op("GET", "/api/tasks/{task_id}/attempts/{attempt}/log", "The log of one attempt of a task", "runs", "viewer",
+        {200: r.AnyJSON}, other_content={200: {"text/plain": {"type": "string"}}},
+        params=(Param("offset", "query", {"type": "integer", "minimum": 0},
+                      "Byte offset into the log: the answer holds the bytes from there on (default 0)."),),
+        description="`text/plain; charset=utf-8`: what the task logged and printed during that attempt (the "
+                    "worker SDK keeps the first 1 MiB, then a `[log truncated: N bytes dropped]` line). "
+                    "`X-Log-Size`: the stored log's size in bytes now; `X-Log-Complete`: `true` once the attempt "
+                    "is finished (the log will not change), else `false` (poll again from offset X-Log-Size). "
+                    "While the attempt runs and has stored nothing yet: an empty body. 404: the task or "
+                    "attempt is not in the key's workspace, or the finished attempt stored no log."),
+    _op("GET", "/api/tasks/{task_id}/output", "The content of a task's stored output", "runs", "viewer",
+        {200: r.AnyJSON},
+        description="What the task's successful attempt wrote, whether or not the pipeline declares it under "
+                    "`outputs:`. 404: not a task of the key's workspace, or it has no stored output."),
     _op("POST", "/api/tasks/{task_id}/complete", "Advance a manual step", "runs", "operator", {200: r.Decision},
         body=CompleteRequest, errors=(409,)),
     _op("POST", "/api/approvals/{task_id}", "Approve or reject an approval step", "runs", "operator",
@@ -240,8 +264,29 @@ OPERATIONS: tuple[Operation, ...] = (
                 *_PAGE)),
     _op("POST", "/api/dlq/purge", "Delete dead letters older than a number of days", "dlq", "operator",
         {200: r.Purged}, body=PurgeRequest),
-    _op("POST", "/api/dlq/{entry_id}/retry", "Retry a dead task", "dlq", "operator", {200: r.DeadLetterRetried},
+    _op("GET", "/api/dlq/{entry_id}", "A dead letter with every attempt", "dlq", "viewer", {200: r.DeadLetter},
+        errors=(422,)),
+    _op("POST", "/api/dlq/{entry_id}/retry", "Retry a dead-lettered task", "dlq", "operator", {200: r.DeadLetterRetried},
         errors=(409,)),
+    # notifications
+    _op("GET", "/api/notifications", "Notification deliveries, newest first", "notifications", "viewer",
+        {200: r.NotificationDeliveryList},
+        params=(Param("status", "query", {"type": "string", "enum": ["pending", "sending", "delivered", "failed"]}),
+                *_PAGE)),
+    _op("GET", "/api/notifications/defaults", "The workspace's default notification targets", "notifications",
+        "admin", {200: r.NotificationDefaults}),
+    _op("PUT", "/api/notifications/defaults", "Set the workspace's default notification targets", "notifications",
+        "admin", {200: r.NotificationDefaults}, body=NotifyDefaults),
+    _op("GET", "/api/notifications/secret", "The webhook signing secret (made on first use)", "notifications",
+        "admin", {200: r.NotificationSecret}),
+    _op("POST", "/api/notifications/secret", "Rotate the webhook signing secret", "notifications", "admin",
+        {200: r.NotificationSecret}, body_required=False,
+        description="The previous secret keeps signing alongside the new one for TICKWEAVE_NOTIFY_SECRET_GRACE_S "
+                    "(default a day)."),
+    _op("GET", "/api/notifications/{delivery_id}", "A delivery with its attempts and event", "notifications",
+        "viewer", {200: r.NotificationDeliveryDetail}),
+    _op("POST", "/api/notifications/{delivery_id}/retry", "One more attempt for a failed delivery",
+        "notifications", "operator", {200: r.NotificationRetried}, body_required=False, errors=(409,)),
     # templates
     _op("POST", "/api/templates", "Create a node template", "templates", "admin", {201: r.TemplateDetail},
         body=TemplateDefinition, body_types=_DEFINITION_TYPES, errors=(409,)),
@@ -266,7 +311,7 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("POST", "/api/workers/register", "Register a worker service and its tasks", "workers", "admin",
         {200: r.WorkerRegistered}, body=RegisterRequest, errors=(409,)),
     _op("GET", "/api/workers", "Registered worker services", "workers", "viewer", {200: r.WorkerList}),
-    _op("GET", "/api/tasks/{task_name}/history", "Code versions of a task name", "workers", "viewer",
+    _op("GET", "/api/task-definitions/{task_name}/history", "Code versions of a task name", "workers", "viewer",
         {200: r.TaskHistory}),
     _op("POST", "/api/callback/{task_id}", "Worker callback: the outcome of an attempt", "worker protocol", None,
         {200: r.CallbackResult, 404: r.CallbackFailure, 409: r.CallbackFailure}, body=CallbackRequest,

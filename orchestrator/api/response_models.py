@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 RunTrigger = Literal["manual", "schedule", "pipeline", "event", "api"]
 TaskStatus = Literal[
-    "pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped", "cancelled", "dead"
+    "pending", "ready", "dispatched", "running", "waiting", "succeeded", "failed", "skipped", "cancelled"
 ]
+DEAD_LETTERED = ("True while the task is in the dead-letter queue: it failed (a worker's task out of attempts, "
+                 "or not retryable) and its entry was not retried or purged.")
 TaskKind = Literal["task", "approval", "manual", "map"]
 Role = Literal["viewer", "operator", "admin"]
 
@@ -75,6 +77,11 @@ class TickResponse(Loose):
     expired: int
     waits_expired: int
     maps_resolved: int = Field(default=0, description="map nodes the tick expanded or settled (a safety net)")
+    dead_letters_purged: int = Field(default=0, description="dead letters past TICKWEAVE_DLQ_RETENTION_DAYS, "
+                                                            "purged (at most a batch per tick)")
+    notifications_delivered: int = 0
+    notifications_retrying: int = Field(default=0, description="notification attempts that failed and will be retried")
+    notifications_failed: int = Field(default=0, description="notification deliveries given up")
     claimed: int
     dispatched: int
     dispatch_failed: int
@@ -123,6 +130,7 @@ class PipelineStats(Loose):
 
 class Pipeline(Loose):
     id: str
+    name: str | None = Field(description="The display name (`name` in the definition); null when it has none.")
     version: int
     sha256: str
     paused: bool
@@ -156,6 +164,11 @@ class PipelineList(Loose):
     next_cursor: str | None
 
 
+class PipelineDeleted(Loose):
+    deleted: str = Field(description="The id of the pipeline deleted.")
+    cancelled_runs: int = Field(description="Runs cancelled first (with `cancel_runs=true`).")
+
+
 # --- runs and tasks ----------------------------------------------------------------------------
 
 
@@ -166,12 +179,18 @@ class RunSummary(Loose):
     status: RunStatus
     trigger: RunTrigger
     scheduled_at: datetime | None
-    triggered_by: str | None
+    triggered_by: str | None = Field(description="The name of the API key that started it (its first "
+                                                 "characters when the key has no name, and for runs started "
+                                                 "before keys' names were recorded); null for schedules.")
+    event_id: str | None = Field(description="The event that started it (trigger `event`); null otherwise.")
     schedule_id: uuid.UUID | None
     versions: list[str] = Field(description="The run's first 20 versions; `version_count` has the number.")
     version_count: int
     unfinished_tasks: int
-    failed_tasks: int
+    failed_tasks: int = Field(description="The run's tasks that failed, map items included (a tolerated "
+                                          "failure, `on_failure: continue`, counts too).")
+    succeeded_with_failures: bool = Field(description="Succeeded, with failed tasks its `on_failure: continue` "
+                                                      "or `tolerated_failures` let it go past.")
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -228,6 +247,7 @@ class TaskOfRun(Loose):
     message: str | None
     output: Any = Field(description="Whole when small; else its scalar fields and `truncated: true`.")
     error: Any = Field(description="Whole when small; else its scalar fields and `truncated: true`.")
+    dead_lettered: bool = Field(description=DEAD_LETTERED)
     attempts: list[AttemptOfTask] | None = Field(
         default=None, description="With `include=attempts`: the task's last 10 attempts, oldest first.")
     map_index: int | None = Field(default=None, description="A map item's index in the list (from 0).")
@@ -251,7 +271,7 @@ class NodeCounts(Loose):
     kind: TaskKind
     task: str | None
     status: TaskStatus | None = Field(description=(
-        "The first of running, dispatched, ready, waiting, pending, failed, dead, cancelled, skipped, "
+        "The first of running, dispatched, ready, waiting, pending, failed, cancelled, skipped, "
         "succeeded that one of its tasks has."))
     tasks: int = Field(description="The node's tasks: one per version of the run (a mapped node's map nodes; "
                                    "its items are in `map`).")
@@ -279,11 +299,15 @@ class Run(Loose):
     trigger_source_pipeline_id: str | None
     scheduled_at: datetime | None
     triggered_by: str | None
+    event_id: str | None
     idempotency_key: str | None
     params: dict[str, Any]
     versions: list[str]
     unfinished_tasks: int
-    failed_tasks: int
+    failed_tasks: int = Field(description="The run's tasks that failed, map items included (a tolerated "
+                                          "failure, `on_failure: continue`, counts too).")
+    succeeded_with_failures: bool = Field(description="Succeeded, with failed tasks its `on_failure: continue` "
+                                                      "or `tolerated_failures` let it go past.")
     error: str | None
     schedule_id: uuid.UUID | None
     backfill_id: uuid.UUID | None
@@ -349,6 +373,7 @@ class Task(Loose):
     output: Any = Field(description="A settled map node's: its manifest reference (`key`, `manifest: true`, "
                                     "`count`, `succeeded`, `failed`, `skipped`, `items_prefix`).")
     error: Any
+    dead_lettered: bool = Field(description=DEAD_LETTERED)
     code_version: str | None
     depends: list[str] = Field(description="Upstream nodes, the first 50 by id (a map node's never list its items; "
                                            "a map item has none).")
@@ -427,6 +452,59 @@ class DeadLetterRetried(Loose):
 
 class Purged(Loose):
     purged: int
+
+
+# --- notifications -----------------------------------------------------------------------------
+
+
+DeliveryStatus = Literal["pending", "sending", "delivered", "failed"]
+
+
+class NotificationDelivery(Loose):
+    id: uuid.UUID
+    event_id: uuid.UUID = Field(description="The same for every target and attempt: receivers drop duplicates by it.")
+    event_type: str
+    pipeline_id: str
+    run_id: uuid.UUID
+    task_id: uuid.UUID | None
+    target_kind: Literal["webhook", "sns"]
+    target: str = Field(description="A webhook's scheme and host only (its path may carry a secret); an SNS topic ARN.")
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    http_status: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+
+
+class NotificationDeliveryDetail(NotificationDelivery):
+    history: list[dict[str, Any]] = Field(description="One entry per attempt: attempt, at, ok, http_status, error, duration_ms.")
+    event: dict[str, Any]
+
+
+class NotificationDeliveryList(Loose):
+    items: list[NotificationDelivery]
+    next_cursor: str | None
+
+
+class NotificationRetried(Loose):
+    id: uuid.UUID
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+
+
+class NotificationDefaults(Loose):
+    notify: list[dict[str, Any]] | None = Field(description="Targets for pipelines without `notify`; null: none.")
+    updated_at: datetime | None
+
+
+class NotificationSecret(Loose):
+    secret: str = Field(description="Webhook bodies are signed with it (X-Tickweave-Signature).")
+    rotated_at: datetime | None
+    previous_secret_expires_at: datetime | None = Field(
+        description="Until then the previous secret signs too (a second signature in the header).")
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -510,6 +588,10 @@ class BackfillRun(Loose):
     status: RunStatus
     created_at: datetime
     finished_at: datetime | None
+    failed_tasks: int = Field(description="The run's tasks that failed, map items included (a tolerated "
+                                          "failure, `on_failure: continue`, counts too).")
+    succeeded_with_failures: bool = Field(description="Succeeded, with failed tasks its `on_failure: continue` "
+                                                      "or `tolerated_failures` let it go past.")
 
 
 class Backfill(Loose):
@@ -566,7 +648,10 @@ class Worker(Loose):
     transport: Literal["http", "lambda", "sqs"]
     endpoint: str
     registered_at: datetime
-    last_seen_at: datetime
+    last_seen_at: datetime = Field(description="When it was last heard from: registration, a heartbeat or a "
+                                               "callback (written at most every 30 s).")
+    health: Literal["healthy", "stale"] = Field(description="`stale`: not heard from for over `stale_after_s`.")
+    stale_after_s: int
     tasks: list[WorkerTask]
 
 
@@ -588,7 +673,7 @@ class TaskHistory(Loose):
 
 class CallbackResult(Loose):
     accepted: bool
-    outcome: str = Field(description="succeeded, failed, retrying, dead, duplicate, stale_attempt, ...")
+    outcome: str = Field(description="succeeded, failed, retrying, duplicate, stale_attempt, ...")
     task_status: str | None
     run_status: str | None
 

@@ -1,8 +1,8 @@
 """`POST /api/worker/read-urls`: presigned GET URLs for the items a reducer reads.
 
 Worker protocol, like `/api/heartbeat`: authenticated by the task token in the body (no API
-key), answered in the one error shape. The app mounts it with
-`Route("/api/worker/read-urls", worker_reads.read_urls, methods=["POST"])`.
+key), answered in the one error shape. orchestrator/api/routes/worker_protocol.py mounts it with
+the other worker-protocol routes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from orchestrator.api.common import error_response
 from orchestrator.api.request import read_json, validate
-from orchestrator.api.responses import JSON, error
+from orchestrator.api.responses import JSON
 from orchestrator.engine import worker_reads
 from orchestrator.engine.errors import EngineError
 
@@ -48,15 +49,5 @@ async def read_urls(request: Request) -> Response:
             worker_reads.presign_reads, engine.settings, engine.keyring, body.token, body.keys
         )
     except EngineError as exc:
-        return _error_response(exc)
+        return error_response(exc)  # the one table: this route answers errors as the others do
     return JSON({"urls": urls})
-
-
-def _error_response(exc: EngineError) -> Response:
-    # The app's own table, so this route answers every error exactly as the others do (imported
-    # here, not at the top: the app imports this module to mount the route).
-    from orchestrator.api.app import _STATUS_BY_ERROR
-
-    status = _STATUS_BY_ERROR.get(type(exc), 400)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return error(status, exc.code, exc.message, exc.details, headers)

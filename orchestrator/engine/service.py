@@ -16,6 +16,7 @@ from orchestrator.engine import (
     backfills,
     events,
     keys,
+    notifications,
     operations,
     orchestrations,
     outputs,
@@ -79,6 +80,7 @@ class Engine:
         self.keyring = TokenKeyring.from_settings(settings)
         self.transports = build_transports(settings) if transports is None else transports
         self.dispatcher = Dispatcher(settings, self.db, self.keyring, self.transports)
+        self.sightings = workers.WorkerSightings()
 
     def close(self) -> None:
         for transport in self.transports.values():
@@ -159,7 +161,7 @@ class Engine:
         return workers.register(self.db, self.settings, workspace_id, **registration)
 
     def list_workers(self, workspace_id: str) -> list[Row]:
-        return workers.list_workers(self.db, workspace_id)
+        return workers.list_workers(self.db, workspace_id, self.settings.worker_stale_after_s)
 
     def task_code_history(self, workspace_id: str, task_name: str) -> list[Row]:
         return workers.code_history(self.db, workspace_id, task_name)
@@ -172,11 +174,13 @@ class Engine:
 
     # pipelines
     def create_pipeline(self, workspace_id: str, raw: Any, *, actor: str | None = None) -> pipelines.SavedPipeline:
+        notifications.check_definition_targets(self.settings, raw)  # the deployment's address policy
         return pipelines.create_pipeline(self.db, workspace_id, raw, actor=actor)
 
     def update_pipeline(
         self, workspace_id: str, pipeline_id: str, raw: Any, *, actor: str | None = None, create_missing: bool = False
     ) -> pipelines.SavedPipeline:
+        notifications.check_definition_targets(self.settings, raw)
         return pipelines.update_pipeline(self.db, workspace_id, pipeline_id, raw, actor=actor, create_missing=create_missing)
 
     def get_pipeline(self, workspace_id: str, pipeline_id: str) -> Row:
@@ -187,6 +191,11 @@ class Engine:
 
     def set_paused(self, workspace_id: str, pipeline_id: str, paused: bool) -> Row:
         return pipelines.set_paused(self.db, workspace_id, pipeline_id, paused)
+
+    def delete_pipeline(
+        self, workspace_id: str, pipeline_id: str, *, cancel_runs: bool = False, actor: str = "api"
+    ) -> pipelines.DeletedPipeline:
+        return pipelines.delete_pipeline(self.db, workspace_id, pipeline_id, cancel_runs=cancel_runs, actor=actor)
 
     def list_schedules(self, workspace_id: str, pipeline_ids: list[str] | None = None) -> list[Row]:
         """Schedules with their next fire times (computed from database time)."""
@@ -259,7 +268,14 @@ class Engine:
         return orchestrations.get_orchestration(self.db, workspace_id, orchestration_id)
 
     def validate_pipelines(self, workspace_id: str, raws: list[Any]) -> dict[str, Any]:
-        return pipelines.validate_pipelines(self.db, workspace_id, raws)
+        report = pipelines.validate_pipelines(self.db, workspace_id, raws)
+        for entry in report["pipelines"]:  # the deployment's address policy for `notify` targets
+            problems = notifications.definition_target_problems(self.settings, raws[entry["index"]])
+            if problems:
+                entry["valid"] = False
+                entry["errors"] = [*entry["errors"], *problems]
+                report["valid"] = False
+        return report
 
     def list_outputs(
         self, workspace_id: str, *, pipeline_id: str | None = None, version: str | None = None,
@@ -274,6 +290,9 @@ class Engine:
 
     def output_content(self, workspace_id: str, output_id: uuid.UUID) -> bytes:
         return outputs.output_content(self.db, self.settings, workspace_id, output_id)
+
+    def task_output_content(self, workspace_id: str, task_id: uuid.UUID) -> bytes:
+        return outputs.task_output_content(self.db, self.settings, workspace_id, task_id)
 
     def list_runs(
         self, workspace_id: str, *, pipeline_id: str | None = None, status: str | None = None, limit: int = 50,
@@ -319,6 +338,9 @@ class Engine:
         self.dispatch_ready(entry["run_id"])
         return entry
 
+    def get_dead_letter(self, workspace_id: str, entry_id: uuid.UUID) -> Row:
+        return operations.get_dead_letter(self.db, workspace_id, entry_id)
+
     def purge_dead_letters(self, workspace_id: str, older_than_days: Any) -> int:
         return operations.purge_dead_letters(self.db, workspace_id, older_than_days)
 
@@ -347,26 +369,35 @@ class Engine:
         return created
 
     # worker protocol
+    # `seen`: the request came from a worker over the API (its routes pass True), so the worker
+    # serving the task is marked seen (engine.workers.WorkerSightings: throttled, after the
+    # callback's own statement). In-process callers (the local transport, tests) leave it off.
     def record_callback(
         self, task_id: uuid.UUID, token: str, *, status: str, output: dict[str, Any] | None,
-        error: dict[str, Any] | None,
+        error: dict[str, Any] | None, seen: bool = False,
     ) -> AttemptResult:
+        heard: list[tuple[str, str]] = []
         result = worker_protocol.record_callback(
             self.db, self.keyring, task_id, token, status=status, output=output, error=error, settings=self.settings,
-            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size),
+            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size), heard=heard,
         )
         self._after_settled(result)
+        if seen:
+            self.sightings.record(self.db, heard)
         return result
 
     def record_callbacks(
-        self, callbacks: Sequence[worker_protocol.CallbackInput]
+        self, callbacks: Sequence[worker_protocol.CallbackInput], *, seen: bool = False
     ) -> list[AttemptResult | EngineError]:
         """A batch of callbacks (POST /api/callbacks): one answer each, in order; what they made
         ready is claimed in the batch's transaction and dispatched here."""
+        heard: list[tuple[str, str]] = []
         batch = worker_protocol.record_callbacks(
             self.db, self.keyring, callbacks, settings=self.settings,
-            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size),
+            claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size), heard=heard,
         )
+        if seen:
+            self.sightings.record(self.db, heard)
         if batch.claimed:
             self.dispatcher.dispatch(batch.claimed, batch.context)
         for run_id in batch.started_runs:
@@ -385,8 +416,15 @@ class Engine:
             self.start_pipeline_triggers()
         return batch.answers
 
-    def record_heartbeat(self, token: str, *, progress: float | None, message: str | None) -> tuple[bool, str, uuid.UUID]:
-        return worker_protocol.record_heartbeat(self.db, self.keyring, token, progress=progress, message=message)
+    def record_heartbeat(
+        self, token: str, *, progress: float | None, message: str | None, seen: bool = False
+    ) -> tuple[bool, str, uuid.UUID]:
+        heard: list[tuple[str, str]] = []
+        answer = worker_protocol.record_heartbeat(
+            self.db, self.keyring, token, progress=progress, message=message, heard=heard)
+        if seen:
+            self.sightings.record(self.db, heard)
+        return answer
 
     # metrics
     def metrics(self, workspace_id: str, *, window_s: int = 86_400, pipeline_id: str | None = None) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from schemathesis.specs.openapi.checks import (
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from orchestrator.api import app as app_module
-from orchestrator.api import openapi
+from orchestrator.api import common, openapi
 from orchestrator.api.app import create_app
 from orchestrator.api.openapi import OPERATIONS, PLANNED, build_openapi, route_operations
 from orchestrator.config import Settings
@@ -131,7 +130,7 @@ def test_documented_roles_are_the_enforced_ones(client: TestClient, engine: Engi
 
 
 def test_page_size_limit_is_the_apps() -> None:
-    assert openapi.MAX_PAGE_SIZE == app_module.MAX_PAGE_SIZE
+    assert openapi.MAX_PAGE_SIZE == common.MAX_PAGE_SIZE
 
 
 # --- the fuzzer ------------------------------------------------------------------------------
