@@ -152,6 +152,22 @@ class TickweaveClient:
                 "is this the Tickweave API?"
             ) from None
 
+    def request_bytes(
+        self, method: str, path: str, *, params: Mapping[str, str | int | bool] | None = None
+    ) -> tuple[bytes, httpx.Headers]:
+        """One call answered with something other than JSON (a task's log): the body's bytes and
+        the headers, or ApiError / ConnectionFailed as `request` raises them."""
+        query = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in (params or {}).items()}
+        try:
+            response = self._http.request(method, path, params=query or None, headers={"Accept": "text/plain"})
+        except httpx.TimeoutException as exc:
+            raise ConnectionFailed(f"{method} {self.base_url}{path} timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(f"could not reach {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _error_from_response(response)
+        return response.content, response.headers
+
     # --- server --------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:

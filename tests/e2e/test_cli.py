@@ -35,7 +35,7 @@ BREAKS = {
     "id": "breaks",
     "nodes": [
         {"id": "first", "task": "echo"},
-        # Fails its first attempt for good (not retryable): dead, in the DLQ; a retry succeeds.
+        # Fails its first attempt for good (not retryable): failed, in the DLQ; a retry succeeds.
         {"id": "boom", "task": "fail", "depends": ["first"], "params": {"times": 1, "retryable": False}},
     ],
 }
@@ -237,7 +237,7 @@ def test_trigger_wait_failure_then_dlq_list_and_retry(stack: Stack, capsys: pyte
 
     code, out, _ = cli(stack, capsys, "trigger", "breaks", "--wait", "--interval", "0.05", "--timeout", "120")
     assert code == 1
-    assert "boom dead (attempt 1/1): failing on purpose" in out
+    assert "boom failed (attempt 1/1): failing on purpose" in out
     assert out.splitlines()[-1].split()[2] == "failed"
 
     code, run = cli_json(stack, capsys, "trigger", "breaks", "--wait", "--interval", "0.05", "--timeout", "120")

@@ -180,8 +180,8 @@ def test_run_shows_a_mapped_node_with_its_items(stack: Stack, capsys: pytest.Cap
 
     code, out, _ = cli(stack, capsys, "run", str(run), "--node", "parse", "--limit", "5")
     assert code == 0, out
-    table = out[out.index("NODE      VERSION"):].splitlines()
-    assert [line.split()[:4] for line in table[1:6]] == [
+    table = out[out.index("TASK ID"):].splitlines()
+    assert [line.split()[1:5] for line in table[1:6]] == [
         ["parse", "default", "running", "-"], ["parse", "#0", "default", "succeeded"],
         ["parse", "#1", "default", "succeeded"], ["parse", "#2", "default", "succeeded"],
         ["parse", "#3", "default", "succeeded"]]
