@@ -204,7 +204,8 @@ def test_retry_a_dead_letter(dashboard: Dashboard) -> None:
     dashboard.sign_in()
     run_id = trigger_from_overview(dashboard, "flaky")
     expect(page.locator("#run-status")).to_have_attribute("data-status", "failed", timeout=STATE_TIMEOUT_MS)
-    expect(page.locator('#dag g.node[data-node="wobbly"]')).to_have_attribute("data-status", "dead")
+    expect(page.locator('#dag g.node[data-node="wobbly"]')).to_have_attribute("data-status", "failed")
+    expect(page.locator('#steps tr[data-node="wobbly"] [data-dead-lettered]')).to_have_text("dead-lettered")
     expect(page.locator('#dag g.node[data-node="last"]')).to_have_attribute("data-status", "skipped")
     dashboard.screenshot("run-failed")
 
@@ -312,7 +313,7 @@ def test_lineage_and_outputs_are_rendered_when_the_api_sends_them(dashboard: Das
     outputs = page.locator("#run-outputs")
     expect(outputs).to_contain_text(HOSTILE)  # shown as text, not parsed as markup
     expect(outputs.locator("img")).to_have_count(0)
-    outputs.get_by_role("button", name="View").click()
+    outputs.locator("#persisted-outputs").get_by_role("button", name="View").click()
     expect(outputs.locator("pre")).to_contain_text('"rows": 3')
     dashboard.screenshot("lineage-and-outputs")
 

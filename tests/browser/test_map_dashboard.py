@@ -136,7 +136,7 @@ def test_a_mapped_node_is_one_box_that_opens_to_its_items(dashboard: Dashboard) 
     expect(items).to_have_count(WIDTH - 99)
     expect(page.locator("#map-items [data-next-items]")).to_have_count(0)
     failed = page.locator('#map-item-list tr[data-item="100"]')
-    expect(failed).to_have_attribute("data-status", "dead")
+    expect(failed).to_have_attribute("data-status", "failed")
     expect(failed.locator("td").nth(4)).to_have_text("cannot parse <script>x</script>")  # the first line
     expect(page.locator('#map-item-list tr[data-item="105"]')).to_have_attribute("data-status", "running")
     expect(page.locator('#map-item-list tr[data-item="115"]')).to_have_attribute("data-status", "dispatched")
