@@ -100,6 +100,9 @@ def test_an_empty_database_to_a_finished_run(aws_stack: AwsStack, moto_server: M
 
     # 5. the outputs are in the bucket; the join read both branches
     keys = s3_keys(moto_server.endpoint_url, aws_stack.bucket, f"runs/deploy/deploy-demo/{run_id}/")
+    # beside each output, the attempt's log (the worker SDK stores it with the same grant)
+    assert sorted(k.split("/")[6] for k in keys if k.endswith("/log.txt")) == ["clean", "enrich", "extract", "load"]
+    keys = [k for k in keys if k.endswith("/output.json")]
     assert [k.split("/")[6] for k in keys] == ["clean", "enrich", "extract", "load"]
     s3 = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
     load = json.loads(s3.get_object(Bucket=aws_stack.bucket, Key=keys[-1])["Body"].read())

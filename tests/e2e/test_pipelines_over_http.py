@@ -91,7 +91,11 @@ def test_stop_failure_fails_the_run_and_later_steps_never_run(stack: Stack) -> N
     assert last["attempt"] == 0 and last["output"] is None
     listing = orchestrator_s3(stack.settings).list_objects_v2(
         Bucket=stack.settings.bucket, Prefix=f"runs/e2e/seq-stop/{run_id}/")
-    assert sorted(o["Key"].split("/")[6] for o in listing.get("Contents", [])) == ["first"]  # runs/ws/p/run/v/nodes/N
+    stored = [o["Key"] for o in listing.get("Contents", [])]
+    # runs/ws/p/run/v/nodes/N/attempts/n/...: only "first" wrote an output, "broken" left its log,
+    # "last" never ran and wrote nothing
+    assert sorted(k.split("/")[6] for k in stored if k.endswith("/output.json")) == ["first"]
+    assert sorted({k.split("/")[6] for k in stored}) == ["broken", "first"]
 
 
 def test_retries_until_the_flaky_task_succeeds(stack: Stack) -> None:

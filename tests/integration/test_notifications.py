@@ -41,6 +41,12 @@ AUTH = {"Authorization": "Bearer acme-admin-key"}
 # --- a real receiver -------------------------------------------------------------------------------
 
 
+class _Listener(ThreadingHTTPServer):
+    # The default backlog (5) resets connections when a tick sends 16 at once on a busy machine:
+    # the receiver, not the sender, would be what failed.
+    request_queue_size = 128
+
+
 class Receiver:
     """An HTTP server on loopback that keeps every POST and answers the queued statuses in
     order (then 200)."""
@@ -67,7 +73,7 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Listener(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
