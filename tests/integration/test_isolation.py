@@ -79,6 +79,12 @@ def test_every_route_hides_another_workspaces_objects(client: TestClient, tenant
         ("POST", "/api/pipelines/secret/backfill", {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}),
         ("GET", f"/api/backfills/{tenants['backfill']}", None),
         ("POST", f"/api/backfills/{tenants['backfill']}/cancel", None),
+        # issue 18's routes
+        ("DELETE", "/api/pipelines/secret", None),
+        ("DELETE", "/api/pipelines/secret?cancel_runs=true", None),
+        ("GET", f"/api/dlq/{tenants['dlq']}", None),
+        ("GET", f"/api/tasks/{tenants['task']}/output", None),
+        ("GET", f"/api/tasks/{tenants['task']}/attempts/1/log", None),
     ]
     for method, path, body in probes:
         response = client.request(method, path, json=body, headers=a)
@@ -93,6 +99,7 @@ def test_every_route_hides_another_workspaces_objects(client: TestClient, tenant
     assert client.get("/api/dlq", headers=a).json()["items"] == []
     assert client.get("/api/templates", headers=a).json()["items"] == []
     assert client.get("/api/events", headers=a).json()["items"] == []
+    assert client.get("/api/notifications", headers=a).json()["items"] == []
 
     # B's objects are untouched and still visible to B
     b = {"x-api-key": tenants["b_admin"]}
@@ -116,13 +123,17 @@ def test_roles_gate_every_mutation(client: TestClient, tenants: dict[str, Any], 
         ("POST", "/api/templates", {"id": "t", "task": "echo"}),
         ("POST", "/api/events", {"name": "x", "id": "1"}),
         ("POST", "/api/pipelines/mine/backfill", {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}),
+        ("DELETE", "/api/pipelines/mine", None),
+        ("PUT", "/api/notifications/defaults", {"notify": []}),
+        ("POST", "/api/notifications/secret", None),
+        ("GET", "/api/notifications/secret", None),
         ("POST", "/api/workers/register", {"service": "s", "version": "1", "transport": "http",
                                            "endpoint": "http://127.0.0.1:9/d", "tasks": [{"name": "t", "code_hash": "sha256:00000000"}]}),
     ]
     for method, path, body in forbidden:
         response = client.request(method, path, json=body, headers=viewer)
         assert response.status_code == 403, (method, path, response.text)
-    assert client.get("/api/pipelines/mine", headers=viewer).status_code == 200
+    assert client.get("/api/pipelines/mine", headers=viewer).status_code == 200  # and it was not deleted
     operator, _ = engine.create_api_key("tenant-a", "operator")
     assert client.post("/api/pipelines/mine/runs", json={}, headers={"x-api-key": operator}).status_code == 201
     assert client.post("/api/keys", json={"role": "viewer"}, headers={"x-api-key": operator}).status_code == 403
