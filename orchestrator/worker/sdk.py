@@ -18,6 +18,14 @@ Where the worker holds several outcomes at once (an SQS batch: `Worker.execute_m
 `lambda_handler` and `run_sqs`), their callbacks go in one `POST /api/callbacks` (each still
 fenced and answered alone); an orchestrator without that route gets them one by one.
 
+Callbacks and heartbeats are safe to repeat (the server fences them; a callback that already
+committed answers `duplicate`), so the default sender (orchestrator.worker.http.HttpSender)
+retries them on 429, 500, 502-504 and connection failures with jittered backoff, up to a
+deadline: a callback for 5 minutes, a heartbeat until its next interval is due, and within a
+Lambda invocation never past the invocation's deadline (less LAMBDA_DEADLINE_MARGIN_S, kept
+to answer the invocation). A batch of callbacks is retried as a batch, except that one the
+orchestrator keeps answering 500 is sent one by one after BATCH_TRIES_ON_500 tries.
+
 Once a heartbeat is refused (the attempt is stale: a newer attempt took over, or the task is no
 longer active), the attempt stops: the next SDK call (`ctx.input`, `ctx.upstream`,
 `ctx.heartbeat`, the next item of `ctx.map_results`) raises StaleAttempt, and whatever the
@@ -32,6 +40,7 @@ order, reading each child's output only when the iteration reaches it.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import inspect
 import json
@@ -50,7 +59,7 @@ import httpx
 from orchestrator.storage.s3 import encode_json, sha256_hex
 from orchestrator.storage.tokens import TaskClaims, TokenInvalid, TokenKeyring, map_digest, params_digest
 from orchestrator.worker.grant_io import GrantStorage, ObjectUnavailable
-from orchestrator.worker.http import HttpSender, TransientHTTPError
+from orchestrator.worker.http import HttpSender, TransientHTTPError, retry_limits
 from orchestrator.worker.task_log import LogUploader, TaskLog, capturing
 
 if TYPE_CHECKING:
@@ -92,6 +101,16 @@ CALLBACK_BATCH_BYTES = 512 * 1024
 # Keys whose URLs a presigned-mode reducer asks for at once: one round trip per 100 items, and
 # never more than 100 URLs (~1 KB each) held, whatever the width of the map.
 READ_URL_BATCH = 100
+# A heartbeat is retried until the next one is due; without an interval (the first beat of a
+# dispatch that sets none), for this long.
+HEARTBEAT_RETRY_S = 30.0
+# A Lambda worker stops retrying this long before its invocation's deadline: time to log and to
+# answer (an SQS batch's failed records go back to the queue only if the handler returns).
+LAMBDA_DEADLINE_MARGIN_S = 2.0
+# Tries of a batch of callbacks answered 500 before they are sent one by one: a 500 that
+# persists may be caused by one of them, and alone each gets its own answer. Other failures
+# (429, 502-504, connection) are retried as a batch: one by one they would meet the same throttle.
+BATCH_TRIES_ON_500 = 3
 _MAP_STATUSES = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 
 
@@ -310,7 +329,11 @@ class TaskContext:
             "progress": float(progress) if progress is not None else None,
             "message": message,
         }
-        answer = self._send(self._heartbeat_url, body)
+        # Retried (throttled, 5xx, unreachable) only until the next heartbeat is due: a late one
+        # extends nothing the next would not.
+        budget = self.heartbeat_interval_s if self.heartbeat_interval_s > 0 else HEARTBEAT_RETRY_S
+        with retry_limits(within_s=budget):
+            answer = self._send(self._heartbeat_url, body)
         # Only the server's fencing verdict (`accepted: false`: another attempt is current, or
         # the task is finished, cancelled or gone) makes the attempt stale. An error answer
         # without it (a 5xx, an expired token) says nothing about the attempt: the lease is
@@ -487,7 +510,10 @@ class _Heartbeater:
         self._interval_s = interval_s
         self._uploader = uploader
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{ctx.task_id}", daemon=True)
+        # Run in a copy of the starting thread's context: its retry limits (a Lambda's deadline)
+        # bound the heartbeats' retries too.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"heartbeat-{ctx.task_id}", daemon=True)
 
     def __enter__(self) -> _Heartbeater:
         if self._interval_s > 0 or self._uploader is not None:
@@ -709,7 +735,13 @@ class Worker:
             except Exception as exc:
                 return exc
 
-        started = list(executor.map(start, dispatches)) if executor is not None else [start(d) for d in dispatches]
+        if executor is not None:
+            # Each in a copy of this context, so that retry limits set around this call (a
+            # Lambda's deadline) hold on the executor's threads too.
+            context = contextvars.copy_context()
+            started = list(executor.map(lambda d: context.copy().run(start, d), dispatches))
+        else:
+            started = [start(d) for d in dispatches]
         outcomes: list[dict[str, Any] | Exception] = [
             item if not isinstance(item, _Pending) else {} for item in started
         ]
@@ -875,7 +907,14 @@ class Worker:
         )
 
     def lambda_handler(self, event: Any, context: Any = None) -> Any:
-        """AWS Lambda entry: a dispatch invoked directly, or an SQS batch of dispatches."""
+        """AWS Lambda entry: a dispatch invoked directly, or an SQS batch of dispatches. With a
+        Lambda `context`, retries of callbacks and heartbeats stop LAMBDA_DEADLINE_MARGIN_S
+        before the invocation's deadline (a callback not delivered by then is left to the
+        lease's expiry, or to the queue for an SQS record)."""
+        with retry_limits(within_s=_lambda_time_left_s(context)):
+            return self._lambda_handler(event)
+
+    def _lambda_handler(self, event: Any) -> Any:
         if isinstance(event, Mapping) and isinstance(event.get("Records"), list):
             # The records run one after another; their callbacks go to the orchestrator together.
             records: list[Any] = event["Records"]
@@ -900,6 +939,19 @@ class Worker:
         if not isinstance(event, Mapping):
             raise TypeError("a worker Lambda expects a dispatch object or an SQS event")
         return self.execute(event)
+
+
+def _lambda_time_left_s(context: Any) -> float | None:
+    """Seconds the Lambda invocation may still retry (its remaining time less the margin), or
+    None outside Lambda (no context, or one without get_remaining_time_in_millis)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if not callable(remaining):
+        return None
+    try:
+        millis = float(remaining())
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, millis / 1000.0 - LAMBDA_DEADLINE_MARGIN_S)
 
 
 def _log_uploader(ctx: TaskContext) -> LogUploader | None:
@@ -1060,11 +1112,18 @@ def _send_one(item: _Pending, send: Send) -> dict[str, Any] | Exception:
 def _post_batch(url: str, items: Sequence[_Pending], send: Send) -> list[dict[str, Any]] | None:
     """The answers of one `POST /api/callbacks`, each shaped as the single callback's answer (a
     refusal carries `http_status`, as HttpSender gives it); None when the orchestrator did not
-    take the batch (they are then sent one by one). Raises when it could not be reached."""
+    take the batch (they are then sent one by one). Raises when it could not be reached, or kept
+    throttling or failing until the retries' deadline."""
     body = {"callbacks": [{"task_id": item.task_id, **item.body} for item in items]}
     try:
-        answer = send(url, body)
-    except (httpx.TransportError, TransientHTTPError):
+        with retry_limits(tries_on_500=BATCH_TRIES_ON_500):
+            answer = send(url, body)
+    except TransientHTTPError as exc:
+        if exc.status != 500:
+            raise
+        log.warning("POST %s kept answering 500; sending its %d callbacks one by one", url, len(items))
+        return None
+    except httpx.TransportError:
         raise
     except Exception:
         log.warning("POST %s failed; sending its %d callbacks one by one", url, len(items), exc_info=True)

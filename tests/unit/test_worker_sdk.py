@@ -30,7 +30,7 @@ from orchestrator.storage.layout import (
 from orchestrator.storage.s3 import ensure_bucket, issue_storage_grant, put_json_object, read_json_object
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring, map_digest, params_digest
 from orchestrator.worker import StaleAttempt, TaskContext, TaskFailed, Worker
-from orchestrator.worker.http import HttpSender, StorageHTTPError
+from orchestrator.worker.http import HttpSender, StorageHTTPError, TransientHTTPError
 
 CALLBACK = "http://orchestrator.test/api/callback/"
 HEARTBEAT = "http://orchestrator.test/api/heartbeat"
@@ -525,7 +525,7 @@ def test_worker_import_needs_no_env_and_stays_light() -> None:
 
 
 def _mock_sender(handler: Callable[[httpx.Request], httpx.Response]) -> HttpSender:
-    return HttpSender(client=httpx.Client(transport=httpx.MockTransport(handler)), backoff_s=0)
+    return HttpSender(client=httpx.Client(transport=httpx.MockTransport(handler)), attempts=4, backoff_s=0)
 
 
 def test_http_sender_retries_transient_errors() -> None:
@@ -553,7 +553,7 @@ def test_http_sender_returns_json_refusals_and_gives_up() -> None:
 
     with pytest.raises(httpx.ConnectError):
         _mock_sender(down)("http://o.test/x", {})
-    with pytest.raises(httpx.HTTPStatusError):
+    with pytest.raises(TransientHTTPError):  # retried (a 500 may pass), then given up
         _mock_sender(lambda r: httpx.Response(500, text="oops"))("http://o.test/x", {})
 
 
@@ -658,7 +658,7 @@ class ReadUrlsEndpoint:
         app = Starlette(routes=[Route("/api/worker/read-urls", read_urls, methods=["POST"])])
         engine = SimpleNamespace(settings=harness.settings, keyring=harness.keyring)
         app.state.get_engine = lambda: engine
-        self._http = HttpSender(client=TestClient(app), backoff_s=0)
+        self._http = HttpSender(client=TestClient(app), attempts=4, backoff_s=0)
         self._fake = fake
         self._tamper = tamper
         self.requests: list[list[str]] = []
