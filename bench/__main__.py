@@ -14,6 +14,8 @@ Parts (each on databases of its own, copies of one migrated template):
   map        dynamic fan-out: a map's expansion at 10,000 and 99,997 items (the callback that
              expands it, transaction by transaction; settle and manifest), and its lifecycle
              beside the static wide DAG of the same width, 1/2/4 tick callers
+  aws        AWS API calls per dispatched task (STS and S3, counted on a moto server) with a storage
+             role: one AssumeRole per task (before issue 15), presigned URLs, `storage: credentials`
 
 Peers are optional (`pip install pgqueuer asyncpg procrastinate`); a missing one is reported as
 skipped. Nothing here asserts timings. `--quick` shrinks every size (a smoke run, seconds).
@@ -34,7 +36,7 @@ from bench import report
 from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
-PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "idle", "scale", "memory", "map")
+PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "idle", "scale", "memory", "map", "aws")
 
 # name: (full, quick, help)
 SIZES: dict[str, tuple[Any, Any, str]] = {
@@ -57,6 +59,8 @@ SIZES: dict[str, tuple[Any, Any, str]] = {
     "big_nodes": (10_000, 200, "nodes of the scale part's pipeline"),
     "workspace_pipelines": (1000, 50, "pipelines of the scale part's workspace"),
     "memory_tasks": (1000, 100, "ready tasks the memory part's tick claims"),
+    "aws_runs": (5, 2, "runs of the aws part's fan pipeline per mode"),
+    "aws_width": (8, 3, "parallel nodes of the aws part's fan pipeline (tasks per run: width + 2)"),
     "map_widths": ("10000,99997", "1000", "items of the map part's expansions (99,997: the widest map of a "
                    "3-node pipeline under the run's 100,000 tasks)"),
     "map_settle_max": (10_000, 1000, "the widest expansion whose items are then finished, settling the map"),
@@ -242,6 +246,19 @@ def part_memory(run: Run, suite: Any) -> None:
     run.sections.append("## Memory of one tick\n\n" + report.memory(memory))
 
 
+def part_aws(run: Run, suite: Any) -> None:
+    from bench.aws_calls import run_all
+
+    a = run.args
+    progress("  AWS API calls per dispatched task (moto)...")
+    database = "aws_calls"
+    try:
+        counted = run_all(suite.copy(database), runs=a.aws_runs, width=a.aws_width)
+    finally:
+        run.server.drop(database)
+    run.sections.append("## AWS API calls per dispatched task (storage role configured)\n\n" + counted)
+
+
 def part_map(run: Run, suite: Any) -> None:
     from bench.lifecycle import LifecycleCase
     from bench.map_fanout import MapLifecycleCase, run_expansion
@@ -271,6 +288,7 @@ def part_map(run: Run, suite: Any) -> None:
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
     "claim": part_claim, "lifecycle": part_lifecycle, "batched": part_batched, "peers": part_peers, "ceiling": part_ceiling,
     "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory, "map": part_map,
+    "aws": part_aws,
 }
 
 

@@ -10,8 +10,10 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -52,8 +54,33 @@ class Settings:
     local_worker: str | None = "examples.tasks:worker"
     local_worker_threads: int = 8
     tick_batch_size: int = 100
+    # The longest a tick over HTTP (`POST /api/tick`) runs; under Lambda the invocation's
+    # remaining time bounds it too. Under API Gateway's 29-30 s: past that the caller gets a
+    # 504 while the tick runs on, and a scheduler retrying would overlap it.
+    http_tick_max_s: float = 25.0
     # Consecutive dispatches that never reached a worker before the task is dead-lettered.
     max_dispatch_failures: int = 5
+    # Backpressure (docs/reliability.md). A throttled dispatch spends nothing; the task waits
+    # `throttle_retry_delay_s`, doubling per throttled dispatch in a row, at most
+    # `throttle_retry_max_delay_s`. A throttling target takes at most its capacity per
+    # `throttle_window_s`, rests after each throttle for a window doubling up to
+    # `throttle_rest_max_s`, and is healthy again once its capacity regrows to
+    # `throttle_capacity_ceiling`.
+    throttle_retry_delay_s: float = 5.0
+    throttle_retry_max_delay_s: float = 300.0
+    throttle_window_s: float = 10.0
+    throttle_rest_max_s: float = 300.0
+    throttle_capacity_ceiling: int = 200
+    # A task no worker started (its lease lapsed while `dispatched`) is dispatched again after
+    # `not_started_retry_delay_s`, doubling per such delivery, at most `not_started_retry_max_delay_s`;
+    # it fails with code `not_started` (dead-lettered) once its first unstarted delivery is
+    # `not_started_give_up_s` old.
+    not_started_give_up_s: int = 3600
+    not_started_retry_delay_s: float = 30.0
+    not_started_retry_max_delay_s: float = 600.0
+    # The worker function's EventInvokeConfig MaximumEventAgeInSeconds: the lease of a task the
+    # `lambda` transport handed over covers it (Lambda may hold the event that long while throttled).
+    lambda_max_event_age_s: int = 900
     # How long an Idempotency-Key keeps returning the run it created.
     idempotency_ttl_s: int = 86_400
     max_body_bytes: int = 1_048_576
@@ -169,6 +196,16 @@ def _whole_number(name: str, raw: str, *, minimum: int = 0) -> int:
     return int(value)
 
 
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 900:  # also refuses nan and inf; 900 s is Lambda's longest run
+        raise ValueError(f"{name} must be a number of seconds, more than 0 and at most 900; got {raw!r}")
+    return value
+
+
 def _parse_transports(raw: str) -> dict[str, str]:
     """`*=local,render=http` -> {"*": "local", "render": "http"}."""
     result: dict[str, str] = {"*": "local"}
@@ -214,8 +251,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         changes["local_worker"] = env["TICKWEAVE_LOCAL_WORKER"] or None
     if env.get("TICKWEAVE_TICK_BATCH_SIZE"):
         changes["tick_batch_size"] = int(env["TICKWEAVE_TICK_BATCH_SIZE"])
+    if env.get("TICKWEAVE_HTTP_TICK_MAX_S"):
+        changes["http_tick_max_s"] = _seconds("TICKWEAVE_HTTP_TICK_MAX_S", env["TICKWEAVE_HTTP_TICK_MAX_S"])
     if env.get("TICKWEAVE_MAX_DISPATCH_FAILURES"):
         changes["max_dispatch_failures"] = int(env["TICKWEAVE_MAX_DISPATCH_FAILURES"])
+    if env.get("TICKWEAVE_NOT_STARTED_GIVE_UP_S"):
+        changes["not_started_give_up_s"] = _whole_number(
+            "TICKWEAVE_NOT_STARTED_GIVE_UP_S", env["TICKWEAVE_NOT_STARTED_GIVE_UP_S"], minimum=60)
+    if env.get("TICKWEAVE_LAMBDA_MAX_EVENT_AGE_S"):
+        # Lambda's own bounds for MaximumEventAgeInSeconds.
+        age = _whole_number("TICKWEAVE_LAMBDA_MAX_EVENT_AGE_S", env["TICKWEAVE_LAMBDA_MAX_EVENT_AGE_S"], minimum=60)
+        if age > 21_600:
+            raise ValueError(f"TICKWEAVE_LAMBDA_MAX_EVENT_AGE_S must be at most 21600 (Lambda's limit); got {age}")
+        changes["lambda_max_event_age_s"] = age
+    if env.get("TICKWEAVE_THROTTLE_WINDOW_S"):
+        changes["throttle_window_s"] = float(_whole_number("TICKWEAVE_THROTTLE_WINDOW_S",
+                                                           env["TICKWEAVE_THROTTLE_WINDOW_S"], minimum=1))
+    if env.get("TICKWEAVE_THROTTLE_CAPACITY_CEILING"):
+        changes["throttle_capacity_ceiling"] = _whole_number(
+            "TICKWEAVE_THROTTLE_CAPACITY_CEILING", env["TICKWEAVE_THROTTLE_CAPACITY_CEILING"], minimum=2)
     if env.get("TICKWEAVE_IDEMPOTENCY_TTL_S"):
         changes["idempotency_ttl_s"] = int(env["TICKWEAVE_IDEMPOTENCY_TTL_S"])
     if env.get("TICKWEAVE_DLQ_RETENTION_DAYS"):
@@ -256,6 +310,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 # the variable NAME, once per cold start, on the first event (never at import). A reference is a
 # Secrets Manager secret ARN, an SSM parameter ARN, or `secretsmanager:<name>` / `ssm:<name>`,
 # optionally followed by `#field` to pick one field of a JSON secret. NAME set directly wins.
+# All references are read together on the first event (`fetch_references`); DATABASE_URL is
+# read again when the database refuses its password (`database_url_reader`).
 
 REFERENCE_SUFFIX = "_FROM"
 REFERABLE_VARIABLES = ("DATABASE_URL", "TICKWEAVE_TOKEN_KEYS", "TICKWEAVE_TICK_SECRET", "TICKWEAVE_PUBLIC_URL")
@@ -289,33 +345,191 @@ def parse_reference(reference: str) -> tuple[str, str, str | None]:
     )
 
 
-def fetch_reference(reference: str) -> str:
-    """Read one secret or parameter with the ambient AWS credentials (the function's role).
+# One AWS session per process. A botocore session caches what its clients are built from (the
+# endpoint rules, the partitions, each service's model); every new session parses all of it
+# again, tens of milliseconds per client on a cold start. The references are read with botocore
+# alone (importing boto3 on top costs another 20-40 ms of the first event); `aws_session()`, the
+# boto3 session for the code that wants one, wraps the same botocore session, so its clients
+# share those caches. The session is made again only when the credentials, profile or region in
+# the environment change: a Lambda environment never changes them, tests and `make dev` do.
+_SESSION_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                        "AWS_REGION", "AWS_DEFAULT_REGION")
+_session_lock = threading.RLock()
+_botocore_session: Any = None
+_session: Any = None
+_session_key: tuple[str | None, ...] = ()
 
-    boto3 is imported here, not at module level, so that importing the configuration stays cheap;
-    endpoints follow the standard AWS settings (`AWS_ENDPOINT_URL_SECRETS_MANAGER`, ...)."""
-    import boto3
+
+def _shared_botocore_session() -> Any:
+    global _botocore_session, _session, _session_key
+    key = tuple(os.environ.get(name) for name in _SESSION_ENVIRONMENT)
+    with _session_lock:
+        if _botocore_session is None or key != _session_key:
+            import botocore.session
+
+            _botocore_session, _session, _session_key = botocore.session.get_session(), None, key
+        return _botocore_session
+
+
+def aws_session() -> Any:
+    """This process's boto3 session (a `boto3.session.Session`), made on first use.
+
+    boto3 is imported here, not at module level, so that importing the configuration stays cheap."""
+    global _session
+    with _session_lock:
+        core = _shared_botocore_session()
+        if _session is None:
+            import boto3
+
+            _session = boto3.session.Session(botocore_session=core)
+        return _session
+
+
+def aws_client(service: str, region: str | None = None, **options: Any) -> Any:
+    """A new botocore client of the shared session (boto3's `session.client` returns the same
+    thing, plus S3's transfer methods); endpoints follow the standard AWS settings
+    (`AWS_ENDPOINT_URL_SECRETS_MANAGER`, ...). Made under a lock: a session is not safe to make
+    clients from in several threads at once (the clients themselves are)."""
+    with _session_lock:
+        core = _shared_botocore_session()
+        return core.create_client(service, region_name=region or core.get_config_variable("region") or "us-east-1",
+                                  **options)
+
+
+def _in_parallel(calls: Sequence[Callable[[], dict[str, str]]]) -> dict[str, str]:
+    """Run the calls on threads of their own (inline when there is one); their results merged,
+    or the first call's exception (in the order given) raised."""
+    if len(calls) == 1:
+        return calls[0]()
+    outcomes: list[dict[str, str] | BaseException] = [{} for _ in calls]
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = calls[index]()
+        except BaseException as exc:  # raised in the caller's thread below
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    merged: dict[str, str] = {}
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        merged.update(outcome)
+    return merged
+
+
+def _secret_text(reference: str, response: Mapping[str, Any]) -> str:
+    if "SecretString" not in response:
+        raise SecretReferenceError(f"{reference}: binary secrets are not supported; store text")
+    return str(response["SecretString"])
+
+
+def _read_secrets(client: Any, items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{reference: text} for (reference, SecretId) pairs of one region: GetSecretValue for one,
+    one BatchGetSecretValue for several (at most 20, far more than there are variables)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    service, identifier, region = parse_reference(reference)
-    session = boto3.session.Session()
-    client: Any = session.client(service, region_name=region or session.region_name or "us-east-1")  # type: ignore[call-overload]
+    if len(items) == 1:
+        reference, identifier = items[0]
+        try:
+            return {reference: _secret_text(reference, client.get_secret_value(SecretId=identifier))}
+        except (BotoCoreError, ClientError) as exc:
+            raise SecretReferenceError(f"{reference}: {exc}") from exc
     try:
+        response = client.batch_get_secret_value(SecretIdList=[identifier for _, identifier in items])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "AccessDeniedException":
+            raise SecretReferenceError(f"{', '.join(ref for ref, _ in items)}: {exc}") from exc
+        # A role allowed GetSecretValue on each secret but not BatchGetSecretValue (a policy
+        # written before the reads were batched): one call per secret, in parallel.
+        return _in_parallel([partial(_read_secrets, client, [item]) for item in items])
+    except BotoCoreError as exc:
+        raise SecretReferenceError(f"{', '.join(ref for ref, _ in items)}: {exc}") from exc
+    values: list[Mapping[str, Any]] = response.get("SecretValues", [])
+    errors = {str(error.get("SecretId")): error for error in response.get("Errors", [])}
+    found: dict[str, str] = {}
+    for reference, identifier in items:
+        # A SecretId may be the ARN, the name, or the ARN without its random suffix.
+        value = next((v for v in values if identifier in (v.get("ARN"), v.get("Name"))
+                      or str(v.get("ARN", "")).startswith(identifier + "-")), None)
+        if value is not None:
+            found[reference] = _secret_text(reference, value)
+            continue
+        error = errors.get(identifier, {})
+        raise SecretReferenceError(f"{reference}: {error.get('ErrorCode', 'not returned')}: {error.get('Message', '')}")
+    return found
+
+
+def _read_parameters(client: Any, items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{reference: value} for (reference, name or ARN) pairs of one region: GetParameter for one,
+    one GetParameters for several (at most 10 names per call)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if len(items) == 1:  # one parameter: the call a role granted ssm:GetParameter only allows
+            reference, identifier = items[0]
+            return {reference: str(client.get_parameter(Name=identifier, WithDecryption=True)["Parameter"]["Value"])}
+        response = client.get_parameters(Names=[identifier for _, identifier in items], WithDecryption=True)
+    except ClientError as exc:
+        if len(items) == 1 or exc.response.get("Error", {}).get("Code") != "AccessDeniedException":
+            raise SecretReferenceError(f"{', '.join(ref for ref, _ in items)}: {exc}") from exc
+        # A role allowed ssm:GetParameter but not ssm:GetParameters: one call per parameter.
+        return _in_parallel([partial(_read_parameters, client, [item]) for item in items])
+    except BotoCoreError as exc:
+        raise SecretReferenceError(f"{', '.join(ref for ref, _ in items)}: {exc}") from exc
+    by_identifier: dict[str, str] = {}
+    for parameter in response.get("Parameters", []):
+        for key in (parameter.get("Name"), parameter.get("ARN")):
+            if key:
+                by_identifier[str(key)] = str(parameter["Value"])
+    found: dict[str, str] = {}
+    for reference, identifier in items:
+        if identifier not in by_identifier:
+            raise SecretReferenceError(f"{reference}: ParameterNotFound: no such parameter, or not readable")
+        found[reference] = by_identifier[identifier]
+    return found
+
+
+def fetch_references(references: Sequence[str]) -> dict[str, str]:
+    """Read secrets and parameters with the ambient AWS credentials (the function's role):
+    {reference: text}. Per region, the secrets in one BatchGetSecretValue (GetSecretValue when
+    there is one) and the parameters in one GetParameters; the calls to different services or
+    regions run in parallel. The clients come from the process's one session (`aws_session`)."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    default_region: str | None = None
+    for reference in dict.fromkeys(references):
+        service, identifier, region = parse_reference(reference)
+        if region is None:  # a name: the function's own region, the same group as its ARNs
+            default_region = default_region or _shared_botocore_session().get_config_variable("region") or "us-east-1"
+            region = default_region
+        groups.setdefault((service, region), []).append((reference, identifier))
+    calls: list[Callable[[], dict[str, str]]] = []
+    for (service, region), items in groups.items():
+        client = aws_client(service, region)  # made here, in one thread
         if service == "secretsmanager":
-            response = client.get_secret_value(SecretId=identifier)
-            if "SecretString" not in response:
-                raise SecretReferenceError(f"{reference}: binary secrets are not supported; store text")
-            return str(response["SecretString"])
-        return str(client.get_parameter(Name=identifier, WithDecryption=True)["Parameter"]["Value"])
-    except (BotoCoreError, ClientError) as exc:
-        raise SecretReferenceError(f"{reference}: {exc}") from exc
+            calls.append(partial(_read_secrets, client, items))
+        else:
+            for start in range(0, len(items), 10):
+                calls.append(partial(_read_parameters, client, items[start:start + 10]))
+    return _in_parallel(calls) if calls else {}
+
+
+def fetch_reference(reference: str) -> str:
+    """Read one secret or parameter (`fetch_references` of one)."""
+    return fetch_references([reference])[reference]
 
 
 def database_url_from_parts(parts: Mapping[str, Any], env: Mapping[str, str]) -> str:
     """A `postgresql://` URL from an RDS-style secret (`username`, `password`, `host`, `port`,
     `dbname`, as RDS and RDS Proxy secrets hold them). TICKWEAVE_DB_HOST (an RDS Proxy endpoint),
     TICKWEAVE_DB_PORT and TICKWEAVE_DB_NAME override the secret's fields; TICKWEAVE_DB_SSLMODE
-    defaults to `require` (RDS and RDS Proxy speak TLS)."""
+    defaults to `require` (RDS and RDS Proxy speak TLS; `verify-full` also checks the server's
+    certificate and name) and TICKWEAVE_DB_SSLROOTCERT names the CA bundle to check it with (the
+    RDS bundle's path in the artifact, or `system`)."""
     host = env.get("TICKWEAVE_DB_HOST") or str(parts.get("host") or "")
     if not host:
         raise SecretReferenceError(
@@ -328,7 +542,10 @@ def database_url_from_parts(parts: Mapping[str, Any], env: Mapping[str, str]) ->
     user = quote(str(parts["username"]), safe="")
     password = quote(str(parts["password"]), safe="")
     netloc_host = f"[{host}]" if ":" in host else host
-    return f"postgresql://{user}:{password}@{netloc_host}:{port}/{quote(dbname, safe='')}?sslmode={quote(sslmode)}"
+    query = f"sslmode={quote(sslmode)}"
+    if rootcert := env.get("TICKWEAVE_DB_SSLROOTCERT"):
+        query += f"&sslrootcert={quote(rootcert, safe='/')}"
+    return f"postgresql://{user}:{password}@{netloc_host}:{port}/{quote(dbname, safe='')}?{query}"
 
 
 def _interpret(name: str, raw: str, selected: str, env: Mapping[str, str]) -> str:
@@ -360,28 +577,46 @@ def _interpret(name: str, raw: str, selected: str, env: Mapping[str, str]) -> st
     return raw.strip()
 
 
-def resolve_references(env: Mapping[str, str] | None = None, fetch: Fetch | None = None) -> dict[str, str]:
-    """Fetch every `NAME_FROM` reference whose NAME is not set directly; returns {NAME: value}.
+def resolve_references(env: Mapping[str, str] | None = None, fetch: Fetch | None = None, *,
+                       names: Sequence[str] = REFERABLE_VARIABLES) -> dict[str, str]:
+    """Fetch every `NAME_FROM` reference (of `names`) whose NAME is not set directly; returns
+    {NAME: value}. Nothing is cached: each call reads the current values.
 
-    Each distinct secret is read once, however many variables point into it."""
+    Each distinct secret is read once, however many variables point into it, and all of them
+    together (`fetch_references`); `fetch`, when given, reads them one by one instead."""
     env = os.environ if env is None else env
-    fetch = fetch or fetch_reference
-    fetched: dict[str, str] = {}
-    resolved: dict[str, str] = {}
-    for name in REFERABLE_VARIABLES:
+    wanted: dict[str, tuple[str, str]] = {}
+    for name in names:
         reference = env.get(name + REFERENCE_SUFFIX, "").strip()
         if not reference or env.get(name):
             continue
         base, _, selected = reference.partition("#")
-        if base not in fetched:
-            try:
-                fetched[base] = fetch(base)
-            except SecretReferenceError:
-                raise
-            except Exception as exc:
-                raise SecretReferenceError(f"{name}{REFERENCE_SUFFIX}={base}: {type(exc).__name__}: {exc}") from exc
-        resolved[name] = _interpret(name, fetched[base], selected, env)
-    return resolved
+        wanted[name] = (base, selected)
+    if not wanted:
+        return {}
+    bases = list(dict.fromkeys(base for base, _ in wanted.values()))
+    try:
+        fetched = {base: fetch(base) for base in bases} if fetch is not None else fetch_references(bases)
+    except SecretReferenceError:
+        raise
+    except Exception as exc:
+        which = ", ".join(f"{name}{REFERENCE_SUFFIX}={base}" for name, (base, _) in wanted.items())
+        raise SecretReferenceError(f"{which}: {type(exc).__name__}: {exc}") from exc
+    return {name: _interpret(name, fetched[base], selected, env) for name, (base, selected) in wanted.items()}
+
+
+def database_url_reader(env: Mapping[str, str] | None = None) -> Callable[[], str] | None:
+    """A function that reads DATABASE_URL again from its reference, fresh from the service (no
+    cache), for the connection pool to call when the database refuses the password it has (the
+    secret was rotated); None when DATABASE_URL is set directly or has no reference."""
+    snapshot = dict(os.environ if env is None else env)
+    if snapshot.get("DATABASE_URL") or not snapshot.get("DATABASE_URL" + REFERENCE_SUFFIX, "").strip():
+        return None
+
+    def read() -> str:
+        return resolve_references(snapshot, names=("DATABASE_URL",))["DATABASE_URL"]
+
+    return read
 
 
 def load_resolved_settings(env: Mapping[str, str] | None = None, fetch: Fetch | None = None) -> Settings:

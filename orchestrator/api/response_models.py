@@ -78,7 +78,7 @@ class TickResponse(Loose):
     waits_expired: int
     maps_resolved: int = Field(default=0, description="map nodes the tick expanded or settled (a safety net)")
     dead_letters_purged: int = Field(default=0, description="dead letters past TICKWEAVE_DLQ_RETENTION_DAYS, "
-                                                            "purged (at most a batch per tick)")
+                                                            "purged (batch after batch, within the deadline)")
     notifications_delivered: int = 0
     notifications_retrying: int = Field(default=0, description="notification attempts that failed and will be retried")
     notifications_failed: int = Field(default=0, description="notification deliveries given up")
@@ -86,6 +86,10 @@ class TickResponse(Loose):
     dispatched: int
     dispatch_failed: int
     batches: int
+    deadline_s: float | None = Field(default=None, description="seconds the tick had (its deadline, when it began); "
+                                                               "null: none")
+    deadline_stopped: list[str] = Field(default_factory=list, description="steps the deadline stopped with work "
+                                                                          "possibly left (the next tick goes on)")
     durations_ms: dict[str, float]
 
 

@@ -9,7 +9,10 @@ from typing import Any
 import httpx
 
 from orchestrator.dispatch.addresses import endpoint_problem
-from orchestrator.dispatch.base import DispatchError
+from orchestrator.dispatch.base import DispatchError, DispatchThrottled
+
+# Answers that mean "full, come back later": not the task's failure.
+THROTTLE_STATUSES = frozenset({429, 503})
 
 # Short on purpose: the worker service answers 202 before running anything, so a slow answer
 # means an unhealthy service, and the dispatcher would rather put the task back to `ready`
@@ -23,7 +26,8 @@ class HttpTransport:
 
     A 2xx answer means the service accepted the task (it then heartbeats and calls back); any
     other answer, or no answer, raises DispatchError and the dispatcher puts the task back to
-    `ready` without spending an attempt. A 503 is how a full service asks for that.
+    `ready` without spending an attempt. A 429 or 503 is how a full service asks to be sent less
+    (DispatchThrottled, honouring a Retry-After in seconds): not counted as a dispatch failure.
 
     Two kinds of service: the platform's own (TICKWEAVE_WORKER_URL, `auth_token` sent as a
     bearer secret, its short answer kept in errors) and a tenant-registered one
@@ -40,6 +44,7 @@ class HttpTransport:
         check_address: bool = False, allow_private: bool = False, answer_in_errors: bool = True,
     ) -> None:
         self.url = url
+        self.target = f"http:{_redact(url)}"
         self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self._signing_secret = signing_secret
         self._check_address = check_address
@@ -91,6 +96,10 @@ class HttpTransport:
                 raise DispatchError(f"POST {target} failed: {type(exc).__name__}") from exc
             # The exception text names the URL and the error, never the headers (the secret).
             raise DispatchError(f"POST {target} failed: {type(exc).__name__}: {exc}") from exc
+        if response.status_code in THROTTLE_STATUSES:
+            said = f": {response.text[:200]}" if self._answer_in_errors else ""
+            raise DispatchThrottled(f"POST {target} answered {response.status_code}{said}",
+                                    retry_after_s=_retry_after(response.headers.get("retry-after")))
         if not response.is_success:
             if not self._answer_in_errors:
                 raise DispatchError(f"POST {target} answered {response.status_code}")
@@ -102,6 +111,17 @@ class HttpTransport:
             client, self._client = self._client, None
         if client is not None and self._owns_client:
             client.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After in seconds (the HTTP-date form is rare from a worker and ignored), bounded."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 3600.0)
 
 
 def _redact(url: str) -> str:

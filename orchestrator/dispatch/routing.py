@@ -54,7 +54,8 @@ class RoutedTransports:
         if kind == "lambda":
             from orchestrator.dispatch.aws_lambda import LambdaTransport
 
-            return LambdaTransport(endpoint, region=self._settings.aws_region)
+            return LambdaTransport(endpoint, region=self._settings.aws_region,
+                                   max_event_age_s=self._settings.lambda_max_event_age_s)
         if kind == "sqs":
             from orchestrator.dispatch.sqs import SqsTransport
 

@@ -7,7 +7,7 @@ import json
 import threading
 from typing import Any
 
-from orchestrator.dispatch.base import DispatchError
+from orchestrator.dispatch.base import DispatchError, DispatchThrottled, aws_throttle
 
 
 class SqsTransport:
@@ -15,7 +15,9 @@ class SqsTransport:
 
     Accepted by SQS means accepted: the queue holds the message until a worker takes it. A send
     SQS refuses (no such queue, throttled beyond the client's retries, message too large) raises
-    DispatchError and the dispatcher puts the task back to `ready`. A message no worker picks up
+    DispatchError and the dispatcher puts the task back to `ready`; a throttled send
+    (ThrottlingException, RequestThrottled, KMS throttling of an encrypted queue) raises
+    DispatchThrottled: no attempt spent, and less is sent for a while. A message no worker picks up
     in time is the lease's business, as with every transport: the tick retries the attempt.
     """
 
@@ -25,6 +27,7 @@ class SqsTransport:
         self, queue_url: str, *, region: str, endpoint_url: str | None = None, client: Any | None = None,
     ) -> None:
         self.queue_url = queue_url
+        self.target = f"sqs:{queue_url}"
         self._region = region
         self._endpoint_url = endpoint_url
         self._client = client
@@ -50,7 +53,11 @@ class SqsTransport:
         body = json.dumps(message, separators=(",", ":"), default=str)
         try:
             self._sqs().send_message(QueueUrl=self.queue_url, MessageBody=body)
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if aws_throttle(exc):
+                raise DispatchThrottled(f"sending to {self.queue_url} was throttled: {exc}") from exc
+            raise DispatchError(f"sending to {self.queue_url} failed: {exc}") from exc
+        except BotoCoreError as exc:
             raise DispatchError(f"sending to {self.queue_url} failed: {exc}") from exc
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ task `dispatched` until its lease expires, and the tick retries it (at-least-onc
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database, Row
-from orchestrator.dispatch.base import DispatchError, Transport
+from orchestrator.dispatch.base import DispatchError, DispatchThrottled, Transport
 from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
 from orchestrator.engine.mapping import ensure_manifest
@@ -25,11 +26,16 @@ from orchestrator.storage.layout import (
     map_item_attempt_prefix,
     map_item_log_key,
     map_item_output_key,
+    map_items_prefix,
     node_attempt_prefix,
     node_output_key,
+    node_prefix,
+    run_prefix,
 )
 from orchestrator.storage.tokens import TaskClaims, TokenKeyring, map_digest, params_digest
 from orchestrator.store import dispatch as dispatch_store
+from orchestrator.store import dispatch_targets as target_store
+from orchestrator.store import storage_access
 from orchestrator.store import tasks as task_store
 from orchestrator.store import workers as worker_store
 from orchestrator.store.dispatch import DispatchContext
@@ -41,13 +47,36 @@ DISPATCH_RETRY_DELAY_S = 5.0
 # Tokens outlive the attempt's timeout a little, so a late but honest callback can be told why
 # it is refused rather than failing token validation; with no timeout, a day.
 _TOKEN_SLACK_S = 300
+# Threads sending one dispatch round; the S3/STS clients they share keep at least this many
+# connections (storage.s3.CLIENT_POOL_CONNECTIONS).
+DISPATCH_THREADS = 16
 _DEFAULT_TOKEN_TTL_S = 86_400
+
+
+# How long this process trusts "no target is throttled" (an empty dispatch_targets) before
+# reading again: a target another API environment saw throttle is known here within this time,
+# and a healthy system reads the empty table at most this often, not once per callback.
+TARGETS_REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
 class DispatchSummary:
     sent: int
     failed: int
+    # Given back without being sent, or sent and refused as throttled: no attempt spent.
+    throttled: int = 0
+
+
+@dataclass
+class _Round:
+    """What one target did in one dispatch round."""
+
+    sent: int = 0
+    throttled: int = 0
+    limited: bool = False
+    fresh_window: bool = False
+    rest_s: float = 0.0
+    error: str = ""
 
 
 class Dispatcher:
@@ -61,13 +90,57 @@ class Dispatcher:
         self.transports = transports
         self.routed = RoutedTransports(settings)
         self._grant_issuer = grant_issuer
+        # This process's copy of dispatch_targets (target -> row with `available` and `rest_s`).
+        self._targets_lock = threading.Lock()
+        self._targets: dict[str, Row] = {}
+        self._targets_read_at = float("-inf")
+        # Run id -> its nodes with `storage: credentials`, each with whether it is a map node (a
+        # run's definition never changes).
+        self._credential_nodes_lock = threading.Lock()
+        self._credential_nodes: dict[Any, dict[str, bool]] = {}
+
+    def throttled_targets(self, *, fresh: bool = False) -> dict[str, Row]:
+        """The targets under backpressure, as of at most TARGETS_REFRESH_S ago (`fresh`: now).
+
+        Kept in the database, not only in this process: the API is a stateless Lambda, each tick
+        and each callback's eager dispatch may run in another (possibly new) environment, and
+        every one of them must hold back from a target any of them saw throttle."""
+        with self._targets_lock:
+            # Only "none" is trusted for a while: the common answer, and the one that costs a
+            # healthy system nothing per callback. While some target pushes back its window is
+            # read each time (one row per such target), so what it has left is never stale.
+            if fresh or self._targets or time.monotonic() - self._targets_read_at > TARGETS_REFRESH_S:
+                with self.db.connection() as conn:
+                    rows = target_store.list_targets(conn)
+                self._targets = {r["target"]: r for r in rows}
+                self._targets_read_at = time.monotonic()
+            return dict(self._targets)
+
+    def _forget_targets(self) -> None:
+        with self._targets_lock:
+            self._targets_read_at = float("-inf")
 
     def claim_limit(self, batch_size: int) -> int:
-        """The batch size, bounded by what the transports can start now when all of them say."""
-        capacities: list[int | None] = [
-            getattr(t, "capacity", lambda: None)() for t in self.transports.values()
-        ]
-        if not capacities or any(c is None for c in capacities):
+        """The batch size, bounded by what the transports can start now when all of them say: a
+        local pool its free threads, a target under backpressure what its window has left (a
+        healthy remote target does not say: it scales out)."""
+        if not self.transports:
+            return batch_size
+        throttled: dict[str, Row] | None = None  # read only when a transport has no capacity of its own
+        capacities: list[int | None] = []
+        for transport in self.transports.values():
+            capacity = getattr(transport, "capacity", None)
+            target = getattr(transport, "target", None)
+            if capacity is not None:
+                capacities.append(capacity())
+                continue
+            if target is not None and throttled is None:
+                throttled = self.throttled_targets()
+            if target is not None and throttled is not None and target in throttled:
+                capacities.append(int(throttled[target]["available"]))
+            else:
+                capacities.append(None)
+        if any(c is None for c in capacities):
             return batch_size
         return min(batch_size, sum(int(c) for c in capacities if c is not None))
 
@@ -96,14 +169,68 @@ class Dispatcher:
                 unwritten = self._write_manifests(conn, context)
         inputs, upstream, routes, maps = context.inputs, context.upstream, context.routes, context.maps
         failures: list[tuple[Row, str]] = []
+        # (task, reason, minimum delay in seconds, target): given back without spending anything.
+        throttled: list[tuple[Row, str, float, str | None]] = []
+        refused = 0  # sends a target answered as throttled
+        windows: dict[int, list[Row]] = {}  # start window (s) -> tasks handed to such a transport
+
+        # Each task's transport first (a registered route wins over the configuration), so that
+        # a target under backpressure is sent only what its window grants, before any message
+        # (token, storage grant) is built for the rest.
+        transport_of: dict[Any, Transport | None] = {}
+        unroutable: dict[Any, str] = {}
+        for task in claimed:
+            route = routes.get((task["workspace_id"], task["task_name"]))
+            if route is None:
+                transport_of[task["id"]] = self.transports.get(task["transport"])
+                continue
+            try:
+                transport_of[task["id"]] = self.routed.get(
+                    route["transport"], route["endpoint"], workspace=task["workspace_id"], service=route["service"]
+                )
+            except Exception as exc:  # a registration this server cannot serve: a dispatch failure
+                transport_of[task["id"]] = None
+                unroutable[task["id"]] = f"{type(exc).__name__}: {exc}"
+        rounds: dict[str, _Round] = {}
+        by_target: dict[str, list[Row]] = {}
+        for task in claimed:
+            target = getattr(transport_of[task["id"]], "target", None)
+            if target is not None:
+                by_target.setdefault(target, []).append(task)
+                rounds.setdefault(target, _Round())
+        to_send = list(claimed)
+        known = self.throttled_targets() if by_target else {}
+        limited = {t: len(tasks) for t, tasks in by_target.items() if t in known}
+        if limited:
+            with self.db.connection() as conn:
+                grants = target_store.take_grants(conn, limited, self.settings.throttle_window_s)
+            held_ids: set[Any] = set()
+            for target, (granted, fresh) in grants.items():
+                state = rounds[target]
+                state.limited, state.fresh_window = True, fresh
+                state.rest_s = float(known[target]["rest_s"])
+                for task in by_target[target][granted:]:
+                    held_ids.add(task["id"])
+                    throttled.append((task, f"held back: {target} is throttled (capacity "
+                                            f"{known[target]['capacity']} per {self.settings.throttle_window_s:g} s)",
+                                      max(state.rest_s, self.settings.throttle_window_s), target))
+            to_send = [t for t in claimed if t["id"] not in held_ids]
+        outcome_lock = threading.Lock()
 
         def send_one(task: Row) -> None:
             with log_context(**_ids(task)):
                 _send_one(task)
 
         def _send_one(task: Row) -> None:
+            nonlocal refused
             log_event(log, "task.claimed", level=logging.DEBUG, task=task["task_name"])
+            transport = transport_of[task["id"]]
+            target = getattr(transport, "target", None)
             try:
+                if task["id"] in unroutable:
+                    raise DispatchError(unroutable[task["id"]])
+                if transport is None:
+                    raise DispatchError(f"no transport named {task['transport']!r} is configured")
                 for ref in inputs.get(task["id"], {}).values():
                     if ref["key"] in unwritten:
                         raise DispatchError(unwritten[ref["key"]])
@@ -112,32 +239,86 @@ class Dispatcher:
                 )
                 route = routes.get((task["workspace_id"], task["task_name"]))
                 if route is not None:
-                    transport: Transport | None = self.routed.get(
-                        route["transport"], route["endpoint"], workspace=task["workspace_id"], service=route["service"]
-                    )
                     message["code_version"] = route["code_hash"]
-                else:
-                    transport = self.transports.get(task["transport"])
-                if transport is None:
-                    raise DispatchError(f"no transport named {task['transport']!r} is configured")
                 transport.send(message)
-            except Exception as exc:  # any failure to hand over is a dispatch failure
-                failures.append((task, f"{type(exc).__name__}: {exc}"))
+            except DispatchThrottled as exc:
+                # The target pushed back: not the task's failure (nothing spent), and a reason to
+                # send it less for a while.
+                with outcome_lock:
+                    refused += 1
+                    throttled.append((task, str(exc), exc.retry_after_s or 0.0, target))
+                    if target is not None:
+                        rounds[target].throttled += 1
+                        rounds[target].error = str(exc)
                 return
+            except Exception as exc:  # any other failure to hand over is a dispatch failure
+                with outcome_lock:
+                    failures.append((task, f"{type(exc).__name__}: {exc}"))
+                return
+            with outcome_lock:
+                if target is not None:
+                    rounds[target].sent += 1
+                window = getattr(transport, "start_window_s", None)
+                if window:
+                    windows.setdefault(int(window), []).append(task)
             log_event(log, "task.dispatched", task=task["task_name"], transport=getattr(transport, "name", None))
 
-        if len(claimed) == 1:
-            send_one(claimed[0])
-        else:
-            with ThreadPoolExecutor(max_workers=min(16, len(claimed))) as pool:
-                list(pool.map(send_one, claimed))
+        if len(to_send) == 1:
+            send_one(to_send[0])
+        elif to_send:
+            with ThreadPoolExecutor(max_workers=min(DISPATCH_THREADS, len(to_send))) as pool:
+                list(pool.map(send_one, to_send))
+        if throttled or windows or any(r.limited or r.throttled for r in rounds.values()):
+            self.db.run_in_transaction(lambda conn: self._record_pushback(conn, throttled, windows, rounds))
         for task, reason in failures:
 
             def record(conn: Connection, task: Row = task, reason: str = reason) -> None:
                 self._dispatch_failed(conn, task, reason)
 
             self.db.run_in_transaction(record)
-        return DispatchSummary(len(claimed) - len(failures), len(failures))
+        return DispatchSummary(len(to_send) - len(failures) - refused, len(failures), len(throttled))
+
+    def _record_pushback(
+        self, conn: Connection, throttled: Sequence[tuple[Row, str, float, str | None]],
+        windows: Mapping[int, Sequence[Row]],
+        rounds: Mapping[str, _Round],
+    ) -> None:
+        """One transaction for what a round learnt about its targets: leases of tasks a transport
+        may hold before starting them, claims given back (throttled or held back), and each
+        target's capacity (halved where it throttled, grown where a window went clean)."""
+        settings = self.settings
+        for window, tasks in windows.items():
+            task_store.extend_start_leases(conn, [(t["id"], int(t["attempt"]), t["claim_token"]) for t in tasks], window)
+        throttled_targets = {target: state for target, state in rounds.items() if state.throttled}
+        rests: dict[str, float] = {}
+        for target, state in sorted(throttled_targets.items()):
+            row = target_store.record_throttled(
+                conn, target, sent=state.sent, throttled=state.throttled, base_rest_s=settings.throttle_window_s,
+                max_rest_s=settings.throttle_rest_max_s, error=state.error,
+            )
+            if row is not None:
+                rests[target] = settings.throttle_window_s * (2 ** min(int(row["throttles"]) - 1, 30))
+                log_event(log, "dispatch.throttled", f"{target} throttled {state.throttled} of "
+                          f"{state.sent + state.throttled} dispatches; capacity now {row['capacity']} per window",
+                          level=logging.WARNING, target=target, sent=state.sent, throttled=state.throttled,
+                          capacity=row["capacity"], rest_until=str(row["window_ends_at"]))
+        clean = sorted(t for t, s in rounds.items() if s.limited and s.fresh_window and not s.throttled and s.sent)
+        target_store.record_clean(conn, clean, settings.throttle_capacity_ceiling)
+        if throttled:
+            claims = [
+                (task["id"], int(task["attempt"]), task["claim_token"],
+                 min(max(minimum, rests.get(target, 0.0) if target is not None else 0.0),
+                     settings.throttle_retry_max_delay_s), reason[:2000])
+                for task, reason, minimum, target in throttled
+            ]
+            released = task_store.release_claims(
+                conn, claims, base_delay_s=settings.throttle_retry_delay_s,
+                max_delay_s=settings.throttle_retry_max_delay_s,
+            )
+            log_event(log, "task.dispatch_throttled", f"{len(released)} dispatches given back (throttled)",
+                      level=logging.INFO, count=len(released))
+        if throttled_targets or clean:
+            self._forget_targets()
 
     def _write_manifests(self, conn: Connection, context: DispatchContext) -> dict[str, str]:
         """A task reading a map node's output reads its manifest: written here, before the task
@@ -175,6 +356,19 @@ class Dispatcher:
             self._grant_issuer = issue_storage_grant
         return self._grant_issuer(settings, **kwargs)
 
+    def _nodes_wanting_credentials(self, run_id: Any) -> dict[str, bool]:
+        with self._credential_nodes_lock:
+            nodes = self._credential_nodes.get(run_id)
+            if nodes is None:
+                # One query per run and process, under the lock: the dispatch threads of a round
+                # wait for the first one rather than each asking.
+                with self.db.connection() as conn:
+                    nodes = storage_access.credential_nodes(conn, [run_id]).get(run_id, {})
+                if len(self._credential_nodes) >= 4096:
+                    self._credential_nodes.clear()
+                self._credential_nodes[run_id] = nodes
+            return nodes
+
     def build_message(
         self, task: Row, inputs: dict[str, dict[str, Any]], upstream: dict[str, dict[str, Any]] | None = None,
         item: dict[str, Any] | None = None,
@@ -194,6 +388,18 @@ class Dispatcher:
             output_key = node_output_key(*node, int(task["attempt"]))
             write_prefix = node_attempt_prefix(*node, int(task["attempt"]))
             log_key = attempt_log_key(*node, int(task["attempt"]))
+        # Storage access (issue 15): presigned URLs by default, no STS call per task. The nodes
+        # with `storage: credentials` share one session per run, which writes under their own
+        # prefixes (any data version; a map node's items, never its manifest) and reads the run's
+        # objects (storage.s3.run_session_policy); the node's own scope is the fallback.
+        wanting = self._nodes_wanting_credentials(task["run_id"])
+        access = "credentials" if task["node_id"] in wanting else "urls"
+        lifetime = (int(task["timeout_s"]) + _TOKEN_SLACK_S) if task["timeout_s"] else None
+        # A child's session stops at the items: the map node's manifest, beside them, is the
+        # orchestrator's to write.
+        scope = map_items_prefix(*node) if item is not None else node_prefix(*node)
+        runs_prefix = run_prefix(*node[:3])
+        run_writes = [f"{runs_prefix}*/nodes/{n}/{'items/' if mapped else ''}*" for n, mapped in sorted(wanting.items())]
         # A reader of a map node's manifest reads the children's outputs it lists.
         read_prefixes = [str(ref["items_prefix"]) for ref in inputs.values()
                          if ref.get("manifest") and ref.get("items_prefix")]
@@ -201,6 +407,8 @@ class Dispatcher:
             self.settings, output_key=output_key, write_prefix=write_prefix,
             read_keys=[ref["key"] for ref in (*inputs.values(), *upstream.values())],
             task_id=task_id, log_key=log_key, **({"read_prefixes": read_prefixes} if read_prefixes else {}),
+            access=access, scope_prefix=scope, run_prefix=runs_prefix, lifetime_s=lifetime,
+            **({"run_writes": run_writes} if access == "credentials" else {}),
         )
         ttl = (task["timeout_s"] or _DEFAULT_TOKEN_TTL_S) + _TOKEN_SLACK_S
         token = self.keyring.issue(
@@ -237,6 +445,33 @@ class Dispatcher:
         if item is not None:
             message["map"] = _map_slot(item)
         return message
+
+
+def record_not_started(conn: Connection, settings: Settings, row: Row) -> Row | None:
+    """A task whose lease lapsed while still `dispatched` (`row`: from lock_expired_leases): no
+    worker started it. The delivery was lost, or it is still waiting in a throttled transport;
+    neither is the task's failure, and neither is fixed by sending it again at once. It is tried
+    again (at once, then after a delay doubling per such delivery), and fails (dead-lettered,
+    code `not_started`) only `not_started_give_up_s` after it was first found not started."""
+    give_up = settings.not_started_give_up_s
+    lost = task_store.record_not_started(
+        conn, row["id"], row["attempt"], row["claim_token"], base_delay_s=settings.not_started_retry_delay_s,
+        max_delay_s=settings.not_started_retry_max_delay_s, give_up_s=give_up,
+        retry_error={"code": "not_started", "retryable": True,
+                     "message": "no worker started the task before its lease expired; it is dispatched again"},
+        final_error={"code": "not_started", "retryable": True,
+                     "message": f"no worker started the task in the {give_up} s since a delivery of it was "
+                                f"first found not started (TICKWEAVE_NOT_STARTED_GIVE_UP_S): every delivery "
+                                f"was lost or left waiting in the transport"},
+    )
+    if lost is None:
+        return None
+    log_event(log, "task.not_started", f"task {row['id']} was not started by a worker before its lease expired",
+              level=logging.WARNING, task_id=row["id"], attempt=row["attempt"], status=lost["status"],
+              not_started=lost["not_started_count"], since=str(lost["not_started_since"]))
+    if lost["status"] == "failed":
+        settle_terminal(conn, lost, dead_letter=True)
+    return lost
 
 
 def _map_slot(item: dict[str, Any]) -> dict[str, Any]:

@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import ValidationError
 
-from orchestrator.config import Settings
+from orchestrator.config import Settings, aws_client
 from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.addresses import endpoint_problem
 from orchestrator.engine.errors import Conflict, InvalidInput, NotFound
@@ -43,6 +42,9 @@ from orchestrator.model.notify import (
     webhook_problem,
 )
 from orchestrator.store import notifications as store
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +326,8 @@ def send_webhook(
     if problem is not None:
         # A name that does not resolve may resolve later; an address refused by policy will not change.
         return Outcome(ok=False, retryable="does not resolve" in problem, error=_cut(f"refused: {problem}"))
+    import httpx  # not at module level: the app imports this module, and a cold start pays ~50 ms for httpx
+
     timestamp = str(int(time.time()))
     headers = {**headers, TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature_header(secrets_, timestamp, body)}
     try:
@@ -340,9 +344,7 @@ def send_webhook(
 
 @functools.lru_cache(maxsize=16)
 def _sns_client(region: str, endpoint_url: str | None) -> Any:
-    import boto3
-
-    return boto3.session.Session().client("sns", region_name=region, endpoint_url=endpoint_url)  # type: ignore[call-overload]
+    return aws_client("sns", region, endpoint_url=endpoint_url)
 
 
 def publish_sns(settings: Settings, arn: str, message: dict[str, Any], body: bytes, delivery_id: uuid.UUID) -> Outcome:
@@ -411,6 +413,8 @@ def lease_s(settings: Settings) -> float:
 
 
 def _timeout(settings: Settings) -> httpx.Timeout:
+    import httpx
+
     return httpx.Timeout(settings.notify_timeout_s, connect=min(3.0, settings.notify_timeout_s))
 
 
@@ -432,6 +436,8 @@ def deliver_round(db: Database, settings: Settings, summary: DeliverySummary) ->
         return found
 
     keys = db.run_in_transaction(load_secrets) if webhook_workspaces else {}
+    import httpx  # the first delivery pays for it, not the cold start
+
     with httpx.Client(timeout=_timeout(settings), follow_redirects=False) as client, \
             ThreadPoolExecutor(max_workers=len(claimed), thread_name_prefix="notify") as pool:
         outcomes = list(pool.map(

@@ -229,10 +229,14 @@ def next_fire_times(schedule: Row, now: datetime, count: int = NEXT_FIRE_TIMES) 
     return times[:count]
 
 
-def start_queued(db: Database, limit: int) -> list[uuid.UUID]:
-    """Start queued runs wherever their pipeline has room (the safety net after run ends)."""
+def start_queued(
+    db: Database, limit: int, *, after: tuple[str, str] | None = None,
+) -> tuple[list[uuid.UUID], tuple[str, str] | None]:
+    """Start queued runs wherever their pipeline has room (the safety net after run ends), on
+    one page of at most `limit` pipelines after `after`. The runs started, and the key of the
+    page's last pipeline when the page was full (there may be more), else None."""
     with db.connection() as conn:
-        pipelines = run_store.pipelines_with_queued_runs(conn, limit)
+        pipelines = run_store.pipelines_with_queued_runs(conn, limit, after)
     started: list[uuid.UUID] = []
     for row in pipelines:
         workspace_id, pipeline_id = str(row["workspace_id"]), str(row["pipeline_id"])
@@ -241,4 +245,5 @@ def start_queued(db: Database, limit: int) -> list[uuid.UUID]:
             return start_queued_runs(conn, workspace_id, pipeline_id)
 
         started += db.run_in_transaction(work)
-    return started
+    last = (str(pipelines[-1]["workspace_id"]), str(pipelines[-1]["pipeline_id"])) if len(pipelines) >= limit else None
+    return started, last

@@ -49,7 +49,8 @@ def build_transports(settings: Settings) -> dict[str, Transport]:
     if settings.worker_function:
         from orchestrator.dispatch.aws_lambda import LambdaTransport
 
-        transports["lambda"] = LambdaTransport(settings.worker_function, region=settings.aws_region)
+        transports["lambda"] = LambdaTransport(settings.worker_function, region=settings.aws_region,
+                                               max_event_age_s=settings.lambda_max_event_age_s)
     elif "lambda" in settings.transports.values():
         log.warning("TICKWEAVE_TRANSPORTS names 'lambda' but TICKWEAVE_WORKER_FUNCTION is not set")
     if settings.worker_url:

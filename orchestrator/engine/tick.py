@@ -12,8 +12,8 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.db.connection import Connection, Database
-from orchestrator.engine.completion import finish_attempt, resolve_ready_maps, settle_terminal
-from orchestrator.engine.dispatcher import Dispatcher
+from orchestrator.engine.completion import finish_attempt, resolve_ready_maps
+from orchestrator.engine.dispatcher import Dispatcher, record_not_started
 from orchestrator.engine.notifications import deliver_due
 from orchestrator.engine.operations import expire_waits, purge_expired_dead_letters
 from orchestrator.engine.orchestrations import process_pipeline_triggers
@@ -23,6 +23,10 @@ from orchestrator.store import maps as map_store
 from orchestrator.store import tasks as task_store
 
 log = logging.getLogger(__name__)
+
+# A tick starts no new batch with less than this left of its deadline: one batch (100 repairs,
+# or one claim and its dispatch) takes well under it, and the answer still has time to leave.
+DEADLINE_MARGIN_S = 2.0
 
 
 @dataclass
@@ -43,6 +47,10 @@ class TickSummary:
     notifications_delivered: int = 0
     notifications_retrying: int = 0
     notifications_failed: int = 0
+    # The time the tick had (seconds left of its deadline when it began; None: no deadline),
+    # and the steps its deadline stopped before their work was done (the next tick goes on).
+    deadline_s: float | None = None
+    deadline_stopped: list[str] = field(default_factory=list)
     durations_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +65,8 @@ class TickSummary:
             "notifications_delivered": self.notifications_delivered,
             "notifications_retrying": self.notifications_retrying,
             "notifications_failed": self.notifications_failed,
+            "deadline_s": None if self.deadline_s is None else round(self.deadline_s, 3),
+            "deadline_stopped": list(self.deadline_stopped),
             "durations_ms": {k: round(v, 2) for k, v in self.durations_ms.items()},
         }
 
@@ -73,14 +83,7 @@ def expire_leases(db: Database, settings: Settings, limit: int) -> int:
             log_event(log, "task.lease_expired", level=logging.WARNING, task_id=row["id"], attempt=row["attempt"],
                       status=row["status"], timed_out=bool(row["timed_out"]))
             if row["status"] == "dispatched" and not row["timed_out"]:
-                lost = task_store.record_dispatch_failure(
-                    conn, row["id"], row["attempt"], row["claim_token"], base_delay_s=0,
-                    max_failures=settings.max_dispatch_failures,
-                    error={"code": "not_started", "message": "no worker started the task before its lease expired",
-                           "retryable": True},
-                )
-                if lost is not None and lost["status"] == "failed":
-                    settle_terminal(conn, lost, dead_letter=True)
+                record_not_started(conn, settings, row)  # growing delay; fails only after the give-up time
                 continue
             code = "timeout" if row["timed_out"] else "lease_expired"
             message = (
@@ -109,39 +112,92 @@ def resolve_stranded_maps(db: Database, limit: int) -> int:
     return db.run_in_transaction(work)
 
 
+def remaining_time(
+    *, context: Any = None, max_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+) -> Callable[[], float] | None:
+    """A tick's deadline, as seconds left: the Lambda's remaining time when `context` has one (the
+    invocation's context, or Mangum's `aws.context` for a tick over HTTP), capped at `max_s` from
+    now when given (an HTTP caller waits only so long: API Gateway answers 504 after 30 s, though
+    the function may run on). None: no deadline."""
+    lambda_ms = getattr(context, "get_remaining_time_in_millis", None)
+    if not callable(lambda_ms) and max_s is None:
+        return None
+    ends = None if max_s is None else clock() + max_s
+
+    def remaining() -> float:
+        left = float("inf") if ends is None else ends - clock()
+        if callable(lambda_ms):
+            left = min(left, float(lambda_ms()) / 1000.0)
+        return left
+
+    return remaining
+
+
 def run_tick(
     db: Database, settings: Settings, dispatcher: Dispatcher, *, batch_size: int,
     remaining_s: Callable[[], float] | None = None,
 ) -> TickSummary:
     summary = TickSummary()
     started = time.perf_counter()
+    if remaining_s is not None:
+        summary.deadline_s = remaining_s()
 
     def time_left() -> bool:
-        return remaining_s is None or remaining_s() > 2.0
+        return remaining_s is None or remaining_s() > DEADLINE_MARGIN_S
+
+    def drain(step: str, batch: Callable[[], int], full: int) -> int:
+        """Batches of one step, each its own transactions, while a batch comes back full (there
+        may be more) and the deadline allows another: a backlog of 5,000 expired leases heals in
+        one tick, not fifty. Every batch moves its rows out of the step's reach (expired, decided,
+        started, deleted), so the loop ends when the backlog does."""
+        done = 0
+        while True:
+            if not time_left():
+                summary.deadline_stopped.append(step)
+                return done
+            count = batch()
+            done += count
+            if count < full:
+                return done
 
     # 1. due schedules, batch after batch while a batch comes back full
-    while time_left():
+    def schedules_batch() -> int:
         fired = fire_due_schedules(db, settings, batch_size)
-        summary.schedules_fired += fired.schedules
         summary.scheduled_runs += fired.runs
         summary.slots_skipped += fired.skipped
-        if fired.schedules < batch_size:
-            break
+        return fired.schedules
+
+    summary.schedules_fired = drain("schedules", schedules_batch, batch_size)
     t_schedules = time.perf_counter()
     summary.durations_ms["schedules"] = (t_schedules - started) * 1000
 
     # 2. lapsed leases and human-step timeouts, then queued runs that now have room
-    summary.expired = expire_leases(db, settings, batch_size)
-    summary.waits_expired = expire_waits(db, batch_size)
-    summary.maps_resolved = resolve_stranded_maps(db, batch_size)
-    summary.queued_runs_started = len(start_queued(db, batch_size))
+    summary.expired = drain("expire_leases", lambda: expire_leases(db, settings, batch_size), batch_size)
+    summary.waits_expired = drain("expire_waits", lambda: expire_waits(db, batch_size), batch_size)
+    summary.maps_resolved = drain("resolve_maps", lambda: resolve_stranded_maps(db, batch_size), batch_size)
+    # Pipelines with queued runs, page after page in key order (a page whose pipelines are all
+    # at their limit starts nothing, and the next page still gets its turn).
+    queued_after: list[tuple[str, str] | None] = [None]
+
+    def queued_batch() -> int:
+        started_runs, queued_after[0] = start_queued(db, batch_size, after=queued_after[0])
+        summary.queued_runs_started += len(started_runs)
+        return batch_size if queued_after[0] is not None else 0
+
+    drain("queued_runs", queued_batch, batch_size)
     # Later triggers decided by upstream runs that ended; normally created right after the
-    # upstream's callback, this is the safety net (an engine that stopped in between).
-    summary.pipeline_triggered_runs = len(process_pipeline_triggers(db, settings, batch_size))
+    # upstream's callback, this is the safety net (an engine that stopped in between). A batch
+    # with a refused trigger (paused pipeline) counts as short: the rest wait for the next tick.
+    summary.pipeline_triggered_runs = drain(
+        "pipeline_triggers", lambda: len(process_pipeline_triggers(db, settings, batch_size)), batch_size)
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
-    # Dead letters past their retention, one bounded batch a tick (a backlog drains over ticks).
+    # Dead letters past their retention, batch after batch (oldest first).
     t_purge = time.perf_counter()
-    summary.dead_letters_purged = purge_expired_dead_letters(db, settings.dlq_retention_days, settings.dlq_purge_batch)
+    summary.dead_letters_purged = drain(
+        "dlq_retention",
+        lambda: purge_expired_dead_letters(db, settings.dlq_retention_days, settings.dlq_purge_batch),
+        max(settings.dlq_purge_batch, 1),
+    )
     summary.durations_ms["dlq_retention"] = (time.perf_counter() - t_purge) * 1000
 
     claim_ms = dispatch_ms = 0.0
@@ -179,7 +235,7 @@ def run_tick(
     summary.durations_ms["total"] = (time.perf_counter() - started) * 1000
     busy = summary.scheduled_runs or summary.expired or summary.waits_expired or summary.claimed \
         or summary.queued_runs_started or summary.slots_skipped or summary.pipeline_triggered_runs \
-        or summary.dead_letters_purged or notified.claimed
+        or summary.dead_letters_purged or notified.claimed or summary.deadline_stopped
     # An idle tick (once a minute, forever) logs at DEBUG only.
     log_event(log, "tick.finished", level=logging.INFO if busy else logging.DEBUG, **summary.to_dict())
     return summary

@@ -345,6 +345,11 @@ class NodeDefinition(BaseModel):
     description: str = ""
     # Dynamic fan-out (issue 19): one task per item of a list found at run time.
     map: MapSpec | None = None
+    # How the node's tasks reach the bucket (issue 15): presigned URLs for the keys they read and
+    # write (the default; no STS call per task), or `credentials`: STS session credentials scoped
+    # to the node's prefix in its run, for code that needs an S3 client (a library writing
+    # several objects, reading under a prefix). Left out of the stored definition while "urls".
+    storage: Literal["urls", "credentials"] = "urls"
 
     _depends_list = field_validator("depends", mode="before")(_coerce_str_list)
     _params_none = field_validator("params", mode="before")(_none_as(dict))
@@ -375,6 +380,8 @@ class NodeDefinition(BaseModel):
                     raise field_error(name, f"a {self.kind} node does not run a task; remove {name}")
         if self.approval is not None and self.kind != "approval":
             raise field_error("approval", "approval settings are only allowed on nodes of kind approval")
+        if self.storage != "urls" and self.kind != "task":
+            raise field_error("storage", f"a {self.kind} node runs no task, so it has no storage access to choose")
         if self.map is not None and self.kind != "task":
             # A person completes an approval or manual step once; there is no task to repeat.
             raise field_error(
@@ -393,6 +400,8 @@ class NodeDefinition(BaseModel):
         data: dict[str, Any] = handler(self)
         if self.map is None:
             data.pop("map", None)
+        if data.get("storage") == "urls":
+            data.pop("storage", None)
         return data
 
 

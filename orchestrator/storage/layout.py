@@ -16,6 +16,7 @@ __all__ = [
     "map_manifest_key",
     "node_attempt_prefix",
     "node_output_key",
+    "node_prefix",
     "pipeline_output_key",
     "run_prefix",
 ]
@@ -54,6 +55,13 @@ def _node_prefix(workspace: str, pipeline: str, run_id: str, version: str, node:
         _check_segment("node", node),
     )
     return "runs/{}/{}/{}/{}/nodes/{}/".format(*parts)
+
+
+def node_prefix(workspace: str, pipeline: str, run_id: str, version: str, node: str) -> str:
+    """The prefix (ending in "/") of everything one node writes in one data version of one run:
+    every attempt and every map item of it. The scope of the session a `storage: credentials`
+    node's tasks share (storage.s3.issue_storage_grant)."""
+    return _node_prefix(workspace, pipeline, run_id, version, node)
 
 
 def node_attempt_prefix(

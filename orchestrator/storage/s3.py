@@ -1,16 +1,20 @@
 """S3 and STS access: orchestrator-side clients, buckets, and per-task storage grants.
 
 Orchestrator-side clients use the ambient credentials (the Lambda role, or the fake keys of the
-local moto server). Workers never get those: a grant carries either STS credentials narrowed by a
-session policy to writes under the attempt's own prefix and reads of exactly its input keys (and,
-for a reducer of a mapped node, of what is under that node's items prefix), or presigned URLs per
-object (one PUT for the attempt's output key, one for its log; GETs of the items under a read
-prefix are presigned on demand by the API, `presign_get_urls`).
+local moto server). Workers never get those: a grant carries either presigned URLs per object
+(the default: one PUT for the attempt's output key, one for its log, a GET per input; GETs of
+the items under a read prefix are presigned on demand by the API, `presign_get_urls`), or, for
+a node with `storage: credentials`, STS credentials narrowed by a session policy to the run.
+
+No STS call per task (issue 15): URLs are signed locally (with a session of the storage role
+this process keeps, when one is configured), and credential sessions are cached per scope
+(orchestrator.storage.sessions): one per run for its `storage: credentials` nodes.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import functools
 import hashlib
 import json
@@ -20,7 +24,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
@@ -28,6 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from orchestrator.storage.presign import AddressingStyle, QueryPresigner
+from orchestrator.storage.sessions import CachedSession, SessionCache, partition_of
 from orchestrator.storage.tokens import StorageGrant, check_read_prefix
 
 if TYPE_CHECKING:
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
     from orchestrator.config import Settings
 
 __all__ = [
+    "CLIENT_POOL_CONNECTIONS",
     "LOG_CONTENT_TYPE",
     "MAX_SESSION_POLICY_CHARS",
     "encode_json",
@@ -48,6 +54,7 @@ __all__ = [
     "put_json_object",
     "read_json_object",
     "role_session_name",
+    "run_session_policy",
     "s3_client",
     "session_policy",
 ]
@@ -60,6 +67,14 @@ MAX_SESSION_POLICY_CHARS = 2048
 # STS AssumeRole refuses durations under 15 minutes.
 _MIN_ROLE_DURATION_S = 900
 _SESSION_NAME_PREFIX = "tickweave-"
+# Connections each S3/STS client keeps (botocore's default is 10): at least the dispatcher's
+# threads (engine.dispatcher.DISPATCH_THREADS, 16), which share the orchestrator's clients, so a
+# full dispatch round neither waits for a connection nor opens and drops extra ones
+# ("Connection pool is full, discarding connection").
+CLIENT_POOL_CONNECTIONS = 32
+# A cached session is reused while it has at least this share of its duration left, or the
+# task's own need when that is shorter (see `issue_storage_grant`).
+_REUSE_SHARE = 0.75
 _SESSION_NAME_INVALID = re.compile(r"[^\w+=,.@-]")
 
 log = logging.getLogger(__name__)
@@ -91,6 +106,7 @@ def _client_config(endpoint_url: str | None) -> Config:
         retries={"max_attempts": 5, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
+        max_pool_connections=CLIENT_POOL_CONNECTIONS,
     )
 
 
@@ -124,7 +140,7 @@ def sts_client(endpoint_url: str | None, region: str) -> STSClient:
     return session.client(
         "sts",
         endpoint_url=endpoint_url,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=CLIENT_POOL_CONNECTIONS),
     )
 
 
@@ -175,19 +191,21 @@ def ensure_bucket(settings: StorageSettings) -> None:
 
 def session_policy(
     bucket: str, output_key: str, read_keys: Iterable[str], *, write_prefix: str | None = None,
-    read_prefixes: Iterable[str] = (), log_key: str | None = None,
+    read_prefixes: Iterable[str] = (), log_key: str | None = None, partition: str = "aws",
 ) -> dict[str, Any]:
     """Inline session policy: read exactly the input keys; write the output key (and `log_key`),
     or, given `write_prefix` (the attempt's prefix, which holds the output key and the log),
     anything under it; and read anything under each of `read_prefixes` (a mapped node's items
     prefix: its children's outputs, which a reducer reads by the manifest and which are too
-    many to name)."""
+    many to name). `partition`: the role's (`partition_of(role_arn)`), so that a policy for a
+    China or GovCloud role names that partition's bucket (`arn:aws-cn:s3:::...`)."""
     prefixes = [check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes)]
+    arn = f"arn:{partition}:s3:::{bucket}/"
     if write_prefix is not None:
         _check_write_prefix(output_key, write_prefix, log_key)
-        writes = [f"arn:aws:s3:::{bucket}/{write_prefix}*"]
+        writes = [f"{arn}{write_prefix}*"]
     else:
-        writes = [f"arn:aws:s3:::{bucket}/{key}" for key in (output_key, log_key) if key is not None]
+        writes = [f"{arn}{key}" for key in (output_key, log_key) if key is not None]
     statements: list[dict[str, Any]] = [
         {
             "Sid": "WriteOutput",
@@ -203,7 +221,7 @@ def session_policy(
                 "Sid": "ReadInputs",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
-                "Resource": [f"arn:aws:s3:::{bucket}/{key}" for key in reads],
+                "Resource": [f"{arn}{key}" for key in reads],
             }
         )
     if prefixes:
@@ -212,7 +230,7 @@ def session_policy(
                 "Sid": "ReadMappedItems",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
-                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}*" for prefix in prefixes],
+                "Resource": [f"{arn}{prefix}*" for prefix in prefixes],
             }
         )
     return {"Version": "2012-10-17", "Statement": statements}
@@ -235,6 +253,16 @@ def role_session_name(task_id: str) -> str:
     return (_SESSION_NAME_PREFIX + cleaned)[:64]
 
 
+# Sessions this process assumed, by scope (see orchestrator.storage.sessions): the signer of
+# presigned URLs, and the credentials of nodes that ask for them, per run and node.
+_SESSIONS = SessionCache()
+# What STS answers when the packed (compressed) session policy and tags exceed its limit, which
+# is not the plaintext length: a policy under MAX_SESSION_POLICY_CHARS can still be refused.
+_PACKED_POLICY_TOO_LARGE = "PackedPolicyTooLarge"
+_REFUSED_POLICIES: set[str] = set()
+_REFUSED_LOCK = threading.Lock()
+
+
 def issue_storage_grant(
     settings: Settings,
     *,
@@ -244,31 +272,68 @@ def issue_storage_grant(
     write_prefix: str | None = None,
     read_prefixes: Sequence[str] = (),
     log_key: str | None = None,
+    access: Literal["urls", "credentials"] = "credentials",
+    scope_prefix: str | None = None,
+    run_prefix: str | None = None,
+    run_writes: Sequence[str] = (),
+    lifetime_s: int | None = None,
 ) -> StorageGrant:
-    """Storage access for one task attempt: STS credentials if a role is configured, else URLs.
+    """Storage access for one task attempt: presigned URLs, or scoped STS credentials.
 
-    `write_prefix` is the attempt's own prefix (see layout.node_attempt_prefix): the session
-    policy lets the credentials write under it (the output, and the log beside it) and nowhere
-    else; a presigned PUT is for the output key alone. Without it, exactly the output key.
+    `access="urls"` (what the dispatcher gives a node by default): one presigned PUT for the
+    output key, one for the log (signed for LOG_CONTENT_TYPE), one GET per input key. No STS call
+    per task: with a storage role the URLs are signed locally with a session of that role this
+    process assumed once and reuses (the signer, never handed out); without one, with the
+    orchestrator's own credentials.
 
-    `read_prefixes` (each ending in "/": layout.map_items_prefix of a mapped upstream) let the
-    task read anything under them. With a role the session policy says so; without one nothing
-    is presigned for them (the keys are in the manifest, not known here): the grant carries
-    them and the worker asks `POST /api/worker/read-urls`, which checks each key against them.
+    `access="credentials"` (a node with `storage: credentials`, or any grant without a storage
+    role's help: without `storage_role_arn` there are only URLs): STS credentials narrowed by a
+    session policy to writes under `scope_prefix` (default `write_prefix`, the attempt's own
+    prefix; the dispatcher passes the node's prefix in its run, so one session serves every
+    attempt and map item of that node in that run) and reads of exactly the input keys and
+    under `read_prefixes`. Sessions are cached by their exact policy: a task gets a session only
+    when the policy it needs is the very one the session was assumed with.
 
-    `log_key` (layout.attempt_log_key, beside the output) is where the attempt stores its log:
-    the session policy covers it (it is under `write_prefix`, or named beside the output key);
-    without a role, the grant carries a second presigned PUT, for it alone, signed for
-    LOG_CONTENT_TYPE.
+    `run_writes` (with `run_prefix`): the write patterns of every `storage: credentials` node of
+    the run (`{run_prefix}*/nodes/{node}/*`, `.../items/*` for a map node: never its manifest).
+    Given them, the first choice is one session for the whole run (`run_session_policy`): writes
+    under those nodes' prefixes, reads under the run's prefix, and presigned GETs for inputs from
+    outside the run, so that every such task of the run gets the very same policy: one
+    AssumeRole per run. Too large for STS, it falls back to the node's own scope below.
+
+    `write_prefix` is the attempt's own prefix (see layout.node_attempt_prefix); it must hold the
+    output key and the log key. `read_prefixes` (each ending in "/": layout.map_items_prefix of a
+    mapped upstream) let the task read anything under them; with URLs nothing is presigned for
+    them (the keys are in the manifest): the worker asks `POST /api/worker/read-urls`.
+
+    `lifetime_s`: how long the task may need its grant (its timeout and some slack; default the
+    configured TTL). A cached session is reused while it has that long left, or 3/4 of its
+    duration when that is shorter (an assumed role's session lasts at most an hour when the
+    caller is itself a role), and URLs signed with it expire with it (X-Amz-Expires says so).
+
+    When STS refuses a policy as too large (`PackedPolicyTooLarge`, measured after compression,
+    so not predictable from the text), the grant falls back, each step still scoped to the run:
+    inputs as presigned GETs instead of named in the policy; then reads of the whole run's
+    prefix instead of each input and items prefix; then URLs only.
     """
     reads = tuple(dict.fromkeys(read_keys))
     prefixes = tuple(check_read_prefix(prefix) for prefix in dict.fromkeys(read_prefixes))
     if write_prefix is not None:
         _check_write_prefix(output_key, write_prefix, log_key)
+    scope = scope_prefix or write_prefix
+    if scope is not None and scope != write_prefix:
+        _check_write_prefix(output_key, scope, log_key)
+        if write_prefix is not None and not write_prefix.startswith(scope):
+            raise ValueError(f"scope prefix {scope!r} must hold the write prefix {write_prefix!r}")
+    if run_prefix is not None and scope is not None and not scope.startswith(check_read_prefix(run_prefix)):
+        raise ValueError(f"scope prefix {scope!r} must be under the run prefix {run_prefix!r}")
     ttl = int(settings.storage_credentials_ttl_s)
+    duration = max(_MIN_ROLE_DURATION_S, ttl)
+    need = min(ttl if lifetime_s is None else max(1, int(lifetime_s)), ttl)
+    reuse_floor = min(float(need), duration * _REUSE_SHARE)
 
     def grant(
-        credentials: dict[str, str] | None, put_url: str | None, get_urls: dict[str, str],
+        credentials: Mapping[str, str] | None, put_url: str | None, get_urls: dict[str, str],
         log_put_url: str | None = None,
     ) -> StorageGrant:
         return StorageGrant(
@@ -277,7 +342,7 @@ def issue_storage_grant(
             bucket=settings.bucket,
             output_key=output_key,
             read_keys=reads,
-            credentials=credentials,
+            credentials=dict(credentials) if credentials is not None else None,
             presigned_put=put_url,
             presigned_get=get_urls,
             read_prefixes=prefixes,
@@ -285,67 +350,191 @@ def issue_storage_grant(
             presigned_log_put=log_put_url,
         )
 
-    if settings.storage_role_arn:
-        policy = session_policy(settings.bucket, output_key, reads, write_prefix=write_prefix,
-                                read_prefixes=prefixes, log_key=log_key)
-        presigned_get: dict[str, str] = {}
-        if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
-            # Too many inputs to name in a session policy: keep the credentials for the write
-            # (still scoped to the attempt) and hand out presigned URLs for the reads, rather than
-            # widening the policy to a prefix the task has no business reading. The read
-            # prefixes stay in the policy: what is under them cannot be presigned here.
-            policy = session_policy(settings.bucket, output_key, (), write_prefix=write_prefix,
-                                    read_prefixes=prefixes, log_key=log_key)
-            if len(_compact_json(policy)) > MAX_SESSION_POLICY_CHARS:
-                # Only a reducer of dozens of mapped nodes at once gets here; failing the
-                # dispatch with the reason beats credentials that cannot read its inputs.
-                raise ValueError(
-                    f"a session policy for {len(prefixes)} read prefixes is over the "
-                    f"{MAX_SESSION_POLICY_CHARS}-character limit of STS; a task can read the items "
-                    "of that many mapped nodes only without a storage role (presigned URLs)"
+    role_arn = settings.storage_role_arn
+    if role_arn and access == "credentials":
+        partition = partition_of(role_arn)
+
+        def policy_of(named_reads: Sequence[str], read_under: Sequence[str]) -> dict[str, Any]:
+            return session_policy(settings.bucket, output_key, named_reads, write_prefix=scope,
+                                  read_prefixes=read_under, log_key=log_key, partition=partition)
+
+        # (policy, the input keys it leaves to presigned GETs, session name), in order of choice.
+        own_name = role_session_name(task_id if scope == write_prefix else _scope_name(scope or output_key))
+        candidates: list[tuple[dict[str, Any], tuple[str, ...], str]] = []
+        if run_prefix is not None and run_writes and all(p.startswith(run_prefix) for p in prefixes) and all(
+            any(_iam_match(pattern, key) for pattern in run_writes) for key in (output_key, log_key) if key is not None
+        ):
+            candidates.append((run_session_policy(settings.bucket, run_prefix, run_writes, partition=partition),
+                               tuple(k for k in reads if not k.startswith(run_prefix)),
+                               role_session_name("run-" + run_prefix.strip("/").split("/")[-1])))
+        candidates += [(policy_of(reads, prefixes), (), own_name), (policy_of((), prefixes), reads, own_name)]
+        if run_prefix is not None and all(p.startswith(run_prefix) for p in prefixes):
+            # Still one run: the run's prefix for reads, presigned GETs for inputs from elsewhere
+            # (an upstream pipeline's outputs).
+            candidates.append((policy_of((), (run_prefix,)), tuple(k for k in reads if not k.startswith(run_prefix)),
+                               own_name))
+        for policy, presigned_reads, session_name in candidates:
+            text = _compact_json(policy)
+            if len(text) > MAX_SESSION_POLICY_CHARS or text in _REFUSED_POLICIES:
+                continue
+            try:
+                session = _SESSIONS.get(
+                    ("credentials", settings.s3_endpoint_url, role_arn, text), reuse_floor,
+                    lambda text=text, name=session_name: _assume(settings, role_arn, name, duration, text),  # type: ignore[misc]
                 )
-            presigned_get = _presign_gets(settings, reads, ttl)
-        response = orchestrator_sts(settings).assume_role(
-            RoleArn=settings.storage_role_arn,
-            RoleSessionName=role_session_name(task_id),
-            Policy=_compact_json(policy),
-            DurationSeconds=max(_MIN_ROLE_DURATION_S, ttl),
-        )
-        creds = response["Credentials"]
-        credentials = {
-            "AccessKeyId": creds["AccessKeyId"],
-            "SecretAccessKey": creds["SecretAccessKey"],
-            "SessionToken": creds["SessionToken"],
-            "Expiration": creds["Expiration"].isoformat(),
-        }
-        return grant(credentials, None, presigned_get)
-    put_url = _presign_put(settings, output_key, ttl, JSON_CONTENT_TYPE)
-    log_put_url = _presign_put(settings, log_key, ttl, LOG_CONTENT_TYPE) if log_key is not None else None
-    return grant(None, put_url, _presign_gets(settings, reads, ttl), log_put_url)
+            except ClientError as exc:
+                if _error_code(exc) != _PACKED_POLICY_TOO_LARGE:
+                    raise
+                with _REFUSED_LOCK:
+                    # Remembered, so that the run's next tasks do not each ask STS again.
+                    if len(_REFUSED_POLICIES) >= 1024:
+                        _REFUSED_POLICIES.clear()
+                    _REFUSED_POLICIES.add(text)
+                log.warning("STS refused a session policy of %d characters as too large when packed; "
+                            "falling back to a broader one, still within the run", len(text))
+                continue
+            expires_in = _url_lifetime(ttl, session)
+            return grant(session.credentials, None, _presign_gets(settings, presigned_reads, expires_in))
+        log.warning("no session policy for task %s fits STS's limits: its grant is presigned URLs", task_id)
+    signer = _signer(settings, reuse_floor, duration) if role_arn else None
+    expires_in = ttl if signer is None else _url_lifetime(ttl, signer)
+    creds = None if signer is None else signer.credentials
+    put_url = _presign_put(settings, output_key, expires_in, JSON_CONTENT_TYPE, creds)
+    log_put_url = (_presign_put(settings, log_key, expires_in, LOG_CONTENT_TYPE, creds)
+                   if log_key is not None else None)
+    return grant(None, put_url, _presign_gets(settings, reads, expires_in, credentials=creds), log_put_url)
 
 
-def _presign_put(settings: StorageSettings, key: str, ttl: int, content_type: str) -> str:
+def run_session_policy(
+    bucket: str, run_prefix: str, writes: Sequence[str], *, partition: str = "aws",
+) -> dict[str, Any]:
+    """The session policy one run's `storage: credentials` tasks share: PutObject on `writes`
+    (patterns under `run_prefix`, one per such node) and GetObject under `run_prefix`. Never
+    another run's or workspace's keys (every pattern starts with this run's prefix, which ends in
+    "/"), nor pipeline outputs (outputs/), nor a node that did not ask for credentials."""
+    check_read_prefix(run_prefix)
+    for pattern in writes:
+        if not pattern.startswith(run_prefix) or not pattern.endswith("*"):
+            raise ValueError(f"write pattern {pattern!r} must be under the run prefix {run_prefix!r} and end in '*'")
+    arn = f"arn:{partition}:s3:::{bucket}/"
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "WriteNodes", "Effect": "Allow", "Action": ["s3:PutObject"],
+         "Resource": [arn + pattern for pattern in dict.fromkeys(writes)]},
+        {"Sid": "ReadRun", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{arn}{run_prefix}*"]},
+    ]}
+
+
+def _iam_match(pattern: str, key: str) -> bool:
+    # IAM's wildcards: `*` any run of characters ("/" included), `?` any one character.
+    return fnmatch.fnmatchcase(key, pattern.replace("[", "[[]"))
+
+
+def _scope_name(prefix: str) -> str:
+    # A session serves many tasks: named after its run and node (the prefix's segments after
+    # `runs/<workspace>/<pipeline>/`), which CloudTrail then shows; STS caps the name at 64.
+    parts = prefix.strip("/").split("/")
+    return "-".join(parts[3:4] + parts[-1:]) if len(parts) > 4 else "-".join(parts)
+
+
+def _assume(settings: Settings, role_arn: str, name: str, duration: int, policy: str | None) -> Mapping[str, Any]:
+    kwargs: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": name, "DurationSeconds": duration}
+    if policy is not None:
+        kwargs["Policy"] = policy
+    response = orchestrator_sts(settings).assume_role(**kwargs)
+    return response["Credentials"]
+
+
+def _signer(settings: Settings, reuse_floor: float, duration: int) -> CachedSession:
+    """The session of the storage role this process signs presigned URLs with. No session policy:
+    it never leaves the process, and each URL it signs names one key (S3 refuses the signature
+    for any other); its reach is the role's own (PutObject under runs/, GetObject under runs/
+    and outputs/ in the template), so a URL can never grant what the role could not."""
+    role_arn = settings.storage_role_arn
+    assert role_arn is not None
+    return _SESSIONS.get(
+        ("signer", settings.s3_endpoint_url, role_arn), reuse_floor,
+        lambda: _assume(settings, role_arn, _SESSION_NAME_PREFIX + "signer", duration, None),
+    )
+
+
+def _url_lifetime(ttl: int, session: CachedSession) -> int:
+    # A URL signed with temporary credentials stops working when they expire, whatever its
+    # X-Amz-Expires says: say the truth.
+    return max(1, min(ttl, int(session.remaining_s())))
+
+
+def _presign_put(
+    settings: StorageSettings, key: str, ttl: int, content_type: str,
+    credentials: Mapping[str, str] | None = None,
+) -> str:
     fast = _fast_presigner(settings.s3_endpoint_url, settings.aws_region, settings.bucket)
     if fast is not None:
+        if credentials is not None:
+            fast = _session_presigner(fast, credentials)
         return fast.presign_put(settings.bucket, key, ttl, content_type=content_type)
-    url: str = orchestrator_s3(settings).generate_presigned_url(
+    client = orchestrator_s3(settings) if credentials is None else _session_s3(settings, credentials)
+    url: str = client.generate_presigned_url(
         "put_object", Params={"Bucket": settings.bucket, "Key": key, "ContentType": content_type}, ExpiresIn=ttl,
     )
     return url
 
 
 def _presign_gets(
-    settings: StorageSettings, keys: Iterable[str], ttl: int, *, bucket: str | None = None
+    settings: StorageSettings, keys: Iterable[str], ttl: int, *, bucket: str | None = None,
+    credentials: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     bucket = bucket or settings.bucket
+    keys = list(keys)
+    if not keys:
+        return {}
     fast = _fast_presigner(settings.s3_endpoint_url, settings.aws_region, bucket)
     if fast is not None:
+        if credentials is not None:
+            fast = _session_presigner(fast, credentials)
         return {key: fast.presign_get(bucket, key, ttl) for key in keys}
-    client = orchestrator_s3(settings)
+    client = orchestrator_s3(settings) if credentials is None else _session_s3(settings, credentials)
     return {
         key: client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl)
         for key in keys
     }
+
+
+class _SessionCredentials:
+    """A session's credentials as presign.CredentialSource (botocore's frozen shape)."""
+
+    def __init__(self, credentials: Mapping[str, str]) -> None:
+        from botocore.credentials import ReadOnlyCredentials
+
+        self._frozen = ReadOnlyCredentials(
+            credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials.get("SessionToken"),
+        )
+
+    def get_frozen_credentials(self) -> Any:
+        return self._frozen
+
+
+def _session_presigner(ambient: QueryPresigner, credentials: Mapping[str, str]) -> QueryPresigner:
+    """The ambient presigner's URL shape (checked against botocore's once per bucket by
+    `_fast_presigner`: credentials do not change a URL's shape) with a session's credentials."""
+    return _cached_session_presigner(ambient.region, ambient.endpoint_url, ambient.addressing_style,
+                                     tuple(sorted(credentials.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_session_presigner(
+    region: str, endpoint_url: str | None, addressing_style: AddressingStyle, credentials: tuple[tuple[str, str], ...],
+) -> QueryPresigner:
+    return QueryPresigner(region=region, endpoint_url=endpoint_url, addressing_style=addressing_style,
+                          credentials=_SessionCredentials(dict(credentials)))
+
+
+def _session_s3(settings: StorageSettings, credentials: Mapping[str, str]) -> S3Client:
+    return _cached_session_s3(settings.s3_endpoint_url, settings.aws_region, tuple(sorted(credentials.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_session_s3(endpoint_url: str | None, region: str, credentials: tuple[tuple[str, str], ...]) -> S3Client:
+    return s3_client(endpoint_url, region, dict(credentials))
 
 
 # A key with what URI encoding has to get right, for the check in `_fast_presigner`.

@@ -51,9 +51,12 @@ _MAX_CIPHERTEXT_BYTES = 1_048_576
 class StorageGrant:
     """What a worker may touch in the bucket for one task attempt, and how.
 
-    Exactly one access mechanism is expected to be in use for writing: STS `credentials` (scoped
-    by a session policy) or a `presigned_put` URL. `presigned_get` may be present in both cases
-    (a session policy has a size limit, so reads can fall back to presigned URLs).
+    Exactly one access mechanism is expected to be in use for writing: a `presigned_put` URL (the
+    default; signed by the orchestrator, with a session of the storage role it keeps when one is
+    configured, so its query may carry an X-Amz-Security-Token) or STS `credentials` (for a node
+    with `storage: credentials`: a session shared by that run's such nodes, scoped by a session
+    policy to the run). `presigned_get` may be present in both cases (a session policy has a
+    size limit, and inputs from outside the run are not in a run's policy).
 
     `read_prefixes` are folders (each ending in "/") the task may read anything under: the
     outputs of a mapped node's children, whose keys are too many to name one by one. With

@@ -73,7 +73,7 @@ def revive_task(conn: Connection, task_id: uuid.UUID) -> Row | None:
     entry (a rejected approval, say) is never revived here."""
     return conn.execute(
         """UPDATE tasks SET status = 'ready', available_at = tw_now(), finished_at = NULL, dispatch_failures = 0,
-                  max_attempts = attempt + 1
+                  dispatch_deferrals = 0, not_started_count = 0, not_started_since = NULL, max_attempts = attempt + 1
            WHERE id = %s AND status = 'failed'
            RETURNING id, run_id""",
         (task_id,),

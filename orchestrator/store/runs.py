@@ -359,9 +359,20 @@ def cancel_run(conn: Connection, run_id: uuid.UUID, reason: str) -> bool:
     return row is not None
 
 
-def pipelines_with_queued_runs(conn: Connection, limit: int) -> list[Row]:
+def pipelines_with_queued_runs(conn: Connection, limit: int, after: tuple[str, str] | None = None) -> list[Row]:
+    """Pipelines with queued runs, in key order after `after` (the last of the previous page): a
+    page of pipelines all at their limit does not hide the ones after it (runs_pipeline_open_idx
+    gives the order)."""
+    if after is None:
+        return conn.execute(
+            """SELECT DISTINCT workspace_id, pipeline_id FROM runs
+               WHERE status = 'pending' AND blocked_upstreams = 0
+               ORDER BY workspace_id, pipeline_id LIMIT %s""",
+            (limit,),
+        ).fetchall()
     return conn.execute(
         """SELECT DISTINCT workspace_id, pipeline_id FROM runs
-           WHERE status = 'pending' AND blocked_upstreams = 0 LIMIT %s""",
-        (limit,),
+           WHERE status = 'pending' AND blocked_upstreams = 0 AND (workspace_id, pipeline_id) > (%s, %s)
+           ORDER BY workspace_id, pipeline_id LIMIT %s""",
+        (after[0], after[1], limit),
     ).fetchall()

@@ -54,7 +54,7 @@ def mark_running(
     """A heartbeat of the current attempt: running, lease extended (capped by the timeout)."""
     row = conn.execute(
         f"""UPDATE tasks t SET status = 'running', started_at = COALESCE(t.started_at, tw_now()),
-                   dispatch_failures = 0,
+                   dispatch_failures = 0, dispatch_deferrals = 0, not_started_count = 0, not_started_since = NULL,
                    lease_expires_at = {_LEASE},
                    progress = COALESCE(%s, t.progress), message = COALESCE(%s, t.message)
             WHERE t.id = %s AND t.attempt = %s AND t.claim_token = %s AND t.status IN ('dispatched', 'running')
@@ -238,6 +238,115 @@ def record_dispatch_failure(
     return row
 
 
+def release_claims(
+    conn: Connection, claims: Sequence[tuple[uuid.UUID, int, uuid.UUID, float, str]], *, base_delay_s: float,
+    max_delay_s: float,
+) -> list[Row]:
+    """Dispatches that never left because the worker target pushed back (throttled, or held back
+    under its capacity): each claim is given back as if it never happened, in one statement.
+    The attempt number is restored and the attempt row removed (no worker was reached, so no
+    attempt was spent and none is in the history), no dispatch failure is counted, and the task
+    is ready again after `base_delay_s` doubling per deferral in a row (`dispatch_deferrals`),
+    at most `max_delay_s`, jittered over its upper half so that a throttled batch does not come
+    back as one; and never before the claim's own minimum (`claims`: id, attempt, claim token,
+    minimum delay in seconds: the target's rest, or the Retry-After it sent; and the reason, the
+    task's error (code `throttled`) while it waits)."""
+    if not claims:
+        return []
+    return conn.execute(
+        """WITH c AS (
+               SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(tokens)s::uuid[], %(mins)s::float8[],
+                                    %(reasons)s::text[])
+                   AS c(id, attempt, token, min_delay, reason)
+           ), released AS (
+               UPDATE tasks t SET status = 'ready', attempt = t.attempt - 1, claim_token = NULL,
+                      lease_expires_at = NULL, dispatch_deferrals = t.dispatch_deferrals + 1,
+                      error = jsonb_build_object('code', 'throttled', 'message', c.reason, 'retryable', true),
+                      available_at = tw_now() + make_interval(secs => GREATEST(c.min_delay,
+                          LEAST(%(max)s::float8, %(base)s * power(2, LEAST(t.dispatch_deferrals, 30)))
+                          * (0.5 + random() / 2)))
+               FROM c
+               WHERE t.id = c.id AND t.attempt = c.attempt AND t.claim_token = c.token AND t.status = 'dispatched'
+               RETURNING t.id, t.attempt + 1 AS released_attempt, t.dispatch_deferrals, t.available_at
+           ), gone AS (
+               DELETE FROM task_attempts a USING released r
+               WHERE a.task_id = r.id AND a.attempt = r.released_attempt AND a.status = 'dispatched'
+           )
+           SELECT id, dispatch_deferrals, available_at FROM released""",
+        {"ids": [c[0] for c in claims], "attempts": [c[1] for c in claims], "tokens": [c[2] for c in claims],
+         "mins": [c[3] for c in claims], "reasons": [c[4] for c in claims], "base": base_delay_s,
+         "max": max_delay_s},
+    ).fetchall()
+
+
+def extend_start_leases(
+    conn: Connection, claims: Sequence[tuple[uuid.UUID, int, uuid.UUID]], window_s: int,
+) -> int:
+    """Tasks handed to a transport that may hold them before a worker starts them (Lambda's
+    asynchronous queue keeps an event up to its maximum event age): while still `dispatched`,
+    their lease covers that window plus two heartbeats (the worker's first one), never past the
+    attempt's timeout. A worker's first heartbeat brings the lease back to two heartbeats."""
+    if not claims:
+        return 0
+    rows = conn.execute(
+        """UPDATE tasks t SET lease_expires_at = GREATEST(t.lease_expires_at, LEAST(
+                  tw_now() + make_interval(secs => %(window)s + 2 * t.heartbeat_s),
+                  COALESCE(t.dispatched_at, tw_now()) + make_interval(secs => COALESCE(t.timeout_s, 2147483647))))
+           FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(tokens)s::uuid[]) AS c(id, attempt, token)
+           WHERE t.id = c.id AND t.attempt = c.attempt AND t.claim_token = c.token AND t.status = 'dispatched'
+           RETURNING t.id""",
+        {"window": window_s, "ids": [c[0] for c in claims], "attempts": [c[1] for c in claims],
+         "tokens": [c[2] for c in claims]},
+    ).fetchall()
+    return len(rows)
+
+
+def record_not_started(
+    conn: Connection, task_id: uuid.UUID, attempt: int, claim_token: uuid.UUID, *, base_delay_s: float,
+    max_delay_s: float, give_up_s: float, retry_error: dict[str, Any], final_error: dict[str, Any],
+) -> Row | None:
+    """A task whose lease lapsed while still `dispatched`: no worker started it (the delivery was
+    lost, or it waited in the transport's queue past its lease). Not the task's failure: the
+    attempt is given back (as for a dispatch failure, its row kept as `dispatch_failed` with the
+    reason) and it is ready again: at once the first time (the likeliest cause is a tick that
+    died between claim and send), then after `base_delay_s` doubling per further delivery nobody
+    started, capped at `max_delay_s` (the transport is backed up: sending more adds to its
+    queue). Once `give_up_s` have passed since the first expiry of this streak
+    (`not_started_since`, the time it was first found not started), the next expiry fails it
+    with `final_error` (code `not_started`; the caller dead-letters it). Counted from that
+    expiry, not from the dispatch, so the first expiry never fails a task: after an outage of
+    the tick itself, every lapsed delivery is sent again once before any gives up. One
+    statement, guarded by the claim."""
+    return conn.execute(
+        """WITH expired AS (
+               UPDATE tasks t SET
+                   not_started_since = COALESCE(t.not_started_since, tw_now()),
+                   not_started_count = t.not_started_count + 1,
+                   status = CASE WHEN t.not_started_since + make_interval(secs => %(give_up)s) <= tw_now()
+                                 THEN 'failed' ELSE 'ready' END,
+                   max_attempts = t.max_attempts + 1,
+                   claim_token = NULL, lease_expires_at = NULL,
+                   error = CASE WHEN t.not_started_since + make_interval(secs => %(give_up)s) <= tw_now()
+                                THEN %(final)s ELSE %(retry)s END,
+                   available_at = tw_now() + make_interval(secs => CASE WHEN t.not_started_count = 0 THEN 0
+                       ELSE LEAST(%(max)s::float8, %(base)s * power(2, LEAST(t.not_started_count - 1, 30))) END),
+                   finished_at = CASE WHEN t.not_started_since + make_interval(secs => %(give_up)s) <= tw_now()
+                                      THEN tw_now() END
+               WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND t.claim_token = %(token)s
+                 AND t.status = 'dispatched'
+               RETURNING t.id, t.run_id, t.node_id, t.version, t.status, t.attempt, t.on_failure, t.workspace_id,
+                         t.pipeline_id, t.not_started_count, t.not_started_since, t.available_at, t.error
+           ), ended AS (
+               UPDATE task_attempts a SET status = 'dispatch_failed', finished_at = tw_now(), error = x.error
+               FROM expired x
+               WHERE a.task_id = x.id AND a.attempt = x.attempt AND a.status = 'dispatched'
+           )
+           SELECT * FROM expired""",
+        {"give_up": give_up_s, "final": Jsonb(final_error), "retry": Jsonb(retry_error), "max": max_delay_s,
+         "base": base_delay_s, "id": task_id, "attempt": attempt, "token": claim_token},
+    ).fetchone()
+
+
 def insert_dead_letter(conn: Connection, task_id: uuid.UUID) -> None:
     """Dead-letter a failed task: its input references, every attempt's error and the code version.
     Only the failures of a worker's attempts or deliveries are dead-lettered (the caller knows
@@ -328,6 +437,7 @@ def reset_unsuccessful_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.U
     rows = conn.execute(
         """UPDATE tasks t SET status = 'pending', finished_at = NULL, claim_token = NULL, lease_expires_at = NULL,
                   dispatch_failures = 0, escalated_at = NULL, wait_expires_at = NULL,
+                  dispatch_deferrals = 0, not_started_count = 0, not_started_since = NULL,
                   max_attempts = t.attempt + COALESCE((t.retry->>'max_attempts')::int, 1)
            WHERE t.run_id = %s AND t.status IN ('failed', 'skipped', 'cancelled')
              AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks u ON u.id = e.upstream_task_id
@@ -398,7 +508,8 @@ def reopen_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[u
     node expanded on the upstream retried."""
     rows = conn.execute(
         f"""{_DOWN.format(reopenable=_REOPENABLE)}
-            UPDATE tasks t SET status = 'pending', finished_at = NULL, wait_expires_at = NULL, escalated_at = NULL
+            UPDATE tasks t SET status = 'pending', finished_at = NULL, wait_expires_at = NULL, escalated_at = NULL,
+                   dispatch_deferrals = 0, not_started_count = 0, not_started_since = NULL
             FROM (SELECT id, bool_or(via_item) AS via_item FROM down GROUP BY id) d
             WHERE t.id = d.id AND {_REOPENABLE} AND t.status <> 'pending'
             RETURNING t.id""",

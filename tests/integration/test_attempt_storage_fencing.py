@@ -50,14 +50,21 @@ from .test_scheduling import set_clock
 WORKSPACE = "acme"
 ACCOUNT = "123456789012"
 
-# The node that hangs: a heartbeat lease of 2 x 30 s, retried at once when it lapses.
+# The node that hangs: a heartbeat lease of 2 x 30 s, retried at once when it lapses. It asks for
+# storage credentials (`storage: credentials`); `down` has the default, presigned URLs.
 PIPELINE: dict[str, Any] = {
     "id": "fenced",
     "nodes": [
-        {"id": "up", "task": "echo", "heartbeat_s": 30, "retry": {"max_attempts": 3, "base_delay_s": 0}},
+        {"id": "up", "task": "echo", "heartbeat_s": 30, "retry": {"max_attempts": 3, "base_delay_s": 0},
+         "storage": "credentials"},
         {"id": "down", "task": "echo", "depends": ["up"]},
     ],
     "outputs": {"result": {"from": "up", "schema": {"type": "object", "required": ["attempt"]}}},
+}
+# The same with every node on the default: a grant of presigned URLs, one per key.
+PIPELINE_URLS: dict[str, Any] = {
+    **PIPELINE, "id": "fenced-urls",
+    "nodes": [{k: v for k, v in node.items() if k != "storage"} for node in PIPELINE["nodes"]],
 }
 
 
@@ -151,15 +158,21 @@ def transport(engine: Engine) -> CapturingTransport:
 
 def grant_of(engine: Engine, message: dict[str, Any]) -> StorageGrant:
     grant = engine.keyring.read(message["token"]).storage
-    assert grant is not None and grant.credentials is not None
+    assert grant is not None
+    # Credentials (for a node that asked for them) or presigned URLs, never both.
+    assert (grant.presigned_put is None) == (grant.credentials is not None)
     return grant
 
 
 def write_as(grant: StorageGrant, value: Any) -> dict[str, Any]:
     """Write an attempt's output with its own grant, as the SDK does; the callback's output."""
     body = encode_json(value)
-    with session_policies_enforced():
+    if grant.credentials is None:
+        # moto's IAM checks cannot read a presigned (query-string) signature: URLs go unenforced.
         GrantStorage(grant).write_output(body)
+    else:
+        with session_policies_enforced():
+            GrantStorage(grant).write_output(body)
     return {"key": grant.output_key, "size": len(body), "sha256": sha256_hex(body)}
 
 
@@ -168,10 +181,12 @@ def call_back(engine: Engine, message: dict[str, Any], output: dict[str, Any]) -
                                   output=output, error=None)
 
 
-def start_hanging_attempt(engine: Engine) -> tuple[uuid.UUID, dict[str, Any]]:
+def start_hanging_attempt(
+    engine: Engine, pipeline: dict[str, Any] = PIPELINE,
+) -> tuple[uuid.UUID, dict[str, Any]]:
     """A run whose `up` is claimed and started by a worker (attempt 1), which then hangs."""
-    engine.create_pipeline(WORKSPACE, PIPELINE)
-    run = engine.trigger_run(WORKSPACE, "fenced")
+    engine.create_pipeline(WORKSPACE, pipeline)
+    run = engine.trigger_run(WORKSPACE, pipeline["id"])
     first = transport(engine).take("up")
     assert first["attempt"] == 1
     accepted, status, _ = engine.record_heartbeat(first["token"], progress=None, message=None)
@@ -202,34 +217,64 @@ def keys_under(engine: Engine, prefix: str) -> list[str]:
 # --- (a) an attempt's grant cannot write another attempt's keys -----------------------------------
 
 
-def test_an_attempts_credentials_write_only_under_its_own_attempt_prefix(engine: Engine) -> None:
+def test_a_credentials_nodes_session_writes_under_its_own_node_in_its_run_only(engine: Engine) -> None:
+    """`storage: credentials` nodes share one session per run (issue 15: no AssumeRole per task).
+    It writes under those nodes' prefixes in the run: every attempt of the node, not the run's
+    other nodes, not another run, not another workspace, and nothing outside runs/."""
     run_id, first = start_hanging_attempt(engine)
     second = expire_and_retry(engine, first)
     grant1, grant2 = grant_of(engine, first), grant_of(engine, second)
     assert grant1.output_key != grant2.output_key
+    assert grant1.credentials is not None and grant2.credentials is not None
+    # One session for both attempts: the retry made no AssumeRole of its own.
+    assert grant1.credentials["AccessKeyId"] == grant2.credentials["AccessKeyId"]
     prefix1, prefix2 = (g.output_key.rsplit("/", 1)[0] + "/" for g in (grant1, grant2))
-    assert prefix1 == f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/up/attempts/1/"
-    assert prefix2 == f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/up/attempts/2/"
+    node = f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/up/"
+    assert (prefix1, prefix2) == (node + "attempts/1/", node + "attempts/2/")
     bucket = engine.settings.bucket
     worker1 = GrantStorage(grant1)._s3()
+    other_run = f"runs/{WORKSPACE}/fenced/{uuid.uuid4()}/default/nodes/up/attempts/1/output.json"
 
     with session_policies_enforced():
-        # Its own output, and its log beside it, are writable...
-        worker1.put_object(Bucket=bucket, Key=grant1.output_key, Body=b"{}", ContentType="application/json")
-        worker1.put_object(Bucket=bucket, Key=prefix1 + "log.txt", Body=b"log")
-        # ...attempt 2's keys are not, nor the node's unscoped key, nor a sibling attempt whose
-        # number starts with the same digit, nor attempt 2's output for reading.
-        for key in (grant2.output_key, prefix2 + "log.txt", f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/up",
-                    prefix1.replace("/attempts/1/", "/attempts/10/") + "output.json"):
+        # Its own output and log, and (the scope is the node, not the attempt) attempt 2's keys.
+        for key in (grant1.output_key, prefix1 + "log.txt", grant2.output_key):
+            worker1.put_object(Bucket=bucket, Key=key, Body=b"{}", ContentType="application/json")
+        # Not another node of the run (nor one whose id starts the same), another run's node,
+        # another workspace's run, a pipeline output, or the node's unscoped key.
+        for key in (f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/down/attempts/1/output.json",
+                    f"runs/{WORKSPACE}/fenced/{run_id}/default/nodes/upper/attempts/1/output.json",
+                    other_run, other_run.replace(f"runs/{WORKSPACE}/", "runs/globex/"),
+                    f"outputs/{WORKSPACE}/fenced/{run_id}/default/result/attempts/1.json", node.rstrip("/")):
             assert access_denied(partial(worker1.put_object, Bucket=bucket, Key=key, Body=b"stale")), key
-        assert access_denied(lambda: worker1.get_object(Bucket=bucket, Key=grant2.output_key))
+        # It reads its own run's objects (the session is the run's), not another run's.
+        assert worker1.get_object(Bucket=bucket, Key=grant2.output_key)["Body"].read() == b"{}"
+        assert access_denied(lambda: worker1.get_object(Bucket=bucket, Key=other_run))
 
-    # Not a vacuous refusal: the role's own ceiling (runs/*) allows attempt 2's key; only the
-    # session policy of attempt 1's grant keeps it out.
+    # Not a vacuous refusal: the role's own ceiling (runs/*) allows another run's key; only the
+    # session policy keeps it out.
     from moto.core.authorization import enable_iam_authentication
 
     with enable_iam_authentication():
-        worker1.put_object(Bucket=bucket, Key=prefix2 + "probe", Body=b"role ceiling allows it")
+        worker1.put_object(Bucket=bucket, Key=other_run, Body=b"role ceiling allows it")
+
+
+def test_a_default_nodes_grant_holds_no_credentials_only_its_own_urls(engine: Engine) -> None:
+    run_id, first = start_hanging_attempt(engine, PIPELINE_URLS)
+    grant = grant_of(engine, first)
+    assert grant.credentials is None
+    assert grant.presigned_put is not None and grant.presigned_log_put is not None
+    bucket = engine.settings.bucket
+    assert httpx.URL(grant.presigned_put).path == f"/{bucket}/{grant.output_key}"
+    assert httpx.URL(grant.presigned_log_put).path == f"/{bucket}/{grant.log_key}"
+    assert grant.output_key.startswith(f"runs/{WORKSPACE}/fenced-urls/{run_id}/default/nodes/up/attempts/1/")
+    # The URLs are signed with the storage role's session, which the worker never sees (the token
+    # carries no secret). (moto's IAM checks cannot evaluate a presigned request's signature, so
+    # they are off here; the URL's scope to one key is its signature's.)
+    assert "X-Amz-Security-Token" in httpx.URL(grant.presigned_put).params
+    GrantStorage(grant).write_output(b'{"attempt":1}')
+    GrantStorage(grant).write_log(b"log")
+    assert read_json_object(engine.settings, grant.output_key) == {"attempt": 1}
+    assert "SecretAccessKey" not in json.dumps(grant.to_dict())
 
 
 def _presigned_signature(url: str, path: str) -> str:
@@ -275,7 +320,9 @@ def test_a_presigned_grant_signs_its_own_attempts_key_only(engine: Engine) -> No
 def test_a_stale_attempt_cannot_overwrite_the_accepted_output_and_downstream_keeps_reading_it(
     engine: Engine,
 ) -> None:
-    run_id, first = start_hanging_attempt(engine)
+    # Default nodes: each attempt's grant is a presigned PUT for its own key alone (a node with
+    # `storage: credentials` shares a session across its attempts; see the test above).
+    run_id, first = start_hanging_attempt(engine, PIPELINE_URLS)
     second = expire_and_retry(engine, first)
 
     # Attempt 2 succeeds; downstream is dispatched with attempt 2's key as its input.
@@ -287,9 +334,10 @@ def test_a_stale_attempt_cannot_overwrite_the_accepted_output_and_downstream_kee
 
     # Attempt 1 wakes up: its grant is still valid, but it cannot reach attempt 2's object...
     grant1 = grant_of(engine, first)
-    with session_policies_enforced():
-        assert access_denied(lambda: GrantStorage(grant1)._s3().put_object(
-            Bucket=engine.settings.bucket, Key=accepted["key"], Body=b'{"attempt":1}'))
+    assert grant1.credentials is None and grant1.presigned_put is not None
+    url = httpx.URL(grant1.presigned_put)
+    assert url.path == f"/{engine.settings.bucket}/{grant1.output_key}" != f"/{engine.settings.bucket}/{accepted['key']}"
+    # (That the signature covers the path alone is test_a_presigned_grant_signs_its_own_attempts_key_only.)
     # ...it writes its own (attempt-scoped) key, and its callback is refused as stale.
     stale = write_as(grant1, {"attempt": 1})
     assert stale["key"] != accepted["key"]
@@ -306,9 +354,8 @@ def test_a_stale_attempt_cannot_overwrite_the_accepted_output_and_downstream_kee
     assert context.inputs[uuid.UUID(down["task_id"])] == {"up": {"key": accepted["key"]}}
     assert persisted["sha256"] == accepted["sha256"]
     assert json.loads(engine.output_content(WORKSPACE, persisted["id"])) == {"attempt": 2}
-    # Downstream reads attempt 2's value with its own grant.
-    with session_policies_enforced():
-        assert GrantStorage(grant_of(engine, down)).read_json(accepted["key"]) == {"attempt": 2}
+    # Downstream reads attempt 2's value with its own grant (a presigned GET of that key).
+    assert GrantStorage(grant_of(engine, down)).read_json(accepted["key"]) == {"attempt": 2}
 
 
 # --- (c) the SDK stops once its heartbeat is refused as stale ------------------------------------

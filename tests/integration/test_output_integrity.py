@@ -30,7 +30,8 @@ s3_calls = fencing.s3_calls
 CHAIN: dict[str, Any] = {
     "id": "integrity",
     "nodes": [
-        {"id": "up", "task": "echo", "retry": {"max_attempts": 3, "base_delay_s": 0}},
+        # Credentials: their PUT carries S3's own SHA-256 checksum, which the callback checks.
+        {"id": "up", "task": "echo", "retry": {"max_attempts": 3, "base_delay_s": 0}, "storage": "credentials"},
         {"id": "down", "task": "echo", "depends": ["up"]},
     ],
 }

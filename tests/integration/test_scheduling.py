@@ -127,7 +127,7 @@ def test_overlap_buffer_one_keeps_one_pending_run(engine: Engine) -> None:
     assert [(r["scheduled_at"].minute, r["status"]) for r in runs] == [(1, "running"), (2, "pending")]
     assert schedule_row(engine, "p")["skipped_slots"] == 1  # 00:03: the buffer was full
     finish_run(engine, runs[0]["id"])
-    assert start_queued(engine.db, 10) == [runs[1]["id"]]
+    assert start_queued(engine.db, 10) == ([runs[1]["id"]], None)
     assert [r["status"] for r in runs_of(engine, "p")] == ["succeeded", "running"]
 
 
@@ -154,7 +154,7 @@ def test_max_active_runs_queues_manual_triggers_too(engine: Engine) -> None:
         claimed = task_store.claim_ready_tasks(conn, 10)
     assert {t["run_id"] for t in claimed} == {first.id}  # the queued run's roots are held back
     finish_run_claimed(engine, claimed)
-    assert start_queued(engine.db, 10) == [second.id]
+    assert start_queued(engine.db, 10) == ([second.id], None)
     assert engine.get_run(WORKSPACE, second.id)[0]["status"] == "running"
 
 

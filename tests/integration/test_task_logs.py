@@ -388,7 +388,9 @@ def test_with_a_storage_role_the_session_policy_lets_the_attempt_write_its_own_l
     role_harness: Harness,
 ) -> None:
     harness = role_harness
-    harness.start({"id": "scoped", "nodes": [{"id": "a", "task": "scoped"}, {"id": "b", "task": "scoped"}]})
+    # `a` asks for credentials; `b` has the default (presigned URLs), so its log is not a's to write.
+    harness.start({"id": "scoped", "nodes": [{"id": "a", "task": "scoped", "storage": "credentials"},
+                                            {"id": "b", "task": "scoped"}]})
     first, second = harness.take("a"), harness.take("b")
 
     @harness.worker.task("scoped")

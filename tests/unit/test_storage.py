@@ -299,10 +299,10 @@ def test_sts_grant_with_read_prefixes_puts_them_in_the_session_policy(
 
     sts = s3_module.orchestrator_sts(settings)
     real_assume_role = sts.assume_role
-    policies: list[dict[str, Any]] = []
+    policies: list[dict[str, Any] | None] = []
 
     def recording_assume_role(**kwargs: Any) -> Any:
-        policies.append(json.loads(kwargs["Policy"]))
+        policies.append(json.loads(kwargs["Policy"]) if "Policy" in kwargs else None)
         return real_assume_role(**kwargs)
 
     monkeypatch.setattr(sts, "assume_role", recording_assume_role)
@@ -321,10 +321,14 @@ def test_sts_grant_with_read_prefixes_puts_them_in_the_session_policy(
     assert policies[-1] == session_policy(settings.bucket, REDUCER_OUT, [], read_prefixes=[ITEMS])
     assert len(json.dumps(policies[-1], separators=(",", ":"))) <= MAX_SESSION_POLICY_CHARS
 
-    # So many prefixes that even they do not fit: refused with the reason, not a useless grant.
+    # So many prefixes that even they do not fit (and no run prefix to read instead): the grant
+    # falls back to presigned URLs, whose reads under the prefixes the API signs on request.
     many = [f"runs/ws/pipeline/{uuid.uuid4()}/v1/nodes/map-{i}/items/" for i in range(40)]
-    with pytest.raises(ValueError, match="read prefixes is over"):
-        issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[], task_id="t", read_prefixes=many)
+    asked = len(policies)
+    grant = issue_storage_grant(settings, output_key=REDUCER_OUT, read_keys=[], task_id="t", read_prefixes=many)
+    assert grant.credentials is None and grant.presigned_put is not None
+    assert grant.read_prefixes == tuple(many)
+    assert len(policies) == asked + 1 and policies[-1] is None  # the signer: no session policy
 
 
 def test_presign_get_urls_signs_for_the_given_lifetime(settings: Settings) -> None:
