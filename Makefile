@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: dev test lint bench bench-quick clean package
+.PHONY: dev test lint bench bench-quick clean package lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,15 @@ bench: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-dev
 	$(BIN)/python -m bench --quick
 
+# The Lambda zip for python3.13 on arm64 (ARCH=x86_64 for this machine), from the hashed lock;
+# a Python 3.13 compiles its modules (TICKWEAVE_PACKAGE_PYTHON, or python3.13 on the PATH).
+ARCH ?= arm64
 package: $(BIN)/python
-	$(BIN)/python -m infra.package
+	$(BIN)/python -m infra.package --arch $(ARCH)
+
+# Re-resolve infra/package-requirements.txt from pyproject.toml's dependencies (network: PyPI).
+lock: $(BIN)/python
+	$(BIN)/python -m infra.lock
 
 clean:
 	rm -rf $(VENV) .tickweave .pytest_cache .mypy_cache .ruff_cache

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import Settings, load_resolved_settings
+from orchestrator.config import Settings, database_url_reader, load_resolved_settings
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -86,7 +86,10 @@ def get_runtime() -> Runtime:
             # fails, naming what to set, until they are configured (no development fallback).
             # A migration needs neither and still runs.
             settings.check_mode()
-            db = Database(settings.database_url, check_idle_s=settings.db_check_idle_s)
+            # A rotated database secret: the pool reads DATABASE_URL_FROM again when the
+            # database refuses the password it has (orchestrator/db/connection.py).
+            db = Database(settings.database_url, check_idle_s=settings.db_check_idle_s,
+                          reread_url=database_url_reader())
             engine = Engine(settings, db=db, transports=build_transports(settings))
             app = create_app(settings, engine)
             _runtime = Runtime(settings, engine, app, Mangum(app, lifespan="off"))
@@ -112,10 +115,10 @@ def is_scheduled_tick(event: Any) -> bool:
 
 def tick(context: Any) -> dict[str, Any]:
     # IAM guards who may invoke this function, so the scheduled tick carries no secret.
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    summary = get_runtime().engine.tick(
-        remaining_s=(lambda: remaining() / 1000.0) if callable(remaining) else None
-    )
+    # Its deadline is the invocation's remaining time (the HTTP tick's is the same, capped).
+    from orchestrator.engine.tick import remaining_time
+
+    summary = get_runtime().engine.tick(remaining_s=remaining_time(context=context))
     result: dict[str, Any] = summary.to_dict()  # the tick logged it (event tick.finished)
     return result
 
@@ -123,13 +126,22 @@ def tick(context: Any) -> dict[str, Any]:
 def migrate() -> dict[str, Any]:
     """Apply pending migrations to the configured database; needs neither the app nor boto3
     beyond resolving the database secret."""
+    from orchestrator.db.connection import is_authentication_failure
     from orchestrator.db.migrate import applied_versions
     from orchestrator.db.migrate import migrate as apply_migrations
 
     url = get_settings().database_url
     if not url:
         raise ValueError("no database configured: set DATABASE_URL or DATABASE_URL_FROM")
-    applied = apply_migrations(url)
+    try:
+        applied = apply_migrations(url)
+    except Exception as exc:
+        # The password was rotated since this environment read it: read it once more.
+        reread = database_url_reader()
+        if reread is None or not is_authentication_failure(exc):
+            raise
+        url = reread()
+        applied = apply_migrations(url)
     result = {"applied": applied, "versions": applied_versions(url)}
     from orchestrator.logs import log_event
 
@@ -160,7 +172,7 @@ def create_key(event: dict[str, Any]) -> dict[str, Any]:
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     from orchestrator.logs import configure_logging  # standard library only; not at import (see above)
 
-    configure_logging()  # JSON lines at LOG_LEVEL; idempotent (cheap after the first event)
+    configure_logging()  # JSON lines at LOG_LEVEL / ApplicationLogLevel; idempotent (cheap after the first event)
     if isinstance(event, dict) and "tickweave" in event:
         command = event["tickweave"]
         if command == "tick":

@@ -56,6 +56,6 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     resolve_environment()
     from orchestrator.logs import configure_logging  # standard library only; not at import
 
-    configure_logging()  # JSON lines at LOG_LEVEL; idempotent
+    configure_logging()  # JSON lines at LOG_LEVEL / ApplicationLogLevel; idempotent
     result: dict[str, Any] = get_worker().lambda_handler(event, context)
     return result

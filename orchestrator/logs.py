@@ -35,8 +35,13 @@ ID_FIELDS = ("workspace_id", "pipeline_id", "run_id", "task_id", "attempt")
 _SECRET_NAME = re.compile(r"token|secret|password|passwd|authorization|api_?key|credential|private_?key", re.I)
 # Attributes every LogRecord has: whatever else a record carries came from `extra`.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
-           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+# TRACE and FATAL are Lambda's names (its ApplicationLogLevel), FATAL as Python's CRITICAL.
+_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "WARN": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL,
+           "FATAL": logging.CRITICAL}
+# Where the level comes from when none is given: ours, and the function's ApplicationLogLevel,
+# which the Lambda runtime sets here (LoggingConfig with JSON logs).
+LEVEL_VARIABLES = ("LOG_LEVEL", "AWS_LAMBDA_LOG_LEVEL")
 # Marks the handler configure_logging installed, so a second call finds it instead of adding one.
 _HANDLER_MARK = "_tickweave_json"
 
@@ -119,10 +124,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def parse_level(level: str | int | None) -> int:
-    """A level name (any case) or number; None reads LOG_LEVEL (default INFO)."""
+    """A level name (any case) or number; None reads LOG_LEVEL and AWS_LAMBDA_LOG_LEVEL and takes
+    the stricter of those set (Lambda drops lines below its ApplicationLogLevel anyway, so
+    producing them would only cost time), default INFO."""
     if isinstance(level, int):
         return level
-    raw = (level if level is not None else os.environ.get("LOG_LEVEL") or DEFAULT_LEVEL).strip()
+    if level is None:
+        configured = [os.environ[name] for name in LEVEL_VARIABLES if os.environ.get(name, "").strip()]
+        return max((parse_level(value) for value in configured), default=_LEVELS[DEFAULT_LEVEL])
+    raw = level.strip()
     if raw.isdigit():
         return int(raw)
     if raw.upper() not in _LEVELS:
@@ -132,8 +142,9 @@ def parse_level(level: str | int | None) -> int:
 
 def configure_logging(level: str | None = None, *, stream: IO[str] | None = None) -> logging.Handler:
     """Send every record of the process as a JSON line to stderr (or `stream`), at `level`
-    (default: LOG_LEVEL, else INFO). Idempotent: a second call adjusts the level (and stream)
-    of the handler the first installed. On AWS Lambda the runtime's own handler on the root
+    (default: the stricter of LOG_LEVEL and Lambda's AWS_LAMBDA_LOG_LEVEL, else INFO).
+    Idempotent: a second call adjusts the level (and stream) of the handler the first
+    installed. On AWS Lambda the runtime's own handler on the root
     logger (the one CloudWatch receives) is given the JSON formatter instead of adding a second
     handler, which would print every line twice. A bad LOG_LEVEL falls back to INFO, said once.
     """

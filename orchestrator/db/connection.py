@@ -7,11 +7,18 @@ server or RDS Proxy may close an idle connection meanwhile, so a connection idle
 transaction whose BEGIN fails on a reused connection is begun again on a new one (nothing has
 run yet). No session state is relied on (RDS Proxy pins sessions that use it), and server-side
 prepared statements are off (`prepare_threshold=None`) for the same reason.
+
+A rotated password: when the database refuses a new connection's login (SQLSTATE 28P01 or
+28000) and the pool was given `reread_url` (DATABASE_URL came from a Secrets Manager secret),
+the URL is read again once, fresh from the service, the idle connections are closed, and the
+connection is opened with the new URL; a second refusal is raised. Without this, every warm
+environment would fail at its next reconnect until it is recycled.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +43,24 @@ DEFAULT_CONNECT_TIMEOUT_S = 10
 # A pooled connection idle at least this long is checked before reuse.
 DEFAULT_CHECK_IDLE_S = 5.0
 
+# A login the server refused: invalid_password, invalid_authorization_specification.
+AUTHENTICATION_FAILED_SQLSTATES = ("28P01", "28000")
+# libpq reports a refused login before there is any result to carry a SQLSTATE, so psycopg
+# raises a bare OperationalError; the server's FATAL message tells the two apart (Postgres, RDS
+# and RDS Proxy send them in English).
+_AUTHENTICATION_FAILED = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry"
+    r"|pg_hba\.conf rejects connection|role \".*\" does not exist|has no credentials for the role",
+    re.IGNORECASE,
+)
+
+
+def is_authentication_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the server refusing a login (a wrong password, an unknown role)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate in AUTHENTICATION_FAILED_SQLSTATES or bool(_AUTHENTICATION_FAILED.search(str(exc)))
+
 
 def connect(url: str, *, autocommit: bool = True) -> Connection:
     options: dict[str, Any] = {}
@@ -48,10 +73,14 @@ class Database:
     """A bounded pool of autocommit connections; `transaction()` opens an explicit transaction.
 
     `check_idle_s`: a pooled connection idle at least this long is checked with an empty query
-    before reuse (None: never check)."""
+    before reuse (None: never check). `reread_url`: reads the URL again (its password rotated)
+    when the server refuses a login; None: a refused login is raised at once."""
 
-    def __init__(self, url: str, *, max_size: int = 10, check_idle_s: float | None = DEFAULT_CHECK_IDLE_S) -> None:
+    def __init__(self, url: str, *, max_size: int = 10, check_idle_s: float | None = DEFAULT_CHECK_IDLE_S,
+                 reread_url: Callable[[], str] | None = None) -> None:
         self.url = url
+        self._reread_url = reread_url
+        self._url_lock = threading.Lock()
         self._max_size = max_size
         self._check_idle_s = check_idle_s
         # (connection, time.monotonic() when it went idle)
@@ -144,8 +173,9 @@ class Database:
             except RETRYABLE_ERRORS:
                 if attempt >= attempts:
                     raise
-            except psycopg.OperationalError:
-                if time.monotonic() + delay > deadline:
+            except psycopg.OperationalError as exc:
+                # A refused login stays refused (the URL was already read again once): no replay.
+                if is_authentication_failure(exc) or time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)  # back off while the server comes back
                 delay = min(delay * 2, 1.0)
@@ -172,10 +202,30 @@ class Database:
                 self._discard(conn)
                 continue
             return conn, True
-        conn = connect(self.url)
+        conn = self._open()
         with self._lock:
             self._opened += 1
         return conn, False
+
+    def _open(self) -> Connection:
+        """A new connection; after a refused login, once more with the URL read again."""
+        url = self.url
+        try:
+            return connect(url)
+        except psycopg.OperationalError as exc:
+            if self._reread_url is None or not is_authentication_failure(exc):
+                raise
+            refused = exc
+        with self._url_lock:
+            if self.url == url:  # not yet read again by another thread that was refused too
+                fresh = self._reread_url()
+                if fresh == url:
+                    raise refused  # the secret still holds the refused password
+                self.url = fresh
+                # The pool is rebuilt on the new password: idle connections logged in with the
+                # old one are closed rather than kept alongside (the old password may be gone).
+                self.close()
+        return connect(self.url)  # a second refusal is raised
 
     def _discard(self, conn: Connection) -> None:
         with self._lock:

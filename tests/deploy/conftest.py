@@ -94,6 +94,11 @@ class FakeLambda:
     def __init__(self) -> None:
         self.functions: dict[str, Any] = {}
         self.invocations: list[Invocation] = []
+        # When set, every request is first judged by it (method, path, headers, body): a returned
+        # message is answered 403 AccessDeniedException, as Lambda answers a caller whose role
+        # lacks lambda:InvokeFunction (tests/deploy/iam.py's `lambda_invoke_denied`).
+        self.authorize: Any = None
+        self.denied: list[str] = []
         self._lock = threading.Lock()
         fake = self
 
@@ -117,6 +122,13 @@ class FakeLambda:
         match = self._PATH.match(request.path.split("?")[0])
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
         name = match.group(1) if match else ""
+        if self.authorize is not None:
+            refusal = self.authorize("POST", request.path, dict(request.headers.items()), body)
+            if refusal is not None:
+                self.denied.append(refusal)
+                self._reply(request, 403, {"Type": "User", "Message": refusal},
+                            {"x-amzn-ErrorType": "AccessDeniedException"})
+                return
         function = self.functions.get(name.rsplit(":", 1)[-1])
         if function is None:
             self._reply(request, 404, {"Type": "User", "Message": f"Function not found: {name}"},
@@ -202,8 +214,15 @@ class AwsStack:
 
 
 @pytest.fixture
+def aws_stack_environment() -> dict[str, str]:
+    """Variables `aws_stack` sets over the template's before the functions start; a test module
+    overrides this fixture (test_template_policies.py: the storage role it creates)."""
+    return {}
+
+
+@pytest.fixture
 def aws_stack(database_url: str, moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch,
-              restore_environ: None) -> Iterator[AwsStack]:
+              restore_environ: None, aws_stack_environment: dict[str, str]) -> Iterator[AwsStack]:
     endpoint = moto_server.endpoint_url
     run_id = uuid.uuid4().hex[:10]
     bucket = f"deploy-{run_id}"
@@ -245,6 +264,7 @@ def aws_stack(database_url: str, moto_server: MotoServer, monkeypatch: pytest.Mo
         "AWS_ENDPOINT_URL_LAMBDA": fake_lambda.endpoint_url,
         # connections idle for any time are checked before reuse (the default is 5 s)
         "TICKWEAVE_DB_CHECK_IDLE_S": "0",
+        **aws_stack_environment,
     }.items():
         monkeypatch.setenv(name, value)
 

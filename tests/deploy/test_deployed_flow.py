@@ -90,11 +90,12 @@ def test_an_empty_database_to_a_finished_run(aws_stack: AwsStack, moto_server: M
     assert all(i.error is None and i.result["accepted"] is True for i in invocations), invocations
     # the worker function read its token keys from Secrets Manager (they are nowhere else)
     assert os.environ["TICKWEAVE_TOKEN_KEYS"] == f"k1:{aws_stack.token_key}"
-    # each dispatch carried STS credentials (from the storage role) for its own output key
+    # each dispatch carried presigned URLs (signed with the storage role's session, no STS
+    # credentials: those are for nodes with `storage: credentials`) for its own output key
     keyring = aws_stack.api.get_runtime().engine.keyring
     for invocation in invocations:
         grant = keyring.read(invocation.payload["token"]).storage
-        assert grant is not None and grant.credentials is not None and grant.presigned_put is None
+        assert grant is not None and grant.credentials is None and grant.presigned_put is not None
         assert grant.output_key == (f"runs/deploy/deploy-demo/{run_id}/default/nodes/{invocation.payload['node']}"
                                     f"/attempts/{invocation.payload['attempt']}/output.json")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -15,6 +16,10 @@ import pytest
 from infra.s3 import MotoServer
 from orchestrator.config import (
     SecretReferenceError,
+    aws_client,
+    aws_session,
+    database_url_reader,
+    fetch_references,
     load_resolved_settings,
     parse_reference,
     resolve_references,
@@ -151,3 +156,95 @@ def test_arns_carry_their_region() -> None:
         "secretsmanager", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:x-AbCdEf", "eu-west-1")
     assert parse_reference("arn:aws-us-gov:ssm:us-gov-west-1:123456789012:parameter/tw/db")[2] == "us-gov-west-1"
     assert parse_reference("ssm:/tw/db") == ("ssm", "/tw/db", None)
+
+
+class ApiCalls:
+    """The AWS API calls made through the process's session, counted by a botocore event hook
+    (`before-call.<service>.<Operation>`), e.g. {"secrets-manager.BatchGetSecretValue": 1}."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._session = aws_session()
+        self._session.events.register("before-call", self._count, unique_id="test-api-calls")
+
+    def _count(self, event_name: str, **_: Any) -> None:
+        self.counts[event_name.removeprefix("before-call.")] += 1
+
+    def close(self) -> None:
+        self._session.events.unregister("before-call", unique_id="test-api-calls")
+
+
+@pytest.fixture
+def api_calls(aws: tuple[Any, Any]) -> Iterator[ApiCalls]:
+    calls = ApiCalls()
+    yield calls
+    calls.close()
+
+
+def test_the_secrets_are_read_in_one_call_and_the_parameters_in_another(aws: tuple[Any, Any],
+                                                                         api_calls: ApiCalls) -> None:
+    sm, ssm = aws
+    key = generated_token_key()
+    sm.create_secret(Name="tickweave/batch-by-name", SecretString="by-name")
+    partial_arn = secret(sm, "postgresql://app:pw@db.example:5432/tickweave").rsplit("-", 1)[0]
+    env = {
+        "DATABASE_URL_FROM": partial_arn,  # an ARN without its random suffix
+        "TICKWEAVE_TOKEN_KEYS_FROM": secret(sm, json.dumps({"kid": "k1", "key": key})),
+        "TICKWEAVE_TICK_SECRET_FROM": "secretsmanager:tickweave/batch-by-name",
+        "TICKWEAVE_PUBLIC_URL_FROM": parameter(ssm, "https://api.example", "String"),
+    }
+    assert resolve_references(env) == {
+        "DATABASE_URL": "postgresql://app:pw@db.example:5432/tickweave", "TICKWEAVE_TOKEN_KEYS": f"k1:{key}",
+        "TICKWEAVE_TICK_SECRET": "by-name", "TICKWEAVE_PUBLIC_URL": "https://api.example",
+    }
+    assert api_calls.counts == {"secrets-manager.BatchGetSecretValue": 1, "ssm.GetParameter": 1}
+
+    api_calls.counts.clear()
+    several = {reference: value for reference, value in
+               ((parameter(ssm, f"value-{n}"), f"value-{n}") for n in range(3))}
+    assert fetch_references(list(several)) == several
+    assert api_calls.counts == {"ssm.GetParameters": 1}
+
+
+def test_one_secret_is_one_get_secret_value(aws: tuple[Any, Any], api_calls: ApiCalls) -> None:
+    sm, _ = aws
+    assert resolve_references({"TICKWEAVE_TICK_SECRET_FROM": secret(sm, "alone")}) == {"TICKWEAVE_TICK_SECRET": "alone"}
+    assert api_calls.counts == {"secrets-manager.GetSecretValue": 1}
+
+
+def test_the_lookups_share_one_session(aws: tuple[Any, Any]) -> None:
+    sm, ssm = aws
+    session = aws_session()
+    env = {"TICKWEAVE_TICK_SECRET_FROM": secret(sm, "a"), "TICKWEAVE_PUBLIC_URL_FROM": parameter(ssm, "b")}
+    for _ in range(3):
+        resolve_references(env)
+    assert aws_session() is session
+    assert aws_client("sqs")._loader is session._session.get_component("data_loader")
+
+
+def test_a_missing_secret_or_parameter_in_a_batch_is_named(aws: tuple[Any, Any]) -> None:
+    sm, ssm = aws
+    missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope-AbCdEf"
+    env = {"TICKWEAVE_TICK_SECRET_FROM": secret(sm, "hunter2-do-not-print"), "TICKWEAVE_TOKEN_KEYS_FROM": missing}
+    with pytest.raises(SecretReferenceError, match="ResourceNotFoundException") as raised:
+        resolve_references(env)
+    assert missing in str(raised.value) and "hunter2" not in str(raised.value)
+
+    missing_parameter = "arn:aws:ssm:us-east-1:123456789012:parameter/t/nope"
+    with pytest.raises(SecretReferenceError, match="ParameterNotFound") as raised:
+        fetch_references([parameter(ssm, "there"), missing_parameter])
+    assert missing_parameter in str(raised.value)
+
+
+def test_the_database_url_is_read_again_fresh(aws: tuple[Any, Any], api_calls: ApiCalls) -> None:
+    """What the connection pool calls after a refused login: the current value, not a cached one."""
+    sm, _ = aws
+    arn = secret(sm, "postgresql://app:old@db.example/tickweave")
+    env = {"DATABASE_URL_FROM": arn, "TICKWEAVE_TICK_SECRET": "set-directly"}
+    read = database_url_reader(env)
+    assert read is not None and read() == "postgresql://app:old@db.example/tickweave"
+    sm.put_secret_value(SecretId=arn, SecretString="postgresql://app:new@db.example/tickweave")
+    assert read() == "postgresql://app:new@db.example/tickweave"
+    assert api_calls.counts == {"secrets-manager.GetSecretValue": 2}
+    assert database_url_reader({"DATABASE_URL": "postgresql://x@h/d", "DATABASE_URL_FROM": arn}) is None
+    assert database_url_reader({"TICKWEAVE_TICK_SECRET_FROM": arn}) is None

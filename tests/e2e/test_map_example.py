@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from infra.s3 import MotoServer
 from orchestrator.engine import worker_reads
@@ -47,7 +48,16 @@ def fan_stack(
 
     monkeypatch.setattr(worker_reads, "presign_reads", counted)
     with running_stack(database_url, moto_server, storage_role_arn=role) as running:
-        created = running.client.post("/api/pipelines", content=EXAMPLE.read_bytes(),
+        body = EXAMPLE.read_bytes()
+        if role is not None:
+            # Credentials, not the default URLs: the map's items and the reducer ask for them
+            # (`storage: credentials`), and share the run's one session.
+            definition = yaml.safe_load(body)
+            for node in definition["nodes"]:
+                if node["id"] in ("parse", "load"):
+                    node["storage"] = "credentials"
+            body = json.dumps(definition).encode()
+        created = running.client.post("/api/pipelines", content=body,
                                       headers={"Content-Type": "application/yaml"})
         assert created.status_code == 201, created.text
         stack = FanStack(running.settings, running.engine, running.client, running.base_url)
