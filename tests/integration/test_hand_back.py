@@ -12,23 +12,9 @@ from orchestrator.engine.completion import finish_attempt
 from orchestrator.engine.hand_back import hand_back
 from orchestrator.engine.service import Engine
 from orchestrator.store import tasks as task_store
+from tests import capturing
 
 from .conftest import WORKSPACE
-
-
-class Accepting:
-    """A transport that takes every dispatch and runs nothing: the test plays the worker."""
-
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-    def close(self) -> None:
-        pass
 
 
 def _task(engine: Engine, task_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -37,7 +23,7 @@ def _task(engine: Engine, task_id: str) -> tuple[dict[str, Any], list[dict[str, 
 
 
 def test_a_handed_back_task_runs_again_without_spending_an_attempt(engine: Engine) -> None:
-    transport = Accepting()
+    transport = capturing.CapturingTransport()
     engine.transports["local"] = transport
     engine.dispatcher._issue_grant = lambda settings, **kwargs: None
     engine.create_pipeline(WORKSPACE, {"id": "one", "nodes": [
@@ -73,7 +59,7 @@ def test_a_hand_back_racing_the_attempts_callback_lets_exactly_one_win(engine: E
     barrier. Either the callback lands (the task succeeded, nothing handed back) or the hand
     back does (the task is ready again, the callback refused as stale) — never both, never a
     spent attempt, and the books stay right (the checker runs after the test)."""
-    transport = Accepting()
+    transport = capturing.CapturingTransport()
     engine.transports["local"] = transport
     engine.dispatcher._issue_grant = lambda settings, **kwargs: None
     engine.create_pipeline(WORKSPACE, {"id": "racy", "nodes": [
