@@ -145,6 +145,17 @@ def test_dev_stack_runs_a_pipeline_and_stops_cleanly(tmp_path: Path, stop_signal
         dev.kill()
 
 
+def _s3_client(dev: DevProcess) -> Any:
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{dev.moto_port}", region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing",
+                        config=Config(s3={"addressing_style": "path"}))
+
+
+def _object_facts(head: dict[str, Any]) -> dict[str, Any]:
+    """What a restart must keep of an object: its type, ETag, size and S3's own checksum."""
+    return {name: head.get(name) for name in ("ContentType", "ETag", "ContentLength", "ChecksumSHA256")}
+
+
 def test_a_restart_keeps_the_outputs_readable(tmp_path: Path) -> None:
     """The issue's complaint: after a restart Postgres still has the rows, and S3 must still have
     the objects they name, so old outputs read and resumed runs do not fail on NoSuchKey."""
@@ -157,6 +168,16 @@ def test_a_restart_keeps_the_outputs_readable(tmp_path: Path) -> None:
         assert {o["version"] for o in outputs} == {"eu", "us"}
         before = {o["id"]: dev.client.get(f"/api/outputs/{o['id']}/content").content for o in outputs}
         output_key = dev.task_of(run["id"], "collect")["output"]["key"]
+        s3 = _s3_client(dev)
+        written = _object_facts(s3.head_object(Bucket="tickweave-outputs", Key=output_key, ChecksumMode="ENABLED"))
+        # Grants are presigned URLs, whose PUTs carry no checksum of S3's own; a PUT with
+        # credentials (`storage: credentials`) does, and the snapshot must keep it.
+        body = b'{"written": "with a checksum"}'
+        s3.put_object(Bucket="tickweave-outputs", Key="checked/object.json", Body=body,
+                      ContentType="application/json", ChecksumAlgorithm="SHA256")
+        checked = _object_facts(s3.head_object(Bucket="tickweave-outputs", Key="checked/object.json",
+                                               ChecksumMode="ENABLED"))
+        assert checked["ChecksumSHA256"]
         dev.stop()
     finally:
         dev.kill()
@@ -168,13 +189,15 @@ def test_a_restart_keeps_the_outputs_readable(tmp_path: Path) -> None:
             answer = dev.client.get(f"/api/outputs/{output_id}/content")
             assert answer.status_code == 200, answer.text
             assert answer.content == content
-        # The node output too, with the content type and the checksum it was written with
-        # (the callback's check of an output relies on S3's own SHA-256).
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{dev.moto_port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing",
-                          config=Config(s3={"addressing_style": "path"}))
-        head = s3.head_object(Bucket="tickweave-outputs", Key=output_key, ChecksumMode="ENABLED")
-        assert head["ContentType"] == "application/json" and head.get("ChecksumSHA256")
+        # The node output too, with the content type, ETag and checksum (if any) it was written
+        # with (the callback's check of an output relies on S3's own SHA-256 when there is one).
+        s3 = _s3_client(dev)
+        assert written["ContentType"] == "application/json"
+        assert _object_facts(s3.head_object(Bucket="tickweave-outputs", Key=output_key,
+                                            ChecksumMode="ENABLED")) == written
+        assert _object_facts(s3.head_object(Bucket="tickweave-outputs", Key="checked/object.json",
+                                            ChecksumMode="ENABLED")) == checked
+        assert s3.get_object(Bucket="tickweave-outputs", Key="checked/object.json")["Body"].read() == body
         # A run started after the restart reads the persisted output of one from before it.
         report = dev.client.post("/api/pipelines/sales-report/runs", json={"versions": ["eu", "us"]}).json()
         assert dev.run_until_done(report["id"])["status"] == "succeeded"
