@@ -1060,3 +1060,53 @@ def test_the_code_version_of_a_registered_worker_is_recorded_for_the_claimed(
     assert row is not None and (row["task_code"], row["attempt_code"]) == ("c0de", "c0de")
     succeed(engine, b)
     assert succeed(engine, transport.one(run.id, "c")).run_status == "succeeded"
+
+
+# --- plans: key lookups whatever the tables' statistics (0025) ----------------------------------
+
+
+def _scans(url: str) -> dict[str, tuple[int, int]]:
+    """(sequential scans, index scans) of tasks and task_attempts, as the statistics show them."""
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT relname, seq_scan, COALESCE(idx_scan, 0) AS idx_scan FROM pg_stat_user_tables"
+            " WHERE relname IN ('tasks', 'task_attempts')"
+        ).fetchall()
+    return {row["relname"]: (int(row["seq_scan"]), int(row["idx_scan"])) for row in rows}
+
+
+def test_the_callback_reads_by_key_when_its_plans_were_made_on_small_tables(settings: Settings) -> None:
+    # One connection (the callback's generic plans are made once per connection), planned right
+    # after ANALYZE saw task_attempts holding one row and tasks a few hundred: without 0025 those
+    # plans are sequential scans (the batch order's hash join over tasks, the attempt's end over
+    # task_attempts) and stay so however the tables grow.
+    transport = CapturingTransport()
+    engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
+                    transports={"local": transport})
+    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
+    try:
+        engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+        engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": [f"s{i:02d}" for i in range(12)]})
+        for _ in range(20):
+            engine.trigger_run(WORKSPACE, "chain", dispatch_now=False)
+        run = engine.trigger_run(WORKSPACE, "chain")
+        with engine.db.connection() as conn:
+            conn.execute("VACUUM ANALYZE tasks, task_attempts")
+        message = transport.one(run.id, "s00")
+        with engine.db.connection() as conn:  # the setup's counts, sent before the callbacks'
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
+        before = _scans(settings.database_url)
+        for step in range(1, 11):
+            assert claimed_nodes(succeed(engine, message)) == [f"s{step:02d}"]
+            message = transport.one(run.id, f"s{step:02d}")
+        with engine.db.connection() as conn:  # the same backend: its counts are sent when idle
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: sum(_scans(settings.database_url)["tasks"]) >= sum(before["tasks"]) + 10,
+             "the callbacks' statistics never arrived")
+        after = _scans(settings.database_url)
+        assert after["tasks"][0] == before["tasks"][0], (before, after)
+        assert after["task_attempts"][0] == before["task_attempts"][0], (before, after)
+        assert after["tasks"][1] > before["tasks"][1]
+    finally:
+        engine.close()

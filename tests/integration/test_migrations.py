@@ -147,7 +147,9 @@ def test_dead_tasks_of_an_older_release_read_as_failed_and_dead_lettered(pg_admi
             assert conn.execute("SELECT failed_task_count FROM runs WHERE id = %s", (run_id,)).fetchone() == (2,)
             config = conn.execute("SELECT proname, proconfig FROM pg_proc WHERE proname IN "
                                   "('tw_complete_attempts', 'tw_complete_one', 'tw_finish_attempt')").fetchall()
-            assert dict(config) == {"tw_complete_attempts": ["plan_cache_mode=force_generic_plan"],
+            # (0021 keeps the settings 0020 gave; 0025 adds enable_seqscan=off)
+            assert dict(config) == {"tw_complete_attempts": ["plan_cache_mode=force_generic_plan",
+                                                             "enable_seqscan=off"],
                                     "tw_complete_one": None, "tw_finish_attempt": None}
             assert not any("'dead'" in body for _, body in conn.execute(
                 "SELECT proname, pg_get_functiondef(oid) FROM pg_proc WHERE proname LIKE 'tw\\_%'").fetchall())
