@@ -475,16 +475,18 @@ def deliver_round(db: Database, settings: Settings, summary: DeliverySummary) ->
 
 def deliver_due(
     db: Database, settings: Settings, *, remaining_s: Callable[[], float] | None = None, max_rounds: int = 10,
+    deliveries: bool = True, old_events: bool = True,
 ) -> DeliverySummary:
     """The tick's delivery step: rounds of claimed deliveries while a round comes back full and
-    the tick has time for another (a round takes at most the send timeout), then old events out."""
+    the tick has time for another (a round takes at most the send timeout), then old events out.
+    `deliveries` / `old_events` False: the tick found none due (store.tick_work), so none is looked for."""
     summary = DeliverySummary()
-    for _ in range(max_rounds):
+    for _ in range(max_rounds if deliveries else 0):
         if remaining_s is not None and remaining_s() < settings.notify_timeout_s + 5:
             break
         if deliver_round(db, settings, summary) < max(settings.notify_batch_size, 1):
             break
-    if settings.notify_retention_days > 0:
+    if old_events and settings.notify_retention_days > 0:
         summary.purged = db.run_in_transaction(lambda conn: store.purge_old_events(
             conn, settings.notify_retention_days * 86_400, 500))
     return summary

@@ -1,6 +1,11 @@
 """One tick: fire due schedules, expire lapsed leases, start queued runs, claim ready tasks,
 dispatch them; each step its own short
-transactions, bounded by a batch size and a deadline (the Lambda's remaining time)."""
+transactions, bounded by a batch size and a deadline (the Lambda's remaining time).
+
+The tick first asks in one statement which steps have anything due (store.tick_work), and runs
+those: an idle tick is that one round trip. A step also runs when an earlier step of the same
+tick did work, since that work may have made some of its rows due (a schedule's run has ready
+tasks, a lease expiry ends a run and frees room for a queued one, writes a notification)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from orchestrator.engine.scheduling import fire_due_schedules, start_queued
 from orchestrator.logs import log_event
 from orchestrator.store import maps as map_store
 from orchestrator.store import tasks as task_store
+from orchestrator.store.tick_work import DueWork, find_due_work
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,16 @@ def run_tick(
     def time_left() -> bool:
         return remaining_s is None or remaining_s() > DEADLINE_MARGIN_S
 
+    due: DueWork = db.run_statement(lambda conn: find_due_work(
+        conn, dlq_retention_days=settings.dlq_retention_days if settings.dlq_purge_batch > 0 else 0,
+        event_retention_s=max(settings.notify_retention_days, 0) * 86_400))
+
+    def worked() -> bool:
+        """Whether a step of this tick has done anything yet (see the module's docstring)."""
+        return bool(summary.scheduled_runs or summary.slots_skipped or summary.schedules_fired or summary.expired
+                    or summary.waits_expired or summary.maps_resolved or summary.queued_runs_started
+                    or summary.pipeline_triggered_runs or summary.claimed)
+
     def drain(step: str, batch: Callable[[], int], full: int) -> int:
         """Batches of one step, each its own transactions, while a batch comes back full (there
         may be more) and the deadline allows another: a backlog of 5,000 expired leases heals in
@@ -167,14 +183,18 @@ def run_tick(
         summary.slots_skipped += fired.skipped
         return fired.schedules
 
-    summary.schedules_fired = drain("schedules", schedules_batch, batch_size)
+    if due.schedules:
+        summary.schedules_fired = drain("schedules", schedules_batch, batch_size)
     t_schedules = time.perf_counter()
     summary.durations_ms["schedules"] = (t_schedules - started) * 1000
 
     # 2. lapsed leases and human-step timeouts, then queued runs that now have room
-    summary.expired = drain("expire_leases", lambda: expire_leases(db, settings, batch_size), batch_size)
-    summary.waits_expired = drain("expire_waits", lambda: expire_waits(db, batch_size), batch_size)
-    summary.maps_resolved = drain("resolve_maps", lambda: resolve_stranded_maps(db, batch_size), batch_size)
+    if due.expired_leases or worked():
+        summary.expired = drain("expire_leases", lambda: expire_leases(db, settings, batch_size), batch_size)
+    if due.expired_waits or worked():
+        summary.waits_expired = drain("expire_waits", lambda: expire_waits(db, batch_size), batch_size)
+    if due.stranded_maps or worked():
+        summary.maps_resolved = drain("resolve_maps", lambda: resolve_stranded_maps(db, batch_size), batch_size)
     # Pipelines with queued runs, page after page in key order (a page whose pipelines are all
     # at their limit starts nothing, and the next page still gets its turn).
     queued_after: list[tuple[str, str] | None] = [None]
@@ -184,26 +204,29 @@ def run_tick(
         summary.queued_runs_started += len(started_runs)
         return batch_size if queued_after[0] is not None else 0
 
-    drain("queued_runs", queued_batch, batch_size)
+    if due.queued_runs or worked():
+        drain("queued_runs", queued_batch, batch_size)
     # Later triggers decided by upstream runs that ended; normally created right after the
     # upstream's callback, this is the safety net (an engine that stopped in between). A batch
     # with a refused trigger (paused pipeline) counts as short: the rest wait for the next tick.
-    summary.pipeline_triggered_runs = drain(
-        "pipeline_triggers", lambda: len(process_pipeline_triggers(db, settings, batch_size)), batch_size)
+    if due.pipeline_triggers or worked():
+        summary.pipeline_triggered_runs = drain(
+            "pipeline_triggers", lambda: len(process_pipeline_triggers(db, settings, batch_size)), batch_size)
     summary.durations_ms["expire_leases"] = (time.perf_counter() - t_schedules) * 1000
     # Dead letters past their retention, batch after batch (oldest first).
     t_purge = time.perf_counter()
-    summary.dead_letters_purged = drain(
-        "dlq_retention",
-        lambda: purge_expired_dead_letters(db, settings.dlq_retention_days, settings.dlq_purge_batch),
-        max(settings.dlq_purge_batch, 1),
-    )
+    if due.expired_dead_letters:
+        summary.dead_letters_purged = drain(
+            "dlq_retention",
+            lambda: purge_expired_dead_letters(db, settings.dlq_retention_days, settings.dlq_purge_batch),
+            max(settings.dlq_purge_batch, 1),
+        )
     summary.durations_ms["dlq_retention"] = (time.perf_counter() - t_purge) * 1000
 
     claim_ms = dispatch_ms = 0.0
     # Claim in batches until nothing is ready or time runs short; a batch smaller than the
     # limit means the ready set is drained.
-    while time_left():
+    while (due.ready_tasks or worked()) and time_left():
         t0 = time.perf_counter()
         limit = dispatcher.claim_limit(batch_size)
         if limit == 0:
@@ -227,7 +250,8 @@ def run_tick(
     # 5. Notifications due (outbox rows written by the transactions above and before), after the
     # dispatches: a tick short of time starts tasks first; a round of sends fits its deadline.
     t_notify = time.perf_counter()
-    notified = deliver_due(db, settings, remaining_s=remaining_s)
+    notified = deliver_due(db, settings, remaining_s=remaining_s, deliveries=due.due_deliveries or worked(),
+                           old_events=due.old_events)
     summary.notifications_delivered = notified.delivered
     summary.notifications_retrying = notified.retrying
     summary.notifications_failed = notified.failed
