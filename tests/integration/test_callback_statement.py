@@ -102,15 +102,24 @@ class TracedDatabase(Database):
                 statements.append(rest[len(prefix):].removesuffix('"'))
 
 
-@pytest.fixture
-def stack(settings: Settings) -> Iterator[tuple[Engine, CapturingTransport]]:
+@contextmanager
+def traced_stack(settings: Settings, *, max_size: int = 24) -> Iterator[tuple[Engine, CapturingTransport]]:
+    """An engine on a TracedDatabase, dispatching to a capturing transport."""
     transport = CapturingTransport()
-    engine = Engine(settings, TracedDatabase(settings.database_url, max_size=24), transports={"local": transport})
+    engine = Engine(settings, TracedDatabase(settings.database_url, max_size=max_size), transports={"local": transport})
     # Tokens without a storage grant: the callback's output is not checked against an object store.
     engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
     engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
-    yield engine, transport
-    engine.close()
+    try:
+        yield engine, transport
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[tuple[Engine, CapturingTransport]]:
+    with traced_stack(settings) as made:
+        yield made
 
 
 def succeed(engine: Engine, message: dict[str, Any]) -> AttemptResult:

@@ -17,14 +17,19 @@ def plan(engine: Engine, query: str) -> str:
     return json.dumps(rows[0])
 
 
-@pytest.mark.books_unchecked  # tasks are marked succeeded by SQL to shape the table, not by the engine
-def test_claim_and_lease_scans_use_their_partial_indexes(engine: Engine) -> None:
+def shape_a_long_lived_database(engine: Engine) -> None:
+    """20,000 tasks, all but 20 (still pending) finished: the shape of a long-lived database.
+    The tasks are marked succeeded by SQL (mark the test `books_unchecked`)."""
     engine.create_pipeline(WORKSPACE, {"id": "bulk", "nodes": [{"id": f"n{i}", "task": "echo"} for i in range(20)]})
     engine.trigger_run(WORKSPACE, "bulk", versions=[f"v{i}" for i in range(1000)], dispatch_now=False)
     with engine.db.connection() as conn:
-        # 20,000 tasks, nearly all finished: the shape of a long-lived database
         conn.execute("UPDATE tasks SET status = 'succeeded' WHERE version <> 'v0'")
-        conn.execute("ANALYZE tasks")
+        conn.execute("ANALYZE")
+
+
+@pytest.mark.books_unchecked  # tasks are marked succeeded by SQL to shape the table, not by the engine
+def test_claim_and_lease_scans_use_their_partial_indexes(engine: Engine) -> None:
+    shape_a_long_lived_database(engine)
 
     claim = plan(engine, """SELECT id FROM tasks WHERE status = 'ready' AND available_at <= tw_now()
                             ORDER BY priority DESC, available_at LIMIT 100 FOR UPDATE SKIP LOCKED""")

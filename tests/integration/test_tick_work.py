@@ -15,22 +15,19 @@ from orchestrator.engine.service import Engine
 from orchestrator.store.tick_work import find_due_work
 
 from .conftest import WORKSPACE
-from .test_callback_statement import CapturingTransport, TracedDatabase, succeed
+from .test_callback_statement import CapturingTransport, TracedDatabase, succeed, traced_stack
+from .test_query_plans import shape_a_long_lived_database
 from .test_scheduling import at, set_clock
 
 
 @pytest.fixture
-def traced(settings: Settings) -> Iterator[tuple[Engine, CapturingTransport]]:
-    transport = CapturingTransport()
-    engine = Engine(settings, TracedDatabase(settings.database_url, max_size=4), transports={"local": transport})
-    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
-    engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
-    yield engine, transport
-    engine.close()
+def stack(settings: Settings) -> Iterator[tuple[Engine, CapturingTransport]]:
+    with traced_stack(settings, max_size=4) as made:
+        yield made
 
-
-def test_an_idle_tick_is_one_statement(traced: tuple[Engine, CapturingTransport]) -> None:
-    engine, transport = traced
+def test_an_idle_tick_is_one_statement(stack: tuple[Engine, CapturingTransport]) -> None:
+    engine, transport = stack
+    assert isinstance(engine.db, TracedDatabase)
     engine.create_pipeline(WORKSPACE, {"id": "daily", "schedule": "0 3 * * *", "steps": ["a", "b"]})
     run = engine.trigger_run(WORKSPACE, "daily")
     with engine.db.traced() as statements:
@@ -48,11 +45,12 @@ def test_an_idle_tick_is_one_statement(traced: tuple[Engine, CapturingTransport]
 
 
 def test_work_made_due_by_an_earlier_step_is_done_in_the_same_tick(
-    traced: tuple[Engine, CapturingTransport],
+    stack: tuple[Engine, CapturingTransport],
 ) -> None:
     # Nothing is ready when the tick asks; the due schedule's run makes its first step ready
     # (the schedule step does not dispatch): the claim runs in the same tick, not a minute later.
-    engine, transport = traced
+    engine, transport = stack
+    assert isinstance(engine.db, TracedDatabase)
     set_clock(engine, at("2026-01-01T02:59:00"))
     engine.create_pipeline(WORKSPACE, {"id": "daily", "schedule": "0 3 * * *", "steps": ["a", "b"]})
     set_clock(engine, at("2026-01-01T03:00:01"))
@@ -67,13 +65,8 @@ def test_work_made_due_by_an_earlier_step_is_done_in_the_same_tick(
 
 @pytest.mark.books_unchecked  # tasks are marked succeeded by SQL to shape the table, not by the engine
 def test_the_question_is_answered_from_indexes(engine: Engine) -> None:
-    engine.create_pipeline(WORKSPACE, {"id": "bulk", "nodes": [{"id": f"n{i}", "task": "echo"} for i in range(20)]})
-    engine.trigger_run(WORKSPACE, "bulk", versions=[f"v{i}" for i in range(1000)], dispatch_now=False)
+    shape_a_long_lived_database(engine)
     with engine.db.connection() as conn:
-        # 20,000 tasks, nearly all finished: the shape of a long-lived database
-        conn.execute("UPDATE tasks SET status = 'succeeded', finished_at = tw_now() WHERE version <> 'v0'")
-        conn.execute("UPDATE runs SET status = 'running'")
-        conn.execute("ANALYZE")
         plan = json.dumps(conn.execute(
             "EXPLAIN (FORMAT JSON) SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'ready'"
             " AND available_at <= tw_now()), EXISTS (SELECT 1 FROM tasks WHERE status IN ('dispatched', 'running')"
