@@ -85,11 +85,13 @@ def waiting_backends(database_url: str) -> int:
     return int(row["n"])
 
 
-def poll(probe: Callable[[], bool], message: str, timeout_s: float = 20.0) -> None:
+def poll(probe: Callable[[], Any], message: str, timeout_s: float = 20.0) -> Any:
+    """The probe's first truthy value, asked every 20 ms until `timeout_s`."""
     event = threading.Event()
     for _ in range(int(timeout_s / 0.02)):
-        if probe():
-            return
+        value = probe()
+        if value:
+            return value
         event.wait(0.02)  # poll interval, not a wait for state
     raise AssertionError(message)
 

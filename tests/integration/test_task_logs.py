@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from orchestrator.worker.task_log import LOG_CAP_BYTES
 from tests import capturing
 
 from .test_attempt_storage_fencing import access_denied, create_storage_role, session_policies_enforced
+from .test_repairs_keep_the_books import poll
 
 WORKSPACE = "acme"
 KEY = "logs-admin-key"
@@ -108,16 +108,6 @@ def harness(database_url: str, moto_server: MotoServer) -> Iterator[Harness]:
     with TestClient(create_app(engine.settings, engine), raise_server_exceptions=False) as api:
         yield Harness(engine, api)
     engine.close()
-
-
-def _wait_until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- what is captured, per task ---------------------------------------------------------------------
@@ -260,7 +250,7 @@ def test_the_log_is_readable_while_the_task_runs_and_from_an_offset(harness: Har
             response = harness.log(task_id)
             return response if response.content else None
 
-        running = _wait_until(first_line_stored, "the running task's first line")
+        running = poll(first_line_stored, "timed out waiting for the running task's first line", DEADLINE_S)
         assert running.text == "first line\n"
         assert running.headers["x-log-complete"] == "false"
         size = int(running.headers["x-log-size"])

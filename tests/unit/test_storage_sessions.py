@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -51,14 +50,20 @@ def test_threads_asking_for_one_scope_at_once_make_one_assume_role() -> None:
     barrier = threading.Barrier(threads_n)
     slow = _assumer(3600, calls)
 
+    arrived = threading.Semaphore(0)
+
     def assume() -> dict[str, object]:
-        time.sleep(0.05)  # the STS round trip, during which the others arrive
+        # The STS round trip lasts until every other thread has come to ask (each is then
+        # inside cache.get, or about to be: it finds the session this call stores).
+        for _ in range(threads_n - 1):
+            assert arrived.acquire(timeout=10), "the other threads never came to ask"
         return slow()
 
     got: list[str] = []
 
     def ask() -> None:
         barrier.wait()
+        arrived.release()
         got.append(cache.get("run", 60, assume).credentials["AccessKeyId"])
 
     workers = [threading.Thread(target=ask) for _ in range(threads_n)]
