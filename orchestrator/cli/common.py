@@ -191,6 +191,17 @@ def api_client(args: argparse.Namespace) -> TickweaveClient:
                            timeout=getattr(args, "http_timeout", 30.0))
 
 
+def read_or_emit(args: argparse.Namespace, path: str, params: dict[str, Any] | None = None) -> Any:
+    """GET `path` for a read command. With --json the answer is printed as it came and None is
+    returned (the command is done); otherwise the answer, for the command to print its way."""
+    with api_client(args) as client:
+        answer = client.request("GET", path, params=params)
+    if args.json:
+        emit_json(answer)
+        return None
+    return answer
+
+
 
 def seg(value: str) -> str:
     """A value as one URL path segment."""

@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     error_text,
     one_line,
     page_size,
+    read_or_emit,
     require_key,
     seg,
     show_time,
@@ -125,11 +126,8 @@ def _error_details(error: Any) -> str:
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
-    with api_client(args) as client:
-        entry = client.request("GET", f"/api/dlq/{seg(args.entry_id)}")
-    if args.json:
-        emit_json(entry)
-    else:
+    entry = read_or_emit(args, f"/api/dlq/{seg(args.entry_id)}")
+    if entry is not None:
         print_entry(entry)
     return EXIT_OK
 

@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     api_client,
     emit_json,
     open_engine,
+    read_or_emit,
     require_key,
     seg,
     show_time,
@@ -55,10 +56,8 @@ def _create_in_database(workspace: str, role: str, name: str) -> dict[str, Any]:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     require_key(args, "an admin")
-    with api_client(args) as client:
-        answer = client.request("GET", "/api/keys")
-    if args.json:
-        emit_json(answer)
+    answer = read_or_emit(args, "/api/keys")
+    if answer is None:
         return EXIT_OK
     items = answer.get("items") or []
     rows = [[str(k.get("id")), str(k.get("prefix")), str(k.get("role")), str(k.get("name") or "-"),

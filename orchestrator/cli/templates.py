@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     emit_json,
     one_line,
     page_size,
+    read_or_emit,
     require_key,
     seg,
     show_time,
@@ -46,10 +47,8 @@ def read_template(name: str) -> dict[str, Any]:
 
 
 def cmd_templates_list(args: argparse.Namespace) -> int:
-    with api_client(args) as client:
-        page = client.request("GET", "/api/templates", params=_page(args))
-    if args.json:
-        emit_json(page)
+    page = read_or_emit(args, "/api/templates", params=_page(args))
+    if page is None:
         return EXIT_OK
     items = page.get("items") or []
     if not items:
@@ -86,11 +85,8 @@ def _print_template(template: dict[str, Any]) -> None:
 
 
 def cmd_templates_show(args: argparse.Namespace) -> int:
-    with api_client(args) as client:
-        template = client.request("GET", f"/api/templates/{seg(args.template_id)}")
-    if args.json:
-        emit_json(template)
-    else:
+    template = read_or_emit(args, f"/api/templates/{seg(args.template_id)}")
+    if template is not None:
         _print_template(template)
     return EXIT_OK
 

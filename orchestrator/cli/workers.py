@@ -6,17 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from orchestrator.cli.common import EXIT_OK, Parents, api_client, emit_json, one_line, show_time, table
+from orchestrator.cli.common import EXIT_OK, Parents, one_line, read_or_emit, show_time, table
 
 if TYPE_CHECKING:
     from orchestrator.cli.common import Subparsers
 
 
 def cmd_workers_list(args: argparse.Namespace) -> int:
-    with api_client(args) as client:
-        answer = client.request("GET", "/api/workers")
-    if args.json:
-        emit_json(answer)
+    answer = read_or_emit(args, "/api/workers")
+    if answer is None:
         return EXIT_OK
     items = answer.get("items") or []
     if not items:
