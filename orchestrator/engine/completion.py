@@ -121,11 +121,11 @@ def settle_terminal(conn: Connection, row: Row, *, dead_letter: bool = False) ->
                   pipeline_id=row["pipeline_id"], run_id=run_id, task_id=task_id, attempt=row["attempt"])
     stop = failed and row["on_failure"] == "stop"
     skipped, newly_ready = propagate(conn, [task_id], "failed" if failed else "succeeded")
-    finished = 1 + skipped
+    finished = [task_id, *skipped]
     if stop:
         unstarted = task_store.skip_unstarted_tasks(conn, run_id)
         more_skipped, more_ready = propagate(conn, unstarted, "skipped")
-        finished += len(unstarted) + more_skipped
+        finished += [*unstarted, *more_skipped]
         newly_ready += more_ready
     run = run_store.finish_tasks_of_run(
         conn, run_id, finished=finished, failed=1 if stop else 0, failures=1 if failed else 0,
@@ -145,19 +145,20 @@ def settle_terminal(conn: Connection, row: Row, *, dead_letter: bool = False) ->
     )
 
 
-def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tuple[int, int]:
+def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tuple[list[uuid.UUID], int]:
     """Advance the successors of tasks that finished with one `outcome`; successors skipped by
     their trigger rule propagate in turn. One statement per wave, whatever its width (a stopping
     failure in a 100,000-task run skips its tasks in one statement and advances their
     successors in another). Map nodes made ready are expanded or settled here (see
-    resolve_ready_maps). Returns (tasks skipped, tasks made ready)."""
-    skipped = ready = 0
+    resolve_ready_maps). Returns (the tasks skipped, the count of tasks made ready)."""
+    skipped: list[uuid.UUID] = []
+    ready = 0
     frontier, result = task_ids, outcome
     while frontier:
         advanced = task_store.advance_successors(conn, frontier, result)
         frontier = [r["id"] for r in advanced if r["status"] == "skipped"]
         result = "skipped"
-        skipped += len(frontier)
+        skipped += frontier
         ready += sum(1 for r in advanced if r["status"] == "ready" and r["kind"] != "map")
         ready += resolve_ready_maps(conn, [r["id"] for r in advanced if r["status"] == "ready" and r["kind"] == "map"])
     return skipped, ready
@@ -177,11 +178,11 @@ def resolve_ready_maps(conn: Connection, ids: list[uuid.UUID]) -> int:
             row = resolution.skipped
             more_skipped, more_ready = propagate(conn, [row["id"]], "skipped")
             ready += more_ready
-            _count_finished(conn, row, 1 + more_skipped)
+            _count_finished(conn, row, [row["id"], *more_skipped])
     return ready
 
 
-def _count_finished(conn: Connection, row: Row, finished: int) -> None:
+def _count_finished(conn: Connection, row: Row, finished: list[uuid.UUID]) -> None:
     """Tasks that ended without a failure of their own (a skipped map node and what it skipped)
     counted against the run, which may end here."""
     run = run_store.finish_tasks_of_run(conn, row["run_id"], finished=finished, failed=0, error=None)

@@ -119,7 +119,7 @@ def _resume(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ...])
         resolve_ready_maps(conn, maps)
         reopened = run_store.run_counters(conn, run_id)
     if reopened is not None and reopened["unfinished_tasks"] == 0:
-        ended = run_store.finish_tasks_of_run(conn, run_id, finished=0, failed=0, error=None)
+        ended = run_store.finish_tasks_of_run(conn, run_id, finished=[], failed=0, error=None)
         if ended is not None and ended["status"] in ("succeeded", "failed"):
             on_run_finished(conn, run_id)
 

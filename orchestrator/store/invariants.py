@@ -72,13 +72,17 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "run_unfinished_counter",
+        # Each task not finished counts itself and what was carried to it (migration 0026).
         f"""SELECT r.workspace_id, r.id AS run_id, NULL::uuid AS task_id, r.status, r.unfinished_tasks,
-                   count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL}) AS want
+                   count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL}) AS open,
+                   COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0) AS carried
             FROM runs r LEFT JOIN tasks t ON t.run_id = r.id
             WHERE r.status IN ('pending', 'running') OR r.unfinished_tasks <> 0
             GROUP BY r.id
-            HAVING r.unfinished_tasks <> count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL})""",
-        "{status} run counts {unfinished_tasks} unfinished tasks, its tasks say {want}",
+            HAVING r.unfinished_tasks <> count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL})
+                   + COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0)""",
+        "{status} run counts {unfinished_tasks} unfinished tasks, its tasks say {open} not finished "
+        "carrying {carried}",
     ),
     (
         "terminal_run_with_open_task",

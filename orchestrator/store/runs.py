@@ -161,10 +161,13 @@ def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]])
 
 
 def finish_tasks_of_run(
-    conn: Connection, run_id: uuid.UUID, *, finished: int, failed: int, error: str | None, failures: int = 0,
+    conn: Connection, run_id: uuid.UUID, *, finished: Sequence[uuid.UUID], failed: int, error: str | None,
+    failures: int = 0,
 ) -> Row | None:
-    """Count `finished` terminal tasks (of which `failures` failed, and `failed` are stopping
-    failures) against the run.
+    """Count the tasks `finished` (which this transaction took to a terminal state and holds
+    locked; of them `failures` failed, and `failed` are stopping failures) against the run, with
+    what the callback statement carried to them (tasks.carried_tasks, migration 0026: the
+    engine's paths never carry, they take the carried count off the run with the task).
 
     The statement that takes `unfinished_tasks` to 0 decides the final status: failed when any
     stopping failure was counted, else succeeded. A stopping failure does not end the run by
@@ -179,23 +182,28 @@ def finish_tasks_of_run(
     failure always ends on this path (the callback statement records successes only).
     """
     return conn.execute(
-        """UPDATE runs r SET
-               unfinished_tasks = r.unfinished_tasks - %(finished)s,
+        """WITH ended AS (
+               SELECT cardinality(%(ids)s::uuid[])
+                      + COALESCE((SELECT sum(t.carried_tasks) FROM tasks t WHERE t.id = ANY(%(ids)s::uuid[])), 0)
+                      AS n
+           )
+           UPDATE runs r SET
+               unfinished_tasks = r.unfinished_tasks - ended.n,
                failed_tasks = r.failed_tasks + %(failed)s,
                failed_task_count = r.failed_task_count + %(failures)s,
                status = CASE
                    WHEN r.status IN ('succeeded', 'failed', 'cancelled') THEN r.status
-                   WHEN r.unfinished_tasks - %(finished)s = 0 THEN
+                   WHEN r.unfinished_tasks - ended.n = 0 THEN
                        CASE WHEN r.failed_tasks + %(failed)s > 0 THEN 'failed' ELSE 'succeeded' END
                    ELSE r.status END,
                finished_at = CASE
-                   WHEN r.finished_at IS NULL AND r.unfinished_tasks - %(finished)s = 0
+                   WHEN r.finished_at IS NULL AND r.unfinished_tasks - ended.n = 0
                    THEN tw_now() ELSE r.finished_at END,
                error = COALESCE(r.error, %(error)s)
-           FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR NO KEY UPDATE) AS before
+           FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR NO KEY UPDATE) AS before, ended
            WHERE r.id = before.id
            RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
-        {"finished": finished, "failed": failed, "failures": failures, "error": error, "run_id": run_id},
+        {"ids": list(finished), "failed": failed, "failures": failures, "error": error, "run_id": run_id},
     ).fetchone()
 
 
@@ -281,9 +289,15 @@ def reopen_run(conn: Connection, run_id: uuid.UUID, from_statuses: tuple[str, ..
     """A run resumes after a repair (redrive, dead-letter retry): running, its counters recounted
     from its tasks (unfinished: not terminal; failed: stopping failures still standing; the
     failed task count: every failure still standing), its error kept only while a stopping
-    failure stands."""
+    failure stands. The caller holds every task of the run (lock_tasks_of_run): what was carried
+    to its tasks (tasks.carried_tasks, migration 0026) is set to 0, the recount standing for it,
+    so a task taken back from finished brings no spent count back."""
     return conn.execute(
-        """WITH counts AS (
+        """WITH uncarried AS (
+               UPDATE tasks SET carried_tasks = 0
+               WHERE run_id = %(run)s AND carried_tasks > 0
+                 AND EXISTS (SELECT 1 FROM runs WHERE id = %(run)s AND status = ANY(%(from)s))
+           ), counts AS (
                SELECT count(*) FILTER (WHERE t.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
                           AS unfinished,
                       count(*) FILTER (WHERE t.status = 'failed' AND t.on_failure = 'stop') AS failed,

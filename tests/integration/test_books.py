@@ -388,6 +388,23 @@ def test_several_corruptions_are_all_reported_in_check_order(engine: Engine) -> 
     assert found == sorted(found, key=CHECK_NAMES.index)
 
 
+@pytest.mark.books_unchecked
+def test_what_an_open_task_carries_is_counted_and_a_finished_ones_is_not(engine: Engine) -> None:
+    """run_unfinished_counter counts each open task with what was carried to it (migration
+    0026); a finished task's carried count was spent when it ended."""
+    run = trigger(engine, DIAMOND)
+    (a,) = claim(engine, run)
+    finish(engine, a)
+    ids = task_ids(engine, run)
+    sql(engine, "UPDATE tasks SET carried_tasks = 2 WHERE id = %s", ids["a"])  # finished: not counted
+    assert violations(engine) == []
+    sql(engine, "UPDATE tasks SET carried_tasks = 2 WHERE id = %s", ids["d"])  # pending: counted
+    (found,) = only(violations(engine), "run_unfinished_counter")
+    assert found.run_id == str(run) and "carrying 2" in found.message, found.message
+    sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks + 2 WHERE id = %s", run)
+    assert violations(engine) == []
+
+
 # --- clean books ---------------------------------------------------------------------------
 
 
