@@ -1,7 +1,9 @@
 """The in-process transport: runs tasks of a local `Worker` on a thread pool.
 
 For `make dev` and tests. The worker code is the same SDK a remote worker runs: it reads the
-token, uses the storage grant, and calls back over HTTP to the API's public URL.
+token, uses the storage grant, and calls back over HTTP to the API's public URL. The callbacks
+of tasks that end while others are being reported go together in one `POST /api/callbacks`
+(orchestrator.worker.sdk.CallbackBatcher): a busy local worker sends one request for many.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LocalTransport:
         # What each unfinished future runs: (task id, attempt), for `drain` to report.
         self._attempts: dict[Future[Any], tuple[str, int]] = {}
         self._accepting = True
+        self.batcher = worker.callback_batcher()
 
     def send(self, message: dict[str, Any]) -> None:
         # An unknown task name is the worker's to report (a non-retryable failed callback),
@@ -58,7 +61,7 @@ class LocalTransport:
                 raise DispatchError("the local worker is stopping")
             self._in_flight += 1
         try:
-            future = self._pool.submit(self.worker.execute, message, settings=self.settings)
+            future = self._pool.submit(self.worker.execute, message, settings=self.settings, batcher=self.batcher)
         except RuntimeError as exc:  # the pool is shut down
             self._done(None)
             raise DispatchError(str(exc)) from exc

@@ -27,6 +27,7 @@ from infra.s3 import MotoServer
 from orchestrator.api.app import create_app
 from orchestrator.config import Settings, load_settings
 from orchestrator.db.connection import Database
+from orchestrator.dispatch.local import LocalTransport
 from orchestrator.engine.errors import NotFound
 from orchestrator.engine.service import Engine
 from orchestrator.engine.tick import expire_leases
@@ -582,3 +583,44 @@ def test_the_sqs_loop_posts_a_received_batchs_callbacks_in_one_request_then_dele
     attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+
+
+def test_the_local_worker_reports_tasks_that_end_together_in_one_request(stored: Engine) -> None:
+    """The local transport's threads hand their callbacks to one CallbackBatcher: the first goes
+    alone at once; the five tasks that end while it is on its way (held here until they have)
+    go in one POST /api/callbacks, each recorded once."""
+    api = Counting(create_app(stored.settings, stored))
+    run_id, messages = dispatched_batch(stored, "local-batch", 6)
+    sender = HttpSender(client=TestClient(api), attempts=2, backoff_s=0)
+    holding, release = threading.Event(), threading.Event()
+    first = [True]
+
+    def send(url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if "/api/callback" in url and first[0]:
+            first[0] = False
+            holding.set()
+            assert release.wait(10)
+        return sender(url, body)
+
+    worker = Worker(settings=stored.settings, send=send)
+
+    @worker.task("echo")
+    def echo(ctx: TaskContext) -> dict[str, Any]:
+        return {"node": ctx.node}
+
+    transport = LocalTransport(worker, settings=stored.settings, threads=6)
+    try:
+        for message in messages:
+            transport.send(message)
+        deadline = time.monotonic() + 10
+        while not (holding.is_set() and transport.batcher.queued == 5):
+            assert time.monotonic() < deadline, "the other five callbacks never queued"
+            time.sleep(0.005)
+        release.set()
+        assert transport.drain(10) == []
+    finally:
+        transport.close()
+
+    assert api.count("POST /api/callback/*") == 1 and api.count("POST /api/callbacks") == 1
+    assert run_status(stored, run_id) == "succeeded"
+    assert succeeded_attempts(stored, run_id) == {f"t{i}": 1 for i in range(6)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from infra.s3 import MotoServer
+from orchestrator.dispatch.local import LocalTransport
 from orchestrator.storage.s3 import read_json_object
 from orchestrator.worker import TaskContext, Worker
 from orchestrator.worker import sdk as sdk_module
@@ -285,3 +287,102 @@ def test_heartbeats_of_finished_tasks_stop_once_the_batch_is_sent(harness: Harne
     assert [url for url in fake.urls() if url != HEARTBEAT] == [BATCH]
     names = {f"heartbeat-{d['task_id']}" for d in dispatches}
     assert not [t for t in threading.enumerate() if t.name in names]
+
+
+# --- the local worker: callbacks of tasks that end together --------------------------------------
+
+
+class HeldFirstCallback:
+    """Sends through `inner`, holding the first callback request (single or batch) until
+    `release` is set: the other tasks end while it is on its way."""
+
+    def __init__(self, inner: BatchingOrchestrator) -> None:
+        self.inner = inner
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self._first = True
+        self._lock = threading.Lock()
+
+    def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if url != HEARTBEAT:
+            with self._lock:
+                first, self._first = self._first, False
+            if first:
+                self.holding.set()
+                assert self.release.wait(10), "the test never released the first callback"
+        return self.inner(url, body)
+
+
+def until(probe: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_the_local_worker_sends_the_callbacks_of_tasks_that_end_together_in_one_request(harness: Harness) -> None:
+    fake = BatchingOrchestrator()
+    held = HeldFirstCallback(fake)
+    transport = LocalTransport(worker_for(harness, held), settings=harness.settings, threads=6)
+    dispatches = [harness.dispatch("echo", node=f"n{i}") for i in range(6)]
+    try:
+        for dispatch in dispatches:
+            transport.send(dispatch)
+        until(held.holding.is_set, "the first callback")
+        # the five others end while the first is on its way: they queue for one request
+        until(lambda: transport.batcher.queued == 5, "five queued callbacks")
+        held.release.set()
+        assert transport.drain(10) == []
+    finally:
+        transport.close()
+
+    callbacks = [(url, body) for url, body in fake.calls if url != HEARTBEAT]
+    assert [url if url == BATCH else CALLBACK + "*" for url, _ in callbacks] == [CALLBACK + "*", BATCH]
+    (first_url, _), (_, batch) = callbacks
+    sent = [first_url.rsplit("/", 1)[1]] + [item["task_id"] for item in batch["callbacks"]]
+    assert sorted(sent) == sorted(d["task_id"] for d in dispatches)  # each task's callback, once
+    assert all(item["status"] == "succeeded" for item in batch["callbacks"])
+    for i in range(6):
+        assert read_json_object(harness.settings, harness.key(f"n{i}")) == {"node": f"n{i}"}
+
+
+def test_an_idle_local_worker_sends_a_lone_callback_at_once(harness: Harness) -> None:
+    fake = BatchingOrchestrator()
+    transport = LocalTransport(worker_for(harness, fake), settings=harness.settings, threads=4)
+    try:
+        transport.send(harness.dispatch("echo", node="alone"))
+        assert transport.drain(10) == []
+    finally:
+        transport.close()
+    assert fake.urls() == [HEARTBEAT, CALLBACK + "*"]
+
+
+def test_a_batch_that_cannot_be_sent_fails_each_of_its_tasks_own_call(harness: Harness) -> None:
+    """The batcher hands every waiting thread its outcome: here the exception that kept the
+    batch from being sent, raised from each task's own `execute` (the local transport logs it;
+    the leases then expire and the tasks are sent again)."""
+    fake = BatchingOrchestrator()
+
+    def unreachable(url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if url == HEARTBEAT:
+            return fake(url, body)
+        raise httpx.ConnectError("orchestrator unreachable")
+
+    worker = worker_for(harness, unreachable)
+    batcher = worker.callback_batcher()
+    dispatches = [harness.dispatch("echo", node=f"u{i}") for i in range(3)]
+    outcomes: list[Any] = [None] * 3
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = worker.execute(dispatches[i], batcher=batcher)
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert all(isinstance(o, httpx.ConnectError) for o in outcomes), outcomes
+    assert batcher.queued == 0
