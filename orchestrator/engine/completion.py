@@ -120,15 +120,17 @@ def settle_terminal(conn: Connection, row: Row, *, dead_letter: bool = False) ->
         log_event(log, "task.dead_lettered", level=logging.WARNING, workspace_id=row["workspace_id"],
                   pipeline_id=row["pipeline_id"], run_id=run_id, task_id=task_id, attempt=row["attempt"])
     stop = failed and row["on_failure"] == "stop"
-    skipped, newly_ready = propagate(conn, [task_id], "failed" if failed else "succeeded")
-    finished = [task_id, *skipped]
+    advanced = propagate(conn, [task_id], "failed" if failed else "succeeded")
+    finished = [task_id, *advanced.skipped]
+    newly_ready, released = advanced.ready, advanced.released
     if stop:
         unstarted = task_store.skip_unstarted_tasks(conn, run_id)
-        more_skipped, more_ready = propagate(conn, unstarted, "skipped")
-        finished += [*unstarted, *more_skipped]
-        newly_ready += more_ready
+        more = propagate(conn, unstarted, "skipped")
+        finished += [*unstarted, *more.skipped]
+        newly_ready += more.ready
+        released += more.released
     run = run_store.finish_tasks_of_run(
-        conn, run_id, finished=finished, failed=1 if stop else 0, failures=1 if failed else 0,
+        conn, run_id, finished=finished, released=released, failed=1 if stop else 0, failures=1 if failed else 0,
         error=f"node '{row['node_id']}' (version {row['version']}) {status}" if stop else None,
     )
     started: list[uuid.UUID] = []
@@ -145,23 +147,31 @@ def settle_terminal(conn: Connection, row: Row, *, dead_letter: bool = False) ->
     )
 
 
-def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> tuple[list[uuid.UUID], int]:
+@dataclass
+class Propagated:
+    skipped: list[uuid.UUID] = field(default_factory=list)  # tasks skipped by their rule
+    ready: int = 0  # tasks made ready
+    released: int = 0  # run counts carried to slots of joins no longer pending (migration 0027)
+
+
+def propagate(conn: Connection, task_ids: list[uuid.UUID], outcome: str) -> Propagated:
     """Advance the successors of tasks that finished with one `outcome`; successors skipped by
     their trigger rule propagate in turn. One statement per wave, whatever its width (a stopping
     failure in a 100,000-task run skips its tasks in one statement and advances their
     successors in another). Map nodes made ready are expanded or settled here (see
-    resolve_ready_maps). Returns (the tasks skipped, the count of tasks made ready)."""
-    skipped: list[uuid.UUID] = []
-    ready = 0
+    resolve_ready_maps)."""
+    done = Propagated()
     frontier, result = task_ids, outcome
     while frontier:
         advanced = task_store.advance_successors(conn, frontier, result)
-        frontier = [r["id"] for r in advanced if r["status"] == "skipped"]
+        frontier = [r["id"] for r in advanced.rows if r["status"] == "skipped"]
         result = "skipped"
-        skipped += frontier
-        ready += sum(1 for r in advanced if r["status"] == "ready" and r["kind"] != "map")
-        ready += resolve_ready_maps(conn, [r["id"] for r in advanced if r["status"] == "ready" and r["kind"] == "map"])
-    return skipped, ready
+        done.skipped += frontier
+        done.released += advanced.released
+        done.ready += sum(1 for r in advanced.rows if r["status"] == "ready" and r["kind"] != "map")
+        done.ready += resolve_ready_maps(
+            conn, [r["id"] for r in advanced.rows if r["status"] == "ready" and r["kind"] == "map"])
+    return done
 
 
 def resolve_ready_maps(conn: Connection, ids: list[uuid.UUID]) -> int:
@@ -176,16 +186,17 @@ def resolve_ready_maps(conn: Connection, ids: list[uuid.UUID]) -> int:
             ready += settle_terminal(conn, resolution.settled).newly_ready
         elif resolution.skipped is not None:
             row = resolution.skipped
-            more_skipped, more_ready = propagate(conn, [row["id"]], "skipped")
-            ready += more_ready
-            _count_finished(conn, row, [row["id"], *more_skipped])
+            more = propagate(conn, [row["id"]], "skipped")
+            ready += more.ready
+            _count_finished(conn, row, [row["id"], *more.skipped], more.released)
     return ready
 
 
-def _count_finished(conn: Connection, row: Row, finished: list[uuid.UUID]) -> None:
+def _count_finished(conn: Connection, row: Row, finished: list[uuid.UUID], released: int) -> None:
     """Tasks that ended without a failure of their own (a skipped map node and what it skipped)
     counted against the run, which may end here."""
-    run = run_store.finish_tasks_of_run(conn, row["run_id"], finished=finished, failed=0, error=None)
+    run = run_store.finish_tasks_of_run(conn, row["run_id"], finished=finished, released=released, failed=0,
+                                        error=None)
     if run is not None and run["previous_status"] == "running" and run["status"] in ("succeeded", "failed"):
         log_event(log, "run.finished", level=logging.INFO if run["status"] == "succeeded" else logging.WARNING,
                   workspace_id=row["workspace_id"], pipeline_id=row["pipeline_id"], run_id=row["run_id"],

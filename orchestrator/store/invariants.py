@@ -43,9 +43,14 @@ class Violation:
 _CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "pending_task_counters",
+        # A join counted through slots (migration 0027) has the ends its open slots hold still
+        # to come on its row.
         f"""WITH expected AS (
                 SELECT t.id, t.workspace_id, t.run_id, t.node_id, t.version,
-                       t.unfinished_deps, t.failed_deps, t.skipped_deps,
+                       t.unfinished_deps - COALESCE((SELECT sum(s.arrived) FROM join_slots s
+                                                     WHERE s.task_id = t.id AND s.remaining > 0), 0)
+                           AS unfinished_deps,
+                       t.failed_deps, t.skipped_deps,
                        count(u.id) FILTER (WHERE u.status NOT IN {_TERMINAL}) AS want_unfinished,
                        count(u.id) FILTER (WHERE u.status = 'failed') AS want_failed,
                        count(u.id) FILTER (WHERE u.status = 'skipped') AS want_skipped
@@ -72,17 +77,37 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "run_unfinished_counter",
-        # Each task not finished counts itself and what was carried to it (migration 0026).
-        f"""SELECT r.workspace_id, r.id AS run_id, NULL::uuid AS task_id, r.status, r.unfinished_tasks,
+        # Each task not finished counts itself and what was carried to it (migration 0026), and
+        # each open slot of a join what was carried to it (0027).
+        f"""WITH slots AS (
+                SELECT run_id, sum(carried) AS carried FROM join_slots WHERE remaining > 0 GROUP BY run_id
+            )
+            SELECT r.workspace_id, r.id AS run_id, NULL::uuid AS task_id, r.status, r.unfinished_tasks,
                    count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL}) AS open,
-                   COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0) AS carried
-            FROM runs r LEFT JOIN tasks t ON t.run_id = r.id
+                   COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0)
+                       + COALESCE(min(s.carried), 0) AS carried
+            FROM runs r LEFT JOIN tasks t ON t.run_id = r.id LEFT JOIN slots s ON s.run_id = r.id
             WHERE r.status IN ('pending', 'running') OR r.unfinished_tasks <> 0
             GROUP BY r.id
             HAVING r.unfinished_tasks <> count(t.id) FILTER (WHERE t.status NOT IN {_TERMINAL})
-                   + COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0)""",
+                   + COALESCE(sum(t.carried_tasks) FILTER (WHERE t.status NOT IN {_TERMINAL}), 0)
+                   + COALESCE(min(s.carried), 0)""",
         "{status} run counts {unfinished_tasks} unfinished tasks, its tasks say {open} not finished "
         "carrying {carried}",
+    ),
+    (
+        "join_slot_remaining",
+        # A slot's `remaining` (migration 0027) is its upstreams not finished, in running runs
+        # (a cancelled run's slots are left as they were).
+        f"""SELECT r.workspace_id, r.id AS run_id, j.task_id, d.node_id, d.version, j.slot, j.remaining,
+                   count(*) FILTER (WHERE u.status NOT IN {_TERMINAL}) AS want
+            FROM join_slots j JOIN runs r ON r.id = j.run_id JOIN tasks d ON d.id = j.task_id
+            JOIN task_edges e ON e.downstream_task_id = j.task_id AND e.slot = j.slot
+            JOIN tasks u ON u.id = e.upstream_task_id
+            WHERE r.status = 'running'
+            GROUP BY r.workspace_id, r.id, j.task_id, d.node_id, d.version, j.slot, j.remaining
+            HAVING j.remaining <> count(*) FILTER (WHERE u.status NOT IN {_TERMINAL})""",
+        "slot {slot} of join {node_id} ({version}) counts {remaining} upstreams not finished, they say {want}",
     ),
     (
         "terminal_run_with_open_task",

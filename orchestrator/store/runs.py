@@ -150,24 +150,53 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
     )
 
 
+# A join with at least JOIN_SLOTS_FROM upstreams is counted down through slots (migration 0027):
+# about JOIN_SLOT_SIZE upstreams each, at most MAX_JOIN_SLOTS, dealt in upstream id order (the
+# order a claim takes them in, so ends arriving together fall into different slots). A join of
+# 1,000 then has its row written 64 times, not 1,000. Map nodes count their items on their row.
+JOIN_SLOTS_FROM = 8
+JOIN_SLOT_SIZE = 4
+MAX_JOIN_SLOTS = 64
+
+
 def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> None:
+    """A run's edges (upstream, downstream), with the slots of its wide joins and their
+    join_slots rows (the tasks are inserted already)."""
     if not edges:
         return
     conn.execute(
-        """INSERT INTO task_edges (upstream_task_id, downstream_task_id)
-           SELECT * FROM unnest(%s::uuid[], %s::uuid[])""",
-        ([e[0] for e in edges], [e[1] for e in edges]),
+        """WITH e AS (
+               SELECT x.u, x.d, count(*) OVER (PARTITION BY x.d) AS width,
+                      row_number() OVER (PARTITION BY x.d ORDER BY x.u) - 1 AS rank
+               FROM unnest(%(ups)s::uuid[], %(downs)s::uuid[]) AS x(u, d)
+           ), inserted AS (
+               INSERT INTO task_edges (upstream_task_id, downstream_task_id, slot)
+               SELECT e.u, e.d,
+                      CASE WHEN e.width >= %(from)s AND t.kind <> 'map'
+                           THEN (e.rank %% LEAST(%(most)s, GREATEST(2, e.width / %(size)s)))::smallint END
+               FROM e JOIN tasks t ON t.id = e.d
+               RETURNING downstream_task_id, slot
+           )
+           INSERT INTO join_slots (task_id, slot, run_id, remaining)
+           SELECT i.downstream_task_id, i.slot, t.run_id, count(*)::int
+           FROM inserted i JOIN tasks t ON t.id = i.downstream_task_id
+           WHERE i.slot IS NOT NULL
+           GROUP BY i.downstream_task_id, i.slot, t.run_id""",
+        {"ups": [e[0] for e in edges], "downs": [e[1] for e in edges], "from": JOIN_SLOTS_FROM,
+         "size": JOIN_SLOT_SIZE, "most": MAX_JOIN_SLOTS},
     )
 
 
 def finish_tasks_of_run(
     conn: Connection, run_id: uuid.UUID, *, finished: Sequence[uuid.UUID], failed: int, error: str | None,
-    failures: int = 0,
+    failures: int = 0, released: int = 0,
 ) -> Row | None:
     """Count the tasks `finished` (which this transaction took to a terminal state and holds
     locked; of them `failures` failed, and `failed` are stopping failures) against the run, with
     what the callback statement carried to them (tasks.carried_tasks, migration 0026: the
-    engine's paths never carry, they take the carried count off the run with the task).
+    engine's paths never carry, they take the carried count off the run with the task), and
+    `released`: counts carried to slots of joins that were no longer pending when their slot
+    completed (migration 0027).
 
     The statement that takes `unfinished_tasks` to 0 decides the final status: failed when any
     stopping failure was counted, else succeeded. A stopping failure does not end the run by
@@ -183,7 +212,7 @@ def finish_tasks_of_run(
     """
     return conn.execute(
         """WITH ended AS (
-               SELECT cardinality(%(ids)s::uuid[])
+               SELECT cardinality(%(ids)s::uuid[]) + %(released)s::int
                       + COALESCE((SELECT sum(t.carried_tasks) FROM tasks t WHERE t.id = ANY(%(ids)s::uuid[])), 0)
                       AS n
            )
@@ -203,7 +232,7 @@ def finish_tasks_of_run(
            FROM (SELECT id, status FROM runs WHERE id = %(run_id)s FOR NO KEY UPDATE) AS before, ended
            WHERE r.id = before.id
            RETURNING r.status, r.unfinished_tasks, before.status AS previous_status""",
-        {"ids": list(finished), "failed": failed, "failures": failures, "error": error, "run_id": run_id},
+        {"ids": list(finished), "released": released, "failed": failed, "failures": failures, "error": error, "run_id": run_id},
     ).fetchone()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -137,7 +138,17 @@ _READY_STATUS = "CASE WHEN t.kind IN ('approval', 'manual') THEN 'waiting' ELSE 
 _HUMAN = "t.kind IN ('approval', 'manual')"
 
 
-def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID], outcome: str) -> list[Row]:
+@dataclass(frozen=True)
+class Advanced:
+    """What counting finished upstreams against their successors did: the successors updated
+    (id, node_id, status, kind), and the run counts carried to slots completed for joins no
+    longer pending (migration 0027), which go to the run with the upstreams' ends."""
+
+    rows: list[Row]
+    released: int
+
+
+def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID], outcome: str) -> Advanced:
     """Count finished upstreams (all with the same `outcome`) against each pending successor;
     the update that reaches zero unfinished dependencies applies the successor's trigger rule
     and makes it ready (waiting, for a human step) or skipped.
@@ -145,44 +156,72 @@ def advance_successors(conn: Connection, upstream_task_ids: Sequence[uuid.UUID],
     `outcome` is succeeded | failed (tolerated by on_failure: continue) | skipped. Successors are
     locked in id order so two parents finishing at once cannot deadlock on shared children. A
     whole wave of upstreams (every task a stopping failure skipped) is one statement.
+
+    A join counted through slots (migration 0027) is counted here on its own row, as any
+    successor, and each end takes 1 off its slot's `remaining` first (slot rows before successor
+    rows, the lock order of the callback statement); a slot this completes is applied to the
+    join with it (what the callback statement counted and carried there).
     """
+    if not upstream_task_ids:
+        return Advanced([], 0)
     failed = 1 if outcome == "failed" else 0
     skipped = 1 if outcome == "skipped" else 0
-    if len(upstream_task_ids) == 1:
-        # tw_advance_successors (migration 0010): the same transition for one upstream, with a
-        # plan cached per session (the callback's hot path).
-        return conn.execute(
-            "SELECT * FROM tw_advance_successors(%(up)s::uuid, %(failed)s::int, %(skipped)s::int)",
-            {"up": upstream_task_ids[0], "failed": failed, "skipped": skipped},
-        ).fetchall()
-    if not upstream_task_ids:
-        return []
+    ups = list(upstream_task_ids)
+    completed = conn.execute(
+        """WITH hits AS (
+               SELECT e.downstream_task_id AS id, e.slot, count(*)::int AS n FROM task_edges e
+               WHERE e.upstream_task_id = ANY(%(ups)s::uuid[]) AND e.slot IS NOT NULL
+               GROUP BY e.downstream_task_id, e.slot
+           ), locked AS (
+               SELECT s.task_id, s.slot, h.n FROM join_slots s JOIN hits h ON h.id = s.task_id AND h.slot = s.slot
+               ORDER BY s.task_id, s.slot FOR UPDATE OF s
+           )
+           UPDATE join_slots s SET remaining = s.remaining - l.n
+           FROM locked l WHERE s.task_id = l.task_id AND s.slot = l.slot
+           RETURNING s.task_id, s.remaining, s.arrived, s.carried""",
+        {"ups": ups},
+    ).fetchall()
+    done = [r for r in completed if r["remaining"] == 0 and (r["arrived"] or r["carried"])]
     holds = _RULE_HOLDS.format(failed="t.failed_deps + l.n * %(failed)s", skipped="t.skipped_deps + l.n * %(skipped)s")
-    return conn.execute(
+    rows = conn.execute(
         f"""WITH hits AS (
                 SELECT e.downstream_task_id AS id, count(*)::int AS n FROM task_edges e
                 WHERE e.upstream_task_id = ANY(%(ups)s::uuid[]) GROUP BY e.downstream_task_id
+            ), slots AS (
+                SELECT x.id, sum(x.arrived)::int AS arrived, sum(x.carried)::int AS carried
+                FROM unnest(%(slot_ids)s::uuid[], %(slot_arrived)s::int[], %(slot_carried)s::int[])
+                     AS x(id, arrived, carried)
+                GROUP BY x.id
             ), locked AS (
-                SELECT t.id, h.n FROM tasks t JOIN hits h ON h.id = t.id
-                WHERE t.status = 'pending' ORDER BY t.id FOR UPDATE OF t
+                SELECT t.id, COALESCE(h.n, 0) AS n, COALESCE(s.arrived, 0) AS arrived,
+                       COALESCE(s.carried, 0) AS carried
+                FROM (SELECT id FROM hits UNION SELECT id FROM slots) k JOIN tasks t ON t.id = k.id
+                LEFT JOIN hits h ON h.id = t.id LEFT JOIN slots s ON s.id = t.id
+                WHERE t.status = 'pending'
+                ORDER BY t.id FOR UPDATE OF t
             )
             UPDATE tasks t SET
-                unfinished_deps = t.unfinished_deps - l.n,
+                unfinished_deps = t.unfinished_deps - l.n - l.arrived,
                 failed_deps = t.failed_deps + l.n * %(failed)s,
                 skipped_deps = t.skipped_deps + l.n * %(skipped)s,
-                status = CASE WHEN t.unfinished_deps - l.n > 0 THEN 'pending'
+                carried_tasks = t.carried_tasks + l.carried,
+                status = CASE WHEN t.unfinished_deps - l.n - l.arrived > 0 THEN 'pending'
                               WHEN {holds} THEN {_READY_STATUS}
                               ELSE 'skipped' END,
                 -- unchanged while pending: an update of the counters alone stays in place (HOT)
-                available_at = CASE WHEN t.unfinished_deps - l.n > 0 THEN t.available_at ELSE tw_now() END,
-                wait_expires_at = CASE WHEN t.unfinished_deps - l.n = 0 AND {holds} AND {_HUMAN}
+                available_at = CASE WHEN t.unfinished_deps - l.n - l.arrived > 0 THEN t.available_at ELSE tw_now() END,
+                wait_expires_at = CASE WHEN t.unfinished_deps - l.n - l.arrived = 0 AND {holds} AND {_HUMAN}
                                             AND t.timeout_s IS NOT NULL
                                        THEN tw_now() + make_interval(secs => t.timeout_s) END,
-                finished_at = CASE WHEN t.unfinished_deps - l.n = 0 AND NOT {holds} THEN tw_now() END
+                finished_at = CASE WHEN t.unfinished_deps - l.n - l.arrived = 0 AND NOT {holds} THEN tw_now() END
             FROM locked l WHERE t.id = l.id AND t.status = 'pending'
-            RETURNING t.id, t.node_id, t.status, t.kind""",
-        {"ups": list(upstream_task_ids), "failed": failed, "skipped": skipped},
+            RETURNING t.id, t.node_id, t.status, t.kind, l.carried""",
+        {"ups": ups, "failed": failed, "skipped": skipped, "slot_ids": [r["task_id"] for r in done],
+         "slot_arrived": [r["arrived"] for r in done], "slot_carried": [r["carried"] for r in done]},
     ).fetchall()
+    # A slot completed for a join no longer pending: its carried count has nowhere to go but the run.
+    released = sum(int(r["carried"]) for r in done) - sum(int(r["carried"]) for r in rows)
+    return Advanced(rows, released)
 
 
 def skip_unstarted_tasks(conn: Connection, run_id: uuid.UUID) -> list[uuid.UUID]:
@@ -520,8 +559,11 @@ def reopen_downstream(conn: Connection, task_ids: Sequence[uuid.UUID]) -> list[u
 
 def recount_pending_tasks(conn: Connection, run_id: uuid.UUID) -> int:
     """Set every pending task's dependency counters of the run from its upstreams' statuses
-    (the definition of the counters; the invariant checker computes the same)."""
-    return conn.execute(
+    (the definition of the counters; the invariant checker computes the same), and every slot
+    of its joins (migration 0027): `remaining` its upstreams not finished, nothing held (the
+    join's row counts every end recounted here; the caller recounts the run's count, so what
+    slots carried goes with what tasks carried, reopen_run)."""
+    counted = conn.execute(
         """UPDATE tasks t SET unfinished_deps = c.unfinished, failed_deps = c.failed, skipped_deps = c.skipped
            FROM (SELECT d.id,
                         count(u.id) FILTER (WHERE u.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
@@ -536,6 +578,20 @@ def recount_pending_tasks(conn: Connection, run_id: uuid.UUID) -> int:
            WHERE t.id = c.id AND t.status = 'pending'""",
         (run_id,),
     ).rowcount
+    conn.execute(
+        """UPDATE join_slots s SET remaining = c.open, arrived = 0, carried = 0
+           FROM (SELECT j.task_id, j.slot,
+                        count(*) FILTER (WHERE u.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))::int
+                            AS open
+                 FROM join_slots j
+                 JOIN task_edges e ON e.downstream_task_id = j.task_id AND e.slot = j.slot
+                 JOIN tasks u ON u.id = e.upstream_task_id
+                 WHERE j.run_id = %s
+                 GROUP BY j.task_id, j.slot) c
+           WHERE s.task_id = c.task_id AND s.slot = c.slot""",
+        (run_id,),
+    )
+    return counted
 
 
 def decide_pending_tasks(conn: Connection, run_id: uuid.UUID) -> list[Row]:

@@ -121,6 +121,18 @@ def corrupt_run_unfinished_counter(engine: Engine) -> tuple[uuid.UUID | None, uu
     return run, None
 
 
+WIDE_JOIN = {"id": "wide", "nodes": [*({"id": f"u{i}", "task": "echo"} for i in range(8)),
+                                     {"id": "j", "task": "echo", "depends": [f"u{i}" for i in range(8)]}]}
+
+
+def corrupt_join_slot_remaining(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    # A join of 8 is counted through slots (migration 0027); one slot forgets an end.
+    run = trigger(engine, WIDE_JOIN)
+    j = task_ids(engine, run)["j"]
+    sql(engine, "UPDATE join_slots SET remaining = remaining + 1 WHERE task_id = %s AND slot = 0", j)
+    return run, j
+
+
 def corrupt_terminal_run_with_open_task(engine: Engine) -> tuple[uuid.UUID | None, uuid.UUID | None]:
     # A task left running in a succeeded run (its unfinished count still true: 1).
     run = trigger(engine, {"id": "p", "nodes": [{"id": "a", "task": "echo"}, {"id": "b", "task": "echo"}]})
@@ -295,6 +307,7 @@ CORRUPTIONS: dict[str, Corruption] = {
     "pending_task_counters": corrupt_pending_task_counters,
     "pending_task_undecided": corrupt_pending_task_undecided,
     "run_unfinished_counter": corrupt_run_unfinished_counter,
+    "join_slot_remaining": corrupt_join_slot_remaining,
     "terminal_run_with_open_task": corrupt_terminal_run_with_open_task,
     "queued_run_with_started_task": corrupt_queued_run_with_started_task,
     "running_run_without_way_forward": corrupt_running_run_without_way_forward,
@@ -402,6 +415,25 @@ def test_what_an_open_task_carries_is_counted_and_a_finished_ones_is_not(engine:
     (found,) = only(violations(engine), "run_unfinished_counter")
     assert found.run_id == str(run) and "carrying 2" in found.message, found.message
     sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks + 2 WHERE id = %s", run)
+    assert violations(engine) == []
+
+
+@pytest.mark.books_unchecked
+def test_what_a_joins_open_slots_hold_is_counted(engine: Engine) -> None:
+    """pending_task_counters takes the ends an open slot holds (arrived) off its join's count,
+    and run_unfinished_counter adds what it carries; a completed slot (remaining 0) holds
+    nothing for either."""
+    run = trigger(engine, WIDE_JOIN)
+    j = task_ids(engine, run)["j"]
+    assert violations(engine) == []
+    sql(engine, "UPDATE join_slots SET arrived = 1 WHERE task_id = %s AND slot = 0", j)  # open: counted
+    assert [v.check for v in violations(engine)] == ["pending_task_counters"]
+    sql(engine, "UPDATE tasks SET unfinished_deps = unfinished_deps + 1 WHERE id = %s", j)
+    assert violations(engine) == []
+    sql(engine, "UPDATE join_slots SET carried = 3 WHERE task_id = %s AND slot = 1", j)
+    (found,) = only(violations(engine), "run_unfinished_counter")
+    assert "carrying 3" in found.message, found.message
+    sql(engine, "UPDATE runs SET unfinished_tasks = unfinished_tasks + 3 WHERE id = %s", run)
     assert violations(engine) == []
 
 

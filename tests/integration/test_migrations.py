@@ -18,7 +18,7 @@ EXPECTED_TABLES = {
     "workers", "worker_tasks", "task_code_versions", "templates", "template_versions",
     "pipeline_template_refs", "events", "backfills", "pipeline_dependencies", "orchestrations",
     "run_dependencies", "pipeline_outputs", "run_inputs", "pipeline_triggers", "map_items",
-    "notification_settings", "notification_events", "notification_deliveries", "dispatch_targets",
+    "notification_settings", "notification_events", "notification_deliveries", "dispatch_targets", "join_slots",
 }
 
 
