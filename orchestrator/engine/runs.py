@@ -236,7 +236,7 @@ def create_run(
     if run_store.insert_run(conn, new_run, len(tasks)) is None:
         return None
     run_store.insert_tasks(conn, new_run, tasks)
-    run_store.insert_edges(conn, edges)
+    run_store.insert_edges(conn, new_run.id, edges, map_nodes={t.id for t in tasks if t.kind == "map"})
     if status == "running" and any(t.kind == "map" and t.unfinished_deps == 0 for t in tasks):
         # A map over params at the root: expanded as the run starts.
         resolve_ready_maps(conn, map_store.ready_map_nodes_of_run(conn, new_run.id))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -159,9 +159,12 @@ JOIN_SLOT_SIZE = 4
 MAX_JOIN_SLOTS = 64
 
 
-def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> None:
-    """A run's edges (upstream, downstream), with the slots of its wide joins and their
-    join_slots rows (the tasks are inserted already)."""
+def insert_edges(
+    conn: Connection, run_id: uuid.UUID, edges: Sequence[tuple[uuid.UUID, uuid.UUID]], *,
+    map_nodes: Collection[uuid.UUID] = (),
+) -> None:
+    """A run's edges (upstream, downstream), with the slots of its wide joins (not `map_nodes`,
+    which count their items on their row) and their join_slots rows."""
     if not edges:
         return
     conn.execute(
@@ -172,18 +175,17 @@ def insert_edges(conn: Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]])
            ), inserted AS (
                INSERT INTO task_edges (upstream_task_id, downstream_task_id, slot)
                SELECT e.u, e.d,
-                      CASE WHEN e.width >= %(from)s AND t.kind <> 'map'
+                      CASE WHEN e.width >= %(from)s AND e.d <> ALL(%(maps)s::uuid[])
                            THEN (e.rank %% LEAST(%(most)s, GREATEST(2, e.width / %(size)s)))::smallint END
-               FROM e JOIN tasks t ON t.id = e.d
+               FROM e
                RETURNING downstream_task_id, slot
            )
            INSERT INTO join_slots (task_id, slot, run_id, remaining)
-           SELECT i.downstream_task_id, i.slot, t.run_id, count(*)::int
-           FROM inserted i JOIN tasks t ON t.id = i.downstream_task_id
-           WHERE i.slot IS NOT NULL
-           GROUP BY i.downstream_task_id, i.slot, t.run_id""",
-        {"ups": [e[0] for e in edges], "downs": [e[1] for e in edges], "from": JOIN_SLOTS_FROM,
-         "size": JOIN_SLOT_SIZE, "most": MAX_JOIN_SLOTS},
+           SELECT i.downstream_task_id, i.slot, %(run)s, count(*)::int
+           FROM inserted i WHERE i.slot IS NOT NULL
+           GROUP BY i.downstream_task_id, i.slot""",
+        {"ups": [e[0] for e in edges], "downs": [e[1] for e in edges], "maps": list(map_nodes), "run": run_id,
+         "from": JOIN_SLOTS_FROM, "size": JOIN_SLOT_SIZE, "most": MAX_JOIN_SLOTS},
     )
 
 

@@ -228,3 +228,23 @@ def test_a_dead_letter_retry_racing_the_callbacks_that_fill_the_slots(stack: Sta
         assert [s for _, s in attempts(engine, run.id)["j"]] == ["succeeded"]
         assert run_row(engine, run.id)["unfinished_tasks"] == 0
     assert sum(outcomes.values()) == 6
+
+
+def test_a_map_node_with_many_upstreams_counts_them_on_its_row(stack: Stack) -> None:
+    """Slots are for joins: a map node counts its upstreams (and later its items) on its own
+    row, so it gets none, and a join in the same run does."""
+    engine, transport = stack
+    ups = [f"u{i}" for i in range(WIDTH)]
+    engine.create_pipeline(WORKSPACE, {"id": "m", "params": {"xs": [1, 2, 3]}, "nodes": [
+        *({"id": u, "task": "echo"} for u in ups),
+        {"id": "each", "task": "echo", "depends": ups, "map": {"over": "params.xs"}},
+        {"id": "j", "task": "echo", "depends": ups}]})
+    run = engine.trigger_run(WORKSPACE, "m")
+    with engine.db.connection() as conn:
+        counted = conn.execute(
+            """SELECT t.node_id, count(s.slot) AS slots FROM tasks t LEFT JOIN join_slots s ON s.task_id = t.id
+               WHERE t.run_id = %s AND t.node_id IN ('each', 'j') GROUP BY t.node_id ORDER BY t.node_id""",
+            (run.id,)).fetchall()
+    assert [(r["node_id"], r["slots"]) for r in counted] == [("each", 0), ("j", 3)]
+    assert drive_to_the_end(engine, transport, run.id) == "succeeded"
+    assert run_row(engine, run.id)["unfinished_tasks"] == 0
