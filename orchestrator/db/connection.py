@@ -17,7 +17,9 @@ environment would fail at its next reconnect until it is recycled.
 
 from __future__ import annotations
 
+import logging
 import queue
+import random
 import re
 import threading
 import time
@@ -30,6 +32,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 Row = dict[str, Any]
+log = logging.getLogger(__name__)
 Connection = psycopg.Connection[Row]
 T = TypeVar("T")
 
@@ -170,9 +173,14 @@ class Database:
             try:
                 with open_connection() as conn:
                     return work(conn)
-            except RETRYABLE_ERRORS:
+            except RETRYABLE_ERRORS as exc:
                 if attempt >= attempts:
                     raise
+                log.info("replaying a transaction (attempt %d) after %s: %s", attempt + 1, type(exc).__name__,
+                         str(exc).replace("\n", " | ")[:2000])
+                # Apart by a random pause (up to 10, 20, 40, 80 ms): transactions that met in
+                # opposite orders and are replayed at once tend to meet again.
+                time.sleep(random.uniform(0, 0.005 * 2**attempt))
             except psycopg.OperationalError as exc:
                 # A refused login stays refused (the URL was already read again once): no replay.
                 if is_authentication_failure(exc) or time.monotonic() + delay > deadline:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 import uuid
@@ -624,3 +625,29 @@ def test_the_local_worker_reports_tasks_that_end_together_in_one_request(stored:
     assert api.count("POST /api/callback/*") == 1 and api.count("POST /api/callbacks") == 1
     assert run_status(stored, run_id) == "succeeded"
     assert succeeded_attempts(stored, run_id) == {f"t{i}": 1 for i in range(6)}
+
+
+def test_batches_spread_over_a_wide_joins_slots_take_them_in_one_order(
+    wide_engine: Engine, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A join of 96 has 24 slots dealt round-robin in upstream id order (migration 0027). Three
+    batches each carry every third upstream, so each meets every slot, several times: the batch
+    statement takes its outcomes in slot order, so no two batches wait for each other in a
+    circle (no transaction is replayed after a deadlock), and the join fires once."""
+    engine = wide_engine
+    engine.create_pipeline(WORKSPACE, fan_in("slotted", 96, root=True))
+    app = create_app(engine.settings, engine)
+    for _ in range(3):
+        run = engine.trigger_run(WORKSPACE, "slotted")
+        with TestClient(app, raise_server_exceptions=False) as client:
+            post(client, [success(captured(engine).take("root"))])
+        messages = sorted((captured(engine).take(f"n{i:02d}") for i in range(96)), key=lambda m: m["task_id"])
+        batches = [[success(m) for m in messages[k::3]] for k in range(3)]
+        with caplog.at_level(logging.INFO, logger="orchestrator.db.connection"):
+            answers = post_at_once(app, batches)
+        assert [r for r in caplog.records if "replaying a transaction" in r.getMessage()] == []
+        assert all(r["status"] == 200 and r["outcome"] == "succeeded" for results in answers for r in results)
+        assert captured(engine).count("join") == 1
+        with TestClient(app, raise_server_exceptions=False) as client:
+            (last,) = post(client, [success(captured(engine).take("join"))])
+        assert last["run_status"] == "succeeded" and run_status(engine, run.id) == "succeeded"
