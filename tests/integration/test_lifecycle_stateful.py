@@ -81,6 +81,7 @@ from orchestrator.engine.keys import set_workspace_task_limit
 from orchestrator.engine.service import Engine
 from orchestrator.model.pipeline import MapSpec
 from orchestrator.storage.s3 import ensure_bucket, put_json_object
+from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store.invariants import check_books
 from tests.db_fixtures import TEMPLATE_DB
@@ -1184,8 +1185,24 @@ def broken(check: str) -> type[AssertionError]:
 
 
 @pytest.mark.timeout(0 if is_long() else 1200)
+@pytest.mark.parametrize("joins", ["as_configured", "all_in_slots"])
 def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, moto_server: MotoServer,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     monkeypatch: pytest.MonkeyPatch, joins: str) -> None:
+    if joins == "all_in_slots":
+        # Every join of two upstreams or more counted through two slots (migration 0027): the
+        # machine's small DAGs then take slots through every rule, repair and race it plays.
+        monkeypatch.setattr(run_store, "JOIN_SLOTS_FROM", 2)
+        monkeypatch.setattr(run_store, "JOIN_SLOT_SIZE", 1_000_000)
+    slotted_joins = 0
+    insert_edges = run_store.insert_edges
+
+    def counted_edges(conn: Connection, run_id: uuid.UUID, edges: Any, **kwargs: Any) -> None:
+        nonlocal slotted_joins
+        insert_edges(conn, run_id, edges, **kwargs)
+        slotted_joins += conn.execute("SELECT count(DISTINCT task_id) AS n FROM join_slots WHERE run_id = %s",
+                                      (run_id,)).fetchone()["n"]
+
+    monkeypatch.setattr(run_store, "insert_edges", counted_edges)
     bucket = f"lifecycle-{uuid.uuid4().hex[:10]}"
     ensure_bucket(Settings(database_url="", s3_endpoint_url=moto_server.endpoint_url, bucket=bucket))
     LifecycleMachine.ctx = Context(admin_url=pg_admin_url, moto=moto_server, bucket=bucket)
@@ -1200,3 +1217,5 @@ def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, mo
 
     monkeypatch.setattr(task_store, "claim_ready_tasks", observed_claim)
     run_state_machine_as_test(LifecycleMachine, settings=lifecycle_settings())
+    if joins == "all_in_slots":
+        assert slotted_joins > 0, "no run had a join counted through slots"
