@@ -38,6 +38,7 @@ from orchestrator.worker import TaskContext, Worker
 from orchestrator.worker.grant_io import GrantStorage
 from orchestrator.worker.http import HttpSender
 from tests import capturing
+from tests.polling import poll
 
 from .conftest import WORKSPACE
 
@@ -613,10 +614,8 @@ def test_the_local_worker_reports_tasks_that_end_together_in_one_request(stored:
     try:
         for message in messages:
             transport.send(message)
-        deadline = time.monotonic() + 10
-        while not (holding.is_set() and transport.batcher.queued == 5):
-            assert time.monotonic() < deadline, "the other five callbacks never queued"
-            time.sleep(0.005)
+        poll(lambda: holding.is_set() and transport.batcher.queued == 5, "the other five callbacks never queued",
+             timeout_s=10)
         release.set()
         assert transport.drain(10) == []
     finally:

@@ -39,9 +39,10 @@ from orchestrator.storage.tokens import TaskClaims, TokenKeyring, params_digest
 from orchestrator.store import completions as completion_store
 from orchestrator.store.invariants import check_books
 from tests import capturing
+from tests.polling import poll
 
 from .conftest import WORKSPACE
-from .test_repairs_keep_the_books import poll, waiting_backends
+from .test_repairs_keep_the_books import waiting_backends
 from .test_scheduling import set_clock
 
 # --- the engine, its transport and the worker the test plays --------------------------------

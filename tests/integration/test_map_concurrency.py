@@ -31,9 +31,10 @@ from orchestrator.db.connection import Connection, Row, connect
 from orchestrator.engine.completion import finish_attempt
 from orchestrator.engine.service import Engine
 from orchestrator.store import tasks as task_store
+from tests.polling import poll
 
 from .conftest import WORKSPACE
-from .test_repairs_keep_the_books import books, claim, finish, poll, run_status, waiting_backends
+from .test_repairs_keep_the_books import books, claim, finish, run_status, waiting_backends
 
 
 def fan_out(pipeline_id: str, items: int, max_concurrency: int | None = 5, *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from orchestrator.store import pipelines as pipeline_store
 from orchestrator.store import schedules as schedule_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store.invariants import check_books
+from tests.polling import poll
 
 from .conftest import WORKSPACE
 from .test_scheduling import at, set_clock
@@ -83,17 +84,6 @@ def waiting_backends(database_url: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row["n"])
-
-
-def poll(probe: Callable[[], Any], message: str, timeout_s: float = 20.0) -> Any:
-    """The probe's first truthy value, asked every 20 ms until `timeout_s`."""
-    event = threading.Event()
-    for _ in range(int(timeout_s / 0.02)):
-        value = probe()
-        if value:
-            return value
-        event.wait(0.02)  # poll interval, not a wait for state
-    raise AssertionError(message)
 
 
 # --- defect 1: a retried upstream is never counted twice -------------------------------------

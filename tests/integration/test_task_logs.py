@@ -37,9 +37,9 @@ from orchestrator.worker import TaskContext, TaskFailed, Worker
 from orchestrator.worker.grant_io import GrantStorage
 from orchestrator.worker.task_log import LOG_CAP_BYTES
 from tests import capturing
+from tests.polling import poll
 
 from .test_attempt_storage_fencing import access_denied, create_storage_role, session_policies_enforced
-from .test_repairs_keep_the_books import poll
 
 WORKSPACE = "acme"
 KEY = "logs-admin-key"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from orchestrator.worker import TaskContext, Worker
 from orchestrator.worker import sdk as sdk_module
 from orchestrator.worker.http import HttpSender
 from orchestrator.worker.sdk import _callbacks_url
+from tests.polling import poll
 
 from .test_worker_sdk import CALLBACK, HEARTBEAT, Harness
 
@@ -313,13 +313,6 @@ class HeldFirstCallback:
         return self.inner(url, body)
 
 
-def until(probe: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 def test_the_local_worker_sends_the_callbacks_of_tasks_that_end_together_in_one_request(harness: Harness) -> None:
     fake = BatchingOrchestrator()
     held = HeldFirstCallback(fake)
@@ -328,9 +321,9 @@ def test_the_local_worker_sends_the_callbacks_of_tasks_that_end_together_in_one_
     try:
         for dispatch in dispatches:
             transport.send(dispatch)
-        until(held.holding.is_set, "the first callback")
+        poll(held.holding.is_set, "the first callback never went out", timeout_s=10)
         # the five others end while the first is on its way: they queue for one request
-        until(lambda: transport.batcher.queued == 5, "five queued callbacks")
+        poll(lambda: transport.batcher.queued == 5, "the other five callbacks never queued", timeout_s=10)
         held.release.set()
         assert transport.drain(10) == []
     finally:
