@@ -380,6 +380,41 @@ def test_a_success_is_one_statement_that_claims_the_successor(
     assert attempts(engine, run.id) == {"a": [(1, "succeeded")], "b": [(1, "succeeded")], "c": [(1, "succeeded")]}
 
 
+def test_one_outcome_for_the_engine_ends_the_statement_and_writes_nothing(
+    stack: tuple[Engine, CapturingTransport],
+) -> None:
+    """One callback alone runs without a catching block (migration 0028): an outcome the engine
+    must record (here the end of the run) raises TW001, the statement rolls back whole, and
+    complete_attempts answers `engine` for it. `single` is refused where a raise would break the
+    caller's transaction."""
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, {"id": "alone", "steps": ["a"]})
+    run = engine.trigger_run(WORKSPACE, "alone")
+    a = transport.one(run.id, "a")
+    outcome = completion_store.Outcome(
+        uuid.UUID(a["task_id"]), 1, uuid.UUID(engine.keyring.read(a["token"]).claim_token), True,
+        output={"key": "out/a/1"})
+    before = (snapshot(engine, run.id), attempts(engine, run.id))
+
+    completion = engine.db.run_statement(
+        lambda conn: completion_store.complete_attempts(conn, [outcome], claim_limit=10, single=True))
+    assert completion.recorded == [completion_store.Recorded(outcome.task_id, False, engine=True, position=0)]
+    assert completion.claimed == [] and completion.context is None
+    assert (snapshot(engine, run.id), attempts(engine, run.id)) == before
+    assert before[0]["tasks"]["a"][0] == "dispatched"
+
+    with pytest.raises(ValueError, match="autocommit"), engine.db.transaction() as conn:
+        completion_store.complete_attempts(conn, [outcome], claim_limit=10, single=True)
+    with pytest.raises(ValueError, match="one outcome"), engine.db.connection() as conn:
+        completion_store.complete_attempts(conn, [outcome, outcome], claim_limit=10, single=True)
+    assert (snapshot(engine, run.id), attempts(engine, run.id)) == before
+
+    # the engine records it: the run ends once, its books clean
+    result = succeed(engine, a)
+    assert result.accepted and result.run_status == "succeeded"
+    assert run_row(engine, run.id)["status"] == "succeeded" and books(engine) == []
+
+
 # --- 2. the statement records what the engine records --------------------------------------------
 
 RULES = {"id": "rules", "nodes": [
