@@ -230,7 +230,8 @@ def _expand(conn: Connection, node: Row) -> Resolution:
     map_store.keep_node_inputs(conn, node["id"])
     inserted = 0
     for first in range(0, width, EXPANSION_BATCH):
-        inserted += map_store.insert_children(conn, node["id"], first, min(width, first + EXPANSION_BATCH))
+        inserted += map_store.insert_children(conn, node["id"], first, min(width, first + EXPANSION_BATCH),
+                                              width=width)
     if inserted != width or not map_store.mark_expanded(conn, node["id"], width):
         raise RuntimeError(f"map node {node['id']} expanded {inserted} of {width} items")
     map_store.add_tasks_to_run(conn, node["run_id"], width)

@@ -14,6 +14,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from orchestrator.db.connection import Connection, Row
+from orchestrator.store.runs import join_slot_count
 
 _MAP_NODE_COLUMNS = """id, run_id, workspace_id, pipeline_id, node_id, version, status, attempt, on_failure,
                        trigger_rule, params, map_spec, map_width, map_max_concurrency"""
@@ -99,10 +100,15 @@ def tasks_in_run(conn: Connection, run_id: uuid.UUID) -> int:
     return 0 if row is None else int(row["n"])
 
 
-def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: int) -> int:
-    """Children for the staged items at indexes first..last-1 (0-based), in one statement: each
-    a ready task of the map node's task, params, retry and limits, carrying its item and index,
-    and each an upstream of the map node (task_edges), so the map node counts them."""
+def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: int, *, width: int) -> int:
+    """Children for the staged items at indexes first..last-1 (0-based) of `width`, in one
+    statement: each a ready task of the map node's task, params, retry and limits, carrying its
+    item and index, and each an upstream of the map node (task_edges), so the map node counts
+    them. A map of JOIN_SLOTS_FROM items or more without max_concurrency counts them through
+    slots (migration 0027), item i in slot i mod the slot count: items are claimed in index
+    order, so the callbacks of items that run together count on different slot rows, and the
+    map node's row is written once per slot, not once per item. (A capped map's items are
+    recorded by the engine, which writes the map node's row at every end: no slots there.)"""
     row = conn.execute(
         """WITH p AS MATERIALIZED (
                -- the children's params, computed once (not once per child): a map over
@@ -126,14 +132,22 @@ def insert_children(conn: Connection, parent_id: uuid.UUID, first: int, last: in
                       -- stop of the run by itself
                       'continue', 'all_success', 0, items.idx, p.id, items.item, p.map_max_concurrency, tw_now()
                FROM p CROSS JOIN items
-               RETURNING id
+               RETURNING id, map_index, map_max_concurrency
            ), edges AS (
-               INSERT INTO task_edges (upstream_task_id, downstream_task_id)
-               SELECT c.id, %(parent)s FROM children c
-               RETURNING 1
+               INSERT INTO task_edges (upstream_task_id, downstream_task_id, slot)
+               SELECT c.id, %(parent)s,
+                      CASE WHEN c.map_max_concurrency IS NULL THEN (c.map_index %% %(slots)s::int)::smallint END
+               FROM children c
+               RETURNING slot
+           ), slots AS (
+               -- each batch of children adds its own to the slots' counts
+               INSERT INTO join_slots (task_id, slot, run_id, remaining)
+               SELECT %(parent)s, e.slot, (SELECT p.run_id FROM p), count(*)::int
+               FROM edges e WHERE e.slot IS NOT NULL GROUP BY e.slot
+               ON CONFLICT (task_id, slot) DO UPDATE SET remaining = join_slots.remaining + EXCLUDED.remaining
            )
            SELECT count(*)::int AS n FROM edges""",
-        {"parent": parent_id, "first": first, "last": last},
+        {"parent": parent_id, "first": first, "last": last, "slots": join_slot_count(width)},
     ).fetchone()
     return 0 if row is None else int(row["n"])
 

@@ -153,10 +153,18 @@ def insert_tasks(conn: Connection, run: NewRun, tasks: Sequence[NewTask]) -> Non
 # A join with at least JOIN_SLOTS_FROM upstreams is counted down through slots (migration 0027):
 # about JOIN_SLOT_SIZE upstreams each, at most MAX_JOIN_SLOTS, dealt in upstream id order (the
 # order a claim takes them in, so ends arriving together fall into different slots). A join of
-# 1,000 then has its row written 64 times, not 1,000. Map nodes count their items on their row.
+# 1,000 then has its row written 64 times, not 1,000. A map node's upstreams are not dealt into
+# slots here; its items are, when it expands (store/maps.py insert_children).
 JOIN_SLOTS_FROM = 8
 JOIN_SLOT_SIZE = 4
 MAX_JOIN_SLOTS = 64
+
+
+def join_slot_count(width: int) -> int | None:
+    """How many slots a join of `width` upstreams is counted through (None: on its own row)."""
+    if width < JOIN_SLOTS_FROM:
+        return None
+    return min(MAX_JOIN_SLOTS, max(2, width // JOIN_SLOT_SIZE))
 
 
 def insert_edges(

@@ -231,8 +231,9 @@ def test_a_dead_letter_retry_racing_the_callbacks_that_fill_the_slots(stack: Sta
 
 
 def test_a_map_node_with_many_upstreams_counts_them_on_its_row(stack: Stack) -> None:
-    """Slots are for joins: a map node counts its upstreams (and later its items) on its own
-    row, so it gets none, and a join in the same run does."""
+    """A map node counts its upstreams on its own row, so it gets no slots for them, and a join in
+    the same run does. (Its items get slots when it expands, if there are enough of them:
+    test_map_item_slots; here three.)"""
     engine, transport = stack
     ups = [f"u{i}" for i in range(WIDTH)]
     engine.create_pipeline(WORKSPACE, {"id": "m", "params": {"xs": [1, 2, 3]}, "nodes": [

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import uuid
 import zlib
@@ -81,6 +82,7 @@ from orchestrator.engine.keys import set_workspace_task_limit
 from orchestrator.engine.service import Engine
 from orchestrator.model.pipeline import MapSpec
 from orchestrator.storage.s3 import ensure_bucket, put_json_object
+from orchestrator.store import maps as map_store
 from orchestrator.store import runs as run_store
 from orchestrator.store import tasks as task_store
 from orchestrator.store.invariants import check_books
@@ -1193,6 +1195,10 @@ def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, mo
         # machine's small DAGs then take slots through every rule, repair and race it plays.
         monkeypatch.setattr(run_store, "JOIN_SLOTS_FROM", 2)
         monkeypatch.setattr(run_store, "JOIN_SLOT_SIZE", 1_000_000)
+        # and every map of two items or more through two slots: maps drawn without
+        # max_concurrency (a capped map's items are the engine's, counted on the map node's row;
+        # the other case draws caps)
+        monkeypatch.setattr(sys.modules[__name__], "MAP_CONCURRENCY_ENFORCED", False)
     slotted_joins = 0
     insert_edges = run_store.insert_edges
 
@@ -1203,6 +1209,18 @@ def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, mo
                                       (run_id,)).fetchone()["n"]
 
     monkeypatch.setattr(run_store, "insert_edges", counted_edges)
+    # (the maps whose items are counted through slots)
+    slotted_maps = 0
+    insert_children = map_store.insert_children
+
+    def counted_children(conn: Connection, parent_id: uuid.UUID, first: int, last: int, *, width: int) -> int:
+        nonlocal slotted_maps
+        inserted = insert_children(conn, parent_id, first, last, width=width)
+        slotted_maps += conn.execute("SELECT count(*) > 0 AS n FROM join_slots WHERE task_id = %s",
+                                     (parent_id,)).fetchone()["n"]
+        return inserted
+
+    monkeypatch.setattr(map_store, "insert_children", counted_children)
     bucket = f"lifecycle-{uuid.uuid4().hex[:10]}"
     ensure_bucket(Settings(database_url="", s3_endpoint_url=moto_server.endpoint_url, bucket=bucket))
     LifecycleMachine.ctx = Context(admin_url=pg_admin_url, moto=moto_server, bucket=bucket)
@@ -1219,3 +1237,4 @@ def test_run_lifecycle_state_machine(pg_admin_url: str, template_db_url: str, mo
     run_state_machine_as_test(LifecycleMachine, settings=lifecycle_settings())
     if joins == "all_in_slots":
         assert slotted_joins > 0, "no run had a join counted through slots"
+        assert slotted_maps > 0, "no map had its items counted through slots"
