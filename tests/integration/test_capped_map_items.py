@@ -1,0 +1,103 @@
+"""A capped map's items recorded by the callback's statement (migration 0029).
+
+The success of an item of a map with max_concurrency is recorded like any task's: its map node is
+counted down and held, and the scope-aware claim fills the room the item made under the cap, in
+the same statement. These tests race the callbacks of the items out at once (each on its own
+connection, behind a barrier) with the tick's claim and with a batch: the cap is never exceeded
+(the books' map_concurrency_limit, checked after every round), no item is dispatched twice or
+lost, the map node settles once and the run ends counting to 0.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.engine.completion import AttemptResult
+from orchestrator.engine.service import Engine
+from orchestrator.engine.worker_protocol import CallbackInput
+
+from .conftest import WORKSPACE
+from .test_callback_statement import CapturingTransport, books, in_threads, run_row, succeed, traced_stack
+from .test_map_item_slots import map_node, mapped
+
+Stack = tuple[Engine, CapturingTransport]
+CAP = 4
+WIDTH = 12
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    with traced_stack(settings) as made:
+        yield made
+
+
+def active_items(engine: Engine, run_id: Any) -> int:
+    with engine.db.connection() as conn:
+        row = conn.execute("SELECT count(*)::int AS n FROM tasks WHERE run_id = %s AND map_parent_id IS NOT NULL "
+                           "AND status IN ('dispatched', 'running')", (run_id,)).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def item_attempts(engine: Engine, run_id: Any) -> Counter[int]:
+    """Attempts recorded per item index."""
+    with engine.db.connection() as conn:
+        rows = conn.execute(
+            """SELECT c.map_index FROM task_attempts a JOIN tasks c ON c.id = a.task_id
+               WHERE c.run_id = %s AND c.map_parent_id IS NOT NULL""", (run_id,)).fetchall()
+    return Counter(int(r["map_index"]) for r in rows)
+
+
+def succeed_batch(engine: Engine, messages: list[dict[str, Any]]) -> list[Any]:
+    return engine.record_callbacks([
+        CallbackInput(uuid.UUID(m["task_id"]), m["token"], "succeeded", {"key": f"out/{m['node']}/{m['attempt']}"})
+        for m in messages])
+
+
+@pytest.mark.parametrize("how", ["single", "batch"])
+def test_items_out_at_once_racing_the_tick_keep_the_cap(stack: Stack, how: str) -> None:
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, mapped("capped", each={"max_concurrency": CAP}))
+    claimed_by_callbacks = 0
+    for _ in range(2):
+        run = engine.trigger_run(WORKSPACE, "capped")
+        done = 0
+        for _ in range(WIDTH):
+            out = transport.take(run.id, "each")
+            if not out:
+                engine.tick()
+                out = transport.take(run.id, "each")
+            if not out:
+                break
+            assert len(out) <= CAP
+            if how == "single":
+                calls = [*(partial(succeed, engine, m) for m in out), engine.tick]
+            else:  # half the items in one batch, the others alone
+                half = len(out) // 2
+                calls = [partial(succeed_batch, engine, out[:half]),
+                         *(partial(succeed, engine, m) for m in out[half:]), engine.tick]
+            results = in_threads(calls)
+            assert not any(isinstance(r, BaseException) for r in results), results
+            claimed_by_callbacks += sum(len(r.claimed) for r in results if isinstance(r, AttemptResult))
+            done += len(out)
+            assert active_items(engine, run.id) <= CAP
+            assert books(engine) == [], f"after {done} items"
+            if done == WIDTH:
+                break
+        assert done == WIDTH
+        # every item dispatched once, none lost; the map node settled once; the run ended once
+        assert item_attempts(engine, run.id) == Counter({i: 1 for i in range(WIDTH)})
+        node = map_node(engine, run.id)
+        assert (node["status"], node["attempt"]) == ("succeeded", 1)
+        assert run_row(engine, run.id)["status"] == "succeeded"
+        assert run_row(engine, run.id)["unfinished_tasks"] == 0
+    if how == "single":
+        # the room was filled by the callbacks' statements too, not only by the tick
+        assert claimed_by_callbacks > 0
