@@ -5,13 +5,15 @@ slots when it expands, item i in slot i mod the slot count; an item's callback c
 slot's row and only a slot's last item applies the slot to the map node. These tests show the
 map node's row written once per slot, then take the items' slots through the other paths an item
 ends by (the engine's: a failure tolerated by the map, a stopping failure elsewhere that skips
-items not started, a redrive, a dead-letter retry, a workspace limit) and through races on
-separate connections: the map node settles once, its reducer is dispatched once, the run ends
-once counting to 0, and the books (checked after each step and after every test) stay clean.
+items not started, a redrive, a dead-letter retry, a workspace limit, a cancel) and through
+races on separate connections (the items at once; a dead-letter retry racing them): the map
+node settles once, the run ends once counting to 0, and the books (checked after each step and
+after every test) stay clean.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -21,6 +23,7 @@ import pytest
 from orchestrator.config import Settings
 from orchestrator.engine import mapping
 from orchestrator.engine.completion import AttemptResult
+from orchestrator.engine.errors import Conflict
 from orchestrator.engine.keys import set_workspace_task_limit
 from orchestrator.engine.service import Engine
 from orchestrator.store.runs import JOIN_SLOTS_FROM
@@ -248,3 +251,47 @@ def test_every_item_of_a_map_at_once(stack: Stack) -> None:
         assert (node["status"], node["attempt"]) == ("succeeded", 1)  # settled once
         assert run_row(engine, run.id)["status"] == "succeeded"
         assert run_row(engine, run.id)["unfinished_tasks"] == 0
+
+
+def test_a_dead_letter_retry_racing_the_items_that_fill_the_slots(stack: Stack) -> None:
+    """Item 0's final failure (tolerated) is dead-lettered; its retry (which reopens the map node
+    and recounts its slots) races the other eleven items' callbacks on their own connections."""
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, mapped("retry", each={"tolerated_failures": 1}))
+    outcomes: Counter[str] = Counter()
+    for _ in range(6):
+        run = engine.trigger_run(WORKSPACE, "retry")
+        dispatched = items(transport, run.id)
+        assert fail(engine, dispatched.pop(0), retryable=False).outcome == "failed"
+        (entry,) = [e for e in engine.list_dead_letters(WORKSPACE) if str(e["run_id"]) == str(run.id)]
+        retry, *callbacks = in_threads([partial(engine.retry_dead_letter, WORKSPACE, entry["id"]),
+                                        *(partial(succeed, engine, m) for m in dispatched.values())])
+        assert all(isinstance(r, AttemptResult) and r.accepted for r in callbacks), callbacks
+        # refused only when the map node had already settled (the retry came last)
+        assert not isinstance(retry, BaseException) or isinstance(retry, Conflict), retry
+        outcomes["refused" if isinstance(retry, Conflict) else "retried"] += 1
+        assert books(engine) == []
+        assert drive_to_the_end(engine, transport, run.id) == "succeeded"
+        node = map_node(engine, run.id)
+        assert node["status"] == "succeeded" and node["unfinished_deps"] == 0
+        assert run_row(engine, run.id)["unfinished_tasks"] == 0
+    assert sum(outcomes.values()) == 6
+
+
+def test_a_cancel_while_slots_hold_ends_and_counts(stack: Stack) -> None:
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, mapped("cancelled"))
+    run = engine.trigger_run(WORKSPACE, "cancelled")
+    dispatched = items(transport, run.id)
+    for i in range(5):  # slots 0 and 1 hold two ends each, slot 2 one
+        assert succeed(engine, dispatched[i]).accepted
+    assert [(s[1], s[2]) for s in slots(engine, run.id)] == [(2, 2), (2, 2), (3, 1)]
+    engine.cancel_run(WORKSPACE, run.id, actor="tester")
+    assert books(engine) == []
+    # the items still out call back: refused, nothing counted
+    for i in range(5, WIDTH):
+        assert not succeed(engine, dispatched[i]).accepted
+    assert run_row(engine, run.id)["status"] == "cancelled"
+    assert run_row(engine, run.id)["unfinished_tasks"] == 0
+    assert map_node(engine, run.id)["status"] == "cancelled"
+    assert books(engine) == []
