@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from orchestrator.config import Settings
@@ -140,9 +141,9 @@ def record_callbacks(
     batch = BatchAnswer(answers=[])
     if pending:
 
-        def work(conn: Connection) -> tuple[completion_store.Completion, list[uuid.UUID]]:
+        def work(conn: Connection, *, catch: bool) -> tuple[completion_store.Completion, list[uuid.UUID]]:
             completion = completion_store.complete_attempts(
-                conn, [outcome for _, _, outcome in pending], claim_limit=claim_limit, single=False
+                conn, [outcome for _, _, outcome in pending], claim_limit=claim_limit, single=False, catch=catch
             )
             started: list[uuid.UUID] = []
             for run_id, run_status in completion.ended_runs:
@@ -151,7 +152,15 @@ def record_callbacks(
                 started.extend(on_run_finished(conn, run_id))
             return completion, started
 
-        completion, batch.started_runs = db.run_in_transaction(work)
+        # A batch of successes is recorded without a subtransaction per outcome (migration 0030);
+        # if one of them is the engine's after all (a map node made ready, an output), the batch
+        # is recorded again with one per outcome. A failure may be final (the engine's): such a
+        # batch takes the blocks at once.
+        try:
+            completion, batch.started_runs = db.run_in_transaction(
+                partial(work, catch=not all(outcome.succeeded for _, _, outcome in pending)))
+        except completion_store.BatchForTheEngine:
+            completion, batch.started_runs = db.run_in_transaction(partial(work, catch=True))
         batch.claimed, batch.context = completion.claimed, completion.context
         ended = dict(completion.ended_runs)
         for (index, claims, outcome), recorded in zip(pending, completion.recorded, strict=True):

@@ -66,13 +66,22 @@ class Completion:
     ended_runs: list[tuple[uuid.UUID, str]] = field(default_factory=list)  # (run, status), batches only
 
 
+class BatchForTheEngine(Exception):
+    """A batch recorded with `catch=False` met an outcome the engine must record: nothing of it
+    was recorded (the statement failed, and so did the caller's transaction, which the caller
+    rolls back). Record the batch again with `catch=True`."""
+
+
 def complete_attempts(
-    conn: Connection, outcomes: Sequence[Outcome], *, claim_limit: int, single: bool
+    conn: Connection, outcomes: Sequence[Outcome], *, claim_limit: int, single: bool, catch: bool = True
 ) -> Completion:
     """Record `outcomes` (task ids distinct or not: a repeat is refused by the fence) and claim
     at most `claim_limit` of the successors they make ready. `single`: one outcome on an
     autocommit connection; the end of its run is the engine's. Otherwise the caller's
-    transaction; runs that ended are returned for the caller to follow before it commits."""
+    transaction; runs that ended are returned for the caller to follow before it commits.
+    `catch=False` (a batch): recorded without a subtransaction per outcome (migration 0030),
+    raising BatchForTheEngine if one outcome is the engine's; `catch=True` answers `engine` for
+    that outcome alone and records the others."""
     items = [
         {"task_id": str(o.task_id), "attempt": o.attempt, "claim_token": str(o.claim_token), "ok": o.succeeded,
          "retryable": o.retryable, "output": o.output, "error": o.error}
@@ -83,14 +92,19 @@ def complete_attempts(
         raise ValueError("`single` records one outcome alone, on an autocommit connection outside a transaction")
     try:
         row = conn.execute(
-            "SELECT tw_complete_attempts(%s::jsonb, %s::int, %s::boolean) AS r", (Jsonb(items), claim_limit, single)
+            "SELECT tw_complete_attempts(%s::jsonb, %s::int, %s::boolean, %s::boolean) AS r",
+            (Jsonb(items), claim_limit, single, catch),
         ).fetchone()
     except psycopg.DatabaseError as exc:
-        # One outcome alone is recorded without a catching block (migration 0028): an outcome
-        # for the engine ends the statement, which rolls back whole on the autocommit connection.
-        if exc.sqlstate != FOR_THE_ENGINE or not single:
+        if exc.sqlstate != FOR_THE_ENGINE:
             raise
-        return Completion(recorded=[Recorded(outcomes[0].task_id, False, engine=True, position=0)])
+        if single:
+            # One outcome alone is recorded without a catching block (migration 0028): an outcome
+            # for the engine ends the statement, which rolls back whole on the autocommit connection.
+            return Completion(recorded=[Recorded(outcomes[0].task_id, False, engine=True, position=0)])
+        if not catch:
+            raise BatchForTheEngine() from exc
+        raise
     assert row is not None
     answer = row["r"]
     return Completion(
