@@ -152,7 +152,7 @@ def record_callbacks(
                 started.extend(on_run_finished(conn, run_id))
             return completion, started
 
-        # A batch of successes is recorded without a subtransaction per outcome (migration 0030);
+        # A batch of successes is recorded without a subtransaction per outcome (migration 0028);
         # if one of them is the engine's after all (a map node made ready, an output), the batch
         # is recorded again with one per outcome. A failure may be final (the engine's): such a
         # batch takes the blocks at once.

@@ -79,7 +79,7 @@ def complete_attempts(
     at most `claim_limit` of the successors they make ready. `single`: one outcome on an
     autocommit connection; the end of its run is the engine's. Otherwise the caller's
     transaction; runs that ended are returned for the caller to follow before it commits.
-    `catch=False` (a batch): recorded without a subtransaction per outcome (migration 0030),
+    `catch=False` (a batch): recorded without a subtransaction per outcome (migration 0028),
     raising BatchForTheEngine if one outcome is the engine's; `catch=True` answers `engine` for
     that outcome alone and records the others."""
     items = [

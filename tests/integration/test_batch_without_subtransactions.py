@@ -1,4 +1,4 @@
-"""A batch of successes recorded without a subtransaction per outcome (migration 0030).
+"""A batch of successes recorded without a subtransaction per outcome (migration 0028).
 
 A batch locks its tasks, their slots and those slots' joins before recording anything; with a
 block (a subtransaction) around each outcome, every update of a row the batch had locked made a
@@ -24,7 +24,7 @@ from orchestrator.engine.worker_protocol import CallbackInput
 from orchestrator.store import completions as completion_store
 
 from .conftest import WORKSPACE
-from .test_callback_statement import CapturingTransport, books, run_row, traced_stack
+from .test_callback_statement import CapturingTransport, books, run_row, success_input, traced_stack
 from .test_map_item_slots import items, map_node, mapped
 
 Stack = tuple[Engine, CapturingTransport]
@@ -49,11 +49,6 @@ def catches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(completion_store, "complete_attempts", spy)
     return seen
-
-
-def success(message: dict[str, Any]) -> CallbackInput:
-    return CallbackInput(uuid.UUID(message["task_id"]), message["token"], "succeeded",
-                         {"key": f"out/{message['node']}/{message['attempt']}"})
 
 
 def failure(message: dict[str, Any]) -> CallbackInput:
@@ -82,14 +77,14 @@ def test_a_batch_of_successes_is_recorded_without_multixacts(
     for mode in ("no_blocks", "blocks"):
         run = engine.trigger_run(WORKSPACE, "fan")
         (root,) = transport.take(run.id, "root")
-        assert engine.record_callbacks([success(root)])[0].accepted
+        assert engine.record_callbacks([success_input(root)])[0].accepted
         ups = transport.take(run.id)
         assert len(ups) == 12
         before = next_multixact(settings)
-        if mode == "blocks":  # what every batch did before migration 0030
+        if mode == "blocks":  # what every batch did before migration 0028 (p_catch)
             answers = _record_with_blocks(engine, ups)
         else:
-            answers = engine.record_callbacks([success(m) for m in ups])
+            answers = engine.record_callbacks([success_input(m) for m in ups])
         created[mode] = next_multixact(settings) - before
         assert all(isinstance(a, AttemptResult) and a.accepted for a in answers), answers
         assert [m["node"] for m in transport.take(run.id)] == ["j"]  # the join claimed, once
@@ -108,7 +103,7 @@ def _record_with_blocks(engine: Engine, messages: list[dict[str, Any]]) -> list[
 
     completion_store.complete_attempts = with_blocks  # type: ignore[assignment]
     try:
-        return engine.record_callbacks([success(m) for m in messages])
+        return engine.record_callbacks([success_input(m) for m in messages])
     finally:
         completion_store.complete_attempts = original  # type: ignore[assignment]
 
@@ -120,10 +115,10 @@ def test_a_batch_meeting_the_engine_is_recorded_again_with_blocks(stack: Stack, 
     engine.create_pipeline(WORKSPACE, mapped("m"))
     run = engine.trigger_run(WORKSPACE, "m")
     dispatched = items(transport, run.id)
-    first = engine.record_callbacks([success(dispatched[i]) for i in range(6)])
+    first = engine.record_callbacks([success_input(dispatched[i]) for i in range(6)])
     assert all(isinstance(a, AttemptResult) and a.accepted for a in first)
     assert catches == [False]  # no item of these was the engine's
-    rest = engine.record_callbacks([success(dispatched[i]) for i in range(6, 12)])
+    rest = engine.record_callbacks([success_input(dispatched[i]) for i in range(6, 12)])
     assert all(isinstance(a, AttemptResult) and a.accepted for a in rest), rest
     assert catches == [False, False, True]
     node = map_node(engine, run.id)
@@ -139,7 +134,7 @@ def test_a_batch_with_a_failure_takes_the_blocks_at_once(stack: Stack, catches: 
         {"id": "a", "task": "echo", "on_failure": "continue"}, {"id": "b", "task": "echo"}]})
     run = engine.trigger_run(WORKSPACE, "pair")
     by_node = {m["node"]: m for m in transport.take(run.id)}
-    answers = engine.record_callbacks([failure(by_node["a"]), success(by_node["b"])])
+    answers = engine.record_callbacks([failure(by_node["a"]), success_input(by_node["b"])])
     assert catches == [True]
     assert [a.outcome for a in answers if isinstance(a, AttemptResult)] == ["failed", "succeeded"]
     assert run_row(engine, run.id)["status"] == "succeeded"  # a's failure tolerated

@@ -1010,7 +1010,7 @@ def test_map_items_count_down_their_map_node(
     stack: tuple[Engine, CapturingTransport], monkeypatch: pytest.MonkeyPatch, max_concurrency: int | None
 ) -> None:
     """An item of a map is the statement's (its map node counted down) until the last, whose map
-    node settles in the engine. An item of a capped map too (migration 0029): its success makes
+    node settles in the engine. An item of a capped map too (migration 0028): its success makes
     room under the cap, and the same statement claims the next child into it."""
     engine, transport = stack
     spy = EngineSpy(monkeypatch)

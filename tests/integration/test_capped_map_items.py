@@ -1,4 +1,4 @@
-"""A capped map's items recorded by the callback's statement (migration 0029).
+"""A capped map's items recorded by the callback's statement (migration 0028).
 
 The success of an item of a map with max_concurrency is recorded like any task's: its map node is
 counted down and held, and the scope-aware claim fills the room the item made under the cap, in
@@ -10,7 +10,6 @@ lost, the map node settles once and the run ends counting to 0.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -21,10 +20,17 @@ import pytest
 from orchestrator.config import Settings
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.service import Engine
-from orchestrator.engine.worker_protocol import CallbackInput
 
 from .conftest import WORKSPACE
-from .test_callback_statement import CapturingTransport, books, in_threads, run_row, succeed, traced_stack
+from .test_callback_statement import (
+    CapturingTransport,
+    books,
+    in_threads,
+    run_row,
+    succeed,
+    success_input,
+    traced_stack,
+)
 from .test_map_item_slots import map_node, mapped
 
 Stack = tuple[Engine, CapturingTransport]
@@ -56,9 +62,7 @@ def item_attempts(engine: Engine, run_id: Any) -> Counter[int]:
 
 
 def succeed_batch(engine: Engine, messages: list[dict[str, Any]]) -> list[Any]:
-    return engine.record_callbacks([
-        CallbackInput(uuid.UUID(m["task_id"]), m["token"], "succeeded", {"key": f"out/{m['node']}/{m['attempt']}"})
-        for m in messages])
+    return engine.record_callbacks([success_input(m) for m in messages])
 
 
 @pytest.mark.parametrize("how", ["single", "batch"])
