@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,7 @@ from .test_callback_statement import (
     traced_stack,
 )
 from .test_map_item_slots import map_node, mapped
+from .test_scheduling import set_clock
 
 Stack = tuple[Engine, CapturingTransport]
 CAP = 4
@@ -105,3 +107,36 @@ def test_items_out_at_once_racing_the_tick_keep_the_cap(stack: Stack, how: str) 
     if how == "single":
         # the room was filled by the callbacks' statements too, not only by the tick
         assert claimed_by_callbacks > 0
+
+
+@pytest.mark.parametrize("each", [{"max_concurrency": CAP}, {}], ids=["capped", "slotted"])
+def test_items_racing_their_lease_expiry(stack: Stack, each: dict[str, Any]) -> None:
+    """The tick that finds the items' leases lapsed (their attempts given back, the items ready
+    again) and the items' callbacks, at once: each item's end lands once, the cap holds, a slot
+    never counts an end twice, the map node settles once."""
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, mapped("late", each={**each, "tolerated_failures": WIDTH}))
+    base = datetime.now(UTC)
+    for round_ in range(3):
+        run = engine.trigger_run(WORKSPACE, "late")
+        out = transport.take(run.id, "each")
+        assert out
+        set_clock(engine, base + timedelta(hours=round_ + 1))  # past the items' leases
+        results = in_threads([*(partial(succeed, engine, m) for m in out), engine.tick])
+        assert not any(isinstance(r, BaseException) for r in results), results
+        assert books(engine) == []
+        if "max_concurrency" in each:
+            assert active_items(engine, run.id) <= CAP
+        for _ in range(40):
+            if run_row(engine, run.id)["status"] != "running":
+                break
+            messages = transport.take(run.id, "each")
+            if not messages:
+                engine.tick()
+            for message in messages:
+                succeed(engine, message)
+            assert books(engine) == []
+        node = map_node(engine, run.id)
+        assert (node["status"], node["attempt"], node["unfinished_deps"]) == ("succeeded", 1, 0)
+        assert run_row(engine, run.id)["status"] == "succeeded"
+        assert run_row(engine, run.id)["unfinished_tasks"] == 0
