@@ -8,6 +8,8 @@ Parts (each on databases of its own, copies of one migrated template):
   peers      PgQueuer and Procrastinate on the same server: enqueue N no-op jobs, drain them
   ceiling    pgbench single-row UPDATE, and Tickweave's statements and commits per task beside it
   profile    one callback taken apart: phases, and each statement's planning and execution time
+  backend    where the server's CPU goes in the lifecycle (deep and wide, 1 caller): its backends
+             sampled by `perf` with call stacks, sorted into phases (skipped without perf)
   idle       idle tick latency with 0 / 10,000 / 100,000 schedules and 1,000,000 finished tasks, plans
   scale      a 10,000-node pipeline validated, registered, triggered and completed; 1,000 pipelines' depends
   memory     peak RSS and Python allocations of a tick claiming 1,000 tasks, in a fresh process
@@ -36,7 +38,8 @@ from bench import report
 from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
-PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "idle", "scale", "memory", "map", "aws")
+PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "backend", "idle", "scale", "memory", "map",
+         "aws")
 
 # name: (full, quick, help)
 SIZES: dict[str, tuple[Any, Any, str]] = {
@@ -217,6 +220,22 @@ def part_profile(run: Run, suite: Any) -> None:
     run.sections.append("## One callback taken apart (deep DAG, 1 connection)\n\n" + report.profile(explained, plain))
 
 
+def part_backend(run: Run, suite: Any) -> None:
+    from bench.backend_profile import PerfUnavailable, report, run_backend_profile
+
+    a = run.args
+    progress("  the lifecycle under perf (deep, then wide; 1 caller)...")
+    try:
+        profiles = run_backend_profile(run.server, suite, fan_width=a.fan_width, fan_runs=a.fan_runs,
+                                       chain_length=a.chain_length, chain_runs=a.chain_runs,
+                                       batch=a.lifecycle_batch)
+    except PerfUnavailable as exc:
+        run.notes.append(f"backend skipped: {exc}")
+        return
+    run.facts["backend"] = profiles
+    run.sections.append("## Where the server's CPU goes (backends sampled by perf)\n\n" + report(profiles))
+
+
 def part_idle(run: Run, suite: Any) -> None:
     from bench.idle_tick import run_idle
 
@@ -287,7 +306,8 @@ def part_map(run: Run, suite: Any) -> None:
 
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
     "claim": part_claim, "lifecycle": part_lifecycle, "batched": part_batched, "peers": part_peers, "ceiling": part_ceiling,
-    "profile": part_profile, "idle": part_idle, "scale": part_scale, "memory": part_memory, "map": part_map,
+    "profile": part_profile, "backend": part_backend, "idle": part_idle, "scale": part_scale, "memory": part_memory,
+    "map": part_map,
     "aws": part_aws,
 }
 

@@ -95,6 +95,21 @@ class Server:
         return ticks
 
 
+def process_cpu_split(server: Server) -> tuple[float, float]:
+    """The server's CPU in seconds as (user, system): the postmaster, its reaped children and its
+    live ones (as `Server.cpu_seconds`, read once: for runs of seconds, not a settled reading)."""
+    if server.postmaster_pid is None:
+        return 0.0, 0.0
+    user = system = 0
+    for pid, children in [(server.postmaster_pid, True), *((c, False) for c in _children(server.postmaster_pid))]:
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        user += int(fields[11]) + (int(fields[13]) if children else 0)
+        system += int(fields[12]) + (int(fields[14]) if children else 0)
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
