@@ -1177,3 +1177,64 @@ def test_the_callback_reads_by_key_when_its_plans_were_made_on_small_tables(sett
         assert after["tasks"][1] > before["tasks"][1]
     finally:
         engine.close()
+
+
+def _partial_index_reads(url: str) -> dict[str, int]:
+    """Index entries read from the partial indexes of tasks out (dispatched or running)."""
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT indexrelname, idx_tup_read FROM pg_stat_user_indexes"
+            " WHERE indexrelname IN ('tasks_active_idx', 'tasks_lease_idx')"
+        ).fetchall()
+    return {row["indexrelname"]: int(row["idx_tup_read"]) for row in rows}
+
+
+def test_the_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(settings: Settings) -> None:
+    # The finishing update's status condition is the predicate of two partial indexes (tasks out).
+    # One connection makes its plan with one task out, as a fresh connection of a quiet
+    # deployment does, and keeps it; 300 tasks are then out. Before 0029 that plan scanned the
+    # whole partial index, every task out, for each callback (1,152 entries per callback on the
+    # benchmark's wide DAG); now the update reads the task by its key, whatever the plan was
+    # made on, and the partial indexes are not read at all.
+    transport = CapturingTransport()
+    engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
+                    transports={"local": transport})
+    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
+    try:
+        engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+        engine.create_pipeline(WORKSPACE, fan_in("wide", width=300))
+        engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": ["s0", "s1"]})
+        # a table of some size (2,000 tasks waiting on their chains' first steps): the key's
+        # lookup is then costed above a scan of a one-page partial index
+        engine.create_pipeline(WORKSPACE, {"id": "long", "steps": [f"l{i:03d}" for i in range(200)]})
+        for _ in range(10):
+            engine.trigger_run(WORKSPACE, "long", dispatch_now=False)
+        wide = engine.trigger_run(WORKSPACE, "wide", dispatch_now=False)
+        with engine.db.connection() as conn:
+            conn.execute("VACUUM ANALYZE tasks, task_attempts")
+        first = engine.trigger_run(WORKSPACE, "chain")
+        # the plan is made here, one task out
+        assert claimed_nodes(succeed(engine, transport.one(first.id, "s0"))) == ["s1"]
+        engine.tick()
+        assert succeed(engine, transport.one(wide.id, "root")).accepted
+        mids = transport.take(wide.id)
+        for _ in range(20):  # the tick dispatches the rest
+            if len(mids) == 300:
+                break
+            engine.tick()
+            mids += transport.take(wide.id)
+        assert sorted(m["node"] for m in mids) == sorted(f"m{i}" for i in range(300))
+        with engine.db.connection() as conn:  # the setup's counts, sent before the callbacks'
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
+        before = _partial_index_reads(settings.database_url)
+        before_scans = _scans(settings.database_url)["tasks"][1]
+        for message in mids[:10]:
+            assert succeed(engine, message).accepted
+        with engine.db.connection() as conn:  # the same backend: its counts are sent when idle
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: _scans(settings.database_url)["tasks"][1] >= before_scans + 10,
+             "the callbacks' statistics never arrived")
+        assert _partial_index_reads(settings.database_url) == before
+    finally:
+        engine.close()
