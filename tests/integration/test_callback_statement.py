@@ -1238,3 +1238,52 @@ def test_the_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(setti
         assert _partial_index_reads(settings.database_url) == before
     finally:
         engine.close()
+
+
+def test_the_engines_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(settings: Settings) -> None:
+    # The same for tw_finish_attempt, the engine's path (here: final failures, which the
+    # callback's statement hands to the engine). Its statement's plan is custom for its first
+    # five calls on a connection, then generic and kept: six failures with one task out make it.
+    transport = CapturingTransport()
+    engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
+                    transports={"local": transport})
+    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
+    try:
+        engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+        once = {"task": "echo", "retry": {"max_attempts": 1}, "on_failure": "continue"}
+        engine.create_pipeline(WORKSPACE, {"id": "one", "nodes": [{"id": "x", **once}]})
+        engine.create_pipeline(WORKSPACE, {"id": "wide", "nodes": [
+            {"id": "root", "task": "echo"},
+            *({"id": f"m{i}", "depends": ["root"], **once} for i in range(300))]})
+        engine.create_pipeline(WORKSPACE, {"id": "long", "steps": [f"l{i:03d}" for i in range(200)]})
+        for _ in range(10):
+            engine.trigger_run(WORKSPACE, "long", dispatch_now=False)
+        wide = engine.trigger_run(WORKSPACE, "wide", dispatch_now=False)
+        with engine.db.connection() as conn:
+            conn.execute("VACUUM ANALYZE tasks, task_attempts")
+        for _ in range(7):  # one task out at a time: the plan is made here
+            run = engine.trigger_run(WORKSPACE, "one")
+            assert fail(engine, transport.one(run.id, "x"), retryable=False).outcome == "failed"
+        engine.tick()
+        assert succeed(engine, transport.one(wide.id, "root")).accepted
+        mids = transport.take(wide.id)
+        for _ in range(20):
+            if len(mids) == 300:
+                break
+            engine.tick()
+            mids += transport.take(wide.id)
+        assert len(mids) == 300
+        with engine.db.connection() as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
+        before = _partial_index_reads(settings.database_url)
+        before_scans = _scans(settings.database_url)["tasks"][1]
+        for message in mids[:10]:
+            assert fail(engine, message, retryable=False).outcome == "failed"
+        with engine.db.connection() as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        poll(lambda: _scans(settings.database_url)["tasks"][1] >= before_scans + 10,
+             "the callbacks' statistics never arrived")
+        assert _partial_index_reads(settings.database_url) == before
+    finally:
+        engine.close()
