@@ -150,11 +150,16 @@ def profile_case(server: Server, case: LifecycleCase, perf: str, workdir: Path) 
             [perf, "record", "-a", "-F", str(SAMPLE_HZ), "--call-graph", f"dwarf,{STACK_BYTES}", "-o", str(data),
              "--", "sleep", "3600"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(1.0)  # perf opens its events before the case starts
-        started = time.perf_counter()
-        outcome = case.run()
-        elapsed = time.perf_counter() - started
-        after = process_cpu_split(server)
+        try:
+            time.sleep(1.0)  # perf opens its events before the case starts
+            started = time.perf_counter()
+            outcome = case.run()
+            elapsed = time.perf_counter() - started
+            after = process_cpu_split(server)
+        except BaseException:
+            recorder.kill()  # a failed case leaves no perf sampling the machine behind it
+            recorder.wait()
+            raise
         with psycopg.connect(server.url(case.database), autocommit=True) as conn:
             pids = {int(row[0]) for row in conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")}

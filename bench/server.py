@@ -100,13 +100,10 @@ def process_cpu_split(server: Server) -> tuple[float, float]:
     live ones (as `Server.cpu_seconds`, read once: for runs of seconds, not a settled reading)."""
     if server.postmaster_pid is None:
         return 0.0, 0.0
-    user = system = 0
-    for pid, children in [(server.postmaster_pid, True), *((c, False) for c in _children(server.postmaster_pid))]:
-        fields = _stat_fields(pid)
-        if fields is None:
-            continue
-        user += int(fields[11]) + (int(fields[13]) if children else 0)
-        system += int(fields[12]) + (int(fields[14]) if children else 0)
+    user, system = _process_split(server.postmaster_pid, include_children=True)
+    for child in _children(server.postmaster_pid):
+        u, s = _process_split(child, include_children=False)
+        user, system = user + u, system + s
     return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
@@ -119,15 +116,20 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def _process_ticks(pid: int, *, include_children: bool) -> int:
+def _process_split(pid: int, *, include_children: bool) -> tuple[int, int]:
+    """(user, system) clock ticks of a process, and of its reaped children if asked."""
     fields = _stat_fields(pid)
     if fields is None:
-        return 0
+        return 0, 0
     # After the command name: state is field 0, utime 11, stime 12, cutime 13, cstime 14.
-    ticks = int(fields[11]) + int(fields[12])
+    user, system = int(fields[11]), int(fields[12])
     if include_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks
+        user, system = user + int(fields[13]), system + int(fields[14])
+    return user, system
+
+
+def _process_ticks(pid: int, *, include_children: bool) -> int:
+    return sum(_process_split(pid, include_children=include_children))
 
 
 def _children(parent: int) -> list[int]:
