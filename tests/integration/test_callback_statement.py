@@ -1142,17 +1142,33 @@ def _scans(url: str) -> dict[str, tuple[int, int]]:
     return {row["relname"]: (int(row["seq_scan"]), int(row["idx_scan"])) for row in rows}
 
 
-def test_the_callback_reads_by_key_when_its_plans_were_made_on_small_tables(settings: Settings) -> None:
-    # One connection (the callback's generic plans are made once per connection), planned right
-    # after ANALYZE saw task_attempts holding one row and tasks a few hundred: without 0025 those
-    # plans are sequential scans (the batch order's hash join over tasks, the attempt's end over
-    # task_attempts) and stay so however the tables grow.
+@contextmanager
+def one_connection_stack(settings: Settings) -> Iterator[tuple[Engine, CapturingTransport]]:
+    """An engine on a pool of one connection: the callback's generic plans are made once per
+    connection, so the test knows when (and on what) they were made."""
     transport = CapturingTransport()
     engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
                     transports={"local": transport})
     engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
     try:
         engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+        yield engine, transport
+    finally:
+        engine.close()
+
+
+def flush_statistics(engine: Engine) -> None:
+    """Send the one backend's statistics now (it sends them on its own only when idle)."""
+    with engine.db.connection() as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+
+
+def test_the_callback_reads_by_key_when_its_plans_were_made_on_small_tables(settings: Settings) -> None:
+    # One connection (the callback's generic plans are made once per connection), planned right
+    # after ANALYZE saw task_attempts holding one row and tasks a few hundred: without 0025 those
+    # plans are sequential scans (the batch order's hash join over tasks, the attempt's end over
+    # task_attempts) and stay so however the tables grow.
+    with one_connection_stack(settings) as (engine, transport):
         engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": [f"s{i:02d}" for i in range(12)]})
         for _ in range(20):
             engine.trigger_run(WORKSPACE, "chain", dispatch_now=False)
@@ -1160,23 +1176,19 @@ def test_the_callback_reads_by_key_when_its_plans_were_made_on_small_tables(sett
         with engine.db.connection() as conn:
             conn.execute("VACUUM ANALYZE tasks, task_attempts")
         message = transport.one(run.id, "s00")
-        with engine.db.connection() as conn:  # the setup's counts, sent before the callbacks'
-            conn.execute("SELECT pg_stat_force_next_flush()")
+        flush_statistics(engine)  # the setup's counts, sent before the callbacks'
         poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
         before = _scans(settings.database_url)
         for step in range(1, 11):
             assert claimed_nodes(succeed(engine, message)) == [f"s{step:02d}"]
             message = transport.one(run.id, f"s{step:02d}")
-        with engine.db.connection() as conn:  # the same backend: its counts are sent when idle
-            conn.execute("SELECT pg_stat_force_next_flush()")
+        flush_statistics(engine)
         poll(lambda: sum(_scans(settings.database_url)["tasks"]) >= sum(before["tasks"]) + 10,
              "the callbacks' statistics never arrived")
         after = _scans(settings.database_url)
         assert after["tasks"][0] == before["tasks"][0], (before, after)
         assert after["task_attempts"][0] == before["task_attempts"][0], (before, after)
         assert after["tasks"][1] > before["tasks"][1]
-    finally:
-        engine.close()
 
 
 def _partial_index_reads(url: str) -> dict[str, int]:
@@ -1189,6 +1201,40 @@ def _partial_index_reads(url: str) -> dict[str, int]:
     return {row["indexrelname"]: int(row["idx_tup_read"]) for row in rows}
 
 
+def waiting_tasks(engine: Engine) -> None:
+    """A table of some size (2,000 tasks waiting on their chains' first steps): the key's lookup
+    is then costed above a scan of a one-page partial index."""
+    engine.create_pipeline(WORKSPACE, {"id": "long", "steps": [f"l{i:03d}" for i in range(200)]})
+    for _ in range(10):
+        engine.trigger_run(WORKSPACE, "long", dispatch_now=False)
+
+
+def put_out(engine: Engine, transport: CapturingTransport, run_id: Any, root: str, width: int) -> list[dict[str, Any]]:
+    """Succeed the run's root and let the tick dispatch all `width` of its successors."""
+    engine.tick()
+    assert succeed(engine, transport.one(run_id, root)).accepted
+    out = transport.take(run_id)
+    for _ in range(20):  # the tick dispatches the rest
+        if len(out) == width:
+            break
+        engine.tick()
+        out += transport.take(run_id)
+    assert sorted(m["node"] for m in out) == sorted(f"m{i}" for i in range(width))
+    return out
+
+
+def assert_no_partial_index_read(engine: Engine, settings: Settings, callbacks: Callable[[], None]) -> None:
+    flush_statistics(engine)  # the setup's counts, sent before the callbacks'
+    poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
+    before = _partial_index_reads(settings.database_url)
+    before_scans = _scans(settings.database_url)["tasks"][1]
+    callbacks()
+    flush_statistics(engine)
+    poll(lambda: _scans(settings.database_url)["tasks"][1] >= before_scans + 10,
+         "the callbacks' statistics never arrived")
+    assert _partial_index_reads(settings.database_url) == before
+
+
 def test_the_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(settings: Settings) -> None:
     # The finishing update's status condition is the predicate of two partial indexes (tasks out).
     # One connection makes its plan with one task out, as a fresh connection of a quiet
@@ -1196,94 +1242,46 @@ def test_the_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(setti
     # whole partial index, every task out, for each callback (1,152 entries per callback on the
     # benchmark's wide DAG); now the update reads the task by its key, whatever the plan was
     # made on, and the partial indexes are not read at all.
-    transport = CapturingTransport()
-    engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
-                    transports={"local": transport})
-    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
-    try:
-        engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+    with one_connection_stack(settings) as (engine, transport):
         engine.create_pipeline(WORKSPACE, fan_in("wide", width=300))
         engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": ["s0", "s1"]})
-        # a table of some size (2,000 tasks waiting on their chains' first steps): the key's
-        # lookup is then costed above a scan of a one-page partial index
-        engine.create_pipeline(WORKSPACE, {"id": "long", "steps": [f"l{i:03d}" for i in range(200)]})
-        for _ in range(10):
-            engine.trigger_run(WORKSPACE, "long", dispatch_now=False)
+        waiting_tasks(engine)
         wide = engine.trigger_run(WORKSPACE, "wide", dispatch_now=False)
         with engine.db.connection() as conn:
             conn.execute("VACUUM ANALYZE tasks, task_attempts")
         first = engine.trigger_run(WORKSPACE, "chain")
         # the plan is made here, one task out
         assert claimed_nodes(succeed(engine, transport.one(first.id, "s0"))) == ["s1"]
-        engine.tick()
-        assert succeed(engine, transport.one(wide.id, "root")).accepted
-        mids = transport.take(wide.id)
-        for _ in range(20):  # the tick dispatches the rest
-            if len(mids) == 300:
-                break
-            engine.tick()
-            mids += transport.take(wide.id)
-        assert sorted(m["node"] for m in mids) == sorted(f"m{i}" for i in range(300))
-        with engine.db.connection() as conn:  # the setup's counts, sent before the callbacks'
-            conn.execute("SELECT pg_stat_force_next_flush()")
-        poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
-        before = _partial_index_reads(settings.database_url)
-        before_scans = _scans(settings.database_url)["tasks"][1]
-        for message in mids[:10]:
-            assert succeed(engine, message).accepted
-        with engine.db.connection() as conn:  # the same backend: its counts are sent when idle
-            conn.execute("SELECT pg_stat_force_next_flush()")
-        poll(lambda: _scans(settings.database_url)["tasks"][1] >= before_scans + 10,
-             "the callbacks' statistics never arrived")
-        assert _partial_index_reads(settings.database_url) == before
-    finally:
-        engine.close()
+        mids = put_out(engine, transport, wide.id, "root", 300)
+
+        def callbacks() -> None:
+            for message in mids[:10]:
+                assert succeed(engine, message).accepted
+
+        assert_no_partial_index_read(engine, settings, callbacks)
 
 
 def test_the_engines_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_out(settings: Settings) -> None:
     # The same for tw_finish_attempt, the engine's path (here: final failures, which the
     # callback's statement hands to the engine). Its statement's plan is custom for its first
     # five calls on a connection, then generic and kept: six failures with one task out make it.
-    transport = CapturingTransport()
-    engine = Engine(settings, Database(settings.database_url, max_size=1, check_idle_s=None),
-                    transports={"local": transport})
-    engine.dispatcher._issue_grant = lambda settings, **kwargs: None  # type: ignore[method-assign]
-    try:
-        engine.create_api_key(WORKSPACE, "admin", raw_key="acme-admin-key")
+    with one_connection_stack(settings) as (engine, transport):
         once = {"task": "echo", "retry": {"max_attempts": 1}, "on_failure": "continue"}
         engine.create_pipeline(WORKSPACE, {"id": "one", "nodes": [{"id": "x", **once}]})
         engine.create_pipeline(WORKSPACE, {"id": "wide", "nodes": [
             {"id": "root", "task": "echo"},
             *({"id": f"m{i}", "depends": ["root"], **once} for i in range(300))]})
-        engine.create_pipeline(WORKSPACE, {"id": "long", "steps": [f"l{i:03d}" for i in range(200)]})
-        for _ in range(10):
-            engine.trigger_run(WORKSPACE, "long", dispatch_now=False)
+        waiting_tasks(engine)
         wide = engine.trigger_run(WORKSPACE, "wide", dispatch_now=False)
         with engine.db.connection() as conn:
             conn.execute("VACUUM ANALYZE tasks, task_attempts")
         for _ in range(7):  # one task out at a time: the plan is made here
             run = engine.trigger_run(WORKSPACE, "one")
             assert fail(engine, transport.one(run.id, "x"), retryable=False).outcome == "failed"
-        engine.tick()
-        assert succeed(engine, transport.one(wide.id, "root")).accepted
-        mids = transport.take(wide.id)
-        for _ in range(20):
-            if len(mids) == 300:
-                break
-            engine.tick()
-            mids += transport.take(wide.id)
-        assert len(mids) == 300
-        with engine.db.connection() as conn:
-            conn.execute("SELECT pg_stat_force_next_flush()")
-        poll(lambda: sum(_scans(settings.database_url)["tasks"]) > 0, "the setup's statistics never arrived")
-        before = _partial_index_reads(settings.database_url)
-        before_scans = _scans(settings.database_url)["tasks"][1]
-        for message in mids[:10]:
-            assert fail(engine, message, retryable=False).outcome == "failed"
-        with engine.db.connection() as conn:
-            conn.execute("SELECT pg_stat_force_next_flush()")
-        poll(lambda: _scans(settings.database_url)["tasks"][1] >= before_scans + 10,
-             "the callbacks' statistics never arrived")
-        assert _partial_index_reads(settings.database_url) == before
-    finally:
-        engine.close()
+        mids = put_out(engine, transport, wide.id, "root", 300)
+
+        def callbacks() -> None:
+            for message in mids[:10]:
+                assert fail(engine, message, retryable=False).outcome == "failed"
+
+        assert_no_partial_index_read(engine, settings, callbacks)
