@@ -1285,3 +1285,32 @@ def test_the_engines_finish_reads_by_key_when_its_plan_was_made_with_few_tasks_o
                 assert fail(engine, message, retryable=False).outcome == "failed"
 
         assert_no_partial_index_read(engine, settings, callbacks)
+
+
+def test_the_claimed_context_is_read_inside_the_statement_without_a_function_call(
+    stack: tuple[Engine, CapturingTransport],
+) -> None:
+    # Migration 0030: the claimed successors' dispatch context is read by one query of
+    # tw_complete_attempts, through tw_dispatch_context_of, a SQL function the planner inlines.
+    # Given settings of its own, STRICT or a second statement, it would be called (and its
+    # calls counted) instead: a function call and its settings' save and restore per callback.
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": ["a", "b"]})
+    run = engine.trigger_run(WORKSPACE, "chain")
+    a = transport.one(run.id, "a")
+    claims = engine.keyring.read(a["token"])
+    outcome = completion_store.Outcome(uuid.UUID(a["task_id"]), claims.attempt, uuid.UUID(claims.claim_token),
+                                       succeeded=True, output={"key": "out/a/1"})
+    with engine.db.connection() as conn, conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        done = completion_store.complete_attempts(conn, [outcome], claim_limit=5, single=False)
+        calls = conn.execute(
+            "SELECT f.name, COALESCE(pg_stat_get_xact_function_calls(f.name::regproc), 0) AS calls"
+            " FROM unnest(ARRAY['tw_complete_one', 'tw_dispatch_context_of', 'tw_dispatch_context']) AS f(name)"
+        ).fetchall()
+    assert [c["node_id"] for c in done.claimed] == ["b"]
+    b_id = done.claimed[0]["id"]
+    assert done.context is not None and done.context.inputs[b_id]["a"]["key"] == "out/a/1"
+    # tw_complete_one's call is counted (the counting works); the context's functions' are not
+    assert {c["name"]: c["calls"] for c in calls} == {
+        "tw_complete_one": 1, "tw_dispatch_context_of": 0, "tw_dispatch_context": 0}
