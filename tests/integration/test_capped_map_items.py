@@ -21,12 +21,15 @@ import pytest
 from orchestrator.config import Settings
 from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.service import Engine
+from tests.polling import poll
 
 from .conftest import WORKSPACE
 from .test_callback_statement import (
     CapturingTransport,
     books,
+    flush_statistics,
     in_threads,
+    one_connection_stack,
     run_row,
     succeed,
     success_input,
@@ -140,3 +143,50 @@ def test_items_racing_their_lease_expiry(stack: Stack, each: dict[str, Any]) -> 
         assert (node["status"], node["attempt"], node["unfinished_deps"]) == ("succeeded", 1, 0)
         assert run_row(engine, run.id)["status"] == "succeeded"
         assert run_row(engine, run.id)["unfinished_tasks"] == 0
+
+
+def _tasks_index_reads(engine: Engine) -> dict[str, int]:
+    """Index entries read from the indexes of tasks and task_edges, as the statistics show them."""
+    with engine.db.connection() as conn:
+        rows = conn.execute("SELECT indexrelname, idx_tup_read FROM pg_stat_user_indexes"
+                            " WHERE relname IN ('tasks', 'task_edges')").fetchall()
+    return {row["indexrelname"]: int(row["idx_tup_read"]) for row in rows}
+
+
+def test_a_capped_items_callback_reads_rows_of_its_own_not_the_maps(settings: Settings) -> None:
+    # Migration 0031. An item's callback claims the next item under the cap and reads its dispatch
+    # context. With the statistics autovacuum takes after a map expanded (here: ANALYZE, every
+    # item waiting), the plans of 0030 read across the map for each callback: the context's
+    # upstreams driven from every task (2,000 entries of tasks_pkey per item of a map of 2,000)
+    # and the map node's lock asking for a ready child through the index of all its children
+    # (the finished ones first). Now each callback reads a bounded number of entries, whatever
+    # the map's width: here fewer than a tenth of the map.
+    width, cap = 400, 4
+    with one_connection_stack(settings) as (engine, transport):
+        engine.create_pipeline(WORKSPACE, {"id": "capped_wide", "params": {"xs": list(range(width))}, "nodes": [
+            {"id": "each", "task": "echo", "map": {"over": "params.xs", "max_concurrency": cap}}]})
+        run = engine.trigger_run(WORKSPACE, "capped_wide")
+        out = transport.take(run.id, "each")
+        assert len(out) == cap
+        with engine.db.connection() as conn:
+            conn.execute("ANALYZE tasks, task_edges, task_attempts")
+
+        def callbacks(count: int) -> None:
+            for _ in range(count):
+                message = out.pop(0)
+                result = succeed(engine, message)
+                assert result.accepted and len(result.claimed) == 1, result
+                out.extend(transport.take(run.id, "each"))
+
+        callbacks(width // 4)  # a quarter of the map done: its finished children come first
+        flush_statistics(engine)
+        poll(lambda: sum(_tasks_index_reads(engine).values()) > 0, "the statistics never arrived")
+        before = _tasks_index_reads(engine)
+        callbacks(20)
+        flush_statistics(engine)
+        after = poll(lambda: (lambda a: a if sum(a.values()) > sum(before.values()) else None)(
+            _tasks_index_reads(engine)), "the callbacks' statistics never arrived")
+        per_callback = {name: (after[name] - before.get(name, 0)) / 20 for name in after}
+        assert {name: n for name, n in per_callback.items() if n >= width / 10} == {}, per_callback
+        assert active_items(engine, run.id) == cap
+        assert books(engine) == []
