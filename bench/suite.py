@@ -43,6 +43,7 @@ class NoopTransport:
     plays the worker (calls back) when it wants to, or drops them (`keep=False`)."""
 
     name = "noop"
+    sends_in_memory = True  # a queue of this process, as the local worker's transport
 
     def __init__(self, *, keep: bool = True) -> None:
         self.keep = keep

@@ -60,3 +60,7 @@ class Transport(Protocol):
 # (None: it queues without bound, as a remote service that scales out does). When every
 # configured transport defines it, a claim takes no more than their sum, so a task is never
 # claimed only to wait in a local queue while its lease runs out.
+#
+# A transport may also define `sends_in_memory = True`: its `send` hands the message over within
+# this process (a queue) and never waits on a network. The dispatcher then sends to it from the
+# dispatching thread; the others are sent to from its pool of threads, in parallel.

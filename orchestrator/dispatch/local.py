@@ -35,6 +35,8 @@ def load_worker(spec: str) -> Worker:
 
 class LocalTransport:
     name = "local"
+    # `send` queues the message for this process's threads: no network to wait on (see base.py).
+    sends_in_memory = True
 
     def __init__(self, worker: Worker, *, settings: Settings | None = None, threads: int = 8) -> None:
         self.worker = worker

@@ -47,8 +47,9 @@ DISPATCH_RETRY_DELAY_S = 5.0
 # Tokens outlive the attempt's timeout a little, so a late but honest callback can be told why
 # it is refused rather than failing token validation; with no timeout, a day.
 _TOKEN_SLACK_S = 300
-# Threads sending one dispatch round; the S3/STS clients they share keep at least this many
-# connections (storage.s3.CLIENT_POOL_CONNECTIONS).
+# Threads sending to transports that wait on a network (HTTP, Lambda, SQS), kept by the
+# dispatcher for its life and shared by its dispatch rounds; the S3/STS clients they share keep at
+# least this many connections (storage.s3.CLIENT_POOL_CONNECTIONS).
 DISPATCH_THREADS = 16
 _DEFAULT_TOKEN_TTL_S = 86_400
 
@@ -98,6 +99,25 @@ class Dispatcher:
         # run's definition never changes).
         self._credential_nodes_lock = threading.Lock()
         self._credential_nodes: dict[Any, dict[str, bool]] = {}
+        # Started at the first round with two network sends or more, and kept: a pool started per
+        # round cost a thread start per send (on a warm Lambda environment the threads live on
+        # between invocations, as its connections do).
+        self._send_pool: ThreadPoolExecutor | None = None
+        self._send_pool_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the send threads (after the sends under way)."""
+        with self._send_pool_lock:
+            pool, self._send_pool = self._send_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _sending_threads(self) -> ThreadPoolExecutor:
+        with self._send_pool_lock:
+            if self._send_pool is None:
+                self._send_pool = ThreadPoolExecutor(max_workers=DISPATCH_THREADS,
+                                                     thread_name_prefix="tickweave-dispatch")
+            return self._send_pool
 
     def throttled_targets(self, *, fresh: bool = False) -> dict[str, Row]:
         """The targets under backpressure, as of at most TARGETS_REFRESH_S ago (`fresh`: now).
@@ -263,11 +283,20 @@ class Dispatcher:
                     windows.setdefault(int(window), []).append(task)
             log_event(log, "task.dispatched", task=task["task_name"], transport=getattr(transport, "name", None))
 
-        if len(to_send) == 1:
-            send_one(to_send[0])
-        elif to_send:
-            with ThreadPoolExecutor(max_workers=min(DISPATCH_THREADS, len(to_send))) as pool:
-                list(pool.map(send_one, to_send))
+        # Sends that wait on a network go out in parallel; a transport that hands its message over
+        # in memory (`sends_in_memory`: the local worker's queue) is sent to here, as are the
+        # tasks with no transport (a dispatch failure at once): threads would only add their
+        # switches to the work of building the messages, which the GIL runs one at a time.
+        networked = [t for t in to_send if transport_of[t["id"]] is not None
+                     and not getattr(transport_of[t["id"]], "sends_in_memory", False)]
+        if len(networked) < 2:
+            networked = []
+        parallel = {t["id"] for t in networked}
+        for task in to_send:
+            if task["id"] not in parallel:
+                send_one(task)
+        if networked:
+            list(self._sending_threads().map(send_one, networked))
         if throttled or windows or any(r.limited or r.throttled for r in rounds.values()):
             self.db.run_in_transaction(lambda conn: self._record_pushback(conn, throttled, windows, rounds))
         for task, reason in failures:

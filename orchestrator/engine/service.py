@@ -84,6 +84,7 @@ class Engine:
         self.sightings = workers.WorkerSightings()
 
     def close(self) -> None:
+        self.dispatcher.close()
         for transport in self.transports.values():
             transport.close()
         self.dispatcher.routed.close()

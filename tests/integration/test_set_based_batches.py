@@ -1,0 +1,186 @@
+"""A batch of plain successes recorded set by set (migration 0032).
+
+tw_complete_attempts hands a batch whose outcomes are all successes of plain tasks (no outputs,
+no map, no limited scope, each task once) to tw_complete_successes: one finish, one count of the
+join slots, one wave of successors, whatever the batch's size. Any other batch is recorded
+outcome by outcome (tw_complete_one) as before. These tests show which path a batch took (the
+functions' calls, counted by `track_functions` in the batch's own transaction), that the run's
+counters and the joins come out exactly as the outcome-by-outcome path leaves them (the run
+ends with its count at 0, the books clean), and that a batch's statements read rows of their
+own, not the tables', with plans made while the tables were nearly empty.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.engine.completion import AttemptResult
+from orchestrator.engine.service import Engine
+from orchestrator.store import completions as completion_store
+
+from .conftest import WORKSPACE
+from .test_callback_statement import CapturingTransport, books, run_row, success_input, traced_stack
+
+Stack = tuple[Engine, CapturingTransport]
+FUNCTIONS = ("tw_complete_successes", "tw_complete_one")
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    with traced_stack(settings) as made:
+        yield made
+
+
+def outcome_of(engine: Engine, message: dict[str, Any]) -> completion_store.Outcome:
+    claims = engine.keyring.read(message["token"])
+    return completion_store.Outcome(uuid.UUID(message["task_id"]), claims.attempt, uuid.UUID(claims.claim_token),
+                                    succeeded=True, output={"key": f"out/{message['node']}/{message['attempt']}"})
+
+
+def outcome_of_claimed(row: dict[str, Any]) -> completion_store.Outcome:
+    return completion_store.Outcome(row["id"], int(row["attempt"]), row["claim_token"], succeeded=True,
+                                    output={"key": f"out/{row['node_id']}/{row['attempt']}"})
+
+
+def record(engine: Engine, outcomes: list[completion_store.Outcome], *,
+           claim_limit: int = 10) -> tuple[completion_store.Completion, dict[str, int]]:
+    """One batch, as record_callbacks records a batch of successes, with its functions' calls."""
+    query = ("SELECT f.name, COALESCE(pg_stat_get_xact_function_calls(f.name::regproc), 0) AS calls"
+             " FROM unnest(%s::text[]) AS f(name)")
+    with engine.db.connection() as conn, conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        # the backend's counts not yet flushed to the statistics, earlier transactions' included
+        before = {r["name"]: int(r["calls"]) for r in conn.execute(query, (list(FUNCTIONS),)).fetchall()}
+        done = completion_store.complete_attempts(conn, outcomes, claim_limit=claim_limit, single=False,
+                                                  catch=False)
+        after = {r["name"]: int(r["calls"]) for r in conn.execute(query, (list(FUNCTIONS),)).fetchall()}
+    return done, {name: after[name] - before[name] for name in FUNCTIONS}
+
+
+def test_a_batch_over_a_joins_slots_is_recorded_set_by_set_and_the_run_ends_at_zero(stack: Stack) -> None:
+    engine, transport = stack
+    width = 13  # a join counted through slots of 4: three slots complete in the batch, one stays open
+    engine.create_pipeline(WORKSPACE, {"id": "fan", "nodes": [
+        {"id": "root", "task": "echo"},
+        *({"id": f"u{i:02d}", "task": "echo", "depends": ["root"]} for i in range(width)),
+        {"id": "j", "task": "echo", "depends": [f"u{i:02d}" for i in range(width)]}]})
+    run = engine.trigger_run(WORKSPACE, "fan")
+    (root,) = transport.take(run.id, "root")
+    assert engine.record_callbacks([success_input(root)])[0].accepted
+    ups = sorted(transport.take(run.id), key=lambda m: m["node"])
+    assert len(ups) == width
+
+    first, calls = record(engine, [outcome_of(engine, m) for m in ups[:-1]])
+    assert calls == {"tw_complete_successes": 1, "tw_complete_one": 0}
+    assert [r.accepted for r in first.recorded] == [True] * (width - 1)
+    assert [r.position for r in first.recorded] == list(range(width - 1))
+    assert first.claimed == [] and books(engine) == []
+    assert run_row(engine, run.id)["status"] == "running"
+
+    last, calls = record(engine, [outcome_of(engine, ups[-1])])
+    assert calls == {"tw_complete_successes": 1, "tw_complete_one": 0}
+    assert [c["node_id"] for c in last.claimed] == ["j"]  # the join, claimed once
+    assert last.recorded[0].newly_ready == 1
+    assert books(engine) == []
+
+    done, _ = record(engine, [outcome_of_claimed(last.claimed[0])])
+    assert [r.accepted for r in done.recorded] == [True]
+    # every carry landed once: the run's count reached 0 exactly when its last task ended
+    assert done.ended_runs == [(run.id, "succeeded")]
+    assert run_row(engine, run.id)["unfinished_tasks"] == 0
+    assert books(engine) == []
+
+
+def test_a_batch_over_several_runs_claims_each_successor_and_reads_its_context(stack: Stack) -> None:
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, {"id": "chain", "steps": ["a", "b", "c"]})
+    runs = [engine.trigger_run(WORKSPACE, "chain") for _ in range(3)]
+    firsts = [transport.one(r.id, "a") for r in runs]
+    done, calls = record(engine, [outcome_of(engine, m) for m in firsts], claim_limit=2)
+    assert calls == {"tw_complete_successes": 1, "tw_complete_one": 0}
+    # two of the three successors claimed (the budget), the third left ready for a tick
+    assert sorted(c["node_id"] for c in done.claimed) == ["b", "b"]
+    assert done.context is not None
+    for claimed in done.claimed:
+        assert done.context.inputs[claimed["id"]]["a"]["key"].startswith("out/a/")
+    assert sum(r.newly_ready for r in done.recorded) == 3
+    assert books(engine) == []
+    engine.tick()
+    seconds = [m for r in runs for m in transport.take(r.id, "b")]
+    assert len(seconds) == 1  # the one a tick claimed; the two above were never sent here
+    rest = [outcome_of_claimed(c) for c in done.claimed] + [outcome_of(engine, seconds[0])]
+    _, calls = record(engine, rest)
+    assert calls["tw_complete_successes"] == 1
+    assert books(engine) == []
+
+
+def test_a_stale_callback_is_refused_alone_and_a_repeated_task_takes_the_outcome_by_outcome_path(
+    stack: Stack,
+) -> None:
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, {"id": "pair", "nodes": [
+        {"id": "a", "task": "echo"}, {"id": "b", "task": "echo"}, {"id": "c", "task": "echo"}]})
+    run = engine.trigger_run(WORKSPACE, "pair")
+    by_node = {m["node"]: m for m in transport.take(run.id)}
+    a, b, c = (outcome_of(engine, by_node[n]) for n in "abc")
+    stale = completion_store.Outcome(b.task_id, b.attempt + 1, b.claim_token, succeeded=True, output=b.output)
+
+    done, calls = record(engine, [a, stale])
+    assert calls == {"tw_complete_successes": 1, "tw_complete_one": 0}
+    assert [(r.accepted, r.position) for r in done.recorded] == [(True, 0), (False, 1)]
+
+    done, calls = record(engine, [b, c, b])
+    assert calls["tw_complete_successes"] == 0 and calls["tw_complete_one"] == 3
+    assert [r.accepted for r in done.recorded] == [True, True, False]  # the repeat refused by its fence
+    assert run_row(engine, run.id)["status"] == "succeeded"
+    assert books(engine) == []
+    # through the API's path: the repeat of a recorded success is answered as a duplicate
+    again = engine.record_callbacks([success_input(by_node["a"])])
+    assert isinstance(again[0], AttemptResult) and again[0].outcome == "duplicate"
+
+
+def _index_reads(engine: Engine) -> dict[str, int]:
+    with engine.db.connection() as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        rows = conn.execute("SELECT indexrelname, idx_tup_read FROM pg_stat_user_indexes"
+                            " WHERE relname IN ('tasks', 'task_edges', 'task_attempts', 'join_slots')").fetchall()
+    return {row["indexrelname"]: int(row["idx_tup_read"]) for row in rows}
+
+
+def test_a_batchs_statements_read_rows_of_its_own_with_plans_made_on_empty_tables(settings: Settings) -> None:
+    # Plans of a PL/pgSQL function are made once per connection, on the statistics of that
+    # moment: here taken while no task had an attempt. A join from the batch to its attempts,
+    # slots or successors driven from the table's side then reads the whole table per batch (the
+    # first version of 0032 did, for the attempts: its batches grew slower as a run went on).
+    # Each join from a set to a table has an `= ANY` of the set's keys, an index condition
+    # whatever the join order: a batch of 10 reads a bounded number of entries per index.
+    width, batch = 300, 10
+    with traced_stack(settings, max_size=1) as (engine, transport):
+        engine.create_pipeline(WORKSPACE, {"id": "wide", "nodes": [
+            {"id": "root", "task": "echo"},
+            *({"id": f"u{i:03d}", "task": "echo", "depends": ["root"]} for i in range(width)),
+            {"id": "j", "task": "echo", "depends": [f"u{i:03d}" for i in range(width)]}]})
+        run = engine.trigger_run(WORKSPACE, "wide", dispatch_now=False)
+        with engine.db.connection() as conn:
+            conn.execute("ANALYZE tasks, task_edges, task_attempts, join_slots")
+        engine.tick()
+        (root,) = transport.take(run.id, "root")
+        assert engine.record_callbacks([success_input(root)])[0].accepted
+        while engine.tick().claimed:
+            pass
+        ups = transport.take(run.id)
+        assert len(ups) == width
+        before = _index_reads(engine)
+        for start in range(0, 5 * batch, batch):
+            answers = engine.record_callbacks([success_input(m) for m in ups[start:start + batch]])
+            assert all(isinstance(a, AttemptResult) and a.accepted for a in answers)
+        after = _index_reads(engine)
+        per_outcome = {name: (after[name] - before.get(name, 0)) / (5 * batch) for name in after}
+        assert per_outcome["task_attempts_pkey"] > 0  # the attempts were read (the counting works)
+        assert {name: n for name, n in per_outcome.items() if n >= 12} == {}, per_outcome
+        assert books(engine) == []
