@@ -12,8 +12,10 @@ own, not the tables', with plans made while the tables were nearly empty.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -184,3 +186,101 @@ def test_a_batchs_statements_read_rows_of_its_own_with_plans_made_on_empty_table
         assert per_outcome["task_attempts_pkey"] > 0  # the attempts were read (the counting works)
         assert {name: n for name, n in per_outcome.items() if n >= 12} == {}, per_outcome
         assert books(engine) == []
+
+
+@pytest.mark.parametrize("repair", ["cancel", "lease_expiry"])
+def test_plain_batches_racing_a_repair_finish_each_task_once_and_keep_the_books(
+    stack: Stack, repair: str,
+) -> None:
+    # Two plain batches over one join's upstreams and a repair, released together from their own
+    # threads (each on its own connection of the pool): the run cancelled, or every lease out
+    # expired by a tick with the clock past them (the attempts given a retry). Whatever wins each
+    # row, every callback is answered, no task succeeds twice, the join is sent at most once,
+    # the books stay clean, and the run ends: cancelled, or succeeded once what the repair sent
+    # again is called back.
+    from .test_scheduling import set_clock
+
+    engine, transport = stack
+    width = 24
+    engine.create_pipeline(WORKSPACE, {"id": "racy_fan", "nodes": [
+        {"id": "root", "task": "echo"},
+        *({"id": f"u{i:02d}", "task": "echo", "depends": ["root"]} for i in range(width)),
+        {"id": "j", "task": "echo", "depends": [f"u{i:02d}" for i in range(width)]}]})
+    for round_ in range(3):
+        run = engine.trigger_run(WORKSPACE, "racy_fan")
+        (root,) = transport.take(run.id, "root")
+        assert engine.record_callbacks([success_input(root)])[0].accepted
+        ups = transport.take(run.id)
+        assert len(ups) == width
+        halves = [[success_input(m) for m in ups[k::2]] for k in (0, 1)]
+        clock = datetime.now(UTC) + timedelta(hours=8 * (round_ + 1))  # past every lease, and past
+        # the last round's clock (below it moves on by half an hour per tick)
+        answers = race_batches_and_repair(engine, run.id, halves, repair, clock)
+        assert [len(a) for a in answers] == [len(h) for h in halves]
+        assert books(engine) == []
+        assert transport.count(run.id, "j") <= 1
+
+        # What the repair sent again (a retry after an expired lease) and the join, called back
+        # in batches until nothing is left out.
+        later = clock
+        for _ in range(10):
+            more = transport.take(run.id)
+            if not more and repair == "lease_expiry":  # a retry waits out its delay: a tick past it
+                later += timedelta(minutes=30)
+                set_clock(engine, later)
+                engine.tick()
+                more = transport.take(run.id)
+            if not more:
+                break
+            assert all(isinstance(a, AttemptResult) for a in engine.record_callbacks([success_input(m) for m in more]))
+        expected = "cancelled" if repair == "cancel" else "succeeded"
+        assert run_row(engine, run.id)["status"] == expected
+        with engine.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT t.node_id, count(*) FILTER (WHERE a.status = 'succeeded') AS ok"
+                " FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id WHERE t.run_id = %s"
+                " GROUP BY t.node_id", (run.id,)).fetchall()
+        assert all(int(r["ok"]) <= 1 for r in rows), rows
+        if expected == "succeeded":
+            assert {r["node_id"] for r in rows if int(r["ok"]) == 1} == {"root", "j", *(f"u{i:02d}" for i in range(width))}
+        assert books(engine) == []
+
+
+def race_batches_and_repair(engine: Engine, run_id: Any, halves: list[list[Any]], repair: str,
+                            clock: datetime) -> list[list[Any]]:
+    """Each half recorded as one batch by its own thread, and the repair by a third, all released
+    together by a barrier; the answers of each batch."""
+    from .test_scheduling import set_clock
+
+    barrier = threading.Barrier(3)
+    answers: list[list[Any]] = [[], []]
+    errors: list[BaseException] = []
+
+    def record_half(k: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            answers[k] = engine.record_callbacks(halves[k])
+        except BaseException as exc:
+            errors.append(exc)
+
+    def run_repair() -> None:
+        try:
+            if repair == "lease_expiry":  # the clock past every lease before the race starts
+                set_clock(engine, clock)
+            barrier.wait(timeout=30)
+            if repair == "cancel":
+                engine.cancel_run(WORKSPACE, run_id, actor="racer")
+            else:
+                engine.tick()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record_half, args=(k,)) for k in (0, 1)]
+    threads.append(threading.Thread(target=run_repair))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert all(not thread.is_alive() for thread in threads)
+    return answers
