@@ -284,3 +284,34 @@ def race_batches_and_repair(engine: Engine, run_id: Any, halves: list[list[Any]]
     assert not errors, errors
     assert all(not thread.is_alive() for thread in threads)
     return answers
+
+
+def test_a_batch_over_several_runs_reads_its_own_slots_not_every_slot_of_their_joins(settings: Settings) -> None:
+    # A batch whose tasks count on the slots of several joins (the tick's claim spreads a batch
+    # over runs) locked and counted each slot by its join only: every slot of each join it
+    # reached, twice (the lock, the count). Each slot is now found by its whole key.
+    runs, width = 5, 200  # a join of 200: 50 slots of 4
+    with traced_stack(settings, max_size=1) as (engine, transport):
+        engine.create_pipeline(WORKSPACE, {"id": "wide_joins", "nodes": [
+            {"id": "root", "task": "echo"},
+            *({"id": f"u{i:03d}", "task": "echo", "depends": ["root"]} for i in range(width)),
+            {"id": "j", "task": "echo", "depends": [f"u{i:03d}" for i in range(width)]}]})
+        ups: list[list[dict[str, Any]]] = []
+        for _ in range(runs):
+            run = engine.trigger_run(WORKSPACE, "wide_joins")
+            (root,) = transport.take(run.id, "root")
+            assert engine.record_callbacks([success_input(root)])[0].accepted
+            while engine.tick().claimed:
+                pass
+            ups.append(transport.take(run.id))
+            assert len(ups[-1]) == width
+        before = _index_reads(engine)
+        batches = 5
+        for b in range(batches):  # each batch: two tasks of each run, in different slots
+            answers = engine.record_callbacks([success_input(ups[r][8 * b + k]) for r in range(runs) for k in (0, 4)])
+            assert all(isinstance(a, AttemptResult) and a.accepted for a in answers)
+        after = _index_reads(engine)
+        outcomes = batches * runs * 2
+        per_outcome = (after["join_slots_pkey"] - before.get("join_slots_pkey", 0)) / outcomes
+        assert 0 < per_outcome < 4, per_outcome  # one slot each, locked and counted: 2
+        assert books(engine) == []

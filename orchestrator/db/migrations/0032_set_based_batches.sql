@@ -116,12 +116,19 @@ BEGIN
             SELECT x.downstream_task_id, x.slot, count(*)::int AS n,
                    sum(CASE WHEN x.takes THEN x.carry ELSE 0 END)::int AS carry, max(x.position) AS position
             FROM edges x GROUP BY x.downstream_task_id, x.slot
+        ), found AS (
+            -- each slot row by its whole key (a lookup per slot, not every slot of its join),
+            -- then updated by its row address: the rows are locked since tw_complete_attempts'
+            -- first queries, so the address holds
+            SELECT p.*, x.row_address
+            FROM per_slot p
+            CROSS JOIN LATERAL (SELECT s.ctid AS row_address FROM join_slots s
+                                WHERE s.task_id = p.downstream_task_id AND s.slot = p.slot OFFSET 0) x
         ), counted AS (
             UPDATE join_slots s SET remaining = s.remaining - p.n, arrived = s.arrived + p.n,
                                     carried = s.carried + p.carry
-            FROM per_slot p
-            WHERE s.task_id = ANY (ARRAY(SELECT p2.downstream_task_id FROM per_slot p2))
-              AND s.task_id = p.downstream_task_id AND s.slot = p.slot
+            FROM found p
+            WHERE s.ctid = ANY (ARRAY(SELECT f2.row_address FROM found f2)) AND s.ctid = p.row_address
             RETURNING s.task_id, s.run_id, s.remaining, s.arrived, s.carried, p.position
         )
         SELECT COALESCE(array_agg(c.task_id) FILTER (WHERE c.remaining = 0), '{}'),
@@ -308,14 +315,17 @@ BEGIN
                    AND (SELECT count(DISTINCT x->>'task_id') FROM jsonb_array_elements(p_items) AS x)
                        = jsonb_array_length(p_items);
         -- (0030's two queries, each join from the batch's edges to a table given an `= ANY` of
-        -- keys: a join of 1,000 read its 1,000 edges per slot, per batch, when the plan was made
-        -- on statistics taken before the run started; the batch's own tasks, above, were read by
-        -- a scan of the whole key in its order)
-        PERFORM 1 FROM join_slots s JOIN task_edges e ON e.downstream_task_id = s.task_id AND e.slot = s.slot
-        WHERE e.upstream_task_id = ANY (v_item_ids)
-          AND s.task_id = ANY (ARRAY(SELECT e2.downstream_task_id FROM task_edges e2
-                                     WHERE e2.upstream_task_id = ANY (v_item_ids) AND e2.slot IS NOT NULL))
-        ORDER BY s.task_id, s.slot FOR UPDATE OF s;
+        -- keys or a lookup by the whole key: a join of 1,000 read its 1,000 edges per slot, per
+        -- batch, when the plan was made on statistics taken before the run started, and every
+        -- slot of each join the batch reached; the batch's own tasks, above, were read by a scan
+        -- of the whole key in its order.) The slots are locked one by one in key order: a nested
+        -- loop over the sorted keys.
+        PERFORM 1
+        FROM (SELECT DISTINCT e.downstream_task_id, e.slot FROM task_edges e
+              WHERE e.upstream_task_id = ANY (v_item_ids) AND e.slot IS NOT NULL
+              ORDER BY e.downstream_task_id, e.slot) k
+        CROSS JOIN LATERAL (SELECT 1 FROM join_slots s WHERE s.task_id = k.downstream_task_id AND s.slot = k.slot
+                            FOR UPDATE) x;
         PERFORM 1 FROM tasks j
         WHERE j.id = ANY (ARRAY(SELECT e.downstream_task_id FROM task_edges e
                                 WHERE e.upstream_task_id = ANY (v_item_ids) AND e.slot IS NOT NULL))
