@@ -4,6 +4,9 @@ The token is encrypted, not just signed, because it carries short-lived storage 
 presigned URLs; whoever sees a dispatch message in a queue or a log must not learn them. The
 protected header names the key (`kid`) so keys can rotate: the first key of the ring encrypts,
 every key of the ring decrypts, and tokens issued under an old key stay valid until they expire.
+
+Tokens are sealed, and tokens in the shape sealed here are opened, by `jwe_direct.DirectGcm`
+(the same bytes as joserfc's, at a tenth of its CPU); any other token is read by joserfc.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from joserfc import jwe
 from joserfc.errors import DecodeError, JoseError
 from joserfc.jwk import OctKey
+
+from orchestrator.storage.jwe_direct import DirectGcm, InvalidTag
 
 if TYPE_CHECKING:
     from orchestrator.config import Settings
@@ -230,13 +235,20 @@ class TokenKeyring:
         if not keys:
             raise ValueError("a token keyring needs at least one key")
         self._keys: dict[str, OctKey] = {}
+        # Each key's direct codec, by the protected header segment it writes: a token that
+        # starts with one of these segments names its key by it.
+        self._direct: dict[str, DirectGcm] = {}
         for kid, material in keys:
             if not kid:
                 raise ValueError("token key ids must be non-empty")
             if kid in self._keys:
                 raise ValueError(f"duplicate token key id {kid!r}")
-            self._keys[kid] = OctKey.import_key(_decode_key(kid, material))
+            raw = _decode_key(kid, material)
+            self._keys[kid] = OctKey.import_key(raw)
+            codec = DirectGcm(kid, raw)
+            self._direct[codec.header_segment] = codec
         self._active_kid = keys[0][0]
+        self._active_codec = next(codec for codec in self._direct.values() if codec.kid == self._active_kid)
         self.issuer = issuer
         self.audience = audience
         # Only the one algorithm pair is accepted, so a token cannot pick a weaker one.
@@ -280,14 +292,34 @@ class TokenKeyring:
         }
         if claims.map_sha256 is not None:
             payload["map"] = claims.map_sha256
-        header = {"alg": _ALG, "enc": _ENC, "kid": self._active_kid}
         plaintext = json.dumps(payload, separators=(",", ":")).encode()
-        return jwe.encrypt_compact(header, plaintext, self._keys[self._active_kid], registry=self._registry)
+        # The bytes joserfc.jwe.encrypt_compact writes for {"alg","enc","kid"} under this key.
+        return self._active_codec.seal(plaintext)
 
     def read(self, token: str, *, now: float | None = None) -> TaskClaims:
         """Decrypt and validate a token; raises TokenInvalid with the reason."""
         if not isinstance(token, str) or not token:
             raise TokenInvalid("malformed", "token must be a non-empty string")
+        parts = token.split(".")
+        codec = self._direct.get(parts[0])
+        plaintext: bytes | None = None
+        if codec is not None:
+            try:
+                plaintext = codec.open_token(parts, max_ciphertext_chars=_MAX_CIPHERTEXT_BYTES)
+            except InvalidTag as exc:
+                raise TokenInvalid("tampered", "authentication failed") from exc
+        if plaintext is None:
+            plaintext = self._read_with_joserfc(token)
+        try:
+            payload = json.loads(plaintext)
+        except ValueError as exc:
+            raise TokenInvalid("malformed", "payload is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise TokenInvalid("malformed", "payload is not an object")
+        return self._claims_from_payload(payload, time.time() if now is None else now)
+
+    def _read_with_joserfc(self, token: str) -> bytes:
+        """The plaintext of a token in any shape `DirectGcm` does not open, judged by joserfc."""
         header = _peek_header(token)
         if header.get("alg") != _ALG or header.get("enc") != _ENC:
             raise TokenInvalid("malformed", "unsupported alg/enc")
@@ -306,13 +338,7 @@ class TokenKeyring:
             raise TokenInvalid("malformed", type(exc).__name__) from exc
         if plaintext is None:
             raise TokenInvalid("malformed", "empty payload")
-        try:
-            payload = json.loads(plaintext)
-        except ValueError as exc:
-            raise TokenInvalid("malformed", "payload is not JSON") from exc
-        if not isinstance(payload, dict):
-            raise TokenInvalid("malformed", "payload is not an object")
-        return self._claims_from_payload(payload, time.time() if now is None else now)
+        return plaintext
 
     def _claims_from_payload(self, payload: dict[str, Any], now: float) -> TaskClaims:
         if payload.get("iss") != self.issuer:
