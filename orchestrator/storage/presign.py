@@ -31,6 +31,7 @@ __all__ = [
     "CredentialSource",
     "FrozenCredentials",
     "QueryPresigner",
+    "signing_hmac",
     "signing_key",
     "utc_now",
 ]
@@ -89,6 +90,14 @@ def signing_key(secret_key: str, datestamp: str, region: str, service: str) -> b
     k_region = hmac.digest(k_date, region.encode(), "sha256")
     k_service = hmac.digest(k_region, service.encode(), "sha256")
     return hmac.digest(k_service, b"aws4_request", "sha256")
+
+
+@functools.lru_cache(maxsize=64)
+def signing_hmac(secret_key: str, datestamp: str, region: str, service: str) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed with `signing_key(...)`, to be copied for each signature (never
+    updated itself): OpenSSL 3 sets up a keyed HMAC in ~3 us, copies one in ~1. Cached like the
+    key, so the key is derived once per secret, day, region and service."""
+    return hmac.new(signing_key(secret_key, datestamp, region, service), digestmod="sha256")
 
 
 def _uri_encode(value: str) -> str:
@@ -276,6 +285,7 @@ class QueryPresigner:
             f"{_ALGORITHM}\n{timestamp}\n{scope}\n"
             + hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()
         )
-        key_bytes = signing_key(secret_key, datestamp, self.region, _SERVICE)
-        signature = hmac.digest(key_bytes, string_to_sign.encode("utf-8"), "sha256").hex()
+        mac = signing_hmac(secret_key, datestamp, self.region, _SERVICE).copy()
+        mac.update(string_to_sign.encode("utf-8"))
+        signature = mac.hexdigest()
         return f"{prefix}{path}?{query}&X-Amz-Signature={signature}"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from infra.s3 import MotoServer
 from orchestrator.config import Settings
 from orchestrator.storage import presign, s3
-from orchestrator.storage.presign import QueryPresigner, signing_key
+from orchestrator.storage.presign import QueryPresigner, signing_hmac, signing_key
 from orchestrator.storage.s3 import (
     JSON_CONTENT_TYPE,
     ensure_bucket,
@@ -241,15 +241,18 @@ def test_identical_to_botocore_for_any_key(
 
 def test_signing_key_is_cached_per_secret_day_region_service() -> None:
     signing_key.cache_clear()
+    signing_hmac.cache_clear()
     presigner = own_presigner(None, "eu-west-1", None)
     for key in ("a", "b", "c"):
         presigner.presign_get("bkt", key, 60)
-    assert signing_key.cache_info().misses == 1 and signing_key.cache_info().hits == 2
+    # the key derived once, its keyed HMAC built once and copied for each signature
+    assert signing_key.cache_info().misses == 1 and signing_hmac.cache_info().misses == 1
+    assert signing_hmac.cache_info().hits == 2
     own_presigner(None, "us-east-1", None).presign_get("bkt", "a", 60)
     own_presigner(None, "us-east-1", None, clock=lambda: datetime(2026, 3, 15, tzinfo=UTC)).presign_get(
         "bkt", "a", 60
     )
-    assert signing_key.cache_info().misses == 3
+    assert signing_key.cache_info().misses == 3 and signing_hmac.cache_info().misses == 3
     # The derivation is SigV4's (the AWS documentation's example key).
     assert signing_key("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20120215", "us-east-1", "iam").hex() == (
         "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d"
