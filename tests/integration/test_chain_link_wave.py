@@ -1,5 +1,5 @@
 """A chain's link advanced by the small wave query (migration 0033) records what the general wave
-query records.
+query records, and keeps the books when callbacks race on it.
 
 Each case plays a run to a callback whose task has exactly one successor, not counted through a
 slot (the small query's case), then records that success twice on one connection, each in a
@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -23,10 +25,26 @@ import pytest
 from psycopg.rows import dict_row
 
 from orchestrator.config import Settings
+from orchestrator.engine.completion import AttemptResult
 from orchestrator.engine.service import Engine
+from orchestrator.store.runs import JOIN_SLOTS_FROM
 
 from .conftest import WORKSPACE
-from .test_callback_statement import CapturingTransport, books, fail, succeed, traced_stack
+from .test_callback_statement import (
+    CapturingTransport,
+    attempts,
+    books,
+    carried,
+    claimed_nodes,
+    fail,
+    fan_in,
+    in_threads,
+    run_row,
+    start_fan_in,
+    statuses,
+    succeed,
+    traced_stack,
+)
 
 GENERAL = "tw_complete_one_0030"
 
@@ -150,3 +168,46 @@ def test_every_single_successor_case_is_recorded_as_the_general_wave_records_it(
     assert json.loads(answers["x4"])["finished"] == 0  # carried to `pair`, still pending
     assert books(engine) == []
 
+
+
+def test_seven_links_into_one_join_at_once_claim_it_exactly_once(stack: tuple[Engine, CapturingTransport]) -> None:
+    """A join of 7 (below JOIN_SLOTS_FROM: counted on its own row): each of its upstreams' callbacks
+    takes the small query; seven at once, each on its own connection, released by a barrier."""
+    engine, transport = stack
+    assert JOIN_SLOTS_FROM > 7
+    engine.create_pipeline(WORKSPACE, fan_in("seven", width=7))
+    for _ in range(4):
+        run_id, mids = start_fan_in(engine, transport, "seven", width=7)
+        results = in_threads([partial(succeed, engine, m) for m in mids.values()])
+        assert all(isinstance(r, AttemptResult) and r.accepted for r in results), results
+        assert sorted(n for r in results for n in claimed_nodes(r)) == ["join"]
+        assert sum(r.newly_ready for r in results) == 1
+        assert attempts(engine, run_id)["join"] == [(1, "dispatched")] and transport.count(run_id, "join") == 1
+        # the root and the seven carried to the join, whichever landed first: the run row untouched
+        assert run_row(engine, run_id)["unfinished_tasks"] == 9 and carried(engine, run_id) == {"join": 8}
+        assert books(engine) == []
+        assert succeed(engine, transport.one(run_id, "join")).run_status == "succeeded"
+
+
+def test_links_racing_a_cancel_of_their_run(stack: tuple[Engine, CapturingTransport]) -> None:
+    """Seven links into a join and a cancel of the run, at once: each callback lands before the
+    cancel (its end counted, the join pending or claimed) or is refused after it; either way
+    the run ends cancelled with nothing left open and the books clean."""
+    engine, transport = stack
+    engine.create_pipeline(WORKSPACE, fan_in("doomed7", width=7))
+    landed: Counter[str] = Counter()
+    for _ in range(4):
+        run_id, mids = start_fan_in(engine, transport, "doomed7", width=7)
+        *results, cancel = in_threads([*(partial(succeed, engine, m) for m in mids.values()),
+                                       partial(engine.cancel_run, WORKSPACE, run_id, actor="op")])
+        assert not isinstance(cancel, BaseException), cancel
+        assert all(isinstance(r, AttemptResult) for r in results), results
+        for result in results:
+            landed["accepted" if result.accepted else result.outcome] += 1
+        tasks = statuses(engine, run_id)
+        assert tasks["join"] == "cancelled"
+        accepted = sum(1 for r in results if r.accepted)
+        assert sum(1 for node, s in tasks.items() if node.startswith("m") and s == "succeeded") == accepted
+        assert run_row(engine, run_id)["status"] == "cancelled" and run_row(engine, run_id)["unfinished_tasks"] == 0
+        assert books(engine) == []
+    assert sum(landed.values()) == 28
