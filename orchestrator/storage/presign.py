@@ -41,7 +41,6 @@ AddressingStyle = Literal["auto", "path", "virtual"]
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _SERVICE = "s3"
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-_TIMESTAMP = "%Y%m%dT%H%M%SZ"
 # botocore's SigV4QueryAuth drops a Content-Type of exactly this value before signing (it is the
 # one its serializers set on their own for form bodies); a PUT with it is signed for `host` alone.
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
@@ -244,7 +243,7 @@ class QueryPresigner:
         now = at if at is not None else (self._clock or utc_now)()
         if now.tzinfo is not None:
             now = now.astimezone(UTC)
-        # now.strftime(_TIMESTAMP), written out: a third of its cost (years 1000-9999, as SigV4's)
+        # now.strftime("%Y%m%dT%H%M%SZ"), written out: a third of its cost (years 1000-9999)
         timestamp = (f"{now.year:04d}{now.month:02d}{now.day:02d}"
                      f"T{now.hour:02d}{now.minute:02d}{now.second:02d}Z")
         datestamp = timestamp[:8]

@@ -135,3 +135,18 @@ def test_the_keyring_answers_every_altered_token_as_joserfc_alone_does() -> None
     # the alterations reached both failures, and some left the token's bytes intact (a stray
     # bit joserfc also ignores is not among them: it refuses non-canonical segments)
     assert answers.get("tampered", 0) > 100 and answers.get("malformed", 0) > 100, answers
+
+
+def test_an_authentic_token_over_the_size_cap_is_refused_as_malformed() -> None:
+    """An enormous token the ring itself sealed: past the ciphertext cap the direct codec does not
+    open it, and joserfc refuses it as too large, as before."""
+    keyring = TokenKeyring([("k1", base64.urlsafe_b64encode(os.urandom(32)).decode())], issuer="tickweave",
+                           audience="tickweave-worker")
+    big = claims()
+    grant = big.storage
+    assert grant is not None
+    reads = {f"runs/in/{i:05d}": f"https://b.s3.amazonaws.com/runs/in/{i:05d}?{'x' * 600}" for i in range(1_500)}
+    token = keyring.issue(TaskClaims(**{**big.__dict__, "storage": StorageGrant(
+        **{**grant.__dict__, "read_keys": tuple(reads), "presigned_get": reads})}))
+    assert len(token.split(".")[3]) > 1_048_576
+    assert answer(keyring, token) == "malformed"
