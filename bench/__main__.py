@@ -7,6 +7,8 @@ Parts (each on databases of its own, copies of one migrated template):
   batched    the lifecycle with batched callbacks (POST /api/callbacks, up to 100 per call)
   peers      PgQueuer and Procrastinate on the same server: enqueue N no-op jobs, drain them
   ceiling    pgbench single-row UPDATE, and Tickweave's statements and commits per task beside it
+  floor      the callback's statement alone (no token, no dispatch) beside its floor: the four writes
+             a callback cannot do without, in one statement (deep DAG, one at a time and batched)
   profile    one callback taken apart: phases, and each statement's planning and execution time
   backend    where the server's CPU goes in the lifecycle (deep and wide, 1 caller): its backends
              sampled by `perf` with call stacks, sorted into phases (skipped without perf)
@@ -38,7 +40,8 @@ from bench import report
 from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
-PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "profile", "backend", "idle", "scale", "memory", "map",
+PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "floor", "profile", "backend", "idle", "scale", "memory",
+         "map",
          "aws")
 
 # name: (full, quick, help)
@@ -212,6 +215,19 @@ def part_ceiling(run: Run, suite: Any) -> None:
     run.sections.append("## Ceiling: pgbench single-row UPDATE, one per transaction\n\n" + report.suite_table(results))
 
 
+def part_floor(run: Run, suite: Any) -> None:
+    from bench.callback_floor import CallbackFloorCase
+    from bench.callback_floor import report as floor_report
+
+    a = run.args
+    cases = [CallbackFloorCase(run.server, suite, mode=mode, runs=a.chain_runs, nodes=a.chain_length, per_call=per_call,
+                               claim_limit=a.lifecycle_batch)
+             for per_call in (1, a.callback_batch) for mode in ("statement", "floor")]
+    results = run.measure(cases)
+    run.sections.append("## The callback's statement beside its floor (deep DAG, 1 connection, no token, no dispatch)\n\n"
+                        + report.suite_table(results) + "\n\n" + floor_report(results))
+
+
 def part_profile(run: Run, suite: Any) -> None:
     from bench.profile_finish import run_profile
 
@@ -306,6 +322,7 @@ def part_map(run: Run, suite: Any) -> None:
 
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
     "claim": part_claim, "lifecycle": part_lifecycle, "batched": part_batched, "peers": part_peers, "ceiling": part_ceiling,
+    "floor": part_floor,
     "profile": part_profile, "backend": part_backend, "idle": part_idle, "scale": part_scale, "memory": part_memory,
     "map": part_map,
     "aws": part_aws,

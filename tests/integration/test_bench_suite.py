@@ -29,14 +29,21 @@ def test_bench_quick_parts_produce_a_report(
     pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", pg_admin_url)
-    assert main([*TINY, "--only", "claim,lifecycle,profile,idle,scale,memory,map"]) == 0
+    assert main([*TINY, "--only", "claim,lifecycle,floor,profile,idle,scale,memory,map"]) == 0
     out = capsys.readouterr().out
-    for heading in ("## Claim and dispatch", "## Full lifecycle", "## One callback taken apart",
+    for heading in ("## Claim and dispatch", "## Full lifecycle", "## The callback's statement beside its floor",
+                    "## One callback taken apart",
                     "## Idle tick latency", "## Scale", "## Memory of one tick", "## Dynamic fan-out (map)",
                     "## Targets"):
         assert heading in out
     assert "tick claim+dispatch (batch 10)" in out and "lifecycle deep (2x4)" in out
     assert "completions.complete_attempts" in out  # the profile's statements
+    # the floor part: the statement and its floor, one at a time and batched, each checked against
+    # the tasks it ended (a part that fails prints its error instead of its section)
+    for case in ("callback statement alone, deep (2x4)", "floor: the four writes alone, deep (2x4)",
+                 "floor: the four writes alone, deep (2x4), batches of 20"):
+        assert case in out
+    assert "| one at a time |" in out and "| batches of 20 |" in out
     # the idle tick's one statement, explained (which plan the planner takes on these tiny tables is its own)
     assert "`SELECT EXISTS (SELECT 1 FROM schedules" in out and "Execution Time" in out
     assert "trigger of a 50-node pipeline" in out
