@@ -125,6 +125,9 @@ def _without_object_store(engine: Engine) -> None:
     global _NO_STORE_ENGINES, _CHECK_NODE_OUTPUT
     from orchestrator.engine import worker_protocol
 
+    # nothing to wait for: the (no) checks of a batch run on the calling thread, no thread hop each
+    engine.output_checks = worker_protocol.OutputChecks(at_once=1)
+
     with _NO_STORE_LOCK:
         if _NO_STORE_ENGINES == 0:
             _CHECK_NODE_OUTPUT = worker_protocol.check_node_output

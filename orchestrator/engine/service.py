@@ -82,9 +82,12 @@ class Engine:
         self.transports = build_transports(settings) if transports is None else transports
         self.dispatcher = Dispatcher(settings, self.db, self.keyring, self.transports)
         self.sightings = workers.WorkerSightings()
+        # A batch's output checks (HeadObject each), several at a time.
+        self.output_checks = worker_protocol.OutputChecks()
 
     def close(self) -> None:
         self.dispatcher.close()
+        self.output_checks.close()
         for transport in self.transports.values():
             transport.close()
         self.dispatcher.routed.close()
@@ -397,6 +400,7 @@ class Engine:
         batch = worker_protocol.record_callbacks(
             self.db, self.keyring, callbacks, settings=self.settings,
             claim_limit=self.dispatcher.claim_limit(self.settings.tick_batch_size), heard=heard,
+            output_checks=self.output_checks,
         )
         if seen:
             self.sightings.record(self.db, heard)

@@ -68,8 +68,9 @@ MAX_SESSION_POLICY_CHARS = 2048
 _MIN_ROLE_DURATION_S = 900
 _SESSION_NAME_PREFIX = "tickweave-"
 # Connections each S3/STS client keeps (botocore's default is 10): at least the dispatcher's
-# threads (engine.dispatcher.DISPATCH_THREADS, 16), which share the orchestrator's clients, so a
-# full dispatch round neither waits for a connection nor opens and drops extra ones
+# threads (engine.dispatcher.DISPATCH_THREADS, 16) and a batch's output checks
+# (engine.worker_protocol.OUTPUT_CHECKS_AT_ONCE, 16), which share the orchestrator's clients, so
+# a full dispatch round or batch neither waits for a connection nor opens and drops extra ones
 # ("Connection pool is full, discarding connection").
 CLIENT_POOL_CONNECTIONS = 32
 # A cached session is reused while it has at least this share of its duration left, or the

@@ -20,6 +20,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,6 +30,7 @@ from orchestrator.api.app import create_app
 from orchestrator.config import Settings, load_settings
 from orchestrator.db.connection import Database
 from orchestrator.dispatch.local import LocalTransport
+from orchestrator.engine import worker_protocol
 from orchestrator.engine.errors import NotFound
 from orchestrator.engine.service import Engine
 from orchestrator.engine.tick import expire_leases
@@ -389,6 +391,89 @@ def test_a_success_producing_pipeline_outputs_goes_through_the_engine_in_a_batch
     with TestClient(create_app(stored.settings, stored), raise_server_exceptions=False) as client:
         (last,) = post(client, [written(stored, after, {"n": 3})])
     assert last["run_status"] == "succeeded"
+
+
+class HeldChecks:
+    """`check_node_output` held until `parties` checks are in flight together, then run for real
+    against the moto bucket: a stand-in for S3's round trip that only a batch checking its
+    outputs at once gets through (checked one after the other, the first waits alone and the
+    barrier breaks). `fail` names output keys whose check fails as if S3 were unreachable."""
+
+    def __init__(self, parties: int, fail: frozenset[str] = frozenset()) -> None:
+        self.barrier = threading.Barrier(parties)
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = self.ended = 0
+        self.real = worker_protocol.check_node_output
+
+    def __call__(self, settings: Settings, bucket: str, output: dict[str, Any]) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.barrier.wait(timeout=20)
+            if output["key"] in self.fail:
+                raise EndpointConnectionError(endpoint_url="https://s3.example.invalid")
+            self.real(settings, bucket, output)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                self.ended += 1
+
+
+def test_a_batchs_output_checks_run_at_once_and_a_bad_object_fails_only_its_attempt(
+    stored: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_id, messages = dispatched_batch(stored, "checked-at-once", 6)
+    never_written = dict(success(messages[2]), output={"key": grant_key(stored, messages[2]), "size": 2})
+    batch = [never_written if i == 2 else written(stored, m, {"n": i}) for i, m in enumerate(messages)]
+    batch[4]["output"] = dict(batch[4]["output"], size=batch[4]["output"]["size"] + 1)
+    held = HeldChecks(parties=6)
+    monkeypatch.setattr(worker_protocol, "check_node_output", held)
+
+    with TestClient(create_app(stored.settings, stored), raise_server_exceptions=False) as client:
+        results = post(client, batch)
+
+    assert held.most_in_flight == 6 and held.ended == 6
+    # each object checked for its own callback, answered in the order sent
+    assert [(r["accepted"], r["outcome"]) for r in results] == [
+        (True, "succeeded"), (True, "succeeded"), (True, "failed"), (True, "succeeded"), (True, "failed"),
+        (True, "succeeded")]
+    # (one attempt each: the failed attempt is the task's last)
+    assert task_status(stored, messages[2]) == ("failed", 1) and task_status(stored, messages[4]) == ("failed", 1)
+    errors = {m["node"]: stored.get_task(WORKSPACE, uuid.UUID(m["task_id"]))[0]["error"] for m in messages}
+    assert errors["t2"]["code"] == "output_missing" and errors["t4"]["code"] == "output_size_mismatch"
+    assert {node for node, error in errors.items() if error} == {"t2", "t4"}
+    assert succeeded_attempts(stored, run_id) == {"t0": 1, "t1": 1, "t2": 0, "t3": 1, "t4": 0, "t5": 1}
+    assert run_status(stored, run_id) == "failed"
+
+
+def test_a_batch_whose_output_check_cannot_reach_s3_records_nothing_after_every_check_ended(
+    stored: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_id, messages = dispatched_batch(stored, "unreachable", 4)
+    batch = [written(stored, m, {"n": i}) for i, m in enumerate(messages)]
+    held = HeldChecks(parties=4, fail=frozenset({batch[1]["output"]["key"]}))
+    monkeypatch.setattr(worker_protocol, "check_node_output", held)
+
+    with TestClient(create_app(stored.settings, stored), raise_server_exceptions=False) as client:
+        response = client.post("/api/callbacks", json={"callbacks": batch})
+
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal"
+    assert held.ended == 4 and held.in_flight == 0  # no check left running behind the answer
+    assert [task_status(stored, m) for m in messages] == [("dispatched", 1)] * 4  # nothing recorded
+    assert succeeded_attempts(stored, run_id) == {f"t{i}": 0 for i in range(4)}
+    # the worker's retry of the same batch, S3 reachable again, is recorded whole
+    monkeypatch.setattr(worker_protocol, "check_node_output", held.real)
+    with TestClient(create_app(stored.settings, stored), raise_server_exceptions=False) as client:
+        assert [r["outcome"] for r in post(client, batch)] == ["succeeded"] * 4
+    assert run_status(stored, run_id) == "succeeded"
+
+
+def grant_key(engine: Engine, message: dict[str, Any]) -> str:
+    grant = engine.keyring.read(message["token"]).storage
+    assert grant is not None
+    return grant.output_key
 
 
 # --- concurrency -------------------------------------------------------------------------------------
