@@ -18,6 +18,8 @@ Parts (each on databases of its own, copies of one migrated template):
   map        dynamic fan-out: a map's expansion at 10,000 and 99,997 items (the callback that
              expands it, transaction by transaction; settle and manifest), and its lifecycle
              beside the static wide DAG of the same width, 1/2/4 tick callers
+  checks     a batch of callbacks whose outputs are checked against S3 (moto behind a proxy adding
+             a round trip's latency): the checks one after the other, and 16 at a time
   aws        AWS API calls per dispatched task (STS and S3, counted on a moto server) with a storage
              role: one AssumeRole per task (before issue 15), presigned URLs, `storage: credentials`
 
@@ -41,8 +43,7 @@ from bench.measure import Case, Result, measure
 from bench.server import Server, postgres_server
 
 PARTS = ("claim", "lifecycle", "batched", "peers", "ceiling", "floor", "profile", "backend", "idle", "scale", "memory",
-         "map",
-         "aws")
+         "map", "checks", "aws")
 
 # name: (full, quick, help)
 SIZES: dict[str, tuple[Any, Any, str]] = {
@@ -65,6 +66,9 @@ SIZES: dict[str, tuple[Any, Any, str]] = {
     "big_nodes": (10_000, 200, "nodes of the scale part's pipeline"),
     "workspace_pipelines": (1000, 50, "pipelines of the scale part's workspace"),
     "memory_tasks": (1000, 100, "ready tasks the memory part's tick claims"),
+    "check_batches": (5, 2, "batches of the checks part per mode"),
+    "check_batch": (100, 10, "callbacks per batch in the checks part"),
+    "check_latency_ms": (10, 5, "latency the checks part's proxy adds to each S3 request (ms)"),
     "aws_runs": (5, 2, "runs of the aws part's fan pipeline per mode"),
     "aws_width": (8, 3, "parallel nodes of the aws part's fan pipeline (tasks per run: width + 2)"),
     "map_widths": ("10000,99997", "1000", "items of the map part's expansions (99,997: the widest map of a "
@@ -320,11 +324,28 @@ def part_map(run: Run, suite: Any) -> None:
                         + report.suite_table(results) + "\n\n" + report.map_beside_static(results))
 
 
+def part_checks(run: Run, suite: Any) -> None:
+    from bench.output_checks import report as checks_report
+    from bench.output_checks import run_output_checks
+
+    a = run.args
+    progress("  a batch's output checks against S3 with latency (moto behind a delaying proxy)...")
+    database = "output_checks"
+    try:
+        results = run_output_checks(suite.copy(database), batches=a.check_batches, batch=a.check_batch,
+                                    latency_ms=a.check_latency_ms)
+    finally:
+        run.server.drop(database)
+    run.sections.append("## A batch's output checks against S3 with a round trip's latency\n\n"
+                        + checks_report(results))
+
+
 PART_FUNCTIONS: dict[str, Callable[[Run, Any], None]] = {
     "claim": part_claim, "lifecycle": part_lifecycle, "batched": part_batched, "peers": part_peers, "ceiling": part_ceiling,
     "floor": part_floor,
     "profile": part_profile, "backend": part_backend, "idle": part_idle, "scale": part_scale, "memory": part_memory,
     "map": part_map,
+    "checks": part_checks,
     "aws": part_aws,
 }
 

@@ -3,6 +3,8 @@ timings is asserted. The peers (optional packages) and pgbench are left out."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bench.__main__ import PARTS, main, parse_args
@@ -50,3 +52,17 @@ def test_bench_quick_parts_produce_a_report(
     # The map part: the expansion's transactions, the settle, and the map beside the static DAG.
     assert "rolled back" in out and "manifest built s" in out
     assert "static wide (1x(2+5))" in out and "map lifecycle (1x(2+5), max_concurrency 3)" in out
+
+
+@pytest.mark.timeout(120)
+def test_bench_checks_part_times_a_batchs_output_checks_both_ways(
+    pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_admin_url)
+    assert main(["--quick", "--only", "checks", "--check-batches", "1", "--check-batch", "4",
+                 "--check-latency-ms", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "## A batch's output checks against S3 with a round trip's latency" in out
+    # every success checked once (4 HeadObject requests), both ways; a failed part prints its error instead
+    for mode in ("one after the other", "16 at a time"):
+        assert re.search(rf"\| {mode} \| 1 \| 4 \| 1 ms \| [\d.,]+ \| [\d.]+ \| 4 \|", out), out
