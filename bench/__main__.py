@@ -8,7 +8,8 @@ Parts (each on databases of its own, copies of one migrated template):
   peers      PgQueuer and Procrastinate on the same server: enqueue N no-op jobs, drain them
   ceiling    pgbench single-row UPDATE, and Tickweave's statements and commits per task beside it
   floor      the callback's statement alone (no token, no dispatch) beside its floor: the four writes
-             a callback cannot do without, in one statement (deep DAG, one at a time and batched)
+             a callback cannot do without, in one statement (deep DAG, one at a time and batched),
+             and the two task rows alone (without the attempt records)
   profile    one callback taken apart: phases, and each statement's planning and execution time
   backend    where the server's CPU goes in the lifecycle (deep and wide, 1 caller): its backends
              sampled by `perf` with call stacks, sorted into phases (skipped without perf)
@@ -226,7 +227,7 @@ def part_floor(run: Run, suite: Any) -> None:
     a = run.args
     cases = [CallbackFloorCase(run.server, suite, mode=mode, runs=a.chain_runs, nodes=a.chain_length, per_call=per_call,
                                claim_limit=a.lifecycle_batch)
-             for per_call in (1, a.callback_batch) for mode in ("statement", "floor")]
+             for per_call in (1, a.callback_batch) for mode in ("statement", "floor", "tasks only")]
     results = run.measure(cases)
     run.sections.append("## The callback's statement beside its floor (deep DAG, 1 connection, no token, no dispatch)\n\n"
                         + report.suite_table(results) + "\n\n" + floor_report(results))

@@ -11,6 +11,9 @@ callback (one per batch of callbacks, set by set), with nothing else: no trigger
 counter carried, no limits, no dispatch context, no answer beyond the successor's key. It is
 installed in the case's database only, never in the product's schema.
 
+`tasks only` goes below the floor: the two task rows alone, without the attempt records. No
+callback could be made so (every attempt has its record); it says what the records cost.
+
 `statement` is the product's statement alone (`store.completions.complete_attempts`, as
 `Engine.record_callback` and `record_callbacks` run it), with no token read and no dispatch: the
 server's share of the lifecycle. The full lifecycle (the `lifecycle` and `batched` parts) adds
@@ -74,12 +77,24 @@ END
 $$;
 """
 
+# The same without the attempt records (their end and the successor's): the two task rows alone.
+# Not a callback Tickweave could make (every attempt has its record); what the records cost.
+TASKS_ONLY_FUNCTION = (FLOOR_FUNCTION
+                       .replace("""    ), attempt_ended AS (
+        UPDATE task_attempts x SET status = 'succeeded', finished_at = now()
+        FROM ended e WHERE x.task_id = e.id AND x.attempt = e.attempt AND x.status IN ('dispatched', 'running')
+""", "\n")
+                       .replace("""    ), attempt_started AS (
+        INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
+        SELECT c.id, c.attempt, c.claim_token, 'dispatched', c.dispatched_at FROM claimed c
+""", "\n"))
+
 Key = tuple[uuid.UUID, int, uuid.UUID]  # a dispatched task: id, attempt, claim token
 
 
 @dataclass
 class CallbackFloorCase:
-    """`mode` statement | floor over the deep DAG's chains, `per_call` callbacks per call."""
+    """`mode` statement | floor | tasks only over the deep DAG's chains, `per_call` callbacks per call."""
 
     server: Server
     suite: Suite
@@ -97,13 +112,14 @@ class CallbackFloorCase:
     done: int = 0
 
     def __post_init__(self) -> None:
-        what = "callback statement alone" if self.mode == "statement" else "floor: the four writes alone"
+        what = {"statement": "callback statement alone", "floor": "floor: the four writes alone",
+                "tasks only": "below the floor: the two task rows alone"}[self.mode]
         self.name = f"{what}, deep ({self.runs}x{self.nodes})"
         if self.per_call > 1:
             self.name += f", batches of {self.per_call}"
 
     def setup(self) -> None:
-        self.database = f"bench_floor_{self.mode}_{self.per_call}"
+        self.database = f"bench_floor_{self.mode.replace(' ', '_')}_{self.per_call}"
         url = self.suite.copy(self.database)
         engine, _ = noop_engine(url, pool=1)
         try:
@@ -115,6 +131,8 @@ class CallbackFloorCase:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             if self.mode == "floor":
                 conn.execute(FLOOR_FUNCTION)
+            elif self.mode == "tasks only":
+                conn.execute(TASKS_ONLY_FUNCTION)
             rows = conn.execute("SELECT id, attempt, claim_token FROM tasks WHERE status = 'dispatched' ORDER BY id")
             self.waiting = [(r["id"], r["attempt"], r["claim_token"]) for r in rows]
             # Each chain's last task: its callback alone ends the run, the engine's path (left out).
@@ -132,7 +150,7 @@ class CallbackFloorCase:
                 taken, self.waiting = self.waiting[:self.per_call], self.waiting[self.per_call:]
                 if self.per_call == 1 and taken[0][0] in self.run_enders:
                     continue
-                claimed = self._floor(conn, taken) if self.mode == "floor" else self._statement(conn, taken)
+                claimed = self._statement(conn, taken) if self.mode == "statement" else self._floor(conn, taken)
                 done += len(taken)
                 self.waiting += claimed
         self.done = done
@@ -181,23 +199,19 @@ def _server_ms(r: Result) -> float | None:
 
 
 def report(results: list[Result]) -> str:
-    """The cases' table's figures side by side: per callback count per call, the statement beside
-    its floor, and the ratios."""
+    """Each case beside the floor of the same callbacks per call: its rate and server CPU as
+    multiples of the floor's."""
+    head = ("| callbacks | case | tasks/s | server CPU ms/task | client CPU ms/task | rate ÷ floor's "
+            "| server CPU ÷ floor's |\n|---|---|---|---|---|---|---|")
     rows = []
-    for per_call in sorted({1 if "batches" not in r.case else int(r.case.rsplit(" ", 1)[1]) for r in results}):
-        pair = {("statement" if r.case.startswith("callback statement") else "floor"): r for r in results
-                if ("batches" in r.case) == (per_call > 1)}
-        statement, floor = pair.get("statement"), pair.get("floor")
-        if statement is None or floor is None:
-            continue
-        s_ms, f_ms = _server_ms(statement), _server_ms(floor)
-        rows.append("| {} | {:,.0f} | {:,.0f} | {:.2f} | {} | {} | {} | {:.3f} | {:.3f} |".format(
-            "one at a time" if per_call == 1 else f"batches of {per_call}",
-            statement.rate, floor.rate, floor.rate / statement.rate if statement.rate else 0.0,
-            "-" if s_ms is None else f"{s_ms:.3f}", "-" if f_ms is None else f"{f_ms:.3f}",
-            "-" if s_ms is None or not f_ms else f"{s_ms / f_ms:.2f}",
-            statement.per_item(statement.client_cpu_s * 1000), floor.per_item(floor.client_cpu_s * 1000)))
-    head = ("| callbacks | statement tasks/s | floor tasks/s | floor ÷ statement (rate) "
-            "| statement server CPU ms | floor server CPU ms | statement ÷ floor (server CPU) "
-            "| statement client CPU ms | floor client CPU ms |\n|---|---|---|---|---|---|---|---|---|")
+    for batched in (False, True):
+        group = [r for r in results if ("batches" in r.case) == batched]
+        floor = next((r for r in group if r.case.startswith("floor")), None)
+        for r in group:
+            ms, floor_ms = _server_ms(r), None if floor is None else _server_ms(floor)
+            rows.append("| {} | {} | {:,.0f} | {} | {:.3f} | {} | {} |".format(
+                "in batches" if batched else "one at a time", r.case.split(",")[0], r.rate,
+                "-" if ms is None else f"{ms:.3f}", r.per_item(r.client_cpu_s * 1000),
+                "-" if floor is None or not floor.rate else f"{r.rate / floor.rate:.2f}",
+                "-" if ms is None or not floor_ms else f"{ms / floor_ms:.2f}"))
     return head + "\n" + "\n".join(rows)

@@ -43,9 +43,11 @@ def test_bench_quick_parts_produce_a_report(
     # the floor part: the statement and its floor, one at a time and batched, each checked against
     # the tasks it ended (a part that fails prints its error instead of its section)
     for case in ("callback statement alone, deep (2x4)", "floor: the four writes alone, deep (2x4)",
-                 "floor: the four writes alone, deep (2x4), batches of 20"):
+                 "floor: the four writes alone, deep (2x4), batches of 20",
+                 "below the floor: the two task rows alone, deep (2x4), batches of 20"):
         assert case in out
-    assert "| one at a time |" in out and "| batches of 20 |" in out
+    assert "| one at a time | floor: the four writes alone |" in out
+    assert "| in batches | callback statement alone |" in out
     # the idle tick's one statement, explained (which plan the planner takes on these tiny tables is its own)
     assert "`SELECT EXISTS (SELECT 1 FROM schedules" in out and "Execution Time" in out
     assert "trigger of a 50-node pipeline" in out
