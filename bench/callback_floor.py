@@ -40,9 +40,20 @@ from orchestrator.db.connection import Connection
 from orchestrator.store.completions import BatchForTheEngine, complete_attempts
 from orchestrator.store.completions import Outcome as CallbackOutcome
 
-# The four writes, for a batch of callbacks given as arrays (one callback: arrays of one).
-# Answers the successors claimed (their key, attempt and claim token).
-FLOOR_FUNCTION = """
+
+def _floor_function(*, attempt_records: bool) -> str:
+    """The four writes, for a batch of callbacks given as arrays (one callback: arrays of one),
+    answering the successors claimed (their key, attempt and claim token). Without
+    `attempt_records`, the two task rows alone."""
+    attempt_ended = """
+    ), attempt_ended AS (
+        UPDATE task_attempts x SET status = 'succeeded', finished_at = now()
+        FROM ended e WHERE x.task_id = e.id AND x.attempt = e.attempt AND x.status IN ('dispatched', 'running')"""
+    attempt_started = """
+    ), attempt_started AS (
+        INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
+        SELECT c.id, c.attempt, c.claim_token, 'dispatched', c.dispatched_at FROM claimed c"""
+    return f"""
 CREATE FUNCTION bench_callback_floor(p_ids uuid[], p_attempts integer[], p_tokens uuid[])
     RETURNS TABLE (id uuid, attempt integer, claim_token uuid)
     LANGUAGE plpgsql
@@ -57,37 +68,25 @@ BEGIN
         FROM given g
         WHERE t.id = g.id AND t.attempt = g.attempt AND t.claim_token = g.claim_token
           AND t.status IN ('dispatched', 'running')
-        RETURNING t.id, g.attempt
-    ), attempt_ended AS (
-        UPDATE task_attempts x SET status = 'succeeded', finished_at = now()
-        FROM ended e WHERE x.task_id = e.id AND x.attempt = e.attempt AND x.status IN ('dispatched', 'running')
+        RETURNING t.id, g.attempt{attempt_ended if attempt_records else ""}
     ), claimed AS (
         UPDATE tasks t SET unfinished_deps = t.unfinished_deps - 1, status = 'dispatched', attempt = t.attempt + 1,
                            claim_token = gen_random_uuid(), dispatched_at = now(),
                            lease_expires_at = now() + make_interval(secs => 2 * t.heartbeat_s)
         FROM task_edges s JOIN ended e ON s.upstream_task_id = e.id
         WHERE t.id = s.downstream_task_id AND t.status = 'pending'
-        RETURNING t.id, t.attempt, t.claim_token, t.dispatched_at
-    ), attempt_started AS (
-        INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
-        SELECT c.id, c.attempt, c.claim_token, 'dispatched', c.dispatched_at FROM claimed c
+        RETURNING t.id, t.attempt, t.claim_token, t.dispatched_at{attempt_started if attempt_records else ""}
     )
     SELECT c.id, c.attempt, c.claim_token FROM claimed c;
 END
 $$;
 """
 
-# The same without the attempt records (their end and the successor's): the two task rows alone.
-# Not a callback Tickweave could make (every attempt has its record); what the records cost.
-TASKS_ONLY_FUNCTION = (FLOOR_FUNCTION
-                       .replace("""    ), attempt_ended AS (
-        UPDATE task_attempts x SET status = 'succeeded', finished_at = now()
-        FROM ended e WHERE x.task_id = e.id AND x.attempt = e.attempt AND x.status IN ('dispatched', 'running')
-""", "\n")
-                       .replace("""    ), attempt_started AS (
-        INSERT INTO task_attempts (task_id, attempt, claim_token, status, dispatched_at)
-        SELECT c.id, c.attempt, c.claim_token, 'dispatched', c.dispatched_at FROM claimed c
-""", "\n"))
+
+FLOOR_FUNCTION = _floor_function(attempt_records=True)
+# The two task rows alone: not a callback Tickweave could make (every attempt has its record);
+# what the records cost.
+TASKS_ONLY_FUNCTION = _floor_function(attempt_records=False)
 
 Key = tuple[uuid.UUID, int, uuid.UUID]  # a dispatched task: id, attempt, claim token
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from bench.suite import NoopTransport
 from infra.s3 import FAKE_AWS_ENV, free_port
 from orchestrator.config import Settings
 from orchestrator.db.connection import Database
@@ -48,19 +49,6 @@ for _name, _value in FAKE_AWS_ENV.items():
 
 WORKSPACE = "checksbench"
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
-
-
-class _Transport:
-    name = "local"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-    def close(self) -> None:
-        pass
 
 
 def _make_handler(upstream_port: int, latency_s: float) -> type[BaseHTTPRequestHandler]:
@@ -157,7 +145,7 @@ def measure_batches(database_url: str, endpoint_url: str, *, mode: str, batches:
     settings = Settings(database_url=database_url, local_worker=None, s3_endpoint_url=endpoint_url,
                         bucket=f"checks-{uuid.uuid4().hex[:10]}")
     s3.ensure_bucket(settings)
-    transport = _Transport()
+    transport = NoopTransport()
     engine = Engine(settings, Database(database_url, max_size=4), transports={"local": transport})
     if mode == "one after the other":
         engine.output_checks.close()
@@ -179,10 +167,10 @@ def measure_batches(database_url: str, endpoint_url: str, *, mode: str, batches:
                                                                    for i in range(batch)]}
         engine.create_pipeline(WORKSPACE, spec)
         for _ in range(batches):
-            transport.sent.clear()
             engine.trigger_run(WORKSPACE, spec["id"])
             callbacks = []
-            for message in transport.sent:  # the worker's part, untimed: each output written
+            while not transport.messages.empty():  # the worker's part, untimed: each output written
+                message = transport.messages.get()
                 grant = engine.keyring.read(message["token"]).storage
                 assert grant is not None
                 body = s3.encode_json({"node": message["node"]})

@@ -19,6 +19,7 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.dispatch.base import DispatchError, DispatchThrottled, Transport
 from orchestrator.dispatch.routing import RoutedTransports
 from orchestrator.engine.completion import settle_terminal
+from orchestrator.engine.kept_threads import KeptThreads
 from orchestrator.engine.mapping import ensure_manifest
 from orchestrator.logs import log_context, log_event
 from orchestrator.storage.layout import (
@@ -99,25 +100,15 @@ class Dispatcher:
         # run's definition never changes).
         self._credential_nodes_lock = threading.Lock()
         self._credential_nodes: dict[Any, dict[str, bool]] = {}
-        # Started at the first round with two network sends or more, and kept: a pool started per
-        # round cost a thread start per send (on a warm Lambda environment the threads live on
-        # between invocations, as its connections do).
-        self._send_pool: ThreadPoolExecutor | None = None
-        self._send_pool_lock = threading.Lock()
+        # Started at the first round with two network sends or more, and kept.
+        self._sending = KeptThreads(DISPATCH_THREADS, "tickweave-dispatch")
 
     def close(self) -> None:
         """Stop the send threads (after the sends under way)."""
-        with self._send_pool_lock:
-            pool, self._send_pool = self._send_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._sending.close()
 
     def _sending_threads(self) -> ThreadPoolExecutor:
-        with self._send_pool_lock:
-            if self._send_pool is None:
-                self._send_pool = ThreadPoolExecutor(max_workers=DISPATCH_THREADS,
-                                                     thread_name_prefix="tickweave-dispatch")
-            return self._send_pool
+        return self._sending.pool()
 
     def throttled_targets(self, *, fresh: bool = False) -> dict[str, Row]:
         """The targets under backpressure, as of at most TARGETS_REFRESH_S ago (`fresh`: now).

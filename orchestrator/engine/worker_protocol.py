@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,6 +15,7 @@ from orchestrator.db.connection import Connection, Database, Row
 from orchestrator.engine import mapping
 from orchestrator.engine.completion import AttemptResult, finish_attempt, log_finished, refusal
 from orchestrator.engine.errors import EngineError, InvalidInput, Unauthorized
+from orchestrator.engine.kept_threads import KeptThreads
 from orchestrator.engine.orchestrations import on_run_finished
 from orchestrator.engine.outputs import (
     OutputRejected,
@@ -139,16 +138,10 @@ def record_callbacks(
             answers[index] = exc
     # The objects the successes name, checked before any transaction (as a single callback's);
     # a success whose object is not what it says is recorded as a failed attempt, in the order sent.
-    checks: list[tuple[str, dict[str, Any]] | None] = []
-    for _, claims, outcome in reported:
-        bucket = _bucket_to_check(claims, outcome, settings)
-        checks.append(None if bucket is None or outcome.output is None else (bucket, outcome.output))
     found: list[Exception | None] = [None] * len(reported)
-    if settings is not None and any(check is not None for check in checks):
-        if output_checks is not None:
-            found = output_checks.run(settings, checks)
-        else:
-            found = [_output_check(settings, check) for check in checks]
+    if settings is not None:
+        checks = [_object_to_check(claims, outcome, settings) for _, claims, outcome in reported]
+        found = (output_checks or _ONE_AT_A_TIME).run(settings, checks)
     pending: list[tuple[int, TaskClaims, completion_store.Outcome]] = []
     for (index, claims, outcome), failure in zip(reported, found, strict=True):
         if isinstance(failure, OutputRejected):
@@ -207,12 +200,12 @@ def _checked_outcome(
     """The outcome a callback reports, checked (InvalidInput for a malformed one); a success
     whose object is not what it says is recorded as a failed attempt here (the AttemptResult)."""
     outcome = _reported_outcome(claims, task_id, status, output, error)
-    bucket = _bucket_to_check(claims, outcome, settings)
-    if bucket is not None and settings is not None and outcome.output is not None:
+    check = _object_to_check(claims, outcome, settings)
+    if check is not None and settings is not None:
         # No transaction is open yet: a success is only recorded for an object that is there
         # and is what the callback says (downstream would otherwise die on its NoSuchKey).
         try:
-            check_node_output(settings, bucket, outcome.output)
+            check_node_output(settings, *check)
         except OutputRejected as exc:
             return _reject(db, task_id, claims, exc)
     return outcome
@@ -239,11 +232,13 @@ def _reported_outcome(
     )
 
 
-def _bucket_to_check(claims: TaskClaims, outcome: completion_store.Outcome, settings: Settings | None) -> str | None:
-    """The bucket whose object a success names, when it is to be checked (a token with a storage
-    grant, an orchestrator with storage settings); None otherwise."""
+def _object_to_check(
+    claims: TaskClaims, outcome: completion_store.Outcome, settings: Settings | None,
+) -> tuple[str, dict[str, Any]] | None:
+    """(bucket, output) of the object a success names, when it is to be checked (a token with a
+    storage grant, an orchestrator with storage settings); None otherwise."""
     if outcome.succeeded and outcome.output is not None and claims.storage is not None and settings is not None:
-        return claims.storage.bucket
+        return claims.storage.bucket, outcome.output
     return None
 
 
@@ -253,31 +248,20 @@ OUTPUT_CHECKS_AT_ONCE = 16
 
 
 class OutputChecks:
-    """The HeadObject checks of a batch's outputs (`check_node_output`), run
-    `OUTPUT_CHECKS_AT_ONCE` at a time.
+    """The HeadObject checks of a batch's outputs (`check_node_output`), run `at_once` at a time
+    (1: one after the other, on the calling thread).
 
     Each check is one round trip to S3: milliseconds on AWS, where a batch of 100 checked one
-    after the other waited for 100 of them before its one transaction. The pool is started at
-    the first batch with two checks or more and kept (like the dispatcher's send threads: on a
-    warm Lambda environment its threads live on between invocations); `Engine.close` stops it.
+    after the other waited for 100 of them before its one transaction. The threads are started
+    at the first batch with two checks or more and kept (KeptThreads); `Engine.close` stops them.
     """
 
     def __init__(self, at_once: int = OUTPUT_CHECKS_AT_ONCE) -> None:
         self.at_once = at_once
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._threads = KeptThreads(at_once, "tickweave-output-check")
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    def _threads(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.at_once, thread_name_prefix="tickweave-output-check")
-            return self._pool
+        self._threads.close()
 
     def run(self, settings: Settings, checks: Sequence[tuple[str, dict[str, Any]] | None]) -> list[Exception | None]:
         """For each (bucket, output) given (None: nothing to check), None if the object is what
@@ -286,11 +270,11 @@ class OutputChecks:
         once every check has ended."""
         wanted = [k for k, check in enumerate(checks) if check is not None]
         found: list[Exception | None] = [None] * len(checks)
-        if len(wanted) < 2 or self.at_once < 2:  # one after the other, on the calling thread
+        if len(wanted) < 2 or self.at_once < 2:
             for k in wanted:
                 found[k] = _output_check(settings, checks[k])
             return found
-        pool = self._threads()
+        pool = self._threads.pool()
         futures = [(k, pool.submit(_output_check, settings, checks[k])) for k in wanted]
         failures: list[BaseException] = []
         for k, future in futures:
@@ -301,6 +285,10 @@ class OutputChecks:
         if failures:
             raise failures[0]
         return found
+
+
+# Without the engine's checks (a caller that passes none): one after the other, no threads.
+_ONE_AT_A_TIME = OutputChecks(at_once=1)
 
 
 def _output_check(settings: Settings, check: tuple[str, dict[str, Any]] | None) -> Exception | None:
