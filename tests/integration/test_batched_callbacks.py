@@ -470,6 +470,56 @@ def test_a_batch_whose_output_check_cannot_reach_s3_records_nothing_after_every_
     assert run_status(stored, run_id) == "succeeded"
 
 
+def test_a_batchs_checks_in_flight_meet_a_lease_expiry_a_cancel_and_a_foreign_token(
+    stored: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the batch's checks are all held in flight, one task's lease lapses (it is tried
+    again) and another run is cancelled; a callback carrying another workspace's token is in the
+    batch too. Each callback is fenced on its own; the foreign one is never checked."""
+    stored.create_pipeline(WORKSPACE, {"id": "raced", "nodes": [
+        {"id": "t0", "task": "echo"}, {"id": "t2", "task": "echo"},
+        {"id": "t1", "task": "echo", "retry": {"max_attempts": 3, "base_delay_s": 0}}]})
+    stored.create_pipeline(WORKSPACE, {"id": "cancelled", "nodes": [{"id": "c0", "task": "echo"},
+                                                                    {"id": "c1", "task": "echo"}]})
+    stored.create_api_key(OTHER_WORKSPACE, "admin")
+    stored.create_pipeline(OTHER_WORKSPACE, {"id": "theirs", "nodes": [{"id": "x", "task": "echo"}]})
+    raced = stored.trigger_run(WORKSPACE, "raced")
+    doomed = stored.trigger_run(WORKSPACE, "cancelled")
+    stored.trigger_run(OTHER_WORKSPACE, "theirs")
+    sent = {n: captured(stored).take(n) for n in ("t0", "t1", "t2", "c0", "c1", "x")}
+    assert stored.record_heartbeat(sent["t1"]["token"], progress=None, message=None)[0]  # t1 started
+    batch = [written(stored, sent[n], {"n": n}) for n in ("t0", "t1", "t2", "c0", "c1")]
+    # another workspace's (valid) token, naming this workspace's task
+    batch.append(dict(batch[0], token=sent["x"]["token"]))
+
+    def meanwhile() -> None:  # run once, by the last check to arrive, before any goes on
+        with stored.db.connection() as conn:
+            conn.execute("UPDATE tasks SET lease_expires_at = tw_now() - interval '1 second' WHERE id = %s",
+                         (sent["t1"]["task_id"],))
+        assert expire_leases(stored.db, stored.settings, 10) == 1
+        stored.cancel_run(WORKSPACE, doomed.id, actor="test")
+
+    held = HeldChecks(parties=5)
+    held.barrier = threading.Barrier(5, action=meanwhile)
+    monkeypatch.setattr(worker_protocol, "check_node_output", held)
+
+    with TestClient(create_app(stored.settings, stored), raise_server_exceptions=False) as client:
+        results = post(client, batch)
+
+    assert held.ended == 5  # the foreign one was refused before any check
+    assert [(r["status"], r["accepted"]) for r in results[:3]] == [(200, True), (409, False), (200, True)]
+    assert results[1]["outcome"] == "not_active"  # its lease lapsed: ready for attempt 2
+    assert [(r["status"], r["outcome"], r["task_status"]) for r in results[3:5]] == [
+        (409, "already_finished", "cancelled")] * 2
+    assert results[5]["status"] == 401 and "another task" in results[5]["error"]["message"]
+    assert task_status(stored, sent["t0"]) == ("succeeded", 1) and task_status(stored, sent["t2"]) == ("succeeded", 1)
+    assert task_status(stored, sent["t1"]) == ("ready", 1)
+    assert task_status(stored, sent["c0"]) == ("cancelled", 1) and task_status(stored, sent["c1"]) == ("cancelled", 1)
+    assert run_status(stored, doomed.id) == "cancelled"
+    assert succeeded_attempts(stored, raced.id) == {"t0": 1, "t1": 0, "t2": 1}
+    assert succeeded_attempts(stored, doomed.id) == {"c0": 0, "c1": 0}
+
+
 def grant_key(engine: Engine, message: dict[str, Any]) -> str:
     grant = engine.keyring.read(message["token"]).storage
     assert grant is not None
